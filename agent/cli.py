@@ -1,0 +1,72 @@
+"""Command-line entry point: ``vip-agent <command>``.
+
+Each command lives in its own module exposing ``configure(parser)`` and
+``main(args) -> int``; modules are imported only when their command runs, so
+``vip-agent status`` stays fast and one command's import error never breaks
+another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+from agent.errors import AgentError
+
+#: command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("agent.commands.demo", "run the example datasets end to end on an embedded local VIP"),
+    "run": ("agent.commands.run", "take one dataset from job.yaml to mirrored outputs"),
+    "watch": ("agent.commands.watch", "watch drop folders and run every complete dataset"),
+    "status": ("agent.commands.status", "show where every dataset stands"),
+    "retry": ("agent.commands.retry", "run a failed or cancelled dataset again"),
+    "cancel": ("agent.commands.cancel", "stop a dataset: kill its execution, clean the server"),
+    "pipelines": ("agent.commands.pipelines", "list pipelines, or show one's parameters"),
+    "login": ("agent.commands.login", "check an API key and store it in the OS keyring"),
+    "logout": ("agent.commands.logout", "remove the stored API key"),
+    "doctor": ("agent.commands.doctor", "check configuration, folders, server and key"),
+    "install-service": ("agent.commands.install_service", "write a systemd unit or launchd plist"),
+    "local-server": ("agent.localvip.cli", "serve a VIP-compatible REST API locally"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vip-agent",
+        description="Run VIP pipelines unattended on datasets dropped in a folder.",
+    )
+    parser.add_argument("--version", action="version", version=f"vip-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only == name:
+            module = importlib.import_module(module_name)
+            module.configure(p)
+            p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.main(args) or 0)
+    except AgentError as err:
+        print(f"vip-agent: {err}", file=sys.stderr)
+        if err.detail:
+            print(f"  detail: {err.detail}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

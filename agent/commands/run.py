@@ -1,0 +1,204 @@
+"""``vip-agent run DATASET``: one dataset from job.yaml to mirrored outputs and a clean server."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import dataset as dataset_mod
+from agent.errors import ConfigError
+from agent.journal import Journal
+from agent.paths import DEFAULT_SERVER, default_state_dir
+from agent.runner import Interrupted, Runner, admit
+from agent.vip.client import VipClient
+
+EXIT_DONE, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", type=Path, help="dataset folder (or one acquisition file)")
+    parser.add_argument(
+        "--server", default=None,
+        help=f"VIP portal URL; /rest/ is appended (default {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None,
+        help="folder that receives <dataset>/ with the mirrored outputs "
+             "(default: the job's output_dir, else ./vip_outputs)",
+    )
+    parser.add_argument("--state", type=Path, default=None, help="state folder (journal)")
+    parser.add_argument("--job", type=Path, default=None,
+                        help="template job.yaml (default: job.yaml beside the dataset)")
+    parser.add_argument("--keep-remote", action="store_true",
+                        help="keep inputs, outputs and executions on the server")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate and print the plan; send nothing")
+    parser.add_argument("--poll", type=float, default=5.0,
+                        help="first polling interval of a running execution, seconds")
+
+
+def dataset_identity(path: Path) -> tuple[Path, dataset_mod.DatasetScan]:
+    """The dataset root and a scan of the files that belong to it."""
+    if path.is_file():
+        return path.parent, dataset_mod.scan(path.parent, only=[path.name])
+    return path, dataset_mod.scan(path)
+
+
+def template_for(path: Path, explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"job file {explicit} does not exist")
+        return explicit.resolve()
+    candidate = path.parent / "job.yaml"
+    return candidate.resolve() if candidate.is_file() else None
+
+
+class Progress:
+    """Transfer progress: a live line on a terminal, a line per 10 % otherwise."""
+
+    def __init__(self, journal: Journal, stream: Any = sys.stderr) -> None:
+        self.journal = journal
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last: dict[tuple[int, str], float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, dataset_id: int, kind: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        key = (dataset_id, kind)
+        with self._lock:
+            pct = 100.0 * done / total if total else 100.0
+            if self.tty:
+                if now - self._last.get(key, 0) >= 0.2 or done >= total:
+                    self._last[key] = now
+                    bar = "#" * int(pct / 5)
+                    end = "\n" if done >= total else ""
+                    self.stream.write(f"\r{kind:>8} [{bar:<20}] {pct:5.1f}% {done / 1e6:,.1f} MB{end}")
+                    self.stream.flush()
+            else:
+                step = int(pct // 10)
+                if step > self._last.get(key, -1):
+                    self._last[key] = step
+                    print(f"{kind}: {pct:.0f}% ({done / 1e6:,.1f} of {total / 1e6:,.1f} MB)",
+                          file=self.stream, flush=True)
+
+
+def print_events(journal: Journal, dataset_id: int, after: int, stream: Any = sys.stderr) -> int:
+    """Print the dataset's journal events newer than ``after``; returns the last id."""
+    for ev in journal.events(dataset_id):
+        if ev.id > after:
+            stamp = time.strftime("%H:%M:%S", time.localtime(ev.time))
+            level = "" if ev.level == "info" else f"{ev.level.upper()}: "
+            print(f"{stamp} {level}{ev.message}", file=stream, flush=True)
+            after = ev.id
+    return after
+
+
+def main(args: argparse.Namespace) -> int:
+    from agent.credentials import find_api_key
+
+    path: Path = args.dataset.resolve()
+    if not path.exists():
+        raise ConfigError(f"dataset {args.dataset} does not exist")
+    server = (args.server or DEFAULT_SERVER).rstrip("/")
+    template = template_for(path, args.job)
+    root, scan = dataset_identity(path)
+    if not scan.files:
+        raise ConfigError(f"dataset {path} has no files")
+
+    credential = find_api_key(server)
+    client = VipClient(server, credential.key)
+
+    if args.dry_run:
+        return dry_run(path, template, client)
+
+    state = args.state or default_state_dir()
+    journal = Journal.in_state_dir(state)
+    output_root = (args.output or Path("vip_outputs")).resolve()
+    existing = [d for d in journal.find(path=str(path), fingerprint=scan.fingerprint)]
+    if existing and existing[-1].stage == "done":
+        ds = existing[-1]
+        print(f"already done: outputs in {ds.output_dir}", file=sys.stderr)
+        print(ds.output_dir)
+        return EXIT_DONE
+    if existing and not existing[-1].final:
+        dataset_id = existing[-1].id
+        print(f"resuming {existing[-1].name} at stage {existing[-1].stage}", file=sys.stderr)
+    elif existing:
+        dataset_id = existing[-1].id
+        journal.update(dataset_id, attempts=existing[-1].attempts + 1, cancel_requested=0)
+        journal.set_stage(dataset_id, "validate", message="retrying")
+    else:
+        dataset_id = admit(
+            journal, path, server=server, output_root=output_root, fingerprint=scan.fingerprint,
+            name=path.stem if path.is_file() else path.name, template=template,
+            options={"keep_remote": args.keep_remote, "output_override": args.output is not None},
+        )
+    stop = threading.Event()
+    runner = Runner(journal, lambda _url: client, stop_event=stop, progress=Progress(journal),
+                    poll_min=args.poll)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    last = 0
+    try:
+        while True:
+            outcome = runner.step(dataset_id)
+            last = print_events(journal, dataset_id, last)
+            if outcome.final:
+                break
+            if outcome.retry_after and stop.wait(outcome.retry_after):
+                raise Interrupted("stopped")
+            if stop.is_set():
+                raise Interrupted("stopped")
+    except (Interrupted, KeyboardInterrupt):
+        print_events(journal, dataset_id, last)
+        print("stopped; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ds = journal.get(dataset_id)
+    if ds.stage == "done":
+        print(ds.output_dir)
+        return EXIT_DONE
+    print(f"vip-agent: {ds.name} failed: {ds.error}", file=sys.stderr)
+    launched = any(e.vip_id for e in journal.executions(dataset_id))
+    return EXIT_FAILED if launched else EXIT_INVALID
+
+
+def dry_run(path: Path, template: Path | None, client: VipClient) -> int:
+    """Validate against the pipeline and print what would be sent; send nothing."""
+    from agent.jobfile import load_job, resolve_inputs
+    from agent.validate import validate
+
+    job = load_job(path, template)
+    pipeline = client.pipeline(job.pipeline)
+    report = validate(job, path, pipeline)
+    for w in report.warnings:
+        print(f"warning: {w}")
+    if report.errors:
+        print("the dataset cannot be run:")
+        for e in report.errors:
+            print(f"  - {e}")
+        return EXIT_INVALID
+    resolved = resolve_inputs(job, path)
+    remote_inputs = "<session>/INPUTS"
+    print(f"pipeline: {job.pipeline}")
+    print(f"files to upload ({len(resolved.files)}):")
+    for rel in resolved.files:
+        size = (resolved.root / rel).stat().st_size
+        print(f"  {rel} ({size:,} bytes) -> {resolved.remote_path(remote_inputs, rel)}")
+    for variant in resolved.variants:
+        for run in range(1, job.runs + 1):
+            print(f"execution {variant} run {run}:")
+            for k, v in resolved.remote_inputs(variant, remote_inputs).items():
+                print(f"  {k} = {v}")
+    print("valid: nothing was sent (dry run)")
+    return EXIT_DONE

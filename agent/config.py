@@ -1,0 +1,378 @@
+"""``agent.yaml``: the configuration of the ``vip-agent watch`` service.
+
+One file lists one or more drop folders, each with its server, output root,
+readiness rule, limits and what to do with a dataset afterwards. Every mistake
+is reported as one :class:`~agent.errors.ConfigError` naming the file and the
+key (exit code 2). The reference is ``docs/agent-yaml.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.errors import ConfigError
+
+#: the public VIP portal, used when a drop folder names no server
+DEFAULT_SERVER = "https://vip.creatis.insa-lyon.fr"
+#: quiet period of the ``settle`` rule for the service (``--settle`` overrides it)
+DEFAULT_SETTLE = 30.0
+#: a dataset not ready after this long is reported as stalled (it keeps waiting)
+DEFAULT_STALE_AFTER = 86400.0
+DEFAULT_POLL_INTERVAL = 10.0
+DEFAULT_RESCAN_INTERVAL = 600.0
+DEFAULT_MARKER = "READY"
+
+RULES = ("settle", "marker", "manifest")
+DATASET_KINDS = ("folders", "files")
+OBSERVERS = ("auto", "native", "polling")
+AFTER = ("keep", "archive", "delete")
+LOG_FORMATS = ("text", "json")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """When a dataset counts as complete."""
+
+    rule: str = "settle"
+    settle_seconds: float = DEFAULT_SETTLE
+    marker: str = DEFAULT_MARKER
+    stale_after: float = DEFAULT_STALE_AFTER  # 0 = never report
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much runs at once for one drop folder (``max_running`` is per server)."""
+
+    max_uploads: int = 2
+    max_downloads: int = 2
+    max_running: int = 1
+
+
+@dataclass(frozen=True)
+class DropConfig:
+    """One drop folder."""
+
+    path: Path
+    server: str
+    output: Path
+    readiness: Readiness = field(default_factory=Readiness)
+    datasets: str = "folders"
+    pattern: str = "*"
+    observer: str = "auto"
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    rescan_interval: float = DEFAULT_RESCAN_INTERVAL
+    limits: Limits = field(default_factory=Limits)
+    after: str = "keep"
+    archive_dir: Path | None = None
+    failed_dir: Path | None = None
+    key_file: Path | None = None
+    keep_remote: bool = False
+
+    @property
+    def template(self) -> Path:
+        """The drop folder's ``job.yaml`` (template of every dataset; may not exist)."""
+        return self.path / "job.yaml"
+
+    def own_folders(self) -> list[Path]:
+        """The agent's folders that may lie inside the drop folder (never datasets)."""
+        return [p for p in (self.output, self.archive_dir, self.failed_dir) if p is not None]
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The whole ``agent.yaml``."""
+
+    drops: tuple[DropConfig, ...]
+    state: Path
+    log_format: str = "text"
+    source: Path | None = None  # the file it came from (None: command-line arguments)
+
+    def drop_for(self, path: str | Path | None) -> DropConfig | None:
+        """The drop folder a dataset recorded with ``drop_dir=path`` belongs to."""
+        if path is None:
+            return None
+        target = Path(path)
+        return next((d for d in self.drops if d.path == target), None)
+
+
+def default_state_dir() -> Path:
+    """``$STATE_DIRECTORY`` under systemd, else the per-user state folder."""
+    systemd = os.environ.get("STATE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "vip-agent" / "state"
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "vip-agent"
+
+
+def default_config_path() -> Path:
+    """``$CONFIGURATION_DIRECTORY/agent.yaml`` under systemd, else the per-user one."""
+    systemd = os.environ.get("CONFIGURATION_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0]) / "agent.yaml"
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".config") / "vip-agent" / "agent.yaml"
+
+
+# -- parsing -----------------------------------------------------------------------
+
+_TOP_KEYS = ("drops", "state", "log_format", "defaults")
+_DROP_KEYS = (
+    "path", "server", "output", "readiness", "datasets", "pattern", "observer",
+    "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
+    "after", "archive_dir", "failed_dir", "key_file", "keep_remote",
+)  # fmt: skip
+_READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
+
+
+class _Reader:
+    """Typed access to one mapping of the file, with errors that name the key."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, source: str, base: Path) -> None:
+        self.data, self.where, self.source, self.base = data, where, source, base
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        name = f"{self.where}.{key}" if self.where else key
+        return ConfigError(f"{self.source}: {name}: {problem}", detail=f"key {name}")
+
+    def check_keys(self, allowed: tuple[str, ...]) -> None:
+        for key in self.data:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.error(str(key), f"unknown setting{hint}; known: {', '.join(allowed)}")
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def str(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+        value = self.data.get(key, default)
+        if value is None:
+            raise self.error(key, "is required")
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"must be a non-empty text, not {value!r}")
+        if choices and value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value.strip()
+
+    def path(self, key: str, default: Path | None = None) -> Path | None:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"must be a folder path, not {value!r}")
+        p = Path(os.path.expandvars(value)).expanduser()
+        return Path(os.path.abspath(self.base / p))
+
+    def seconds(self, key: str, default: float) -> float:
+        value = self.data.get(key, default)
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise self.error(
+                key, f"must be a duration in seconds (30, 2.5, '10s', '5m', '2h', '1d'), not {value!r}"
+            ) from None
+
+    def int(self, key: str, default: int, minimum: int = 1) -> int:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, f"must be a whole number >= {minimum}, not {value!r}")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, not {value!r}")
+        return value
+
+    def mapping(self, key: str) -> Mapping[str, Any]:
+        value = self.data.get(key) or {}
+        if not isinstance(value, Mapping):
+            raise self.error(key, "must be a mapping of settings")
+        return value
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a text such as ``'30s'``, ``'5m'``, ``'2h'``, ``'1d'``."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(value)
+    if seconds < 0:
+        raise ValueError(value)
+    return seconds
+
+
+def _server(r: _Reader, default: str | None) -> str:
+    server = r.str("server", default)
+    if not re.match(r"^https?://[^/\s]+", server):
+        raise r.error("server", f"must be the portal URL, e.g. {DEFAULT_SERVER}, not {server!r}")
+    return server.rstrip("/")
+
+
+def _drop(r: _Reader, settle: float | None) -> DropConfig:
+    r.check_keys(_DROP_KEYS)
+    path = r.path("path")
+    if path is None:
+        raise r.error("path", "is required (the drop folder to watch)")
+    output = r.path("output")
+    if output is None:
+        raise r.error("output", "is required (the folder that receives the results)")
+    rr = _Reader(r.mapping("readiness"), f"{r.where}.readiness", r.source, r.base)
+    rr.check_keys(_READINESS_KEYS)
+    readiness = Readiness(
+        rule=rr.str("rule", "settle", RULES),
+        settle_seconds=settle if settle is not None else rr.seconds("settle_seconds", DEFAULT_SETTLE),
+        marker=rr.str("marker", DEFAULT_MARKER),
+        stale_after=rr.seconds("stale_after", DEFAULT_STALE_AFTER),
+    )
+    if "/" in readiness.marker or "\\" in readiness.marker:
+        raise rr.error("marker", "must be a file name, not a path")
+    datasets = r.str("datasets", "folders", DATASET_KINDS)
+    if readiness.rule == "manifest" and datasets != "folders":
+        raise rr.error("rule", "'manifest' needs 'datasets: folders' (a job.yaml per dataset)")
+    after = r.str("after", "keep", AFTER)
+    archive_dir = r.path("archive_dir", path / "_archive" if after == "archive" else None)
+    failed_dir = r.path("failed_dir", path / "_failed" if after != "keep" else None)
+    poll = r.seconds("poll_interval", DEFAULT_POLL_INTERVAL)
+    if poll <= 0:
+        raise r.error("poll_interval", "must be more than 0 seconds")
+    drop = DropConfig(
+        path=path,
+        server=_server(r, DEFAULT_SERVER),
+        output=output,
+        readiness=readiness,
+        datasets=datasets,
+        pattern=r.str("pattern", "*"),
+        observer=r.str("observer", "auto", OBSERVERS),
+        poll_interval=poll,
+        rescan_interval=r.seconds("rescan_interval", DEFAULT_RESCAN_INTERVAL),
+        limits=Limits(
+            max_uploads=r.int("max_uploads", 2),
+            max_downloads=r.int("max_downloads", 2),
+            max_running=r.int("max_running", 1),
+        ),
+        after=after,
+        archive_dir=archive_dir,
+        failed_dir=failed_dir,
+        key_file=r.path("key_file"),
+        keep_remote=r.bool("keep_remote", False),
+    )
+    if path in (output, archive_dir, failed_dir):
+        raise r.error("output", "the output, archive and failed folders must differ from the drop folder")
+    return drop
+
+
+def _check_drops(drops: list[DropConfig], source: str) -> None:
+    for i, a in enumerate(drops):
+        for j, b in enumerate(drops):
+            if i < j and (a.path == b.path or a.path in b.path.parents or b.path in a.path.parents):
+                raise ConfigError(
+                    f"{source}: drops[{j}].path: {b.path} overlaps drops[{i}].path {a.path}; "
+                    "a folder can belong to one drop folder only",
+                    detail=f"key drops[{j}].path",
+                )
+
+
+def parse_config(data: Any, *, source: str = "agent.yaml", base: Path | None = None,
+                 settle: float | None = None) -> AgentConfig:  # fmt: skip
+    """Build an :class:`AgentConfig` from the loaded YAML document."""
+    base = base or Path.cwd()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the file must be a mapping with a 'drops:' list", detail="top level")
+    top = _Reader(data, "", source, base)
+    top.check_keys(_TOP_KEYS)
+    defaults = top.mapping("defaults")
+    _Reader(defaults, "defaults", source, base).check_keys(
+        tuple(k for k in _DROP_KEYS if k not in ("path",))
+    )
+    raw = data.get("drops")
+    if not isinstance(raw, list) or not raw:
+        raise top.error("drops", "must be a list of at least one drop folder (each with path, output)")
+    drops = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise top.error(f"drops[{i}]", "must be a mapping (path:, server:, output: ...)")
+        merged = {**defaults, **item}
+        if "readiness" in defaults and "readiness" in item:
+            merged["readiness"] = {**(defaults["readiness"] or {}), **(item["readiness"] or {})}
+        drops.append(_drop(_Reader(merged, f"drops[{i}]", source, base), settle))
+    _check_drops(drops, source)
+    state = top.path("state", default_state_dir())
+    assert state is not None
+    return AgentConfig(
+        drops=tuple(drops),
+        state=state,
+        log_format=top.str("log_format", "text", LOG_FORMATS),
+        source=None,
+    )
+
+
+def load_config(path: str | Path, *, settle: float | None = None) -> AgentConfig:
+    """Read ``agent.yaml``; relative paths in it are relative to the file's folder."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file", detail="file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the configuration file", detail=str(err)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}", detail=str(err)) from None
+    config = parse_config(data, source=str(path), base=path.parent.resolve(), settle=settle)
+    return replace(config, source=path.resolve())
+
+
+def config_from_args(
+    drop: str | Path,
+    *,
+    server: str | None = None,
+    output: str | Path | None = None,
+    state: str | Path | None = None,
+    settle: float | None = None,
+    rule: str | None = None,
+    marker: str | None = None,
+    observer: str | None = None,
+    datasets: str | None = None,
+    pattern: str | None = None,
+    log_format: str = "text",
+) -> AgentConfig:
+    """The configuration of ``vip-agent watch DROP --server --output ...`` (no file)."""
+    item: dict[str, Any] = {"path": str(drop), "server": server or DEFAULT_SERVER}
+    item["output"] = str(output) if output is not None else str(Path(drop) / "_results")
+    readiness: dict[str, Any] = {}
+    if rule:
+        readiness["rule"] = rule
+    if marker:
+        readiness["marker"] = marker
+    if readiness:
+        item["readiness"] = readiness
+    for key, value in (("observer", observer), ("datasets", datasets), ("pattern", pattern)):
+        if value is not None:
+            item[key] = value
+    data: dict[str, Any] = {"drops": [item], "log_format": log_format}
+    if state is not None:
+        data["state"] = str(state)
+    return parse_config(data, source="command line", base=Path.cwd(), settle=settle)

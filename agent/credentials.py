@@ -1,0 +1,406 @@
+"""Find the VIP API key without ever showing it.
+
+Sources, first match wins:
+
+1. the systemd credential ``$CREDENTIALS_DIRECTORY/vip-api-key``
+   (``LoadCredential=`` / ``LoadCredentialEncrypted=`` in the unit);
+2. a key file named in the configuration, accepted only when it belongs to the
+   current user and gives no access to group or others (like ``~/.ssh``);
+3. the ``VIP_API_KEY`` environment variable;
+4. the OS keyring: service ``vip-agent``, username = the normalised server URL,
+   one entry per server (``vip-agent login`` stores it there).
+
+Keyring calls run in a daemon thread with a deadline (:data:`KEYRING_TIMEOUT`):
+a Secret Service collection that is locked can sit on an unlock prompt that no
+one will answer on a headless machine, and an unattended agent must fail with
+a message instead of hanging. The thread is abandoned (not killed) when the
+deadline passes; it dies with the process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from agent.errors import CredentialError
+from agent.paths import DEFAULT_SERVER
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "Credential",
+    "KeyringUnavailable",
+    "delete_api_key",
+    "find_api_key",
+    "keyring_backend_name",
+    "keyring_problem",
+    "normalise_server_url",
+    "read_keyring",
+    "redact",
+    "scrub_env",
+    "store_api_key",
+]
+#: name of the systemd credential (``LoadCredential=vip-api-key:...``)
+SYSTEMD_CREDENTIAL = "vip-api-key"
+#: the environment variable holding a key
+ENV_VAR = "VIP_API_KEY"
+#: keyring service name; the username is the normalised server URL
+KEYRING_SERVICE = "vip-agent"
+#: seconds a keyring call may take before we give up (locked collection, dead D-Bus)
+KEYRING_TIMEOUT = 10.0
+
+#: environment variables a child process never inherits (exact names)
+SECRET_ENV_VARS = frozenset(
+    {
+        ENV_VAR,
+        "VIP_APIKEY",
+        "VIP_KEY",
+        # the directory holding our systemd credentials: a child has no business there
+        "CREDENTIALS_DIRECTORY",
+        # children must not speak for the service to systemd
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+    }
+)
+#: names that look like secrets, whoever set them
+_SECRET_NAME = re.compile(r"API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+_T = TypeVar("_T")
+
+_HEADLESS_HELP = (
+    "No usable OS keyring here (typical of a server without a desktop session). Give the key "
+    "another way:\n"
+    "  - as a systemd credential (best for the service): store it with\n"
+    "      sudo install -m 0600 -o root /dev/stdin /etc/vip-agent/api-key\n"
+    "    and keep LoadCredential=vip-api-key:/etc/vip-agent/api-key in the unit, or encrypt it with\n"
+    "      sudo systemd-creds encrypt --name=vip-api-key - /etc/vip-agent/api-key.cred\n"
+    "    and use LoadCredentialEncrypted=vip-api-key:/etc/vip-agent/api-key.cred;\n"
+    "  - as a key file readable only by you (chmod 600) named by key_file: in agent.yaml;\n"
+    "  - or install a keyring backend: `pip install keyrings.alt` (a file backend) or run a "
+    "Secret Service (gnome-keyring, KeePassXC) in your session."
+)
+
+
+class KeyringUnavailable(CredentialError):
+    """The OS keyring has no usable backend, is locked, or does not answer."""
+
+
+@dataclass(frozen=True)
+class Credential:
+    """An API key and where it came from. Its repr never shows the key."""
+
+    key: str = field(repr=False)
+    source: str
+
+    def __repr__(self) -> str:
+        return f"Credential(source={self.source!r})"
+
+    __str__ = __repr__
+
+
+def normalise_server_url(url: str) -> str:
+    """The server URL as a keyring username: lower-case scheme and host, no
+    default port, no trailing slash or ``/rest`` suffix."""
+    raw = url.strip()
+    if "://" not in raw:
+        raw = "https://" + raw
+    parts = urlsplit(raw)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    port = parts.port
+    netloc = host if port is None or (scheme, port) in (("http", 80), ("https", 443)) else f"{host}:{port}"
+    path = parts.path.rstrip("/")
+    if path.endswith("/rest"):
+        path = path[: -len("/rest")]
+    return urlunsplit((scheme, netloc, path, "", ""))
+
+
+def redact(text: str, *secrets: str) -> str:
+    """``text`` with every occurrence of each secret replaced (defence in depth
+    for messages built from third-party exception text)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def scrub_env(env: Mapping[str, str] | None = None, *, secrets: Iterable[str] = ()) -> dict[str, str]:
+    """A copy of ``env`` (default ``os.environ``) fit for a child process: no
+    API key variables, no systemd credential or notify variables, nothing named
+    like a secret, and no variable whose value is one of ``secrets``."""
+    source = os.environ if env is None else env
+    values = {s for s in secrets if s}
+    return {
+        name: value
+        for name, value in source.items()
+        if name not in SECRET_ENV_VARS and not _SECRET_NAME.search(name) and value not in values
+    }
+
+
+# --------------------------------------------------------------------------- keyring
+
+
+def _call_with_timeout(fn: Callable[[], _T], what: str, timeout: float | None) -> _T:
+    """Run ``fn`` in a daemon thread; raise :class:`KeyringUnavailable` after ``timeout``."""
+    limit = KEYRING_TIMEOUT if timeout is None else timeout
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed back to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="vip-agent-keyring", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        raise KeyringUnavailable(
+            f"the OS keyring did not answer within {limit:g} s while {what}; it may be locked "
+            "and waiting for an unlock prompt no one can see.\n" + _HEADLESS_HELP,
+            detail="keyring call abandoned after timeout",
+        )
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def keyring_backend_name() -> str:
+    """Display name of the active keyring backend (``module.Class``)."""
+    import keyring
+
+    backend = keyring.get_keyring()
+    return f"{type(backend).__module__}.{type(backend).__name__}"
+
+
+def keyring_problem() -> str | None:
+    """Why the keyring cannot be used, or None when a real backend is active."""
+    try:
+        import keyring
+        import keyring.backends.fail
+    except ImportError as exc:  # pragma: no cover - keyring is a dependency
+        return f"the keyring package cannot be imported ({exc})"
+    backend = keyring.get_keyring()
+    if isinstance(backend, keyring.backends.fail.Keyring):
+        return "no keyring backend is available (keyring.backends.fail.Keyring)"
+    inner = getattr(backend, "backends", None)  # ChainerBackend with nothing to chain
+    if inner is not None and not list(inner):
+        return "the keyring chainer has no backend to use"
+    return None
+
+
+def _require_keyring() -> None:
+    problem = keyring_problem()
+    if problem is not None:
+        raise KeyringUnavailable(_HEADLESS_HELP, detail=problem)
+
+
+def _keyring_failure(exc: BaseException, what: str, *secrets: str) -> KeyringUnavailable:
+    import keyring.errors
+
+    detail = redact(f"{type(exc).__name__}: {exc}", *secrets)
+    if isinstance(exc, keyring.errors.NoKeyringError):
+        return KeyringUnavailable(_HEADLESS_HELP, detail=detail)
+    if isinstance(exc, keyring.errors.KeyringLocked):
+        return KeyringUnavailable(
+            f"the OS keyring is locked while {what}; unlock it in your desktop session, or "
+            "give the key another way.\n" + _HEADLESS_HELP,
+            detail=detail,
+        )
+    return KeyringUnavailable(f"the OS keyring failed while {what}.\n" + _HEADLESS_HELP, detail=detail)
+
+
+def read_keyring(server_url: str, *, timeout: float | None = None) -> str | None:
+    """The key stored for ``server_url``, or None. Raises :class:`KeyringUnavailable`."""
+    import keyring
+    import keyring.errors
+
+    _require_keyring()
+    user = normalise_server_url(server_url)
+    try:
+        value = _call_with_timeout(
+            lambda: keyring.get_password(KEYRING_SERVICE, user), "reading the key", timeout
+        )
+    except KeyringUnavailable:
+        raise
+    except (keyring.errors.KeyringError, RuntimeError, OSError) as exc:
+        raise _keyring_failure(exc, "reading the key") from None
+    return value.strip() if value and value.strip() else None
+
+
+def store_api_key(server_url: str, key: str, *, timeout: float | None = None) -> str:
+    """Store ``key`` for ``server_url`` in the OS keyring; return the entry's
+    description (``keyring vip-agent/<url>``)."""
+    import keyring
+    import keyring.errors
+
+    key = key.strip()
+    if not key:
+        raise CredentialError("refusing to store an empty API key")
+    _require_keyring()
+    user = normalise_server_url(server_url)
+    try:
+        _call_with_timeout(
+            lambda: keyring.set_password(KEYRING_SERVICE, user, key), "storing the key", timeout
+        )
+    except KeyringUnavailable:
+        raise
+    except (keyring.errors.KeyringError, RuntimeError, OSError) as exc:
+        raise _keyring_failure(exc, "storing the key", key) from None
+    return f"keyring {KEYRING_SERVICE}/{user}"
+
+
+def delete_api_key(server_url: str, *, timeout: float | None = None) -> bool:
+    """Remove the key stored for ``server_url``; False when there was none."""
+    import keyring
+    import keyring.errors
+
+    _require_keyring()
+    user = normalise_server_url(server_url)
+
+    def delete() -> bool:
+        if keyring.get_password(KEYRING_SERVICE, user) is None:
+            return False
+        try:
+            keyring.delete_password(KEYRING_SERVICE, user)
+        except keyring.errors.PasswordDeleteError:
+            return False
+        return True
+
+    try:
+        return _call_with_timeout(delete, "removing the key", timeout)
+    except KeyringUnavailable:
+        raise
+    except (keyring.errors.KeyringError, RuntimeError, OSError) as exc:
+        raise _keyring_failure(exc, "removing the key") from None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_secret_file(path: Path, *, check_owner: bool) -> str:
+    """Read a key file; with ``check_owner`` refuse one others can read or we do not own."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CredentialError(
+            f"the key file {path} does not exist; create it (chmod 600) or remove key_file from the configuration",
+            detail=str(path),
+        ) from None
+    except PermissionError:
+        raise CredentialError(
+            f"cannot read the key file {path}: permission denied for this user", detail=str(path)
+        ) from None
+    try:
+        # fstat on the open descriptor: what we check is what we read
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CredentialError(f"the key file {path} is not a regular file", detail=str(path))
+        if check_owner and hasattr(os, "geteuid"):
+            if st.st_mode & 0o077:
+                raise CredentialError(
+                    f"refusing the key file {path}: group or others can access it "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`",
+                    detail=f"mode {stat.S_IMODE(st.st_mode):04o}",
+                )
+            if st.st_uid != os.geteuid():
+                raise CredentialError(
+                    f"refusing the key file {path}: it belongs to uid {st.st_uid}, not to the user "
+                    f"running vip-agent (uid {os.geteuid()}); `chown` it to that user",
+                    detail=f"owner uid {st.st_uid}",
+                )
+        with os.fdopen(fd, "r", encoding="utf-8", errors="strict") as handle:
+            fd = -1
+            text = handle.read(64 * 1024)
+    except UnicodeDecodeError:
+        raise CredentialError(f"the key file {path} is not text", detail=str(path)) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    key = text.strip()
+    if not key:
+        raise CredentialError(f"the key file {path} is empty", detail=str(path))
+    if "\n" in key:
+        raise CredentialError(
+            f"the key file {path} holds more than one line; it must hold the API key alone",
+            detail=str(path),
+        )
+    return key
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def find_api_key(
+    server_url: str,
+    *,
+    key_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    use_keyring: bool = True,
+    keyring_timeout: float | None = None,
+) -> Credential:
+    """The API key for ``server_url`` from the first source that has one.
+
+    Raises :class:`~agent.errors.CredentialError` listing every source tried.
+    A key file that is named but unsafe or unreadable is an error, not a skip:
+    the operator asked for it.
+    """
+    environ = os.environ if env is None else env
+    tried: list[str] = []
+
+    cred_dir = environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        path = Path(cred_dir) / SYSTEMD_CREDENTIAL
+        if path.exists():
+            # systemd owns this file and its mode; no ownership check
+            return Credential(_read_secret_file(path, check_owner=False), f"systemd credential {SYSTEMD_CREDENTIAL}")
+        tried.append(f"systemd credential {SYSTEMD_CREDENTIAL}: not in {cred_dir}")
+    else:
+        tried.append(f"systemd credential {SYSTEMD_CREDENTIAL}: not running with credentials")
+
+    if key_file is not None:
+        path = Path(key_file).expanduser()
+        return Credential(_read_secret_file(path, check_owner=True), f"key file {path}")
+    tried.append("key file: none named in the configuration (key_file:)")
+
+    value = environ.get(ENV_VAR, "").strip()
+    if value:
+        return Credential(value, f"environment {ENV_VAR}")
+    tried.append(f"environment {ENV_VAR}: not set")
+
+    keyring_trouble: KeyringUnavailable | None = None
+    if use_keyring:
+        user = normalise_server_url(server_url)
+        try:
+            stored = read_keyring(server_url, timeout=keyring_timeout)
+        except KeyringUnavailable as exc:
+            keyring_trouble = exc
+            tried.append(f"keyring {KEYRING_SERVICE}/{user}: {exc.detail or 'unavailable'}")
+        else:
+            if stored:
+                return Credential(stored, f"keyring {KEYRING_SERVICE}/{user}")
+            tried.append(f"keyring {KEYRING_SERVICE}/{user}: no entry")
+    else:
+        tried.append("keyring: not used here")
+
+    listing = "".join(f"\n  - {t}" for t in tried)
+    if keyring_trouble is not None:
+        todo = keyring_trouble.message
+    else:
+        todo = (
+            f"Run `vip-agent login --server {normalise_server_url(server_url)}` to store a key in the "
+            f"OS keyring, or set {ENV_VAR}, or name a key file (chmod 600) with key_file: in agent.yaml."
+        )
+    raise CredentialError(
+        f"no API key found for {normalise_server_url(server_url)}. Tried:{listing}\n{todo}",
+        detail="; ".join(tried),
+    )

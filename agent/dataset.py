@@ -1,0 +1,133 @@
+"""What a dataset is on disk: its files, the names that do not count, its fingerprint.
+
+Shared by the watcher (readiness, identity) and the runner (what to upload), so
+both agree on which files belong to a dataset.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: the job file is configuration, never an input
+JOB_FILE = "job.yaml"
+
+#: names that never count as dataset files and hold a dataset back while present
+#: (editors' lock files, partial downloads and copies, OS litter)
+PARTIAL_PATTERNS: tuple[str, ...] = (
+    "*.part",
+    "*.partial",
+    "*.tmp",
+    "*.temp",
+    "*.crdownload",
+    "*.download",
+    "~$*",
+    ".~lock*",
+    "*.swp",
+    ".syncthing.*",
+    "~syncthing~*",
+)
+
+#: names ignored silently (they neither count nor hold the dataset back)
+IGNORED_NAMES: frozenset[str] = frozenset(
+    {".DS_Store", "Thumbs.db", "desktop.ini", "STATUS.json", "ERROR.txt", ".vip-agent"}
+)
+
+
+def is_partial(name: str) -> bool:
+    """A name that says a file is still being written (holds the dataset back)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in PARTIAL_PATTERNS)
+
+
+def is_ignored(name: str) -> bool:
+    """A name that is not part of a dataset: dot-files, OS litter, the agent's own files."""
+    return name in IGNORED_NAMES or name.startswith(".")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a dataset, as seen by ``stat``."""
+
+    rel: str  # POSIX path relative to the dataset root
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class DatasetScan:
+    """A snapshot of a dataset's files."""
+
+    root: Path
+    files: tuple[FileEntry, ...]
+    partial: tuple[str, ...]  # relative names of partial files that hold it back
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.files)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            rel = path.relative_to(root).as_posix()
+            if entry.is_dir(follow_symlinks=False):
+                if not is_ignored(entry.name):
+                    stack.append(path)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=True)
+            except FileNotFoundError:
+                continue  # vanished, or a dangling link: validation reports links
+            yield rel, st
+
+
+def scan(root: Path, *, only: Iterable[str] | None = None) -> DatasetScan:
+    """List the files of a dataset folder (or only the names in ``only``).
+
+    ``job.yaml``, ignored names and partial names are left out of ``files``;
+    partial names are reported in ``partial``.
+    """
+    files: list[FileEntry] = []
+    partial: list[str] = []
+    wanted = set(only) if only is not None else None
+    for rel, st in _walk(root):
+        if wanted is not None and rel not in wanted:
+            continue
+        name = rel.rsplit("/", 1)[-1]
+        if rel == JOB_FILE:
+            continue
+        if is_partial(name):
+            partial.append(rel)
+            continue
+        if any(is_ignored(part) for part in rel.split("/")):
+            continue
+        files.append(FileEntry(rel, st.st_size, st.st_mtime_ns))
+    files.sort(key=lambda f: f.rel)
+    return DatasetScan(root, tuple(files), tuple(sorted(partial)))
+
+
+def fingerprint(files: Iterable[FileEntry]) -> str:
+    """A cheap identity of a dataset's content: names, sizes and modification times.
+
+    A stat per file, no reading: re-dropping the same name with new content gives
+    a new fingerprint, a restart of the agent gives the same one.
+    """
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.rel):
+        h.update(f"{f.rel}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

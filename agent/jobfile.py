@@ -1,0 +1,637 @@
+"""Load ``job.yaml`` files and merge them into a :class:`JobSpec`.
+
+A ``job.yaml`` in the drop folder is the *template* for every dataset in it; a
+``job.yaml`` inside a dataset folder overrides it key by key (see
+:func:`merge`). Structural problems (YAML syntax, unknown keys, wrong types)
+raise one :class:`~agent.errors.ConfigError` that lists them all with file and
+line. Checks that need the pipeline description live in :mod:`agent.validate`.
+
+Input values are kept as the **text the user wrote** (``1.10`` stays
+``"1.10"``, ``no`` stays ``"no"``): YAML's number and boolean guessing does not
+apply to pipeline inputs, because VIP receives strings anyway.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from agent.dataset import JOB_FILE, scan
+from agent.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover - re-exported lazily, see __getattr__
+    from agent.validate import ResolvedJob, resolve_inputs  # noqa: F401
+
+#: remote folder under which the agent creates its per-dataset sessions
+DEFAULT_VIP_ROOT = "/vip/Home/vip-agent"
+#: name of the implicit variant when ``variants`` is absent
+DEFAULT_VARIANT = "default"
+
+#: top-level keys and what they hold (for messages)
+KEYS: dict[str, str] = {
+    "pipeline": "the VIP pipeline identifier, e.g. LCModel/0.2",
+    "name": "a name for the dataset's executions",
+    "inputs": "a mapping of pipeline input name to value",
+    "runs": "how many identical executions to launch (an integer, at least 1)",
+    "variants": "a mapping of variant name to {inputs: {...}}",
+    "output_dir": "the folder where outputs are mirrored",
+    "extract": "true or false",
+    "cleanup": "true or false",
+    "expect": "a list of file patterns the dataset must contain before it starts",
+    "vip_root": "the VIP folder under which the agent works, e.g. /vip/Home/vip-agent",
+}
+VARIANT_KEYS: frozenset[str] = frozenset({"inputs"})
+VARIANT_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+#: an input value as written in YAML: text, a list of texts, or None (``key:`` / ``null``)
+InputValue = Any
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A dataset's job after merging the drop template with the dataset's own file.
+
+    ``root`` is the folder relative input paths resolve in. For a folder dataset
+    it is the dataset folder; for a single-file dataset it is the file's folder
+    and ``single_file`` names the only file in scope. ``output_dir`` is the
+    folder the user chose (absolute), or None for the agent's default; the
+    runner puts each dataset's outputs in a subfolder named after ``name``.
+    """
+
+    pipeline: str
+    name: str
+    inputs: Mapping[str, InputValue]
+    root: Path
+    runs: int = 1
+    variants: Mapping[str, Mapping[str, InputValue]] = field(default_factory=dict)
+    output_dir: Path | None = None
+    extract: bool = True
+    cleanup: bool = True
+    expect: tuple[str, ...] = ()
+    vip_root: str = DEFAULT_VIP_ROOT
+    single_file: str | None = None
+    sources: tuple[Path, ...] = ()
+
+    @property
+    def dataset(self) -> Path:
+        """The dataset itself: the folder, or the single file."""
+        return self.root / self.single_file if self.single_file else self.root
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (for the journal); :meth:`from_dict` reverses it."""
+        return {
+            "pipeline": self.pipeline,
+            "name": self.name,
+            "inputs": dict(self.inputs),
+            "root": str(self.root),
+            "runs": self.runs,
+            "variants": {k: dict(v) for k, v in self.variants.items()},
+            "output_dir": str(self.output_dir) if self.output_dir is not None else None,
+            "extract": self.extract,
+            "cleanup": self.cleanup,
+            "expect": list(self.expect),
+            "vip_root": self.vip_root,
+            "single_file": self.single_file,
+            "sources": [str(p) for p in self.sources],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        out = data.get("output_dir")
+        return cls(
+            pipeline=data["pipeline"],
+            name=data["name"],
+            inputs=dict(data.get("inputs") or {}),
+            root=Path(data["root"]),
+            runs=int(data.get("runs", 1)),
+            variants={k: dict(v) for k, v in (data.get("variants") or {}).items()},
+            output_dir=Path(out) if out else None,
+            extract=bool(data.get("extract", True)),
+            cleanup=bool(data.get("cleanup", True)),
+            expect=tuple(data.get("expect") or ()),
+            vip_root=data.get("vip_root") or DEFAULT_VIP_ROOT,
+            single_file=data.get("single_file"),
+            sources=tuple(Path(p) for p in data.get("sources") or ()),
+        )
+
+    def variant_inputs(self) -> dict[str, dict[str, InputValue]]:
+        """Variant name -> the inputs it runs with (base inputs overlaid by its own).
+
+        Without ``variants`` there is one variant, ``default``, with the base
+        inputs. With ``variants`` only the named variants run. A ``None`` value
+        removes an input (VIP then uses the pipeline's default).
+        """
+        if not self.variants:
+            return {DEFAULT_VARIANT: {k: v for k, v in self.inputs.items() if v is not None}}
+        out: dict[str, dict[str, InputValue]] = {}
+        for vname, override in self.variants.items():
+            merged = dict(self.inputs)
+            merged.update(override)
+            out[vname] = {k: v for k, v in merged.items() if v is not None}
+        return out
+
+    def missing_expected(self) -> list[str]:
+        """The ``expect`` patterns that match no file of the dataset yet (for readiness)."""
+        rels = dataset_files(self)
+        return [p for p in self.expect if not any(glob_match(p, r) for r in rels)]
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def dataset_files(job: JobSpec) -> list[str]:
+    """Relative POSIX names of the files in scope (job.yaml, dot-files and partial files excluded)."""
+    only = [job.single_file] if job.single_file else None
+    return [f.rel for f in scan(job.root, only=only).files]
+
+
+def has_magic(pattern: str) -> bool:
+    """Whether ``pattern`` is a glob rather than a plain path."""
+    return any(c in pattern for c in "*?[")
+
+
+_GLOB_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _translate(pattern: str) -> re.Pattern[str]:
+    """Glob -> regex: ``*``/``?``/``[...]`` stay inside one folder, ``**/`` spans folders.
+
+    Wildcards never match a leading dot, like the shell.
+    """
+    cached = _GLOB_CACHE.get(pattern)
+    if cached is not None:
+        return cached
+    parts = pattern.split("/")
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(r"(?:[^/.][^/]*/)*" if not last else r"(?:[^/.][^/]*/)*[^/.][^/]*")
+            continue
+        seg = ""
+        j = 0
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                seg += "[^/]*"
+            elif c == "?":
+                seg += "[^/]"
+            elif c == "[":
+                k = part.find("]", j + 2 if part[j + 1 : j + 2] in ("!", "^") else j + 1)
+                if k < 0:
+                    seg += re.escape(c)
+                else:
+                    body = part[j + 1 : k]
+                    if body[:1] in ("!", "^"):
+                        body = "^" + body[1:]
+                    seg += "[" + body.replace("\\", "\\\\") + "]"
+                    j = k
+            else:
+                seg += re.escape(c)
+            j += 1
+        if not part.startswith(".") and has_magic(part[:1]):
+            seg = "(?!\\.)" + seg
+        out.append(seg + ("" if last else "/"))
+    rx = re.compile("".join(out))
+    _GLOB_CACHE[pattern] = rx
+    return rx
+
+
+def glob_match(pattern: str, rel: str) -> bool:
+    """Whether the relative POSIX path ``rel`` matches the glob ``pattern``."""
+    return _translate(norm_rel(pattern)).fullmatch(rel) is not None
+
+
+def norm_rel(value: str) -> str:
+    """A relative path or glob without leading ``./`` and doubled slashes."""
+    while value.startswith("./"):
+        value = value[2:]
+    return re.sub("/{2,}", "/", value)
+
+
+def is_remote(value: str) -> bool:
+    """A value that names a file already on VIP (passed through, never uploaded)."""
+    return value == "/vip" or value.startswith("/vip/")
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+@dataclass
+class _Doc:
+    """One parsed YAML file: plain data plus the line of every key."""
+
+    path: Path
+    data: dict[str, Any]
+    lines: dict[tuple[str, ...], int]
+
+    def where(self, *keypath: str) -> str:
+        line = None
+        for n in range(len(keypath), -1, -1):
+            line = self.lines.get(tuple(keypath[:n]))
+            if line is not None:
+                break
+        return f"{self.path}, line {line}" if line else str(self.path)
+
+
+_HINTS: tuple[tuple[str, str], ...] = (
+    ("found character '\\t'", "tabs cannot indent YAML; use spaces"),
+    (
+        "mapping values are not allowed",
+        "a ':' appears where YAML does not expect one; "
+        "check the indentation, or put the value in quotes",
+    ),
+    ("could not find expected ':'", "a line is missing ':' after its key, or is indented wrongly"),
+    ("found undefined alias", "an '*alias' refers to an '&anchor' that is not defined"),
+    ("found unexpected end of stream", "a quote or bracket is not closed"),
+    ("found unknown escape character", "a backslash inside double quotes; use single quotes"),
+    ("did not find expected key", "the indentation is inconsistent"),
+    ("expected <block end>", "the indentation is inconsistent"),
+)
+
+
+def _yaml_problem(path: Path, err: yaml.YAMLError) -> ConfigError:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    hint = next((h for key, h in _HINTS if key in problem), None)
+    words = f"{problem}" + (f" ({context})" if context else "")
+    msg = f"{where}: this is not valid YAML: {hint or words}"
+    if hint:
+        msg += f" [YAML says: {words}]"
+    return ConfigError(msg, detail=str(err))
+
+
+def _text(node: yaml.Node, constructor: yaml.constructor.SafeConstructor, raw: bool) -> Any:
+    """Plain data from a node; ``raw`` keeps scalars as written (None for null)."""
+    if isinstance(node, yaml.MappingNode):
+        constructor.flatten_mapping(node)
+        return {_text(k, constructor, False): _text(v, constructor, raw) for k, v in node.value}
+    if isinstance(node, yaml.SequenceNode):
+        return [_text(v, constructor, raw) for v in node.value]
+    if raw and isinstance(node, yaml.ScalarNode):
+        if node.tag == "tag:yaml.org,2002:null":
+            return None
+        return node.value
+    return constructor.construct_object(node, deep=True)
+
+
+def _parse(path: Path) -> _Doc:
+    """Read one job file into plain data and key lines, or raise ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: the file is not UTF-8 text; save it as UTF-8", str(err)
+        ) from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the job file: {err.strerror}", str(err)) from err
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        raise _yaml_problem(path, err) from err
+    if root is None:
+        raise ConfigError(
+            f"{path}: the job file is empty; it needs at least 'pipeline' and 'inputs'"
+        )
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(
+            f"{path}, line {root.start_mark.line + 1}: a job file must be a mapping of keys "
+            "(pipeline:, inputs:, ...), not a list or a single value"
+        )
+    constructor = yaml.constructor.SafeConstructor()
+    lines: dict[tuple[str, ...], int] = {}
+    problems: list[str] = []
+
+    def walk(node: yaml.MappingNode, prefix: tuple[str, ...], raw_children: bool) -> dict[str, Any]:
+        constructor.flatten_mapping(node)
+        out: dict[str, Any] = {}
+        for knode, vnode in node.value:
+            line = knode.start_mark.line + 1
+            key = constructor.construct_object(knode, deep=True)
+            if not isinstance(key, str):
+                problems.append(f"{path}, line {line}: the key {key!r} must be text")
+                continue
+            if key in out:
+                problems.append(
+                    f"{path}, line {line}: '{'.'.join(prefix + (key,))}' is set twice "
+                    f"(first on line {lines[prefix + (key,)]}); keep one"
+                )
+                continue
+            lines[prefix + (key,)] = line
+            here = prefix + (key,)
+            # inputs hold raw text; variants.<v>.inputs too; everything else is typed YAML
+            if isinstance(vnode, yaml.MappingNode) and (
+                here in (("variants",),) or (len(here) == 2 and here[0] == "variants")
+            ):
+                out[key] = walk(vnode, here, False)
+            elif here == ("inputs",) or (
+                len(here) == 3 and here[0] == "variants" and here[2] == "inputs"
+            ):
+                if isinstance(vnode, yaml.MappingNode):
+                    out[key] = walk(vnode, here, True)
+                else:
+                    out[key] = _text(vnode, constructor, False)
+            else:
+                out[key] = _text(vnode, constructor, raw_children)
+        return out
+
+    try:
+        data = walk(root, (), False)
+    except yaml.YAMLError as err:  # constructor errors (bad timestamps, ...)
+        raise _yaml_problem(path, err) from err
+    if problems:
+        raise ConfigError("\n".join(problems) if len(problems) == 1 else _listing(problems))
+    return _Doc(path, data, lines)
+
+
+def _listing(problems: list[str]) -> str:
+    return "the job file has problems:" + "".join(f"\n  - {p}" for p in problems)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_doc(doc: _Doc, problems: list[str]) -> None:
+    """Shape checks on one file (before merging), so messages can name file and line."""
+    d = doc.data
+    for key in d:
+        if key not in KEYS:
+            near = _near(key, KEYS)
+            problems.append(
+                f"{doc.where(key)}: unknown key '{key}'"
+                + (f" (did you mean '{near}'?)" if near else "")
+                + f"; allowed keys: {', '.join(KEYS)}"
+            )
+    for key in ("pipeline", "name", "output_dir", "vip_root"):
+        if key in d and d[key] is not None and not isinstance(d[key], str):
+            problems.append(f"{doc.where(key)}: '{key}' must be text ({KEYS[key]})")
+    if isinstance(d.get("pipeline"), str) and "/" not in d["pipeline"]:
+        problems.append(
+            f"{doc.where('pipeline')}: pipeline '{d['pipeline']}' must be NAME/VERSION, e.g. LCModel/0.2 "
+            "(run 'vip-agent pipelines' to list them)"
+        )
+    name = d.get("name")
+    if isinstance(name, str) and (
+        not name.strip() or "/" in name or "\\" in name or name.startswith(".")
+    ):
+        problems.append(
+            f"{doc.where('name')}: name '{name}' cannot be empty, contain slashes or start with '.'"
+        )
+    if "runs" in d and d["runs"] is not None:
+        r = d["runs"]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            problems.append(
+                f"{doc.where('runs')}: runs must be a whole number of at least 1, not {r!r}"
+            )
+    for key in ("extract", "cleanup"):
+        if key in d and d[key] is not None and not isinstance(d[key], bool):
+            problems.append(f"{doc.where(key)}: '{key}' must be true or false, not {d[key]!r}")
+    if "inputs" in d and d["inputs"] is not None:
+        _check_inputs(doc, d["inputs"], ("inputs",), problems)
+    if "variants" in d and d["variants"] is not None:
+        v = d["variants"]
+        if not isinstance(v, dict):
+            problems.append(f"{doc.where('variants')}: 'variants' must be {KEYS['variants']}")
+        else:
+            for vname, body in v.items():
+                where = doc.where("variants", vname)
+                if not VARIANT_NAME_RE.fullmatch(vname):
+                    problems.append(
+                        f"{where}: variant name '{vname}' may only use letters, digits, '-' and '_'"
+                    )
+                if body is None:
+                    continue  # removes a template variant
+                if not isinstance(body, dict):
+                    problems.append(
+                        f"{where}: variant '{vname}' must be a mapping like {{inputs: {{...}}}}"
+                    )
+                    continue
+                for k in body:
+                    if k not in VARIANT_KEYS:
+                        problems.append(
+                            f"{doc.where('variants', vname, k)}: unknown key '{k}' in variant '{vname}'; "
+                            "a variant may only set 'inputs'"
+                        )
+                if body.get("inputs") is not None:
+                    _check_inputs(doc, body["inputs"], ("variants", vname, "inputs"), problems)
+    if "expect" in d and d["expect"] is not None:
+        e = d["expect"]
+        if isinstance(e, str):
+            e = [e]
+        if not isinstance(e, list) or not all(isinstance(x, str) and x for x in e):
+            problems.append(f"{doc.where('expect')}: 'expect' must be {KEYS['expect']}")
+        else:
+            for pat in e:
+                if pat.startswith("/") or ".." in PurePosixPath(pat).parts:
+                    problems.append(
+                        f"{doc.where('expect')}: expect pattern '{pat}' must be relative to the dataset "
+                        "folder and stay inside it"
+                    )
+    root = d.get("vip_root")
+    if isinstance(root, str):
+        r = root.rstrip("/")
+        if not (r.startswith("/vip/") and r.count("/") >= 3) or ".." in r.split("/"):
+            problems.append(
+                f"{doc.where('vip_root')}: vip_root '{root}' must be a folder below a VIP root, "
+                "e.g. /vip/Home/vip-agent"
+            )
+
+
+def _check_inputs(doc: _Doc, inputs: Any, keypath: tuple[str, ...], problems: list[str]) -> None:
+    if not isinstance(inputs, dict):
+        problems.append(f"{doc.where(*keypath)}: '{'.'.join(keypath)}' must be {KEYS['inputs']}")
+        return
+    for name, value in inputs.items():
+        if isinstance(value, dict):
+            problems.append(
+                f"{doc.where(*keypath, name)}: input '{name}' has a nested mapping; an input value is "
+                "text or a list of texts"
+            )
+        elif isinstance(value, list):
+            bad = [x for x in value if not isinstance(x, str)]
+            if bad:
+                problems.append(
+                    f"{doc.where(*keypath, name)}: input '{name}' is a list whose items must be single "
+                    "values (no nested lists, mappings or empty items)"
+                )
+            elif not value:
+                problems.append(f"{doc.where(*keypath, name)}: input '{name}' is an empty list")
+
+
+def _near(word: str, choices: Mapping[str, Any] | list[str]) -> str | None:
+    import difflib
+
+    got = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return got[0] if got else None
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge(template: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Overlay a dataset's job file on the drop template.
+
+    Rule: top-level keys replace the template's. ``inputs`` merge input by input,
+    ``variants`` merge variant by variant and, inside a variant, ``inputs`` input
+    by input. Lists are replaced, never concatenated. A ``null`` value removes
+    the key it names (a top-level key, a base input, a whole variant); a
+    ``null`` input inside a variant is kept: that variant runs without the input.
+    """
+    out: dict[str, Any] = {k: v for k, v in template.items()}
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        elif key == "inputs" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _overlay(out[key], value)
+        elif key == "variants" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            merged = dict(out[key])
+            for vname, body in value.items():
+                base = merged.get(vname)
+                if body is None:
+                    merged.pop(vname, None)
+                elif isinstance(body, dict) and isinstance(base, dict):
+                    nb = dict(base)
+                    for k, v in body.items():
+                        if k == "inputs" and isinstance(v, dict) and isinstance(nb.get(k), dict):
+                            # keep nulls: inside a variant, null means "run without this input"
+                            nb[k] = {**nb[k], **v}
+                        elif v is None:
+                            nb.pop(k, None)
+                        else:
+                            nb[k] = v
+                    merged[vname] = nb
+                else:
+                    merged[vname] = body
+            out[key] = merged
+        else:
+            out[key] = value
+    return out
+
+
+def _overlay(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _stem(filename: str) -> str:
+    """File name without its extension (both parts of ``.nii.gz``-like ones)."""
+    stem, dot, ext = filename.rpartition(".")
+    if not dot or not stem:
+        return filename
+    if ext.lower() in ("gz", "bz2", "xz", "zst") and "." in stem:
+        stem = stem.rpartition(".")[0]
+    return stem
+
+
+def find_template(dataset: Path) -> Path | None:
+    """The drop folder's job.yaml for ``dataset`` (folder or file), if there is one."""
+    candidate = dataset.parent / JOB_FILE
+    return candidate if candidate.is_file() else None
+
+
+def load_job(dataset: Path, template: Path | None = None) -> JobSpec:
+    """Build the :class:`JobSpec` of ``dataset`` (a folder, or one acquisition file).
+
+    ``template`` is the drop folder's ``job.yaml``. A folder dataset may carry its
+    own ``job.yaml`` that overrides the template key by key; a single-file
+    dataset takes its job from the template alone. Raises ConfigError listing
+    every structural problem found.
+    """
+    dataset = Path(dataset).absolute()
+    if not dataset.exists():
+        raise ConfigError(f"the dataset {dataset} does not exist")
+    single = dataset.is_file()
+    if single and dataset.name == JOB_FILE:
+        raise ConfigError(f"{dataset} is a job file, not a dataset")
+    docs: list[_Doc] = []
+    if template is not None:
+        docs.append(_parse(Path(template).absolute()))
+    own = None if single else dataset / JOB_FILE
+    if own is not None and own.is_file():
+        docs.append(_parse(own))
+    if not docs:
+        if single:
+            raise ConfigError(
+                f"{dataset.name}: a single-file dataset takes its job from the drop folder's "
+                f"{JOB_FILE}, and there is none in {dataset.parent}"
+            )
+        alt = dataset / "job.yml"
+        hint = f" (found {alt.name}: rename it to {JOB_FILE})" if alt.exists() else ""
+        raise ConfigError(
+            f"{dataset.name}: no {JOB_FILE} in the dataset or its drop folder{hint}; "
+            "write one (see 'vip-agent pipelines PIPELINE --job-yaml')"
+        )
+
+    problems: list[str] = []
+    for doc in docs:
+        _check_doc(doc, problems)
+    if problems:
+        raise ConfigError(_listing(problems) if len(problems) > 1 else problems[0])
+
+    data: dict[str, Any] = {}
+    for doc in docs:
+        data = merge(data, doc.data)
+
+    sources = tuple(doc.path for doc in docs)
+    files = ", ".join(str(p) for p in sources)
+    if not data.get("pipeline"):
+        problems.append(f"'pipeline' is missing (checked {files}); e.g. pipeline: LCModel/0.2")
+    if data.get("inputs") is None and not data.get("variants"):
+        problems.append(f"'inputs' is missing (checked {files}); list the pipeline's input values")
+    if problems:
+        raise ConfigError(_listing(problems) if len(problems) > 1 else problems[0])
+
+    root = dataset.parent if single else dataset
+    name = data.get("name") or (_stem(dataset.name) if single else dataset.name)
+    variants: dict[str, dict[str, InputValue]] = {}
+    for vname, body in (data.get("variants") or {}).items():
+        variants[vname] = dict((body or {}).get("inputs") or {})
+    out_raw = data.get("output_dir")
+    output_dir = None
+    if out_raw:
+        # relative to the drop folder, whichever file set it (dataset folders come and go)
+        drop = root if single else root.parent
+        output_dir = (drop / Path(out_raw).expanduser()).resolve()
+    expect = data.get("expect") or ()
+    if isinstance(expect, str):
+        expect = (expect,)
+    return JobSpec(
+        pipeline=data["pipeline"],
+        name=name,
+        inputs=dict(data.get("inputs") or {}),
+        root=root,
+        runs=data.get("runs") or 1,
+        variants=variants,
+        output_dir=output_dir,
+        extract=data.get("extract", True),
+        cleanup=data.get("cleanup", True),
+        expect=tuple(expect),
+        vip_root=(data.get("vip_root") or DEFAULT_VIP_ROOT).rstrip("/"),
+        single_file=dataset.name if single else None,
+        sources=sources,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # resolve_inputs lives in agent.validate (it needs the pipeline's types);
+    # re-exported here lazily to avoid an import cycle.
+    if name in ("resolve_inputs", "ResolvedJob", "ResolvedVariant", "LocalFile"):
+        from agent import validate
+
+        return getattr(validate, name)
+    raise AttributeError(name)

@@ -1,0 +1,510 @@
+"""The durable journal: one SQLite file (WAL) that says where every dataset stands.
+
+Every state change is committed here *before* the action it announces, so a
+crash at any instant resumes at the right step. Several threads of one process
+(one connection each) and other processes (``vip-agent status``) may use the
+same file at once. No API key is ever written here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+JOURNAL_NAME = "journal.sqlite3"
+
+#: internal stages, in order
+STAGES = (
+    "waiting",
+    "validate",
+    "upload",
+    "launch",
+    "monitor",
+    "mirror",
+    "extract",
+    "cleanup",
+    "done",
+    "failed",
+    "cancelled",
+)
+FINAL_STAGES = frozenset({"done", "failed", "cancelled"})
+
+#: internal stage -> public state shown by ``vip-agent status``
+PUBLIC_STATE = {
+    "waiting": "waiting",
+    "validate": "validating",
+    "upload": "uploading",
+    "launch": "queued",
+    "monitor": "running",
+    "mirror": "downloading",
+    "extract": "downloading",
+    "cleanup": "cleaning",
+    "done": "done",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,
+    drop_dir TEXT,
+    fingerprint TEXT,
+    stage TEXT NOT NULL,
+    paused TEXT,
+    error TEXT,
+    error_detail TEXT,
+    server TEXT NOT NULL,
+    output_root TEXT NOT NULL,
+    template TEXT,
+    options TEXT NOT NULL DEFAULT '{}',
+    job TEXT,
+    session TEXT,
+    remote_root TEXT,
+    output_dir TEXT,
+    progress TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS datasets_path ON datasets(path, fingerprint);
+CREATE TABLE IF NOT EXISTS files (
+    dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+    rel TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT,
+    remote TEXT,
+    uploaded INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (dataset_id, rel)
+);
+CREATE TABLE IF NOT EXISTS executions (
+    dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+    key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    variant TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    inputs TEXT NOT NULL,
+    vip_id TEXT,
+    status TEXT,
+    jobs TEXT,
+    launched REAL,
+    ended REAL,
+    results_dir TEXT,
+    logs_saved INTEGER NOT NULL DEFAULT 0,
+    cleaned INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (dataset_id, key)
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    dataset_id INTEGER NOT NULL REFERENCES datasets(id),
+    remote TEXT NOT NULL,
+    exec_key TEXT NOT NULL,
+    size INTEGER,
+    local TEXT NOT NULL,
+    downloaded INTEGER NOT NULL DEFAULT 0,
+    extracted INTEGER NOT NULL DEFAULT 0,
+    extracted_to TEXT,
+    PRIMARY KEY (dataset_id, remote)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    dataset_id INTEGER,
+    time REAL NOT NULL,
+    level TEXT NOT NULL,
+    stage TEXT,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_dataset ON events(dataset_id, id);
+"""
+
+_JSON_COLUMNS = frozenset({"options", "job", "progress", "inputs", "jobs"})
+
+
+def _encode(column: str, value: Any) -> Any:
+    if column in _JSON_COLUMNS and value is not None and not isinstance(value, str):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _decode(column: str, value: Any) -> Any:
+    if column in _JSON_COLUMNS and isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
+@dataclass
+class Dataset:
+    """A row of ``datasets``, JSON columns decoded."""
+
+    id: int
+    name: str
+    path: str
+    drop_dir: str | None
+    fingerprint: str | None
+    stage: str
+    paused: str | None
+    error: str | None
+    error_detail: str | None
+    server: str
+    output_root: str
+    template: str | None
+    options: dict[str, Any]
+    job: dict[str, Any] | None
+    session: str | None
+    remote_root: str | None
+    output_dir: str | None
+    progress: dict[str, Any] | None
+    attempts: int
+    cancel_requested: int
+    created: float
+    updated: float
+    finished: float | None
+
+    @property
+    def state(self) -> str:
+        """The public state (``vip-agent status``)."""
+        if self.paused and self.stage not in FINAL_STAGES:
+            return "paused"
+        return PUBLIC_STATE[self.stage]
+
+    @property
+    def final(self) -> bool:
+        return self.stage in FINAL_STAGES
+
+
+@dataclass
+class Execution:
+    dataset_id: int
+    key: str
+    name: str
+    variant: str
+    run: int
+    inputs: dict[str, Any]
+    vip_id: str | None
+    status: str | None
+    jobs: dict[str, Any] | None
+    launched: float | None
+    ended: float | None
+    results_dir: str | None
+    logs_saved: int
+    cleaned: int
+
+
+@dataclass
+class FileRow:
+    dataset_id: int
+    rel: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    remote: str | None
+    uploaded: int
+
+
+@dataclass
+class Output:
+    dataset_id: int
+    remote: str
+    exec_key: str
+    size: int | None
+    local: str
+    downloaded: int
+    extracted: int
+    extracted_to: str | None
+
+
+@dataclass
+class Event:
+    id: int
+    dataset_id: int | None
+    time: float
+    level: str
+    stage: str | None
+    message: str
+
+
+@dataclass
+class Journal:
+    """The journal file. Thread-safe: each thread gets its own connection."""
+
+    path: Path
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._write() as db:
+            db.executescript(_SCHEMA)
+
+    @classmethod
+    def in_state_dir(cls, state_dir: Path | str) -> Journal:
+        return cls(Path(state_dir) / JOURNAL_NAME)
+
+    # -- connections -----------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed step survives power loss, not only a crash
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- datasets --------------------------------------------------------------
+    def add_dataset(
+        self,
+        *,
+        name: str,
+        path: str | Path,
+        server: str,
+        output_root: str | Path,
+        fingerprint: str | None = None,
+        drop_dir: str | Path | None = None,
+        template: str | Path | None = None,
+        options: dict[str, Any] | None = None,
+        stage: str = "validate",
+        error: str | None = None,
+        error_detail: str | None = None,
+    ) -> int:
+        """Record a new dataset; returns its id."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute(
+                "INSERT INTO datasets (name, path, drop_dir, fingerprint, stage, error,"
+                " error_detail, server, output_root, template, options, created, updated,"
+                " finished) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    str(path),
+                    str(drop_dir) if drop_dir is not None else None,
+                    fingerprint,
+                    stage,
+                    error,
+                    error_detail,
+                    server,
+                    str(output_root),
+                    str(template) if template is not None else None,
+                    json.dumps(options or {}, sort_keys=True),
+                    now,
+                    now,
+                    now if stage in FINAL_STAGES else None,
+                ),
+            )
+            dataset_id = int(cur.lastrowid or 0)
+            db.execute(
+                "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
+                (dataset_id, now, "info", stage, f"dataset {name} recorded"),
+            )
+        return dataset_id
+
+    def get(self, dataset_id: int) -> Dataset:
+        row = self._db().execute("SELECT * FROM datasets WHERE id=?", (dataset_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no dataset with id {dataset_id}")
+        return self._dataset(row)
+
+    def datasets(self, *, where: str = "", params: Iterable[Any] = ()) -> list[Dataset]:
+        """All datasets (optionally filtered by an SQL ``where`` clause), oldest first."""
+        sql = "SELECT * FROM datasets" + (f" WHERE {where}" if where else "") + " ORDER BY id"
+        return [self._dataset(r) for r in self._db().execute(sql, tuple(params))]
+
+    def find(
+        self, *, path: str | Path | None = None, fingerprint: str | None = None, name: str | None = None
+    ) -> list[Dataset]:
+        """Datasets matching every given field, oldest first."""
+        clauses, params = [], []
+        for column, value in (("path", path), ("fingerprint", fingerprint), ("name", name)):
+            if value is not None:
+                clauses.append(f"{column}=?")
+                params.append(str(value))
+        return self.datasets(where=" AND ".join(clauses), params=params)
+
+    def update(self, dataset_id: int, **fields: Any) -> None:
+        """Set columns of a dataset (JSON columns take dicts)."""
+        if not fields:
+            return
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self._write() as db:
+            db.execute(
+                f"UPDATE datasets SET {cols} WHERE id=?",
+                (*(_encode(k, v) for k, v in fields.items()), dataset_id),
+            )
+
+    def set_stage(
+        self,
+        dataset_id: int,
+        stage: str,
+        *,
+        message: str | None = None,
+        error: str | None = None,
+        detail: str | None = None,
+        level: str | None = None,
+    ) -> None:
+        """Move a dataset to ``stage`` and record why, in one transaction."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                "UPDATE datasets SET stage=?, error=?, error_detail=?, updated=?,"
+                " finished=CASE WHEN ? THEN ? ELSE NULL END WHERE id=?",
+                (stage, error, detail, now, stage in FINAL_STAGES, now, dataset_id),
+            )
+            text = message or (error if error else f"stage {stage}")
+            db.execute(
+                "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
+                (dataset_id, now, level or ("error" if error else "info"), stage, text),
+            )
+
+    # -- events ----------------------------------------------------------------
+    def event(self, dataset_id: int | None, message: str, *, level: str = "info") -> None:
+        with self._write() as db:
+            stage = None
+            if dataset_id is not None:
+                row = db.execute("SELECT stage FROM datasets WHERE id=?", (dataset_id,)).fetchone()
+                stage = row["stage"] if row else None
+            db.execute(
+                "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
+                (dataset_id, time.time(), level, stage, message),
+            )
+
+    def events(self, dataset_id: int | None = None, *, limit: int = 1000) -> list[Event]:
+        if dataset_id is None:
+            rows = self._db().execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._db().execute(
+                "SELECT * FROM events WHERE dataset_id=? ORDER BY id DESC LIMIT ?",
+                (dataset_id, limit),
+            )
+        return [Event(**dict(r)) for r in reversed(list(rows))]
+
+    # -- files -----------------------------------------------------------------
+    def set_files(self, dataset_id: int, entries: Iterable[tuple[str, int, int, str]]) -> None:
+        """Record the dataset's files as (rel, size, mtime_ns, remote), replacing any list."""
+        with self._write() as db:
+            db.execute("DELETE FROM files WHERE dataset_id=?", (dataset_id,))
+            db.executemany(
+                "INSERT INTO files (dataset_id, rel, size, mtime_ns, remote) VALUES (?,?,?,?,?)",
+                [(dataset_id, rel, size, mtime, remote) for rel, size, mtime, remote in entries],
+            )
+
+    def files(self, dataset_id: int) -> list[FileRow]:
+        rows = self._db().execute(
+            "SELECT * FROM files WHERE dataset_id=? ORDER BY rel", (dataset_id,)
+        )
+        return [FileRow(**dict(r)) for r in rows]
+
+    def mark_uploaded(self, dataset_id: int, rel: str, sha256: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE files SET uploaded=1, sha256=? WHERE dataset_id=? AND rel=?",
+                (sha256, dataset_id, rel),
+            )
+
+    # -- executions ------------------------------------------------------------
+    def add_execution(
+        self, dataset_id: int, *, key: str, name: str, variant: str, run: int, inputs: dict[str, Any]
+    ) -> None:
+        """Plan an execution (idempotent: an existing key is kept as it is)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO executions (dataset_id, key, name, variant, run, inputs)"
+                " VALUES (?,?,?,?,?,?)",
+                (dataset_id, key, name, variant, run, json.dumps(inputs, sort_keys=True)),
+            )
+
+    def executions(self, dataset_id: int) -> list[Execution]:
+        rows = self._db().execute(
+            "SELECT * FROM executions WHERE dataset_id=? ORDER BY variant, run", (dataset_id,)
+        )
+        return [Execution(**{k: _decode(k, r[k]) for k in r.keys()}) for r in rows]
+
+    def update_execution(self, dataset_id: int, key: str, **fields: Any) -> None:
+        if not fields:
+            return
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self._write() as db:
+            db.execute(
+                f"UPDATE executions SET {cols} WHERE dataset_id=? AND key=?",
+                (*(_encode(k, v) for k, v in fields.items()), dataset_id, key),
+            )
+
+    def running_executions(self, server: str | None = None) -> int:
+        """How many executions the journal believes are running (on one server)."""
+        sql = (
+            "SELECT COUNT(*) FROM executions e JOIN datasets d ON d.id = e.dataset_id"
+            " WHERE e.vip_id IS NOT NULL AND e.status IN ('Running', 'Ready', 'Unknown')"
+        )
+        params: tuple[Any, ...] = ()
+        if server is not None:
+            sql += " AND d.server = ?"
+            params = (server,)
+        return int(self._db().execute(sql, params).fetchone()[0])
+
+    # -- outputs ---------------------------------------------------------------
+    def add_output(
+        self, dataset_id: int, *, remote: str, exec_key: str, size: int | None, local: str
+    ) -> None:
+        """Record an output to mirror (idempotent; a known output keeps its progress)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO outputs (dataset_id, remote, exec_key, size, local) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (dataset_id, remote) DO UPDATE SET size=excluded.size",
+                (dataset_id, remote, exec_key, size, local),
+            )
+
+    def outputs(self, dataset_id: int) -> list[Output]:
+        rows = self._db().execute(
+            "SELECT * FROM outputs WHERE dataset_id=? ORDER BY remote", (dataset_id,)
+        )
+        return [Output(**dict(r)) for r in rows]
+
+    def update_output(self, dataset_id: int, remote: str, **fields: Any) -> None:
+        if not fields:
+            return
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self._write() as db:
+            db.execute(
+                f"UPDATE outputs SET {cols} WHERE dataset_id=? AND remote=?",
+                (*fields.values(), dataset_id, remote),
+            )
+
+    # -- helpers ---------------------------------------------------------------
+    @staticmethod
+    def _dataset(row: sqlite3.Row) -> Dataset:
+        values = {k: _decode(k, row[k]) for k in row.keys()}
+        values["options"] = values["options"] or {}
+        return Dataset(**values)

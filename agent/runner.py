@@ -1,0 +1,774 @@
+"""The per-dataset state machine: validate, upload, launch, monitor, mirror, extract, cleanup.
+
+``Runner.step(id)`` performs the current stage of one dataset (or one bounded
+slice of it) and returns the stage it is now in, with how long to wait before
+calling again. Every decision is committed to the journal before the action it
+announces, so a crash at any instant resumes at the right place:
+
+- upload: a file is marked uploaded only after the server confirms its size; a
+  file already on the server with the right size counts as uploaded;
+- launch: the execution name is deterministic and is looked up on the server
+  before any POST, so a crash between the POST and the journal write never
+  launches twice;
+- mirror: downloads go to ``<file>.part`` and are renamed when complete; a local
+  file of the expected size that the journal has not marked yet is adopted;
+- extract: archives are replaced by a folder atomically (see ``agent.extract``);
+- cleanup: deletes are idempotent and polled until gone.
+
+The runner never sleeps on the network: waiting is returned as ``retry_after``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from agent import dataset as dataset_mod
+from agent import failpoints
+from agent.errors import AgentError, ConfigError, ValidationError
+from agent.extract import is_archive, safe_extract
+from agent.journal import FINAL_STAGES, Dataset, Journal
+from agent.session_data import write_session_data
+from agent.vip.client import VipClient
+from agent.vip.errors import (
+    AuthError,
+    CapacityError,
+    LaunchUncertain,
+    NotFoundError,
+    TransientError,
+    VipError,
+)
+
+log = logging.getLogger("vip_agent.runner")
+
+#: which worker pool a stage needs (the scheduler limits each pool)
+STAGE_POOL: dict[str, str] = {
+    "waiting": "local",
+    "validate": "local",
+    "upload": "upload",
+    "launch": "launch",
+    "monitor": "monitor",
+    "mirror": "download",
+    "extract": "local",
+    "cleanup": "local",
+}
+
+DEFAULT_VIP_ROOT = "/vip/Home/API"
+STATUS_FILE = "STATUS.json"
+LOGS_DIR = "logs"
+TERMINAL_STATUSES = frozenset({"Finished", "ExecutionFailed", "Killed", "Lost"})
+#: consecutive ``Unknown`` answers before an execution is given up (VIP blips)
+UNKNOWN_LIMIT = 5
+#: how long a remote delete may take before it is reported
+DELETE_DEADLINE = 600.0
+
+
+class Interrupted(AgentError):
+    """The agent is stopping; the step was abandoned at a resumable point."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """Where a dataset stands after a step, and when to call ``step`` again."""
+
+    stage: str
+    retry_after: float | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.stage in FINAL_STAGES
+
+
+@dataclass
+class _Memo:
+    """Per-dataset, in-memory counters (lost on restart, which is fine)."""
+
+    transient_failures: int = 0
+    unknown_polls: int = 0
+    delete_started: float | None = None
+
+
+ClientFactory = Callable[[str], VipClient]
+
+
+def admit(
+    journal: Journal,
+    path: Path,
+    *,
+    server: str,
+    output_root: Path,
+    fingerprint: str,
+    name: str,
+    drop_dir: Path | None = None,
+    template: Path | None = None,
+    options: dict[str, Any] | None = None,
+) -> int:
+    """Record a ready dataset at stage ``validate``; returns its id."""
+    return journal.add_dataset(
+        name=name,
+        path=str(Path(path).resolve()),
+        server=server,
+        output_root=str(Path(output_root).resolve()),
+        fingerprint=fingerprint,
+        drop_dir=str(drop_dir) if drop_dir else None,
+        template=str(template) if template else None,
+        options=options or {},
+        stage="validate",
+    )
+
+
+def safe_token(text: str, limit: int = 40) -> str:
+    """Letters, digits, ``-`` and ``_`` only: valid in VIP paths and execution names."""
+    token = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-_")
+    return token[:limit] or "dataset"
+
+
+class Runner:
+    """Drives datasets through their stages. Thread-safe across datasets."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        client_for: ClientFactory,
+        *,
+        stop_event: threading.Event | None = None,
+        max_running: Callable[[], int | None] | int | None = None,
+        transfer_threads: int = 4,
+        progress: Callable[[int, str, int, int], None] | None = None,
+        poll_min: float = 5.0,
+        poll_max: float = 120.0,
+    ) -> None:
+        self.journal = journal
+        self.client_for = client_for
+        self.stop_event = stop_event or threading.Event()
+        self._max_running = max_running
+        self.transfer_threads = transfer_threads
+        self.progress = progress
+        self.poll_min = poll_min
+        self.poll_max = poll_max
+        self._memos: dict[int, _Memo] = {}
+        self._progress_written: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    # -- public ------------------------------------------------------------------
+    def step(self, dataset_id: int) -> StepOutcome:
+        """Perform the current stage of a dataset (see module docstring)."""
+        ds = self.journal.get(dataset_id)
+        if ds.final:
+            return StepOutcome(ds.stage)
+        memo = self._memo(dataset_id)
+        try:
+            if ds.cancel_requested:
+                outcome = self._cancel(ds)
+            else:
+                handler = getattr(self, f"_stage_{ds.stage}", None)
+                if handler is None:
+                    return StepOutcome(ds.stage, 1.0)  # waiting: the watcher admits it
+                outcome = handler(ds)
+            memo.transient_failures = 0
+            if ds.error and not outcome.final:
+                self.journal.update(dataset_id, error=None, error_detail=None)
+        except (AuthError, Interrupted):
+            raise
+        except (TransientError, CapacityError) as err:
+            memo.transient_failures += 1
+            delay = min(5.0 * 2 ** (memo.transient_failures - 1), 300.0)
+            if isinstance(err, CapacityError):
+                delay = max(delay, 15.0)
+            self.journal.event(
+                dataset_id, f"{err.message}; retrying in {delay:.0f} s", level="warning"
+            )
+            self.journal.update(dataset_id, error=err.message, error_detail=err.detail)
+            outcome = StepOutcome(ds.stage, delay)
+        except OSError as err:
+            outcome = self._local_failure(ds, err)
+        except ValidationError as err:
+            self.journal.set_stage(dataset_id, "failed", error=err.message, detail=err.detail)
+            outcome = StepOutcome("failed")
+        except AgentError as err:
+            self.journal.set_stage(dataset_id, "failed", error=err.message, detail=err.detail)
+            outcome = StepOutcome("failed")
+        self._write_status(dataset_id)
+        if outcome.stage != ds.stage:
+            failpoints.hit(f"stage:{outcome.stage}")
+        if outcome.final:
+            self._memos.pop(dataset_id, None)
+        return outcome
+
+    def run(self, dataset_id: int, *, sleep: Callable[[float], bool] | None = None) -> StepOutcome:
+        """Step a dataset to a final stage (for ``vip-agent run``)."""
+        wait = sleep or (lambda s: self.stop_event.wait(s))
+        while True:
+            outcome = self.step(dataset_id)
+            if outcome.final:
+                return outcome
+            if outcome.retry_after:
+                if wait(outcome.retry_after):
+                    raise Interrupted("stopped while waiting")
+            elif self.stop_event.is_set():
+                raise Interrupted("stopped")
+
+    # -- stages ------------------------------------------------------------------
+    def _stage_validate(self, ds: Dataset) -> StepOutcome:
+        from agent.jobfile import load_job, resolve_inputs
+        from agent.validate import execution_name, validate
+
+        path = Path(ds.path)
+        template = Path(ds.template) if ds.template else None
+        job = load_job(path, template)
+        client = self.client_for(ds.server)
+        try:
+            pipeline = client.pipeline(job.pipeline)
+        except NotFoundError as err:
+            raise ValidationError(
+                [f"pipeline {job.pipeline!r} does not exist on {ds.server} or you may not use it"
+                 " (check the name with `vip-agent pipelines`)"],
+                detail=err.detail,
+            ) from err
+        report = validate(job, path, pipeline)
+        for warning in report.warnings:
+            self.journal.event(ds.id, warning, level="warning")
+        report.raise_if_errors()
+
+        name = job.name or ds.name
+        session = f"{safe_token(name)}-{(ds.fingerprint or '0' * 8)[:8]}"
+        vip_root = str(ds.options.get("vip_root") or getattr(job, "vip_root", None) or DEFAULT_VIP_ROOT)
+        remote_root = f"{vip_root.rstrip('/')}/{session}"
+        remote_inputs = f"{remote_root}/INPUTS"
+        resolved = resolve_inputs(job, path)
+        output_dir = ds.output_dir or str(self._choose_output_dir(ds, job, name))
+
+        scan = dataset_mod.scan(resolved.root, only=[f for f in resolved.files])
+        by_rel = {f.rel: f for f in scan.files}
+        entries = []
+        for rel in resolved.files:
+            f = by_rel.get(rel)
+            if f is None:
+                raise ValidationError([f"input file {rel} disappeared from the dataset"])
+            entries.append((rel, f.size, f.mtime_ns, resolved.remote_path(remote_inputs, rel)))
+        # written before any byte is sent: the plan is fixed from here on
+        self.journal.set_files(ds.id, entries)
+        for variant, inputs in resolved.variants.items():
+            remote_inputs_values = resolved.remote_inputs(variant, remote_inputs)
+            for run in range(1, job.runs + 1):
+                key = f"{variant}-r{run}"
+                exec_name = execution_name(name, variant, run, ds.fingerprint or "")
+                self.journal.add_execution(
+                    ds.id, key=key, name=exec_name, variant=variant, run=run,
+                    inputs=remote_inputs_values,
+                )
+        self.journal.update(
+            ds.id,
+            name=name,
+            job=job.to_dict(),
+            session=session,
+            remote_root=remote_root,
+            output_dir=output_dir,
+        )
+        self.journal.set_stage(
+            ds.id, "upload",
+            message=f"valid: {len(entries)} file(s) to upload, "
+                    f"{len(resolved.variants) * job.runs} execution(s) of {job.pipeline}",
+        )
+        return StepOutcome("upload")
+
+    def _stage_upload(self, ds: Dataset) -> StepOutcome:
+        client = self.client_for(ds.server)
+        assert ds.remote_root
+        todo = [f for f in self.journal.files(ds.id) if not f.uploaded]
+        root = self._dataset_root(ds)
+        # refuse a dataset that changed since it was taken: never mix two versions
+        for f in todo:
+            local = root / f.rel
+            try:
+                st = local.stat()
+            except FileNotFoundError:
+                raise AgentError(
+                    f"input file {f.rel} was removed after the dataset was taken; drop the "
+                    "dataset again (complete) and it will run as a new dataset"
+                ) from None
+            if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+                raise AgentError(
+                    f"input file {f.rel} changed after the dataset was taken (size {f.size} -> "
+                    f"{st.st_size}); nothing was launched. Drop the dataset again when it is "
+                    "complete and it will run as a new dataset"
+                )
+        if todo:
+            folders = sorted({str(PurePosixPath(f.remote or "").parent) for f in todo})
+            for folder in folders:
+                client.makedirs(folder)
+            total = sum(f.size for f in todo)
+            done_bytes = [0]
+            lock = threading.Lock()
+
+            def progress(n: int) -> None:
+                if self.stop_event.is_set():
+                    raise Interrupted("stopping: upload abandoned, it resumes on next start")
+                with lock:
+                    done_bytes[0] += n
+                self._progress(ds.id, "upload", done_bytes[0], total)
+                failpoints.hit("upload:partial")
+
+            def upload(f: Any) -> None:
+                local = root / f.rel
+                digest = _sha256(local, self.stop_event)
+                client.upload(local, f.remote, progress=progress)
+                self.journal.mark_uploaded(ds.id, f.rel, digest)
+
+            self.journal.event(ds.id, f"uploading {len(todo)} file(s), {_human(total)}")
+            self._parallel(upload, todo)
+        self.journal.set_stage(ds.id, "launch", message="inputs uploaded and verified")
+        return StepOutcome("launch")
+
+    def _stage_launch(self, ds: Dataset) -> StepOutcome:
+        """Launch the first execution; the others launch from ``monitor`` as slots free up."""
+        pending = [e for e in self.journal.executions(ds.id) if not e.vip_id]
+        if pending:
+            self._launch(ds, pending[0])
+        self.journal.set_stage(ds.id, "monitor", message="execution launched")
+        return StepOutcome("monitor", self.poll_min)
+
+    def _stage_monitor(self, ds: Dataset) -> StepOutcome:
+        client = self.client_for(ds.server)
+        memo = self._memo(ds.id)
+        executions = self.journal.executions(ds.id)
+        for e in executions:
+            if not e.vip_id or e.status in TERMINAL_STATUSES:
+                continue
+            try:
+                info = client.execution(e.vip_id)
+            except NotFoundError as err:
+                self.journal.update_execution(ds.id, e.key, status="Lost", ended=time.time())
+                self.journal.event(
+                    ds.id, f"execution {e.vip_id} vanished from the server ({err.message})",
+                    level="error",
+                )
+                continue
+            status = str(info.get("status"))
+            if status == "Unknown":
+                memo.unknown_polls += 1
+                if memo.unknown_polls < UNKNOWN_LIMIT:
+                    continue
+                status = "Lost"
+            else:
+                memo.unknown_polls = 0
+            fields: dict[str, Any] = {"status": status, "jobs": info.get("jobs") or {}}
+            if status in TERMINAL_STATUSES:
+                fields["ended"] = time.time()
+            if status != e.status:
+                self.journal.event(ds.id, f"execution {e.vip_id} ({e.key}): {status}")
+            self.journal.update_execution(ds.id, e.key, **fields)
+
+        executions = self.journal.executions(ds.id)
+        pending = [e for e in executions if not e.vip_id]
+        if pending and self._slot_free(ds.server):
+            try:
+                self._launch(ds, pending[0])
+            except CapacityError:
+                pass  # VIP's per-user cap: try again at the next poll
+            executions = self.journal.executions(ds.id)
+        if all(e.vip_id and e.status in TERMINAL_STATUSES for e in executions):
+            self.journal.set_stage(ds.id, "mirror", message="all executions ended")
+            return StepOutcome("mirror")
+        launched = [e.launched for e in executions if e.launched]
+        elapsed = time.time() - min(launched) if launched else 0.0
+        # poll quickly at first, then back off while long jobs run
+        return StepOutcome("monitor", min(max(self.poll_min, elapsed / 10), self.poll_max))
+
+    def _stage_mirror(self, ds: Dataset) -> StepOutcome:
+        client = self.client_for(ds.server)
+        assert ds.output_dir and ds.remote_root
+        out_dir = Path(ds.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outputs_root = PurePosixPath(ds.remote_root) / "OUTPUTS"
+        limit = _max_download(client)
+        for e in self.journal.executions(ds.id):
+            if not e.vip_id or e.status == "Lost":
+                continue
+            for info in client.results(e.vip_id):
+                if not info.exists or info.is_dir:
+                    continue
+                remote = PurePosixPath(info.path)
+                try:
+                    rel = remote.relative_to(outputs_root)
+                except ValueError:
+                    rel = PurePosixPath(e.key) / remote.name  # outside the session: keep apart
+                local = _inside(out_dir, rel)
+                self.journal.add_output(
+                    ds.id, remote=str(remote), exec_key=e.key, size=info.size, local=str(local)
+                )
+                if e.results_dir is None:
+                    self.journal.update_execution(ds.id, e.key, results_dir=str(remote.parent))
+            if not e.logs_saved:
+                self._save_logs(ds, client, e.vip_id, e.key, e.jobs or {})
+                self.journal.update_execution(ds.id, e.key, logs_saved=1)
+
+        todo = [o for o in self.journal.outputs(ds.id) if not o.downloaded]
+        too_big = [o for o in todo if limit and o.size and o.size > limit]
+        todo = [o for o in todo if o not in too_big]
+        total = sum(o.size or 0 for o in todo)
+        done_bytes = [0]
+        lock = threading.Lock()
+
+        def progress(n: int) -> None:
+            if self.stop_event.is_set():
+                raise Interrupted("stopping: download abandoned, it resumes on next start")
+            with lock:
+                done_bytes[0] += n
+            self._progress(ds.id, "download", done_bytes[0], total)
+            failpoints.hit("download:partial")
+
+        def download(o: Any) -> None:
+            local = Path(o.local)
+            if local.exists() and not local.is_dir():
+                if o.size is not None and local.stat().st_size == o.size:
+                    self.journal.update_output(ds.id, o.remote, downloaded=1)
+                    return  # finished before a crash, not yet recorded
+                raise AgentError(
+                    f"{local} already exists and differs from the output {o.remote}; "
+                    "vip-agent never overwrites local files. Move it away and retry"
+                )
+            local.parent.mkdir(parents=True, exist_ok=True)
+            client.download(o.remote, local, expected_size=o.size, progress=progress)
+            self.journal.update_output(ds.id, o.remote, downloaded=1)
+
+        if todo:
+            self.journal.event(ds.id, f"downloading {len(todo)} output file(s), {_human(total)}")
+            self._parallel(download, todo)
+        for o in too_big:
+            self.journal.event(
+                ds.id,
+                f"output {o.remote} is {_human(o.size or 0)}, above the server's direct download "
+                f"limit of {_human(limit or 0)}: it stays on the server; download it from the VIP "
+                "portal",
+                level="error",
+            )
+        write_session_data(self.journal, ds.id)
+        job = ds.job or {}
+        nxt = "extract" if job.get("extract", True) else "cleanup"
+        self.journal.set_stage(ds.id, nxt, message="outputs mirrored")
+        return StepOutcome(nxt)
+
+    def _stage_extract(self, ds: Dataset) -> StepOutcome:
+        for o in self.journal.outputs(ds.id):
+            if not o.downloaded or o.extracted:
+                continue
+            local = Path(o.local)
+            if not is_archive(local) and not local.is_dir():
+                continue
+            if self.stop_event.is_set():
+                raise Interrupted("stopping before extraction")
+            try:
+                folder = safe_extract(local)
+            except AgentError as err:
+                self.journal.update_output(ds.id, o.remote, extracted=-1)
+                self.journal.event(ds.id, f"{local.name}: {err.message}", level="error")
+                continue
+            self.journal.update_output(ds.id, o.remote, extracted=1, extracted_to=str(folder))
+        self.journal.set_stage(ds.id, "cleanup", message="result archives extracted")
+        return StepOutcome("cleanup")
+
+    def _stage_cleanup(self, ds: Dataset) -> StepOutcome:
+        client = self.client_for(ds.server)
+        memo = self._memo(ds.id)
+        job = ds.job or {}
+        outputs = self.journal.outputs(ds.id)
+        unmirrored = [o for o in outputs if not o.downloaded]
+        keep = bool(ds.options.get("keep_remote")) or not job.get("cleanup", True)
+        if not keep and ds.remote_root:
+            for e in self.journal.executions(ds.id):
+                if not e.vip_id or e.cleaned:
+                    continue
+                if e.status in ("Finished", "Killed") and not unmirrored:
+                    try:
+                        client.delete_execution(e.vip_id, delete_files=True)
+                    except NotFoundError:
+                        pass  # already deleted (a crash after the call)
+                    except VipError as err:
+                        self.journal.event(
+                            ds.id, f"could not delete execution {e.vip_id}: {err.message}",
+                            level="warning",
+                        )
+                self.journal.update_execution(ds.id, e.key, cleaned=1)
+            # outputs we could not mirror stay on the server: delete only the inputs then
+            target = f"{ds.remote_root}/INPUTS" if unmirrored else ds.remote_root
+            if memo.delete_started is None:
+                memo.delete_started = time.time()
+            if client.exists(target):
+                if time.time() - memo.delete_started > DELETE_DEADLINE:
+                    raise AgentError(
+                        f"the server has not deleted {target} after {DELETE_DEADLINE:.0f} s",
+                        detail="VIP deletes asynchronously and may drop failed deletes",
+                    )
+                try:
+                    client.delete(target)
+                except NotFoundError:
+                    pass  # deleted meanwhile
+                return StepOutcome("cleanup", 2.0)
+        return self._finish(ds, kept_remote=keep)
+
+    # -- helpers -----------------------------------------------------------------
+    def _finish(self, ds: Dataset, *, kept_remote: bool) -> StepOutcome:
+        problems = []
+        for e in self.journal.executions(ds.id):
+            if e.status != "Finished":
+                problems.append(
+                    f"execution {e.name} ({e.vip_id}) ended {e.status}; its logs are in "
+                    f"{Path(ds.output_dir or '.') / LOGS_DIR / e.key}"
+                )
+            else:
+                failed_jobs = [
+                    j for j, info in (e.jobs or {}).items()
+                    if isinstance(info, dict) and str(info.get("status")) not in ("COMPLETED",)
+                ]
+                if failed_jobs:
+                    self.journal.event(
+                        ds.id,
+                        f"execution {e.vip_id} finished but job(s) {', '.join(failed_jobs)} "
+                        "did not complete",
+                        level="warning",
+                    )
+        for o in self.journal.outputs(ds.id):
+            if not o.downloaded:
+                problems.append(
+                    f"output {o.remote} could not be downloaded (too large for direct "
+                    "download); it was left on the server"
+                )
+            elif o.extracted == -1:
+                problems.append(f"archive {o.local} was not extracted (unsafe or corrupt); kept as is")
+        write_session_data(self.journal, ds.id)
+        if problems:
+            self.journal.set_stage(ds.id, "failed", error="; ".join(problems))
+            return StepOutcome("failed")
+        note = " (remote data kept)" if kept_remote else " and the server is clean"
+        self.journal.set_stage(ds.id, "done", message=f"outputs in {ds.output_dir}{note}")
+        return StepOutcome("done")
+
+    def _launch(self, ds: Dataset, e: Any) -> None:
+        """Launch one planned execution, exactly once (idempotent across crashes)."""
+        client = self.client_for(ds.server)
+        job = ds.job or {}
+        existing = client.find_execution(e.name)
+        if existing is None:
+            self.journal.event(ds.id, f"launching {e.name}")
+            try:
+                info = client.create_execution(
+                    e.name, str(job.get("pipeline")), e.inputs,
+                    results_location=f"{ds.remote_root}/OUTPUTS",
+                )
+            except LaunchUncertain:
+                existing = client.find_execution(e.name)
+                if existing is None:
+                    raise
+                info = existing
+            failpoints.hit("launch:posted")
+        else:
+            info = existing
+            self.journal.event(ds.id, f"found execution {info.get('identifier')} already launched")
+        self.journal.update_execution(
+            ds.id, e.key, vip_id=str(info["identifier"]), status=str(info.get("status")),
+            launched=time.time(),
+        )
+
+    def _slot_free(self, server: str) -> bool:
+        cap = self._max_running() if callable(self._max_running) else self._max_running
+        if cap is None:
+            return True
+        return self.journal.running_executions(server) < cap
+
+    def _cancel(self, ds: Dataset) -> StepOutcome:
+        client = self.client_for(ds.server)
+        for e in self.journal.executions(ds.id):
+            if e.vip_id and e.status not in TERMINAL_STATUSES:
+                try:
+                    client.kill(e.vip_id)
+                except NotFoundError:
+                    pass
+                self.journal.update_execution(ds.id, e.key, status="Killed", ended=time.time())
+                self.journal.event(ds.id, f"execution {e.vip_id} killed")
+        keep = bool(ds.options.get("keep_remote"))
+        if not keep and ds.remote_root:
+            for e in self.journal.executions(ds.id):
+                if e.vip_id and not e.cleaned:
+                    try:
+                        client.delete_execution(e.vip_id, delete_files=True)
+                    except VipError:
+                        pass  # not deletable (failed) or already gone
+                    self.journal.update_execution(ds.id, e.key, cleaned=1)
+            if client.exists(ds.remote_root):
+                try:
+                    client.delete(ds.remote_root)
+                except NotFoundError:
+                    pass
+                return StepOutcome(ds.stage, 2.0)
+        self.journal.set_stage(ds.id, "cancelled", message="cancelled; the server is clean")
+        return StepOutcome("cancelled")
+
+    def _save_logs(
+        self, ds: Dataset, client: VipClient, vip_id: str, key: str, jobs: dict[str, Any]
+    ) -> None:
+        folder = Path(ds.output_dir or ".") / LOGS_DIR / key
+        folder.mkdir(parents=True, exist_ok=True)
+        job_ids = sorted(jobs, key=lambda j: (len(j), j)) or [None]
+        for job in job_ids:
+            for stream in ("stdout", "stderr"):
+                try:
+                    text = getattr(client, stream)(vip_id, job) if job is not None else getattr(
+                        client, stream
+                    )(vip_id)
+                except VipError as err:
+                    text = f"(not available: {err.message})\n"
+                suffix = f"job{job}." if job is not None else ""
+                _write_text(folder / f"{suffix}{stream}.txt", text)
+
+    def _local_failure(self, ds: Dataset, err: OSError) -> StepOutcome:
+        import errno
+
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            message = (
+                f"the disk is full ({err.filename or ds.output_dir}); the dataset waits and "
+                "resumes when space is freed"
+            )
+            self.journal.update(ds.id, error=message, error_detail=str(err))
+            self.journal.event(ds.id, message, level="error")
+            return StepOutcome(ds.stage, 60.0)
+        message = f"local file problem: {err.strerror or err} ({err.filename or ''})"
+        self.journal.set_stage(ds.id, "failed", error=message, detail=repr(err))
+        return StepOutcome("failed")
+
+    def _choose_output_dir(self, ds: Dataset, job: Any, name: str) -> Path:
+        root = Path(ds.output_root)
+        job_out = getattr(job, "output_dir", None)
+        if job_out and not ds.options.get("output_override"):
+            root = Path(job_out)
+            if not root.is_absolute():
+                root = Path(ds.path).parent / root
+        base = safe_token(name, 80)
+        # chosen once, stored in the journal before use; never a folder that already exists
+        for candidate in (base, f"{base}-{(ds.fingerprint or '')[:8]}", f"{base}-{ds.id}"):
+            if not (root / candidate).exists():
+                return root / candidate
+        return root / f"{base}-{ds.id}-{int(time.time())}"
+
+    def _dataset_root(self, ds: Dataset) -> Path:
+        path = Path(ds.path)
+        return path.parent if path.is_file() else path
+
+    def _parallel(self, fn: Callable[[Any], None], items: list[Any]) -> None:
+        if len(items) <= 1 or self.transfer_threads <= 1:
+            for item in items:
+                fn(item)
+            return
+        with ThreadPoolExecutor(max_workers=self.transfer_threads) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            errors = []
+            for future in futures:
+                try:
+                    future.result()
+                except BaseException as err:  # noqa: B036 - re-raised below
+                    errors.append(err)
+            if errors:
+                raise errors[0]
+
+    def _progress(self, dataset_id: int, kind: str, done: int, total: int) -> None:
+        """Report transfer progress: to the caller, and to the journal once a second."""
+        if self.progress:
+            self.progress(dataset_id, kind, done, total)
+        now = time.monotonic()
+        with self._lock:
+            last = self._progress_written.get(dataset_id, 0.0)
+            due = now - last >= 1.0 or done >= total
+            if due:
+                self._progress_written[dataset_id] = now
+        if due:
+            self.journal.update(
+                dataset_id, progress={"kind": kind, "done": done, "total": total}
+            )
+
+    def _memo(self, dataset_id: int) -> _Memo:
+        with self._lock:
+            return self._memos.setdefault(dataset_id, _Memo())
+
+    def _write_status(self, dataset_id: int) -> None:
+        """Write STATUS.json beside the dataset's outputs (best effort)."""
+        ds = self.journal.get(dataset_id)
+        if not ds.output_dir:
+            return
+        folder = Path(ds.output_dir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_text(folder / STATUS_FILE, json.dumps(status_record(self.journal, ds), indent=2))
+        except OSError:
+            log.warning("could not write %s", folder / STATUS_FILE)
+
+
+def status_record(journal: Journal, ds: Dataset) -> dict[str, Any]:
+    """What ``STATUS.json`` and ``vip-agent status --json`` say of a dataset."""
+    execs = journal.executions(ds.id)
+    return {
+        "name": ds.name,
+        "state": ds.state,
+        "stage": ds.stage,
+        "path": ds.path,
+        "fingerprint": ds.fingerprint,
+        "output_dir": ds.output_dir,
+        "progress": ds.progress,
+        "executions": [e.vip_id for e in execs if e.vip_id],
+        "execution_status": {e.vip_id: e.status for e in execs if e.vip_id},
+        "error": ds.error,
+        "paused": ds.paused,
+        "created": ds.created,
+        "updated": ds.updated,
+        "finished": ds.finished,
+    }
+
+
+def _inside(root: Path, rel: PurePosixPath) -> Path:
+    """``root / rel``, refusing anything that would land outside ``root``."""
+    parts = [p for p in rel.parts if p not in ("", ".")]
+    if not parts or any(p == ".." or "/" in p or "\\" in p or p.startswith("/") for p in parts):
+        raise AgentError(f"refusing output path {rel!s}: it would leave the output folder")
+    return root.joinpath(*parts)
+
+
+def _max_download(client: VipClient) -> int | None:
+    try:
+        value = client.platform().get("maxSizeDirectTransfer")
+    except VipError:
+        return None
+    return int(value) if value else None
+
+
+def _sha256(path: Path, stop: threading.Event) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            if stop.is_set():
+                raise Interrupted("stopping during hashing")
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"

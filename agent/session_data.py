@@ -1,0 +1,64 @@
+"""``session_data.json``: the backup file of the official ``vip-client``'s VipSession.
+
+Written in the dataset's output folder so that ``VipSession(output_dir=...)``
+loads an agent-run session: it shows its executions and can download or finish
+it. The keys are VipSession's ``_PROPERTIES``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.journal import Journal
+
+SAVE_FILE = "session_data.json"
+
+
+def session_record(journal: Journal, dataset_id: int) -> dict[str, Any]:
+    ds = journal.get(dataset_id)
+    job = ds.job or {}
+    executions = journal.executions(dataset_id)
+    outputs = journal.outputs(dataset_id)
+    workflows: dict[str, Any] = {}
+    for e in executions:
+        if not e.vip_id:
+            continue
+        workflows[e.vip_id] = {
+            "status": e.status or "Running",
+            "start": time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(e.launched or ds.created)),
+            "outputs": [
+                {"path": o.remote, "isDirectory": False, "size": o.size, "exists": True}
+                for o in outputs
+                if o.exec_key == e.key
+            ],
+        }
+    first = executions[0].inputs if executions else {}
+    path = Path(ds.path)
+    return {
+        "session_name": ds.session,
+        "pipeline_id": job.get("pipeline"),
+        "local_input_dir": str(path.parent if path.is_file() else path),
+        "local_output_dir": ds.output_dir,
+        "vip_input_dir": f"{ds.remote_root}/INPUTS" if ds.remote_root else None,
+        "vip_output_dir": f"{ds.remote_root}/OUTPUTS" if ds.remote_root else None,
+        "input_settings": first,
+        "workflows": workflows,
+    }
+
+
+def write_session_data(journal: Journal, dataset_id: int) -> Path | None:
+    """Write (atomically) the dataset's ``session_data.json``; returns its path."""
+    record = session_record(journal, dataset_id)
+    if not record["local_output_dir"] or not record["session_name"]:
+        return None
+    folder = Path(record["local_output_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / SAVE_FILE
+    tmp = folder / f".{SAVE_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=4), encoding="utf-8")
+    os.replace(tmp, target)
+    return target

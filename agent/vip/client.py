@@ -1,0 +1,941 @@
+"""HTTP client for VIP's REST API (CARMIN dialect as VIP implements it).
+
+See /work/shared/vip-rest-api.md for the server behaviour this client copes with. The client
+knows HTTP, paths, transfers, pipelines and executions; it knows nothing about datasets.
+
+Thread safety: one :class:`VipClient` may be shared by several worker threads. It holds one
+``requests.Session`` whose connection pool (``pool`` connections per host) is thread-safe in
+urllib3; the client never mutates the session after construction and VIP sets no cookies, so
+concurrent calls do not interfere. The only shared state (the cached transfer limit) is locked.
+
+Security: the API key is attached by a ``requests`` auth hook as the ``apikey`` header. It is
+never put in a URL, a log line, an exception, or ``repr``. Redirects are not followed, since
+``requests`` would copy the custom header to the redirect target.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, NoReturn
+from urllib.parse import quote
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
+
+from agent.vip.errors import (
+    AccessDeniedError,
+    ApiError,
+    AuthError,
+    CapacityError,
+    DeleteTimeout,
+    EmptyFileError,
+    InvalidNameError,
+    LaunchUncertain,
+    NotFoundError,
+    SizeMismatch,
+    TooLargeError,
+    TransferTimeout,
+    TransientError,
+    VipError,
+)
+from agent.vip.models import PathInfo, start_seconds
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VipClient", "Progress", "encode_path", "encode_pipeline_id"]
+
+#: progress callback: bytes transferred so far for the current attempt of one file
+Progress = Callable[[int], None]
+
+_CHUNK = 1 << 20  # download write size and upload read cap
+_SEND_BLOCK = 256 << 10  # socket send block (urllib3 default is 16 KiB)
+_ERROR_BODY_MAX = 64 << 10  # never read more than this of an error body
+_AUTH_CODES = frozenset({8002, 8003, 8004})
+_CAPACITY_CODES = frozenset({2000, 2001})
+_NOT_FOUND_CODES = frozenset({8007, 8015})
+_ACCESS_CODE = 8013
+_DELETED_CODE = 8015
+_BACKOFF_CAP = 60.0
+#: names VIP stores unchanged: printable ASCII without spaces (VIP turns spaces into "_"
+#: and drops non-ASCII, without telling the client the new name)
+_SAFE_NAME = re.compile(r"[\x21-\x7e]+")
+
+
+def encode_path(path: str) -> str:
+    """Percent-encode a VIP path for ``/rest/path``: each segment encoded, ``/`` kept.
+
+    VIP decodes the raw URI once and does not turn ``+`` into a space, so plain single
+    encoding is right (``%20`` for spaces, ``%25``, ``%23``, ``%3F``).
+    """
+    return quote(path, safe="/")
+
+
+def encode_pipeline_id(identifier: str) -> str:
+    """URL path for a pipeline id: ``name/version`` split at the last ``/``, each segment encoded.
+
+    VIP's controller URL-decodes the id a second time, so ``+`` (which would become a space)
+    and ``%`` are double-encoded (``%252B``, ``%2525``).
+    """
+    if "/" not in identifier:
+        return _encode_pipeline_segment(identifier)
+    name, version = identifier.rsplit("/", 1)
+    return _encode_pipeline_segment(name) + "/" + _encode_pipeline_segment(version)
+
+
+def _encode_pipeline_segment(segment: str) -> str:
+    once = segment.replace("%", "%25").replace("+", "%2B")
+    return quote(once, safe="")
+
+
+def _norm_remote(path: str) -> str:
+    """Check and normalise a remote path: absolute, no dot segments, no trailing slash."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"VIP paths are absolute (start with /vip/): {path!r}")
+    trimmed = path.rstrip("/") or "/"
+    # urllib3 would resolve dot segments in the URL and address another path
+    if any(seg in (".", "..") for seg in trimmed.split("/")):
+        raise ValueError(f"VIP paths cannot contain '.' or '..' segments: {path!r}")
+    return trimmed
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def _check_name(remote: str) -> None:
+    name = remote.rsplit("/", 1)[-1]
+    if not _SAFE_NAME.fullmatch(name):
+        raise InvalidNameError(
+            f"cannot create '{name}' on VIP: VIP renames names with spaces or non-ASCII "
+            "characters without saying so; rename it using ASCII letters, digits, '-', '_' or '.'",
+            detail=f"remote path {remote!r}",
+        )
+
+
+class _ApiKeyAuth(AuthBase):
+    """Adds the ``apikey`` header at send time; its repr never shows the key."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["apikey"] = self._key
+        return request
+
+    def __repr__(self) -> str:
+        return "<apikey hidden>"
+
+
+class _Adapter(HTTPAdapter):
+    """HTTPAdapter sending request bodies in larger blocks (fewer syscalls on big uploads)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("blocksize", _SEND_BLOCK)
+        super().init_poolmanager(*args, **kwargs)
+
+
+class _NotSent(TransientError):
+    """The connection could not be opened: the request never reached the server."""
+
+
+class _UploadBody:
+    """File body streamed in bounded reads, with an exact length and progress reports.
+
+    ``requests`` takes the length from ``__len__`` and sends an explicit Content-Length
+    (VIP treats a 0-byte body as mkdir, so chunked encoding is avoided); urllib3 pulls
+    the data through ``read(blocksize)``. A read without a size is capped too, so the
+    file is never held in memory whole.
+    """
+
+    def __init__(self, handle: BinaryIO, size: int, progress: Progress | None) -> None:
+        self._handle = handle
+        self._size = size
+        self._progress = progress
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > _CHUNK:
+            size = _CHUNK
+        data = self._handle.read(size)
+        if data:
+            self.sent += len(data)
+            if self._progress is not None:
+                self._progress(self.sent)
+        return data
+
+    def __iter__(self) -> Any:
+        while True:
+            data = self.read(_CHUNK)
+            if not data:
+                return
+            yield data
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable; not every platform lets a folder be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class VipClient:
+    """Typed client for one VIP portal.
+
+    ``base_url`` is the portal URL (``https://vip.creatis.insa-lyon.fr`` or
+    ``http://127.0.0.1:43127``); the REST root is ``base_url + "/rest/"``. Idempotent calls are
+    retried ``retries`` times on :class:`TransientError` with exponential backoff starting at
+    ``backoff`` seconds plus jitter; ``POST /executions`` never is.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 60,
+        retries: int = 4,
+        backoff: float = 1.0,
+        pool: int = 16,
+        user_agent: str = "vip-agent",
+        transfer_grace: float = 60.0,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"the VIP URL must start with http:// or https://: {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._rest = self.base_url + "/rest"
+        self.timeout = float(timeout)
+        self.retries = max(0, int(retries))
+        self.backoff = max(0.0, float(backoff))
+        #: after a transfer timeout, how long to watch for the upload landing before re-sending
+        self.transfer_grace = max(0.0, float(transfer_grace))
+        self._key = api_key
+        self._session = requests.Session()
+        self._session.auth = _ApiKeyAuth(api_key)
+        self._session.headers["User-Agent"] = user_agent
+        self._session.max_redirects = 0
+        adapter = _Adapter(pool_connections=4, pool_maxsize=max(1, pool), max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._lock = threading.Lock()
+        self._max_transfer: int | None = None
+        self._max_transfer_known = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    def __repr__(self) -> str:
+        return f"VipClient({self.base_url!r})"
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._session.close()
+
+    def __enter__(self) -> VipClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _scrub(self, text: str) -> str:
+        """Defence in depth: a proxy page could echo request headers back."""
+        if self._key and self._key in text:
+            text = text.replace(self._key, "<apikey>")
+        return text
+
+    def _delay(self, attempt: int) -> float:
+        base = min(_BACKOFF_CAP, self.backoff * (2**attempt))
+        return base + random.uniform(0, self.backoff)
+
+    def _sleep(self, attempt: int) -> None:
+        time.sleep(self._delay(attempt))
+
+    def _send(
+        self,
+        method: str,
+        rest_path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        data: Any = None,
+        json_body: Any = None,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        on_8000: type[VipError] = ApiError,
+        what: str = "",
+    ) -> requests.Response:
+        """One HTTP exchange; returns a 2xx response or raises a typed error."""
+        url = self._rest + rest_path
+        where = f"{method} /rest{rest_path}"
+        try:
+            resp = self._session.request(
+                method,
+                url,
+                params=params,
+                data=data,
+                json=json_body,
+                headers=dict(headers) if headers else None,
+                # always stream: error bodies are read with a bound (proxy pages can be big)
+                stream=True,
+                timeout=(min(self.timeout, 15.0), self.timeout),
+                allow_redirects=False,
+            )
+        except requests.exceptions.ConnectTimeout as exc:
+            raise _NotSent(
+                f"could not reach VIP at {self.base_url} (connection timed out)",
+                detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            cause = exc.args[0] if exc.args else None
+            reason = getattr(cause, "reason", cause)
+            never_sent = isinstance(reason, urllib3.exceptions.NewConnectionError)
+            cls: type[TransientError] = _NotSent if never_sent else TransientError
+            raise cls(
+                f"could not reach VIP at {self.base_url} (connection "
+                + ("refused)" if never_sent else "lost)"),
+                detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
+            ) from None
+        except requests.exceptions.Timeout as exc:
+            raise TransientError(
+                f"VIP at {self.base_url} did not answer within {self.timeout:g} s",
+                detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
+            ) from None
+        except requests.exceptions.RequestException as exc:
+            raise TransientError(
+                f"talking to VIP at {self.base_url} failed",
+                detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
+            ) from None
+        if 200 <= resp.status_code < 300:
+            if not stream:
+                try:
+                    _ = resp.content  # read now, so a dropped connection is a TransientError
+                except requests.exceptions.RequestException as exc:
+                    resp.close()
+                    raise TransientError(
+                        f"the connection to VIP at {self.base_url} broke during the answer",
+                        detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
+                        http_status=resp.status_code,
+                    ) from None
+            return resp
+        try:
+            self._raise_for(resp, where, on_8000, what)
+        finally:
+            resp.close()
+
+    def _raise_for(
+        self, resp: requests.Response, where: str, on_8000: type[VipError], what: str
+    ) -> NoReturn:
+        """Turn a non-2xx response into a typed error (code first, status second)."""
+        status = resp.status_code
+        code: int | None = None
+        server_msg = ""
+        snippet = ""
+        try:
+            raw = resp.raw.read(_ERROR_BODY_MAX, decode_content=True) if resp.raw else b""
+        except Exception:  # a dropped connection while reading an error body
+            raw = b""
+        ctype = resp.headers.get("Content-Type", "")
+        if raw and "json" in ctype.lower():
+            try:
+                body = json.loads(raw.decode("utf-8", "replace"))
+            except ValueError:
+                body = None
+            if isinstance(body, dict) and "errorCode" in body:
+                try:
+                    code = int(body["errorCode"])
+                except (TypeError, ValueError):
+                    code = None
+                server_msg = self._scrub(str(body.get("errorMessage") or ""))
+        if code is None and raw:
+            snippet = self._scrub(" ".join(raw.decode("utf-8", "replace").split())[:200])
+        detail = f"{where}: HTTP {status}"
+        detail += f", errorCode {code}: {server_msg}" if code is not None else (
+            f", body: {snippet!r}" if snippet else ", empty body"
+        )
+        subject = what or where
+        kw: dict[str, Any] = {"detail": detail, "code": code, "http_status": status}
+
+        if code in _AUTH_CODES or (code is None and status == 401):
+            if code == 8003:
+                msg = "VIP received no API key; run `vip-agent login` to store one"
+            elif code == 8004:
+                msg = (
+                    f"VIP refused the account ({server_msg or 'authentication error'}); "
+                    "check it on the VIP portal, then run `vip-agent login`"
+                )
+            else:
+                msg = (
+                    "VIP refused the API key (bad credentials); run `vip-agent login` "
+                    "with a valid key from your VIP account page"
+                )
+            raise AuthError(msg, **kw)
+        if code in _CAPACITY_CODES:
+            scope = "your account" if code == 2001 else "the platform"
+            raise CapacityError(
+                f"VIP is already running the maximum number of executions for {scope}; "
+                "the launch will be retried later",
+                **kw,
+            )
+        if 300 <= status < 400:
+            target = resp.headers.get("Location", "?")
+            raise ApiError(
+                f"VIP redirected the request to {target}; set the VIP URL to that address",
+                **kw,
+            )
+        if status >= 500 or status in (408, 429):
+            raise TransientError(
+                f"VIP is failing or overloaded right now (HTTP {status}) on {subject}; will retry",
+                **kw,
+            )
+        if status == 404:
+            raise ApiError(
+                f"{self._rest}/ does not look like a VIP REST API (HTTP 404 on {where}); "
+                "check the VIP URL",
+                **kw,
+            )
+        if status == 413:
+            raise TooLargeError(f"the server refused {subject}: too large (HTTP 413)", **kw)
+        if code is None:
+            # proxy pages and other non-VIP answers: not a business error
+            raise TransientError(
+                f"VIP answered HTTP {status} without a VIP error on {subject}; will retry", **kw
+            )
+        if code in _NOT_FOUND_CODES:
+            raise NotFoundError(f"{subject} does not exist on VIP ({server_msg})", **kw)
+        if code == _ACCESS_CODE:
+            raise AccessDeniedError(f"VIP refused access to {subject} ({server_msg})", **kw)
+        if code == 8000 and status == 400 and on_8000 is not ApiError:
+            if on_8000 is NotFoundError:
+                raise NotFoundError(f"{subject} does not exist on VIP", **kw)
+            if on_8000 is TransferTimeout:
+                raise TransferTimeout(
+                    f"VIP could not complete the transfer of {subject} (it may have timed out)",
+                    **kw,
+                )
+            raise on_8000(f"VIP refused {subject}: {server_msg}", **kw)
+        raise ApiError(f"VIP refused {subject}: {server_msg or f'HTTP {status}'}", **kw)
+
+    def _call(
+        self,
+        method: str,
+        rest_path: str,
+        *,
+        retry: bool = True,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """`_send` with retries on TransientError (only for idempotent calls)."""
+        attempt = 0
+        while True:
+            try:
+                return self._send(method, rest_path, **kwargs)
+            except TransientError as exc:
+                if not retry or attempt >= self.retries:
+                    raise
+                delay = self._delay(attempt)
+                log.info(
+                    "VIP %s %s failed (%s); retry %d/%d in %.1f s",
+                    method, rest_path.split("?")[0], exc.message, attempt + 1, self.retries, delay,
+                )
+                time.sleep(delay)
+                attempt += 1
+
+    def _json(self, method: str, rest_path: str, **kwargs: Any) -> Any:
+        resp = self._call(method, rest_path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError:
+            raise TransientError(
+                f"VIP sent an unreadable answer to {method} /rest{rest_path}",
+                detail=self._scrub(resp.text[:200]),
+                http_status=resp.status_code,
+            ) from None
+
+    # ------------------------------------------------------------------ platform
+
+    def platform(self) -> dict[str, Any]:
+        """``GET /platform``: platform properties (limits, error codes)."""
+        result: dict[str, Any] = self._json("GET", "/platform", what="the platform description")
+        return result
+
+    def max_transfer_size(self) -> int | None:
+        """``maxSizeDirectTransfer`` in bytes (cached), or None if unknown."""
+        with self._lock:
+            if self._max_transfer_known:
+                return self._max_transfer
+        try:
+            value = self.platform().get("maxSizeDirectTransfer")
+        except TransientError:
+            return None  # do not cache an outage
+        limit = int(value) if isinstance(value, (int, float)) and value > 0 else None
+        with self._lock:
+            self._max_transfer, self._max_transfer_known = limit, True
+        return limit
+
+    def check_key(self) -> None:
+        """Check the key with an authenticated GET; raises AuthError if VIP refuses it."""
+        self._call("GET", "/executions/count", what="the execution count")
+
+    # ------------------------------------------------------------------ paths
+
+    def _path(self, path: str) -> str:
+        return "/path" + encode_path(path)
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists (8013 on a forbidden path raises AccessDeniedError)."""
+        path = _norm_remote(path)
+        body = self._json("GET", self._path(path), params={"action": "exists"}, what=path)
+        return bool(body.get("exists")) if isinstance(body, dict) else False
+
+    def properties(self, path: str) -> PathInfo:
+        """Properties of ``path``; a missing path gives ``exists=False`` (no error)."""
+        path = _norm_remote(path)
+        body = self._json("GET", self._path(path), params={"action": "properties"}, what=path)
+        return PathInfo.from_json(body if isinstance(body, dict) else {}, fallback_path=path)
+
+    def list(self, path: str) -> list[PathInfo]:
+        """Entries of folder ``path`` (unordered); NotFoundError if missing or a file."""
+        path = _norm_remote(path)
+        body = self._json(
+            "GET", self._path(path), params={"action": "list"}, on_8000=NotFoundError,
+            what=f"folder {path}",
+        )
+        return [PathInfo.from_json(item) for item in body or [] if isinstance(item, dict)]
+
+    def mkdir(self, path: str) -> None:
+        """Create folder ``path`` (empty PUT); its parent must exist. An existing folder is fine."""
+        path = _norm_remote(path)
+        _check_name(path)
+        try:
+            self._call("PUT", self._path(path), data=b"", what=f"folder {path}")
+        except ApiError as exc:
+            if exc.code != 8000:
+                raise
+            info = self.properties(path)
+            if info.exists and info.is_dir:
+                return
+            if info.exists:
+                raise ApiError(
+                    f"cannot create folder {path} on VIP: a file has that name",
+                    detail=exc.detail, code=exc.code, http_status=exc.http_status,
+                ) from None
+            if not self.exists(_parent(path)):
+                raise NotFoundError(
+                    f"cannot create folder {path} on VIP: {_parent(path)} does not exist",
+                    detail=exc.detail, code=exc.code, http_status=exc.http_status,
+                ) from None
+            raise
+
+    def makedirs(self, path: str) -> None:
+        """Create ``path`` and missing ancestors, one level at a time below ``/vip/<top>``."""
+        path = _norm_remote(path)
+        parts = path.strip("/").split("/")
+        if len(parts) < 2 or parts[0] != "vip":
+            raise ValueError(f"VIP folders live under /vip/Home or a group folder: {path!r}")
+        missing: list[str] = []
+        current = path
+        # /vip/Home and /vip/<group> cannot be created; stop there
+        while current.count("/") > 2 and not self.exists(current):
+            missing.append(current)
+            current = _parent(current)
+        for folder in reversed(missing):
+            self.mkdir(folder)
+
+    def delete(self, path: str, *, missing_ok: bool = False) -> None:
+        """Delete ``path`` (recursive). VIP deletes asynchronously: see :meth:`wait_deleted`."""
+        path = _norm_remote(path)
+        try:
+            self._call("DELETE", self._path(path), on_8000=NotFoundError, what=path)
+        except NotFoundError:
+            if not missing_ok:
+                raise
+
+    def wait_deleted(self, path: str, timeout: float = 300, interval: float = 2) -> None:
+        """Poll ``exists`` until ``path`` is gone; DeleteTimeout after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.exists(path):
+            if time.monotonic() >= deadline:
+                raise DeleteTimeout(
+                    f"{path} was still present on VIP {timeout:g} s after its deletion; "
+                    "VIP deletes in the background, try again later",
+                    detail=f"polled exists every {interval:g} s",
+                )
+            time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
+
+    # ------------------------------------------------------------------ transfers
+
+    def _put_file(self, local: Path, remote: str, size: int, progress: Progress | None) -> None:
+        with open(local, "rb") as handle:
+            body = _UploadBody(handle, size, progress)
+            self._send(
+                "PUT",
+                self._path(remote),
+                data=body,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                on_8000=TransferTimeout,
+                what=f"upload of {local.name} to {remote}",
+            )
+
+    def _landed(self, remote: str, size: int) -> str:
+        """State of an upload target: 'ok' (right size), 'missing' or 'wrong'."""
+        info = self.properties(remote)
+        if not info.exists:
+            return "missing"
+        if info.is_dir:
+            raise ApiError(f"cannot upload to {remote}: a folder has that name on VIP")
+        return "ok" if info.size == size else "wrong"
+
+    def _watch_landing(self, remote: str, size: int) -> str:
+        """After a transfer timeout VIP may still finish the upload: watch for it a while."""
+        deadline = time.monotonic() + self.transfer_grace
+        interval = max(0.05, min(2.0, self.backoff))
+        while True:
+            state = self._landed(remote, size)
+            if state == "ok" or time.monotonic() >= deadline:
+                return state
+            time.sleep(interval)
+
+    def upload(self, local: Path, remote: str, *, progress: Progress | None = None) -> None:
+        """Upload file ``local`` to the (new) remote file path ``remote``, streamed.
+
+        The parent folder must exist. Afterwards the remote size is verified. After a
+        transfer timeout or a network error, the target is checked before sending again:
+        the right size means done; a wrong size is deleted, waited for, and re-sent.
+        A target that already exists with the same size counts as uploaded, so callers
+        upload into fresh folders. ``progress`` gets the bytes sent so far in this attempt.
+        """
+        local = Path(local)
+        remote = _norm_remote(remote)
+        _check_name(remote)
+        size = local.stat().st_size
+        if not local.is_file():
+            raise ValueError(f"not a regular file: {local}")
+        if size == 0:
+            raise EmptyFileError(
+                f"{local.name} is empty (0 bytes): VIP cannot store empty files "
+                "(an empty upload creates a folder); remove it or give it content",
+                detail=f"{local} -> {remote}",
+            )
+        last: VipError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._sleep(attempt - 1)
+            try:
+                self._put_file(local, remote, size, progress)
+            except TransferTimeout as exc:
+                last = exc
+                state = self._watch_landing(remote, size)
+                if state == "missing" and not self.exists(_parent(remote)):
+                    raise NotFoundError(
+                        f"cannot upload {local.name}: folder {_parent(remote)} does not exist on VIP",
+                        detail=exc.detail, code=exc.code, http_status=exc.http_status,
+                    ) from None
+            except TransientError as exc:
+                last = exc
+                state = self._landed(remote, size)
+            else:
+                state = self._landed(remote, size)
+                if state == "missing":
+                    last = SizeMismatch(
+                        f"VIP accepted {local.name} but {remote} is not there",
+                        detail="PUT returned 2xx; properties says exists=false",
+                    )
+            if state == "ok":
+                if last is not None:
+                    log.info("upload of %s found complete on VIP after: %s", remote, last.message)
+                return
+            if state == "wrong":
+                info = self.properties(remote)
+                last = SizeMismatch(
+                    f"{remote} on VIP has {info.size} bytes instead of {size}; sending it again",
+                    detail=f"local {local}",
+                )
+                log.info("%s", last.message)
+                self.delete(remote, missing_ok=True)
+                self.wait_deleted(remote, timeout=max(30.0, self.transfer_grace),
+                                  interval=max(0.05, min(2.0, self.backoff)))
+        assert last is not None
+        raise last
+
+    def download(
+        self,
+        remote: str,
+        local: Path,
+        *,
+        expected_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Download file ``remote`` to ``local`` atomically; returns the byte count.
+
+        Data goes to ``<local>.part`` in the same folder, is size-checked against
+        ``expected_size`` and Content-Length, fsynced, then renamed over ``local``.
+        Retries on transfer timeouts and network errors. A file over VIP's direct-transfer
+        limit raises TooLargeError. ``progress`` gets the bytes written so far in this attempt.
+        """
+        remote = _norm_remote(remote)
+        local = Path(local)
+        limit = self.max_transfer_size()
+        if expected_size is not None and limit is not None and expected_size > limit:
+            raise self._too_large(remote, expected_size, limit)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        part = local.with_name(local.name + ".part")
+        last: VipError | None = None
+        try:
+            for attempt in range(self.retries + 1):
+                if attempt:
+                    self._sleep(attempt - 1)
+                try:
+                    count = self._get_file(remote, part, expected_size, progress)
+                except TransferTimeout as exc:
+                    last = exc
+                    info = self.properties(remote)
+                    if not info.exists:
+                        raise NotFoundError(
+                            f"{remote} does not exist on VIP", detail=exc.detail,
+                            code=exc.code, http_status=exc.http_status,
+                        ) from None
+                    if info.is_dir:
+                        raise ApiError(
+                            f"{remote} is a folder: VIP only downloads files", detail=exc.detail,
+                            code=exc.code, http_status=exc.http_status,
+                        ) from None
+                    limit = limit if limit is not None else self.max_transfer_size()
+                    if limit is not None and info.size is not None and info.size > limit:
+                        raise self._too_large(remote, info.size, limit) from None
+                    continue
+                except TransientError as exc:
+                    last = exc
+                    continue
+                os.replace(part, local)
+                _fsync_dir(local.parent)
+                return count
+        finally:
+            try:
+                part.unlink()
+            except FileNotFoundError:
+                pass
+        assert last is not None
+        raise last
+
+    @staticmethod
+    def _too_large(remote: str, size: int, limit: int) -> TooLargeError:
+        return TooLargeError(
+            f"{remote} is {size:,} bytes, over VIP's direct-transfer limit of {limit:,} bytes; "
+            "it cannot be downloaded through the API",
+            detail=f"size={size} maxSizeDirectTransfer={limit}",
+        )
+
+    def _get_file(
+        self, remote: str, part: Path, expected_size: int | None, progress: Progress | None
+    ) -> int:
+        resp = self._send(
+            "GET",
+            self._path(remote),
+            params={"action": "content"},
+            headers={"Accept-Encoding": "identity"},
+            stream=True,
+            on_8000=TransferTimeout,
+            what=f"download of {remote}",
+        )
+        with resp:
+            if resp.status_code != 200:
+                raise TransientError(
+                    f"VIP answered HTTP {resp.status_code} instead of the content of {remote}",
+                    http_status=resp.status_code,
+                )
+            announced = resp.headers.get("Content-Length")
+            length = int(announced) if announced and announced.isdigit() else None
+            if expected_size is not None and length is not None and length != expected_size:
+                raise SizeMismatch(
+                    f"VIP announced {length} bytes for {remote}, expected {expected_size}",
+                    http_status=200,
+                )
+            count = 0
+            try:
+                with open(part, "wb") as out:
+                    for chunk in resp.iter_content(_CHUNK):
+                        out.write(chunk)
+                        count += len(chunk)
+                        if progress is not None:
+                            progress(count)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except requests.exceptions.RequestException as exc:
+                raise TransientError(
+                    f"the download of {remote} was interrupted after {count:,} bytes",
+                    detail=self._scrub(f"{type(exc).__name__}: {exc}"),
+                ) from None
+        for wanted, label in ((length, "announced"), (expected_size, "expected")):
+            if wanted is not None and count != wanted:
+                raise SizeMismatch(
+                    f"the download of {remote} got {count:,} bytes, {label} {wanted:,}",
+                    http_status=200,
+                )
+        return count
+
+    # ------------------------------------------------------------------ pipelines
+
+    def pipelines(self) -> builtins.list[dict[str, Any]]:
+        """Pipelines this account can run."""
+        body = self._json("GET", "/pipelines", what="the pipeline list")
+        return [p for p in body or [] if isinstance(p, dict)]
+
+    def pipeline(self, identifier: str) -> dict[str, Any]:
+        """Description of pipeline ``name/version``; NotFoundError (8007) if unknown."""
+        body: dict[str, Any] = self._json(
+            "GET", "/pipelines/" + encode_pipeline_id(identifier), what=f"pipeline {identifier}"
+        )
+        return body
+
+    def boutiques(self, identifier: str) -> dict[str, Any]:
+        """Boutiques descriptor of pipeline ``name/version`` (``?format=boutiques``)."""
+        body: dict[str, Any] = self._json(
+            "GET", "/pipelines/" + encode_pipeline_id(identifier),
+            params={"format": "boutiques"}, what=f"pipeline {identifier}",
+        )
+        return body
+
+    # ------------------------------------------------------------------ executions
+
+    @staticmethod
+    def _exec_path(execution_id: str) -> str:
+        return "/executions/" + quote(execution_id, safe="")
+
+    def create_execution(
+        self,
+        name: str,
+        pipeline: str,
+        inputs: Mapping[str, str | builtins.list[str]],
+        results_location: str,
+    ) -> dict[str, Any]:
+        """``POST /executions``; never retried once the request may have reached VIP.
+
+        A failure that leaves it unclear whether VIP created the execution raises
+        LaunchUncertain: look for ``name`` with :meth:`find_execution` before retrying.
+        """
+        payload = {
+            "name": name,
+            "pipelineIdentifier": pipeline,
+            "inputValues": {k: list(v) if isinstance(v, list) else v for k, v in inputs.items()},
+            "resultsLocation": results_location,
+        }
+        attempt = 0
+        while True:
+            try:
+                resp = self._send(
+                    "POST", "/executions", json_body=payload, what=f"the launch of '{name}'"
+                )
+                break
+            except _NotSent:
+                # the connection never opened: VIP cannot have created anything
+                if attempt >= self.retries:
+                    raise
+                self._sleep(attempt)
+                attempt += 1
+            except TransientError as exc:
+                raise LaunchUncertain(
+                    f"the launch of '{name}' failed in a way that does not tell whether VIP "
+                    "created the execution; look for it before launching again",
+                    detail=exc.detail, code=exc.code, http_status=exc.http_status,
+                ) from None
+        try:
+            result: dict[str, Any] = resp.json()
+        except ValueError:
+            raise LaunchUncertain(
+                f"VIP accepted the launch of '{name}' but its answer is unreadable",
+                detail=self._scrub(resp.text[:200]), http_status=resp.status_code,
+            ) from None
+        return result
+
+    def execution(self, execution_id: str) -> dict[str, Any]:
+        """Full execution record; NotFoundError if unknown (8000) or deleted (8015)."""
+        body: dict[str, Any] = self._json(
+            "GET", self._exec_path(execution_id), on_8000=NotFoundError,
+            what=f"execution {execution_id}",
+        )
+        return body
+
+    def executions(self, limit: int = 500) -> builtins.list[dict[str, Any]]:
+        """Execution summaries, newest first (``inputValues``/``returnedFiles``/``jobs`` empty)."""
+        body = self._json(
+            "GET", "/executions", params={"limit": str(limit)}, what="the execution list"
+        )
+        return [e for e in body or [] if isinstance(e, dict)]
+
+    def find_execution(self, name: str) -> dict[str, Any] | None:
+        """Newest execution summary named exactly ``name``, or None."""
+        matches = [e for e in self.executions() if e.get("name") == name]
+        if not matches:
+            return None
+        # the list is newest first; max() keeps the first of equal or missing dates
+        return max(matches, key=lambda e: start_seconds(e) or float("-inf"))
+
+    def results(self, execution_id: str) -> builtins.list[PathInfo]:
+        """Output files of an execution (entries may have ``exists=False``)."""
+        body = self._json(
+            "GET", self._exec_path(execution_id) + "/results", on_8000=NotFoundError,
+            what=f"execution {execution_id}",
+        )
+        return [PathInfo.from_json(item) for item in body or [] if isinstance(item, dict)]
+
+    def _log(self, execution_id: str, job: str | None, stream: str) -> str:
+        rest = self._exec_path(execution_id)
+        if job is not None:
+            rest += "/jobs/" + quote(str(job), safe="")
+        resp = self._call(
+            "GET", rest + "/" + stream, on_8000=NotFoundError,
+            what=f"the {stream} of execution {execution_id}",
+        )
+        return resp.text
+
+    def stdout(self, execution_id: str, job: str | None = None) -> str:
+        """Application stdout of the execution (``job`` needed when it has several jobs)."""
+        return self._log(execution_id, job, "stdout")
+
+    def stderr(self, execution_id: str, job: str | None = None) -> str:
+        """Application stderr of the execution (``job`` needed when it has several jobs)."""
+        return self._log(execution_id, job, "stderr")
+
+    def kill(self, execution_id: str) -> None:
+        """``PUT /executions/{id}/kill`` (never ``DELETE``, which VIP treats as a GET)."""
+        self._call(
+            "PUT", self._exec_path(execution_id) + "/kill", on_8000=NotFoundError,
+            what=f"execution {execution_id}",
+        )
+
+    def delete_execution(self, execution_id: str, delete_files: bool = True) -> None:
+        """``PUT /executions/{id}/delete``; only Finished or Killed executions can be deleted.
+
+        An execution already deleted (8015) counts as done, so a retried call is harmless.
+        """
+        try:
+            self._call(
+                "PUT", self._exec_path(execution_id) + "/delete",
+                json_body={"deleteFiles": bool(delete_files)}, what=f"execution {execution_id}",
+            )
+        except NotFoundError as exc:
+            if exc.code != _DELETED_CODE:
+                raise

@@ -1,0 +1,74 @@
+"""Helpers for tests that run the agent against the local server (plain functions, no fixtures)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_dataset(
+    folder: Path, files: dict[str, bytes | str], job: dict[str, Any] | None = None
+) -> Path:
+    """Create a dataset folder with ``files`` and, if given, its own ``job.yaml``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rel, content in files.items():
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = content.encode() if isinstance(content, str) else content
+        target.write_bytes(data)
+    if job is not None:
+        (folder / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
+    return folder
+
+
+def agent_env(api_key: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIP_")}
+    env["VIP_API_KEY"] = api_key
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def run_agent(
+    *args: str, api_key: str, cwd: Path, timeout: float = 90, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``vip-agent ARGS`` as a real process (so SIGKILL tests are real)."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        cwd=cwd,
+        env=agent_env(api_key, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` (relative POSIX path -> content)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
