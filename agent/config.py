@@ -159,7 +159,7 @@ class _Reader:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
-    def str(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+    def text(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
         value = self.data.get(key, default)
         if value is None:
             raise self.error(key, "is required")
@@ -176,7 +176,7 @@ class _Reader:
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"must be a folder path, not {value!r}")
         p = Path(os.path.expandvars(value)).expanduser()
-        return Path(os.path.abspath(self.base / p))
+        return (self.base / p).resolve()
 
     def seconds(self, key: str, default: float) -> float:
         value = self.data.get(key, default)
@@ -187,13 +187,13 @@ class _Reader:
                 key, f"must be a duration in seconds (30, 2.5, '10s', '5m', '2h', '1d'), not {value!r}"
             ) from None
 
-    def int(self, key: str, default: int, minimum: int = 1) -> int:
+    def whole(self, key: str, default: int, minimum: int = 1) -> int:
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.error(key, f"must be a whole number >= {minimum}, not {value!r}")
         return value
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         value = self.data.get(key, default)
         if not isinstance(value, bool):
             raise self.error(key, f"must be true or false, not {value!r}")
@@ -222,7 +222,7 @@ def parse_duration(value: Any) -> float:
 
 
 def _server(r: _Reader, default: str | None) -> str:
-    server = r.str("server", default)
+    server = r.text("server", default)
     if not re.match(r"^https?://[^/\s]+", server):
         raise r.error("server", f"must be the portal URL, e.g. {DEFAULT_SERVER}, not {server!r}")
     return server.rstrip("/")
@@ -239,17 +239,17 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
     rr = _Reader(r.mapping("readiness"), f"{r.where}.readiness", r.source, r.base)
     rr.check_keys(_READINESS_KEYS)
     readiness = Readiness(
-        rule=rr.str("rule", "settle", RULES),
+        rule=rr.text("rule", "settle", RULES),
         settle_seconds=settle if settle is not None else rr.seconds("settle_seconds", DEFAULT_SETTLE),
-        marker=rr.str("marker", DEFAULT_MARKER),
+        marker=rr.text("marker", DEFAULT_MARKER),
         stale_after=rr.seconds("stale_after", DEFAULT_STALE_AFTER),
     )
     if "/" in readiness.marker or "\\" in readiness.marker:
         raise rr.error("marker", "must be a file name, not a path")
-    datasets = r.str("datasets", "folders", DATASET_KINDS)
+    datasets = r.text("datasets", "folders", DATASET_KINDS)
     if readiness.rule == "manifest" and datasets != "folders":
         raise rr.error("rule", "'manifest' needs 'datasets: folders' (a job.yaml per dataset)")
-    after = r.str("after", "keep", AFTER)
+    after = r.text("after", "keep", AFTER)
     archive_dir = r.path("archive_dir", path / "_archive" if after == "archive" else None)
     failed_dir = r.path("failed_dir", path / "_failed" if after != "keep" else None)
     poll = r.seconds("poll_interval", DEFAULT_POLL_INTERVAL)
@@ -261,20 +261,20 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
         output=output,
         readiness=readiness,
         datasets=datasets,
-        pattern=r.str("pattern", "*"),
-        observer=r.str("observer", "auto", OBSERVERS),
+        pattern=r.text("pattern", "*"),
+        observer=r.text("observer", "auto", OBSERVERS),
         poll_interval=poll,
         rescan_interval=r.seconds("rescan_interval", DEFAULT_RESCAN_INTERVAL),
         limits=Limits(
-            max_uploads=r.int("max_uploads", 2),
-            max_downloads=r.int("max_downloads", 2),
-            max_running=r.int("max_running", 1),
+            max_uploads=r.whole("max_uploads", 2),
+            max_downloads=r.whole("max_downloads", 2),
+            max_running=r.whole("max_running", 1),
         ),
         after=after,
         archive_dir=archive_dir,
         failed_dir=failed_dir,
         key_file=r.path("key_file"),
-        keep_remote=r.bool("keep_remote", False),
+        keep_remote=r.flag("keep_remote", False),
     )
     if path in (output, archive_dir, failed_dir):
         raise r.error("output", "the output, archive and failed folders must differ from the drop folder")
@@ -321,7 +321,7 @@ def parse_config(data: Any, *, source: str = "agent.yaml", base: Path | None = N
     return AgentConfig(
         drops=tuple(drops),
         state=state,
-        log_format=top.str("log_format", "text", LOG_FORMATS),
+        log_format=top.text("log_format", "text", LOG_FORMATS),
         source=None,
     )
 

@@ -198,8 +198,9 @@ def keyring_problem() -> str | None:
     return None
 
 
-def _require_keyring() -> None:
-    problem = keyring_problem()
+def _require_keyring(timeout: float | None = None) -> None:
+    # choosing a backend may already talk to D-Bus: guarded like every other call
+    problem = _call_with_timeout(keyring_problem, "looking for a keyring backend", timeout)
     if problem is not None:
         raise KeyringUnavailable(_HEADLESS_HELP, detail=problem)
 
@@ -224,7 +225,7 @@ def read_keyring(server_url: str, *, timeout: float | None = None) -> str | None
     import keyring
     import keyring.errors
 
-    _require_keyring()
+    _require_keyring(timeout)
     user = normalise_server_url(server_url)
     try:
         value = _call_with_timeout(
@@ -232,7 +233,7 @@ def read_keyring(server_url: str, *, timeout: float | None = None) -> str | None
         )
     except KeyringUnavailable:
         raise
-    except (keyring.errors.KeyringError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # any backend failure (D-Bus, files) means: unavailable
         raise _keyring_failure(exc, "reading the key") from None
     return value.strip() if value and value.strip() else None
 
@@ -246,7 +247,7 @@ def store_api_key(server_url: str, key: str, *, timeout: float | None = None) ->
     key = key.strip()
     if not key:
         raise CredentialError("refusing to store an empty API key")
-    _require_keyring()
+    _require_keyring(timeout)
     user = normalise_server_url(server_url)
     try:
         _call_with_timeout(
@@ -254,7 +255,7 @@ def store_api_key(server_url: str, key: str, *, timeout: float | None = None) ->
         )
     except KeyringUnavailable:
         raise
-    except (keyring.errors.KeyringError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # any backend failure (D-Bus, files) means: unavailable
         raise _keyring_failure(exc, "storing the key", key) from None
     return f"keyring {KEYRING_SERVICE}/{user}"
 
@@ -264,7 +265,7 @@ def delete_api_key(server_url: str, *, timeout: float | None = None) -> bool:
     import keyring
     import keyring.errors
 
-    _require_keyring()
+    _require_keyring(timeout)
     user = normalise_server_url(server_url)
 
     def delete() -> bool:
@@ -280,7 +281,7 @@ def delete_api_key(server_url: str, *, timeout: float | None = None) -> bool:
         return _call_with_timeout(delete, "removing the key", timeout)
     except KeyringUnavailable:
         raise
-    except (keyring.errors.KeyringError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # any backend failure (D-Bus, files) means: unavailable
         raise _keyring_failure(exc, "removing the key") from None
 
 

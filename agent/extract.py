@@ -1,32 +1,31 @@
 """Safe, crash-safe extraction of result tarballs into a folder named after the archive.
 
-``safe_extract(Path("out/job.tgz"))`` leaves ``out/job/`` and removes ``out/job.tgz``:
+As the official ``VipSession`` does, ``out/job.tgz`` is replaced by a *folder* ``out/job.tgz/``
+holding the archive's content (so ``VipSession`` sees the output as already downloaded):
 
-1. leftovers of a crashed extraction (``out/.job.extracting-<pid>`` of a dead process) are removed;
+1. leftovers of a crashed extraction (``out/.job.tgz.extracting-<pid>`` of a dead process) are removed;
 2. members are checked one by one *before* they are written (absolute names, ``..``, links
    leaving the folder, devices and fifos, member count, total bytes) and extracted into
-   ``out/.job.extracting-<pid>``, with tarfile's ``data`` filter on top when Python has it;
+   ``out/.job.tgz.extracting-<pid>``, with tarfile's ``data`` filter on top when Python has it;
 3. symlinks are checked again once everything is on disk (a later member can change where an
    earlier link points);
-4. a marker naming the archive is written, the temp folder is renamed to ``out/job`` and only
-   then is the archive removed, then the marker.
+4. the archive is set aside as ``out/.job.tgz.archive``, the temp folder is renamed to
+   ``out/job.tgz``, and only then is the set-aside archive removed.
 
-A crash after step 4's rename leaves the archive and a folder carrying the marker: the next
-call sees the marker matches the archive and only removes the archive. A folder that is not
-ours is never touched: the archive goes to ``out/job (2)/`` instead.
+A crash at any point is finished by the next call: before step 4 the archive is still in place
+(start over); between the two renames the set-aside archive is put back (start over); after the
+second rename the folder is complete (remove the set-aside archive). Nothing outside the
+archive's own name and its hidden temp names is ever touched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import posixpath
 import shutil
-import stat
 import tarfile
 from pathlib import Path
-from typing import Any
 
 from agent.errors import AgentError
 
@@ -38,15 +37,19 @@ __all__ = [
     "ExtractError",
     "UnsafeArchiveError",
     "folder_for",
+    "has_archive_name",
     "is_archive",
     "safe_extract",
 ]
 
 #: longest first, so ``.tar.gz`` wins over ``.gz``-less ``.tar``
 ARCHIVE_SUFFIXES = (".tar.bz2", ".tar.gz", ".tar.xz", ".tbz2", ".tgz", ".txz", ".tar")
-MARKER = ".vip-agent-extract.json"
 _TEMP_INFIX = ".extracting-"
 _HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
+#: tarfile.FilterError does not exist on Pythons without filters; an empty tuple catches nothing
+_FILTER_ERRORS: tuple[type[Exception], ...] = (
+    (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ()
+)
 
 
 class ExtractError(AgentError):
@@ -75,13 +78,21 @@ def is_archive(path: Path) -> bool:
     return _suffix(path.name) is not None and path.is_file()
 
 
+def has_archive_name(path: Path | str) -> bool:
+    """Whether the name is a tarball's (``.tgz``, ``.tar.gz``, ...), whatever is on disk."""
+    return _suffix(Path(path).name) is not None
+
+
 def folder_for(archive: Path) -> Path:
-    """The folder an archive extracts to: ``foo.tgz`` -> ``foo`` in the same parent."""
+    """The folder an archive extracts to: the archive's own name (``foo.tgz`` -> ``foo.tgz/``)."""
     archive = Path(archive)
-    suffix = _suffix(archive.name)
-    if suffix is None:
+    if _suffix(archive.name) is None:
         raise ValueError(f"not a tarball name: {archive.name}")
-    return archive.with_name(archive.name[: -len(suffix)])
+    return archive
+
+
+def _set_aside(archive: Path) -> Path:
+    return archive.with_name(f".{archive.name}.archive")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -98,9 +109,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_leftovers(parent: Path, base: str) -> None:
-    """Remove temp folders of crashed extractions of ``base`` (never a live process's)."""
-    prefix = f".{base}{_TEMP_INFIX}"
+def _clean_leftovers(parent: Path, archive_name: str) -> None:
+    """Remove temp folders of crashed extractions of this archive (never a live process's)."""
+    prefix = f".{archive_name}{_TEMP_INFIX}"
     try:
         entries = list(parent.iterdir())
     except FileNotFoundError:
@@ -120,28 +131,6 @@ def _remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.exists():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _fingerprint(archive: Path) -> dict[str, Any]:
-    st = archive.stat()
-    return {"archive": archive.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _ours(folder: Path, fingerprint: dict[str, Any]) -> bool:
-    """Whether ``folder`` is a finished extraction of this very archive (crash before cleanup)."""
-    try:
-        recorded = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in fingerprint.items())
-
-
-def _finish(archive: Path, folder: Path) -> Path:
-    """Remove the archive, then our marker (this order survives a crash at any point)."""
-    archive.unlink(missing_ok=True)
-    _fsync_dir(archive.parent)
-    (folder / MARKER).unlink(missing_ok=True)
-    return folder
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -247,9 +236,9 @@ def _extract_into(archive: Path, tmp: Path, max_members: int, max_bytes: int) ->
                 try:
                     if _HAS_DATA_FILTER:
                         tar.extract(member, tmp, set_attrs=True, filter="data")
-                    else:  # pragma: no cover - Pythons before 3.10.12 / 3.11.4
+                    else:  # Pythons before 3.10.12 / 3.11.4
                         tar.extract(_fallback_filter(member), tmp, set_attrs=True)
-                except tarfile.FilterError as err:
+                except _FILTER_ERRORS as err:
                     raise _unsafe(archive, member.name, f"was refused by tarfile ({err})") from None
     except ExtractError:
         raise
@@ -277,74 +266,46 @@ def _extract_into(archive: Path, tmp: Path, max_members: int, max_bytes: int) ->
     _check_links_after(archive, tmp_real)
 
 
-def _free_name(base: Path, fingerprint: dict[str, Any]) -> tuple[Path, bool]:
-    """First of ``base``, ``base (2)``, ... that is free, or ours (then True)."""
-    n = 1
-    while True:
-        candidate = base if n == 1 else base.with_name(f"{base.name} ({n})")
-        if not os.path.lexists(candidate):
-            return candidate, False
-        if candidate.is_dir() and not candidate.is_symlink() and _ours(candidate, fingerprint):
-            return candidate, True
-        n += 1
-
-
 def safe_extract(
     archive: Path,
     *,
     max_members: int = 100_000,
     max_bytes: int = 50 * 2**30,
-    folder_name: str | None = None,
 ) -> Path:
-    """Replace tarball ``archive`` by a folder holding its content; returns the folder.
+    """Replace tarball ``archive`` by a folder of the same name holding its content.
 
-    The folder is ``foo`` for ``foo.tgz`` (``folder_name`` overrides it; pass ``archive.name``
-    to get VipSession's layout, a folder named ``foo.tgz``). If that name is taken by something
-    that is not an unfinished extraction of this archive, ``foo (2)`` and so on are used, and
-    logged. Raises UnsafeArchiveError (naming the member) or CorruptArchiveError; on any error
-    the archive stays and the temp folder is removed.
+    Returns the folder. Idempotent: a folder already at that name (a finished
+    extraction) is returned as it is. Raises UnsafeArchiveError (naming the member)
+    or CorruptArchiveError; on any error the archive stays and the temp folder is removed.
     """
     archive = Path(archive)
     parent = archive.parent
-    base = folder_name or folder_for(archive).name
-    if "/" in base or base in ("", ".", ".."):
-        raise ValueError(f"bad folder name: {base!r}")
-    _clean_leftovers(parent, base)
-    if not archive.is_file():
+    aside = _set_aside(archive)
+    _clean_leftovers(parent, archive.name)
+    if archive.is_dir() and not archive.is_symlink():
+        aside.unlink(missing_ok=True)  # a crash after the folder took the archive's name
+        return archive
+    if not os.path.lexists(archive) and aside.is_file():
+        log.info("resuming an interrupted extraction of %s", archive.name)
+        os.rename(aside, archive)
+    if not archive.is_file() or archive.is_symlink():
         raise ExtractError(f"{archive.name} is not there to extract", detail=str(archive))
-    fingerprint = _fingerprint(archive)
-    wanted = parent / base
-    target, ours = _free_name(wanted, fingerprint)
-    if ours:
-        log.info("finishing an interrupted extraction of %s into %s", archive.name, target.name)
-        return _finish(archive, target)
 
-    tmp = parent / f".{base}{_TEMP_INFIX}{os.getpid()}"
+    tmp = parent / f".{archive.name}{_TEMP_INFIX}{os.getpid()}"
     _remove_tree(tmp)
-    tmp.mkdir(mode=0o700)
+    tmp.mkdir()
     try:
         _extract_into(archive, tmp, max_members, max_bytes)
-        (tmp / MARKER).write_text(json.dumps(fingerprint), encoding="utf-8")
-        os.chmod(tmp, 0o755 & ~_umask())
-        # the name may have been taken meanwhile; rename() would replace an empty folder
-        target, ours = _free_name(wanted, fingerprint)
-        if ours:  # another process finished first
-            _remove_tree(tmp)
-            return _finish(archive, target)
-        os.rename(tmp, target)
+        os.rename(archive, aside)
+        try:
+            os.rename(tmp, archive)
+        except BaseException:
+            os.rename(aside, archive)
+            raise
         _fsync_dir(parent)
     except BaseException:
         _remove_tree(tmp)
         raise
-    if target != wanted:
-        log.warning(
-            "%s already exists and is not from this archive; extracted %s into %s instead",
-            wanted.name, archive.name, target.name,
-        )
-    return _finish(archive, target)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    aside.unlink(missing_ok=True)
+    _fsync_dir(parent)
+    return archive

@@ -259,9 +259,15 @@ def _yaml_problem(path: Path, err: yaml.YAMLError) -> ConfigError:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err)
     context = getattr(err, "context", None)
+    cmark = getattr(err, "context_mark", None)
     where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
     hint = next((h for key, h in _HINTS if key in problem), None)
     words = f"{problem}" + (f" ({context})" if context else "")
+    if cmark is not None and (mark is None or cmark.line != mark.line):
+        # the construct that is broken often starts earlier than where YAML noticed
+        words += f"; it starts on line {cmark.line + 1}"
+        if hint:
+            hint += f" (it starts on line {cmark.line + 1})"
     msg = f"{where}: this is not valid YAML: {hint or words}"
     if hint:
         msg += f" [YAML says: {words}]"
@@ -310,20 +316,29 @@ def _parse(path: Path) -> _Doc:
     problems: list[str] = []
 
     def walk(node: yaml.MappingNode, prefix: tuple[str, ...], raw_children: bool) -> dict[str, Any]:
+        # keys written here may override keys merged in with '<<: *anchor'
+        explicit = {id(k) for k, _ in node.value}
         constructor.flatten_mapping(node)
         out: dict[str, Any] = {}
+        merged: set[str] = set()
         for knode, vnode in node.value:
             line = knode.start_mark.line + 1
-            key = constructor.construct_object(knode, deep=True)
+            if raw_children and isinstance(knode, yaml.ScalarNode):
+                key: Any = knode.value  # input names as written ('on', '1')
+            else:
+                key = constructor.construct_object(knode, deep=True)
             if not isinstance(key, str):
                 problems.append(f"{path}, line {line}: the key {key!r} must be text")
                 continue
-            if key in out:
+            if key in out and key not in merged:
                 problems.append(
                     f"{path}, line {line}: '{'.'.join(prefix + (key,))}' is set twice "
                     f"(first on line {lines[prefix + (key,)]}); keep one"
                 )
                 continue
+            merged.discard(key)
+            if id(knode) not in explicit:
+                merged.add(key)
             lines[prefix + (key,)] = line
             here = prefix + (key,)
             # inputs hold raw text; variants.<v>.inputs too; everything else is typed YAML

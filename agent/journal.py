@@ -243,8 +243,8 @@ class Journal:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._write() as db:
-            db.executescript(_SCHEMA)
+        # executescript commits by itself: it cannot run inside _write()
+        self._db().executescript(_SCHEMA)
 
     @classmethod
     def in_state_dir(cls, state_dir: Path | str) -> Journal:

@@ -35,8 +35,8 @@ from typing import Any
 
 from agent import dataset as dataset_mod
 from agent import failpoints
-from agent.errors import AgentError, ConfigError, ValidationError
-from agent.extract import is_archive, safe_extract
+from agent.errors import AgentError, ValidationError
+from agent.extract import has_archive_name, safe_extract
 from agent.journal import FINAL_STAGES, Dataset, Journal
 from agent.session_data import write_session_data
 from agent.vip.client import VipClient
@@ -63,7 +63,6 @@ STAGE_POOL: dict[str, str] = {
     "cleanup": "local",
 }
 
-DEFAULT_VIP_ROOT = "/vip/Home/API"
 STATUS_FILE = "STATUS.json"
 LOGS_DIR = "logs"
 TERMINAL_STATUSES = frozenset({"Finished", "ExecutionFailed", "Killed", "Lost"})
@@ -242,10 +241,10 @@ class Runner:
 
         name = job.name or ds.name
         session = f"{safe_token(name)}-{(ds.fingerprint or '0' * 8)[:8]}"
-        vip_root = str(ds.options.get("vip_root") or getattr(job, "vip_root", None) or DEFAULT_VIP_ROOT)
+        vip_root = str(ds.options.get("vip_root") or job.vip_root)
         remote_root = f"{vip_root.rstrip('/')}/{session}"
         remote_inputs = f"{remote_root}/INPUTS"
-        resolved = resolve_inputs(job, path)
+        resolved = report.resolved or resolve_inputs(job, path, pipeline)
         output_dir = ds.output_dir or str(self._choose_output_dir(ds, job, name))
 
         scan = dataset_mod.scan(resolved.root, only=[f for f in resolved.files])
@@ -258,7 +257,7 @@ class Runner:
             entries.append((rel, f.size, f.mtime_ns, resolved.remote_path(remote_inputs, rel)))
         # written before any byte is sent: the plan is fixed from here on
         self.journal.set_files(ds.id, entries)
-        for variant, inputs in resolved.variants.items():
+        for variant in resolved.variants:
             remote_inputs_values = resolved.remote_inputs(variant, remote_inputs)
             for run in range(1, job.runs + 1):
                 key = f"{variant}-r{run}"
@@ -464,8 +463,8 @@ class Runner:
             if not o.downloaded or o.extracted:
                 continue
             local = Path(o.local)
-            if not is_archive(local) and not local.is_dir():
-                continue
+            if not has_archive_name(local):
+                continue  # safe_extract is idempotent: a folder here is a finished extraction
             if self.stop_event.is_set():
                 raise Interrupted("stopping before extraction")
             try:
@@ -564,7 +563,7 @@ class Runner:
             try:
                 info = client.create_execution(
                     e.name, str(job.get("pipeline")), e.inputs,
-                    results_location=f"{ds.remote_root}/OUTPUTS",
+                    results_location=self._results_location(ds, e.key),
                 )
             except LaunchUncertain:
                 existing = client.find_execution(e.name)
@@ -579,6 +578,17 @@ class Runner:
             ds.id, e.key, vip_id=str(info["identifier"]), status=str(info.get("status")),
             launched=time.time(),
         )
+
+    def _results_location(self, ds: Dataset, key: str) -> str:
+        """``OUTPUTS`` as VipSession uses it; one subfolder per execution when there are several.
+
+        VIP names the results folder after the launch second, so two executions of one
+        dataset launched in the same second would write the same files into the same folder.
+        """
+        outputs = f"{ds.remote_root}/OUTPUTS"
+        if len(self.journal.executions(ds.id)) > 1:
+            return f"{outputs}/{key}"
+        return outputs
 
     def _slot_free(self, server: str) -> bool:
         cap = self._max_running() if callable(self._max_running) else self._max_running

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Protocol
 
 #: systemd unit name (system and user units share it)
 UNIT_NAME = "vip-agent.service"
@@ -34,6 +34,8 @@ SYSTEM_STATE = "/var/lib/vip-agent"
 
 #: prefixes ProtectHome= hides from a system service
 _HOME_PREFIXES = ("/home", "/root", "/run/user")
+#: prefixes PrivateTmp= replaces with the service's own
+_TMP_PREFIXES = ("/tmp", "/var/tmp")  # noqa: S108 - matching paths, not creating files
 
 
 @dataclass
@@ -66,51 +68,45 @@ class ServiceSpec:
 
 
 class DropFolderView(Protocol):
-    """What install-service and doctor read from one drop folder of ``agent.yaml``."""
+    """What install-service and doctor read from one drop folder (``agent.config.DropConfig``)."""
 
-    path: Path
-    server: str
-    output: Path | None
-    key_file: Path | None
+    @property
+    def path(self) -> Path: ...
+    @property
+    def server(self) -> str: ...
+    @property
+    def output(self) -> Path: ...
+    @property
+    def key_file(self) -> Path | None: ...
+    @property
+    def observer(self) -> str: ...
+    def own_folders(self) -> list[Path]: ...
 
 
 class AgentConfigView(Protocol):
     """What install-service and doctor read from ``agent.config.AgentConfig``."""
 
-    state: Path
+    @property
+    def drops(self) -> Sequence[DropFolderView]: ...
+    @property
+    def state(self) -> Path: ...
 
 
-#: attribute names tried, in order, for the list of drop folders
-_FOLDER_ATTRS = ("folders", "drop_folders", "drops")
-
-
-def drop_folders(config: Any) -> list[DropFolderView]:
-    """The drop folders of a loaded configuration."""
-    for name in _FOLDER_ATTRS:
-        value = getattr(config, name, None)
-        if value is not None:
-            return list(value.values() if isinstance(value, dict) else value)
-    return []
-
-
-def load_agent_config(path: Path) -> Any:
+def load_agent_config(path: Path) -> AgentConfigView:
     """``agent.config.load_config(path)``, imported only when needed."""
     from agent.config import load_config
 
     return load_config(path)
 
 
-def config_write_paths(config: Any) -> list[str]:
-    """Every folder the service writes: drop folders, their outputs, the state folder."""
-    paths: list[str] = []
-    for folder in drop_folders(config):
-        paths.append(os.fspath(folder.path))
-        output = getattr(folder, "output", None)
-        if output is not None:
-            paths.append(os.fspath(output))
-    state = getattr(config, "state", None)
-    if state is not None:
-        paths.append(os.fspath(state))
+def config_write_paths(config: AgentConfigView) -> list[str]:
+    """Every folder the service writes: drop folders, their outputs (and archive and
+    failed folders), the state folder."""
+    paths: list[Path] = []
+    for drop in config.drops:
+        paths.append(drop.path)
+        paths.extend(drop.own_folders())
+    paths.append(config.state)
     return unique_paths(paths)
 
 
@@ -132,9 +128,9 @@ def _path_word(path: str, *, specifiers: bool = False) -> str:
     return _systemd_escape("-" + path, specifiers=specifiers)
 
 
-def _under_home(path: str) -> bool:
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
     p = PurePosixPath(path)
-    return any(p == PurePosixPath(h) or PurePosixPath(h) in p.parents for h in _HOME_PREFIXES)
+    return any(p == PurePosixPath(h) or PurePosixPath(h) in p.parents for h in prefixes)
 
 
 _COMMON_HARDENING = """\
@@ -178,7 +174,7 @@ def render_systemd_unit(spec: ServiceSpec) -> str:
     add("# the watcher rereads agent.yaml on SIGHUP (`systemctl reload vip-agent`)")
     add("ExecReload=/bin/kill -HUP $MAINPID")
     add(f"WatchdogSec={spec.watchdog_sec}")
-    add("# the catch-up scan may be long; the agent extends it with EXTEND_TIMEOUT_USEC")
+    add("# READY=1 comes after the start-up scan of the drop folders")
     add("TimeoutStartSec=300")
     add("TimeoutStopSec=120")
     add("Restart=on-failure")
@@ -203,7 +199,6 @@ def render_systemd_unit(spec: ServiceSpec) -> str:
         add("WantedBy=default.target")
     else:
         add(f"User={spec.service_user}")
-        add(f"Group={spec.service_user}")
         add("# lab users drop data through a shared group; add it here, e.g.:")
         add("#SupplementaryGroups=vip-data")
         add("ConfigurationDirectory=vip-agent")
@@ -218,9 +213,13 @@ def render_systemd_unit(spec: ServiceSpec) -> str:
         add("# drop, output and state folders: the only places it writes")
         add(f"ReadWritePaths={rw}" if rw else "#ReadWritePaths=")
         # a venv or a drop folder under /home would be hidden by ProtectHome=yes
-        home_used = any(_under_home(p) for p in [*spec.read_write_paths, *spec.command[:1]])
+        home_used = any(_under(p, _HOME_PREFIXES) for p in [*spec.read_write_paths, *spec.command[:1]])
         add(f"ProtectHome={'read-only' if home_used else 'yes'}")
-        add("PrivateTmp=yes")
+        if any(_under(p, _TMP_PREFIXES) for p in spec.read_write_paths):
+            add("# a folder of the agent is under /tmp: a private /tmp would hide it")
+            add("PrivateTmp=no")
+        else:
+            add("PrivateTmp=yes")
         add("PrivateMounts=yes")
         add("PrivateDevices=yes")
         add("DevicePolicy=closed")
@@ -306,7 +305,7 @@ def default_specs() -> dict[str, tuple[str, bytes]]:
     home = "/Users/labuser"
     mac = ServiceSpec(
         command=[SYSTEM_EXECUTABLE],
-        config=f"{home}/Library/Application Support/vip-agent/agent.yaml",
+        config=f"{home}/.config/vip-agent/agent.yaml",
         user_mode=True,
         log_dir=f"{home}/Library/Logs/vip-agent",
         working_dir=f"{home}/Library/Application Support/vip-agent",

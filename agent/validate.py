@@ -311,7 +311,8 @@ def _check_local(scope: _Scope, rel: str, label: str, report: ValidationReport) 
     try:
         st = os.lstat(path)
     except OSError:
-        near = difflib.get_close_matches(rel, scope.files, n=1, cutoff=0.6)
+        near = [f for f in scope.files if f.lower() == rel.lower()]
+        near = near or difflib.get_close_matches(rel, scope.files, n=1, cutoff=0.6)
         report.error(
             f"{label}: the file '{rel}' is not in {scope.where()}"
             + (f" (did you mean '{near[0]}'?)" if near else "")

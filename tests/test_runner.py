@@ -70,7 +70,7 @@ def test_single_job_end_to_end(tmp_path: Path, vip_server: LocalVip) -> None:
     reports = list(out.rglob("report.json"))
     assert len(reports) == 1
     # the archive became a folder named after it, under the execution's timestamp folder
-    assert reports[0].parent.name == "scan.txt_stats.tgz"
+    assert reports[0].parent.name == "scan_stats.tgz" and reports[0].parent.is_dir()
     assert not list(out.rglob("*.tgz")) or all(p.is_dir() for p in out.rglob("*.tgz"))
     assert json.loads(reports[0].read_text())["sha256"] == stats_of(data)
     # the server is clean: session folder gone, execution deleted
@@ -183,9 +183,9 @@ def test_invalid_dataset_exits_2_and_sends_nothing(tmp_path: Path, vip_server: L
         "--output", str(tmp_path / "out"), api_key=vip_server.api_key, cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr
-    assert "missing.txt" in result.stderr and "mode" in result.stderr and "repeat" in result.stderr
+    assert "missing.txt" in result.stderr and "whole number" in result.stderr
     client = VipClient(vip_server.url, vip_server.api_key)
-    assert not client.exists("/vip/Home/API")
+    assert client.list("/vip/Home") == []
     assert server_execution_names(vip_server) == []
 
 
@@ -202,7 +202,7 @@ def test_dry_run_prints_plan_and_sends_nothing(tmp_path: Path, vip_server: Local
     assert "a.txt" in result.stdout and "b.txt" in result.stdout
     assert "nothing was sent" in result.stdout
     client = VipClient(vip_server.url, vip_server.api_key)
-    assert not client.exists("/vip/Home/API")
+    assert client.list("/vip/Home") == []
 
 
 # Crash points: every stage boundary, between the launch POST and its journal write, and
@@ -249,12 +249,12 @@ def test_resume_after_sigkill(tmp_path: Path, vip_server: LocalVip, failpoint: s
     assert not list(out.rglob("*.part"))
     # nothing left on the server
     client = VipClient(vip_server.url, vip_server.api_key)
-    wait_for(lambda: not client.exists("/vip/Home/API") or client.list("/vip/Home/API") == [])
+    wait_for(lambda: all(client.list(p.path) == [] for p in client.list("/vip/Home")))
     assert client.executions() == []
 
 
 def test_session_data_loads_in_official_client(tmp_path: Path, vip_server: LocalVip) -> None:
-    from vip_client.classes import VipSession
+    from vip_client import VipSession
 
     ds = write_dataset(
         tmp_path / "drop" / "subject-6", {"scan.txt": "abc\n"},

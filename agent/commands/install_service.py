@@ -48,14 +48,14 @@ def _is_root() -> bool:
 
 
 def default_config(launchd: bool, user_mode: bool) -> Path:
-    """Where the service's agent.yaml lives by default."""
+    """Where the service's agent.yaml lives by default: the one ``vip-agent watch``
+    reads without ``--config`` for a user service, a system-wide one otherwise."""
+    if user_mode:
+        xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(xdg) / "vip-agent" / "agent.yaml"
     if launchd:
-        base = Path.home() if user_mode else Path("/")
-        return base / "Library" / "Application Support" / "vip-agent" / "agent.yaml"
-    if not user_mode:
-        return Path(service.SYSTEM_CONFIG)
-    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(xdg) / "vip-agent" / "agent.yaml"
+        return Path("/Library/Application Support/vip-agent/agent.yaml")
+    return Path(service.SYSTEM_CONFIG)
 
 
 def default_target_dir(launchd: bool, user_mode: bool) -> Path:

@@ -6,7 +6,13 @@ import argparse
 import os
 import sys
 
-from agent.credentials import DEFAULT_SERVER, ENV_VAR, KEYRING_SERVICE, delete_api_key, normalise_server_url
+from agent.credentials import (
+    DEFAULT_SERVER,
+    ENV_VAR,
+    KEYRING_SERVICE,
+    delete_api_key,
+    normalise_server_url,
+)
 from agent.errors import CredentialError
 
 EXIT_OK, EXIT_USAGE, EXIT_CREDENTIAL = 0, 2, 3

@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["VipClient", "Progress", "encode_path", "encode_pipeline_id"]
 
-#: progress callback: bytes transferred so far for the current attempt of one file
+#: progress callback: bytes moved since its previous call (a retried transfer counts again);
+#: it may raise to abandon the transfer (the exception propagates unchanged)
 Progress = Callable[[int], None]
 
 _CHUNK = 1 << 20  # download write size and upload read cap
@@ -127,11 +128,14 @@ def _check_name(remote: str) -> None:
 class _ApiKeyAuth(AuthBase):
     """Adds the ``apikey`` header at send time; its repr never shows the key."""
 
+    __slots__ = ("key",)
+
     def __init__(self, key: str) -> None:
-        self._key = key
+        self.key = key
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["apikey"] = self._key
+        if self.key:  # an empty key is no key: VIP then answers 8003 rather than 8002
+            request.headers["apikey"] = self.key
         return request
 
     def __repr__(self) -> str:
@@ -175,7 +179,7 @@ class _UploadBody:
         if data:
             self.sent += len(data)
             if self._progress is not None:
-                self._progress(self.sent)
+                self._progress(len(data))
         return data
 
     def __iter__(self) -> Any:
@@ -230,9 +234,9 @@ class VipClient:
         self.backoff = max(0.0, float(backoff))
         #: after a transfer timeout, how long to watch for the upload landing before re-sending
         self.transfer_grace = max(0.0, float(transfer_grace))
-        self._key = api_key
+        self._auth = _ApiKeyAuth(api_key)  # the only holder of the key; its repr hides it
         self._session = requests.Session()
-        self._session.auth = _ApiKeyAuth(api_key)
+        self._session.auth = self._auth
         self._session.headers["User-Agent"] = user_agent
         self._session.max_redirects = 0
         adapter = _Adapter(pool_connections=4, pool_maxsize=max(1, pool), max_retries=0)
@@ -264,8 +268,9 @@ class VipClient:
 
     def _scrub(self, text: str) -> str:
         """Defence in depth: a proxy page could echo request headers back."""
-        if self._key and self._key in text:
-            text = text.replace(self._key, "<apikey>")
+        key = self._auth.key
+        if key and key in text:
+            text = text.replace(key, "<apikey>")
         return text
 
     def _delay(self, attempt: int) -> float:
@@ -614,7 +619,9 @@ class VipClient:
         interval = max(0.05, min(2.0, self.backoff))
         while True:
             state = self._landed(remote, size)
-            if state == "ok" or time.monotonic() >= deadline:
+            # VIP registers a file once it is complete, so a wrong size is a stale file
+            # (the PUT then failed because the target existed), not one still landing
+            if state != "missing" or time.monotonic() >= deadline:
                 return state
             time.sleep(interval)
 
@@ -625,7 +632,7 @@ class VipClient:
         transfer timeout or a network error, the target is checked before sending again:
         the right size means done; a wrong size is deleted, waited for, and re-sent.
         A target that already exists with the same size counts as uploaded, so callers
-        upload into fresh folders. ``progress`` gets the bytes sent so far in this attempt.
+        upload into fresh folders. ``progress`` gets each piece's byte count as it is sent.
         """
         local = Path(local)
         remote = _norm_remote(remote)
@@ -693,7 +700,7 @@ class VipClient:
         Data goes to ``<local>.part`` in the same folder, is size-checked against
         ``expected_size`` and Content-Length, fsynced, then renamed over ``local``.
         Retries on transfer timeouts and network errors. A file over VIP's direct-transfer
-        limit raises TooLargeError. ``progress`` gets the bytes written so far in this attempt.
+        limit raises TooLargeError. ``progress`` gets each piece's byte count as it is written.
         """
         remote = _norm_remote(remote)
         local = Path(local)
@@ -780,7 +787,7 @@ class VipClient:
                         out.write(chunk)
                         count += len(chunk)
                         if progress is not None:
-                            progress(count)
+                            progress(len(chunk))
                     out.flush()
                     os.fsync(out.fileno())
             except requests.exceptions.RequestException as exc:

@@ -95,6 +95,8 @@ class Candidates:
         """Whether a top-level name can be a dataset (not hidden, partial or the agent's)."""
         if ds.is_ignored(name) or ds.is_partial(name) or name == ds.JOB_FILE:
             return False
+        if name.endswith(".ERROR.txt"):  # the error report of a one-file dataset
+            return False
         if self._own_folder(self.root / name):
             return False
         if self.drop.datasets == "files":
@@ -141,7 +143,7 @@ class DropEventHandler(FileSystemEventHandler):
             paths.append(event.dest_path)
         seen = set()
         for p in paths:
-            key = self.candidates.key_for(p, event.is_directory)
+            key = self.candidates.key_for(os.fsdecode(p), event.is_directory)
             if key is not None and key not in seen:
                 seen.add(key)
                 self.notify(key)
@@ -169,7 +171,7 @@ def filesystem_type(path: Path) -> str | None:
 def _native_observer() -> BaseObserver:
     from watchdog.observers import Observer
 
-    return Observer()  # type: ignore[no-any-return]
+    return Observer()
 
 
 def _polling_observer(interval: float) -> BaseObserver:

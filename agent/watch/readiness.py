@@ -19,7 +19,6 @@ Partial names (``*.part``, ``*.tmp``...) always hold a dataset back.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,20 +72,18 @@ def marker_path(path: Path, drop: DropConfig) -> Path:
     return path / drop.readiness.marker
 
 
-def _expected(path: Path, drop: DropConfig) -> list[str] | str:
-    """The manifest globs of a dataset's job file, or why they cannot be read."""
-    try:
-        from agent.jobfile import load_job
-    except ImportError as err:  # pragma: no cover - jobfile is part of the package
-        return f"job file support missing: {err}"
+def _missing_expected(path: Path, drop: DropConfig) -> tuple[str, ...] | str:
+    """The job file's ``expect:`` patterns that match no file yet, or why it cannot be read."""
+    from agent.jobfile import load_job
+
     template = drop.template if drop.template.is_file() else None
     try:
         spec = load_job(path, template)
+        return tuple(spec.missing_expected())
     except AgentError as err:
         return err.message
     except (OSError, ValueError) as err:
         return str(err)
-    return list(getattr(spec, "expect", None) or [])
 
 
 def take_snapshot(path: Path, drop: DropConfig) -> Snapshot:
@@ -116,11 +113,11 @@ def take_snapshot(path: Path, drop: DropConfig) -> Snapshot:
     missing: tuple[str, ...] = ()
     problem = None
     if drop.readiness.rule == "manifest":
-        expected = _expected(path, drop)
-        if isinstance(expected, str):
-            problem = expected
+        found = _missing_expected(path, drop)
+        if isinstance(found, str):
+            problem = found
         else:
-            missing = tuple(g for g in expected if not any(fnmatch.fnmatchcase(n, g) for n in names))
+            missing = found
     return Snapshot(
         exists=True,
         # the full scan's fingerprint: the runner computes the same one
@@ -172,3 +169,14 @@ def file_stem(name: str) -> str:
             return name[: -len(ext)]
     stem, _ = os.path.splitext(name)
     return stem or name
+
+
+def current_fingerprint(path: Path) -> str | None:
+    """The fingerprint of a dataset (folder or one file) as it is now; None if it is gone."""
+    if path.is_dir():
+        return ds.scan(path).fingerprint
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return ds.fingerprint([ds.FileEntry(path.name, st.st_size, st.st_mtime_ns)])

@@ -1,0 +1,96 @@
+"""``vip-agent local-server``: serve a VIP-compatible REST API on this machine.
+
+The first stdout line is the portal base URL (REST under ``/rest/``). Without
+``--api-key`` the key is ``VIP_API_KEY`` from the environment, or a generated
+one printed on the second line. Serves until SIGINT/SIGTERM, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from agent.errors import ConfigError
+from agent.localvip.faults import FaultSpec
+from agent.localvip.server import LocalVip
+
+
+def default_root() -> Path:
+    """``$XDG_DATA_HOME/vip-agent/localvip`` (default ``~/.local/share/vip-agent/localvip``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "vip-agent" / "localvip"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one (default)")
+    parser.add_argument(
+        "--root", type=Path, default=None,
+        help="storage root: /vip/Home of user@localvip is ROOT/user_localvip, server state in "
+        "ROOT/.localvip (default: $XDG_DATA_HOME/vip-agent/localvip, i.e. ~/.local/share/vip-agent/localvip)",
+    )
+    parser.add_argument(
+        "--api-key", action="append", metavar="KEY",
+        help="accepted API key; repeat for more users (key N belongs to userN@localvip). "
+        "Default: $VIP_API_KEY, else a generated key printed on the second stdout line",
+    )
+    parser.add_argument("--password", default="localvip",
+                        help="password of user@localvip for POST /rest/authenticate (default 'localvip')")
+    parser.add_argument("--pipelines", type=Path, default=None, metavar="DIR",
+                        help="extra Boutiques descriptors (*.json) besides the built-ins")
+    parser.add_argument("--max-running", type=int, default=1, metavar="N",
+                        help="running executions allowed per user before error 2001 (default 1)")
+    parser.add_argument("--faults", default=None, metavar="SPEC",
+                        help="fault injection, e.g. 'error_rate=0.1,drop_rate=0.05,latency=0.2,"
+                        "transfer_timeout=0.1,capacity=0.2,unknown_blip=0.3,delete_delay=2,"
+                        "legacy_dates,legacy_defaults,seed=1,match=REGEX,methods=GET|PUT,times=N' (default off)")
+    parser.add_argument("--max-download", type=int, default=15_000_000, metavar="BYTES",
+                        help="largest file served by action=content, published as maxSizeDirectTransfer "
+                        "(default 15000000)")
+    parser.add_argument("--delete-delay", type=float, default=0.0, metavar="S",
+                        help="seconds a deleted path stays visible (VIP deletes asynchronously; default 0)")
+    parser.add_argument("--log-level", default="WARNING", help="server log level on stderr (default WARNING)")
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=str(args.log_level).upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    keys = args.api_key or None
+    generated = False
+    if not keys and os.environ.get("VIP_API_KEY"):
+        keys = [os.environ["VIP_API_KEY"].strip()]
+    if not keys:
+        generated = True
+    faults = FaultSpec.parse(args.faults) if args.faults else None
+    root = args.root or default_root()
+    try:
+        server = LocalVip(
+            root, host=args.host, port=args.port, api_keys=keys, pipelines_dir=args.pipelines,
+            max_running=args.max_running, faults=faults, max_download=args.max_download,
+            delete_delay=args.delete_delay, password=args.password,
+        )
+        server.start()
+    except (OSError, ValueError) as err:
+        raise ConfigError("the local VIP server could not start", detail=str(err)) from None
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    print(server.url, flush=True)
+    if generated:
+        print(server.api_key, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    return 0

@@ -1,0 +1,789 @@
+"""HTTP front end of the local VIP server, and :class:`LocalVip`.
+
+Stdlib ``ThreadingHTTPServer`` speaking HTTP/1.1 with keep-alive. Request bodies
+(Content-Length or chunked) are streamed to a temp file under
+``<root>/.localvip/tmp`` and linked into place; downloads use ``sendfile``
+(falling back to 1 MiB chunks), so memory stays flat for multi-GB files.
+
+Deliberate differences from VIP (see /work/shared/vip-rest-api.md), made so the
+official ``vip-client`` 0.1.10 works end to end:
+
+* a trailing ``/`` on a ``/rest/path`` URL is ignored: the client's ``create_dir``
+  sends ``PUT /rest/path/vip/Home/dir/``;
+* ``PUT /rest/platform`` (the client's key check) behaves like GET, as VIP's
+  method-less mapping does; a valid key therefore gets 200 + platform JSON;
+* only ``/vip/Home`` and ``/vip/Trash`` exist (no groups); API key *i* belongs
+  to user *i* (``user@localvip``, ``user2@localvip``...), all with one password.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
+
+from agent.localvip.codes import GENERIC, ApiFailure, generic, platform_errors
+from agent.localvip.executions import Engine
+from agent.localvip.faults import FaultSpec
+from agent.localvip.pipelines import Pipeline, load_pipelines
+from agent.localvip.state import State
+from agent.localvip.storage import Storage
+
+log = logging.getLogger("agent.localvip")
+
+CHUNK = 1 << 20
+MAX_JSON_BODY = 64 << 20
+MAX_LIST_LIMIT = 500
+LOCK_AFTER_FAILURES = 5
+DROP_STATUSES = [500, 502]
+
+
+@dataclass
+class User:
+    email: str
+    folder: str
+    key: str = field(repr=False)
+    failures: int = 0
+    locked: bool = False
+
+
+class _Dropped(Exception):
+    """The connection was dropped on purpose (fault injection)."""
+
+
+class BodyReader:
+    """Reads a request body framed by Content-Length or chunked encoding."""
+
+    def __init__(self, rfile: Any, headers: Any) -> None:
+        self.rfile = rfile
+        te = (headers.get("Transfer-Encoding") or "").lower()
+        self.chunked = "chunked" in te
+        length = headers.get("Content-Length")
+        try:
+            self.remaining = 0 if self.chunked else max(0, int(length or 0))
+        except ValueError:
+            raise generic(400) from None
+        self.chunk_left = 0
+        self.done = not self.chunked and self.remaining == 0
+
+    def read(self, n: int = CHUNK) -> bytes:
+        """Up to ``n`` bytes; b"" at the end of the body."""
+        if self.done:
+            return b""
+        if not self.chunked:
+            data = self.rfile.read(min(n, self.remaining))
+            if not data:
+                raise ConnectionError("client closed the connection mid-body")
+            self.remaining -= len(data)
+            self.done = self.remaining == 0
+            return data
+        if self.chunk_left == 0:
+            line = self.rfile.readline(1024)
+            if not line:
+                raise ConnectionError("client closed the connection mid-body")
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise generic(400) from None
+            if size == 0:
+                while True:  # trailers, then the blank line
+                    trailer = self.rfile.readline(8192)
+                    if trailer in (b"\r\n", b"\n", b""):
+                        break
+                self.done = True
+                return b""
+            self.chunk_left = size
+        data = self.rfile.read(min(n, self.chunk_left))
+        if not data:
+            raise ConnectionError("client closed the connection mid-body")
+        self.chunk_left -= len(data)
+        if self.chunk_left == 0:
+            self.rfile.readline(8)  # CRLF after the chunk
+        return data
+
+    def read_all(self, limit: int = MAX_JSON_BODY) -> bytes:
+        parts, total = [], 0
+        while chunk := self.read():
+            total += len(chunk)
+            if total > limit:
+                raise generic(400)
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def drain(self) -> int:
+        total = 0
+        while chunk := self.read():
+            total += len(chunk)
+        return total
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    app: LocalVip
+
+    def __init__(self, addr: tuple[str, int], app: LocalVip) -> None:
+        self.app = app
+        self.conns: set[socket.socket] = set()
+        self.conns_lock = threading.Lock()
+        super().__init__(addr, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "localvip"
+    sys_version = ""
+    timeout = 300  # idle keep-alive connections end after this
+    server: _HTTPServer
+
+    # -- plumbing ----------------------------------------------------------------
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.server.conns_lock:
+            self.server.conns.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.conns_lock:
+            self.server.conns.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("localvip %s: " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+    # -- responses ---------------------------------------------------------------
+    def _send(self, status: int, body: bytes, ctype: str | None, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        if ctype:
+            self.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if status != 204:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self._sent = True
+        if self.command == "HEAD" or status == 204:
+            return
+        if self._drop_response and body:
+            self.wfile.write(body[: len(body) // 2])
+            raise _Dropped()
+        self.wfile.write(body)
+
+    def _json(self, obj: Any, status: int = 200) -> None:
+        data = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+        self._send(status, data, "application/json")
+
+    def _text(self, text: str) -> None:
+        self._send(200, text.encode("utf-8"), "text/plain;charset=UTF-8")
+
+    def _error(self, err: ApiFailure) -> None:
+        headers = {"WWW-Authenticate": "header; header-name=apikey"} if err.http_status == 401 else None
+        body = json.dumps({"errorCode": err.code, "errorMessage": err.message}, separators=(",", ":"))
+        self._send(err.http_status, body.encode("utf-8"), "application/json", headers)
+
+    # -- dispatch ----------------------------------------------------------------
+    def _dispatch(self) -> None:
+        self._sent = False
+        self._drop_response = False
+        app = self.server.app
+        self.body = None
+        method = self.command.upper()
+        try:
+            self.body = BodyReader(self.rfile, self.headers)
+            split = urlsplit(self.path)
+            raw_path = split.path
+            query = parse_qs(split.query, keep_blank_values=True)
+            faults = app.faults
+            if faults.active:
+                if faults.latency > 0 and faults.targets(method, raw_path):
+                    time.sleep(faults.latency)
+                if faults.roll("error_rate", method, raw_path):
+                    self.body.drain()
+                    status = faults.choice(DROP_STATUSES)
+                    page = f"<html><body><h1>{status} Proxy Error</h1></body></html>".encode()
+                    self._send(status, page, "text/html")
+                    return
+                if faults.roll("drop_rate", method, raw_path):
+                    self._drop_response = True
+            self._route(app, method, raw_path, split.query, query)
+        except ApiFailure as err:
+            self._finish_error(err)
+        except _Dropped:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            log.exception("localvip: unexpected error on %s %s", method, urlsplit(self.path).path)
+            self._finish_error(ApiFailure(8000, GENERIC, 500))
+        finally:
+            if self.body is not None and not self.body.done and not self.close_connection:
+                try:
+                    self.body.drain()
+                except Exception:
+                    self.close_connection = True
+
+    def _finish_error(self, err: ApiFailure) -> None:
+        if self._sent:
+            self.close_connection = True
+            return
+        try:
+            if self.body is not None and not self.body.done:
+                self.body.drain()
+            self._error(err)
+        except _Dropped:
+            self.close_connection = True
+        except Exception:
+            self.close_connection = True
+
+    def _route(self, app: LocalVip, method: str, raw_path: str, raw_query: str, query: dict[str, list[str]]) -> None:
+        if raw_path != "/rest" and not raw_path.startswith("/rest/"):
+            raise generic(404)
+        sub = raw_path[len("/rest"):]
+        is_path = sub.startswith("/path/")
+        route = sub if is_path else (sub.rstrip("/") or "/")
+        user = self._auth(app)
+        public = (
+            route in ("/platform", "/authenticate")
+            or (route == "/pipelines" and method in ("GET", "HEAD") and "public" in query)
+        )
+        if user is None and not public:
+            raise ApiFailure(
+                8003, "Full authentication is required to access this resource", 401, suffix=False
+            )
+        if route == "/platform":
+            return self._json(app.platform())
+        if route == "/authenticate":
+            if method != "POST":
+                raise generic(405)
+            return self._authenticate(app)
+        if route == "/pipelines" or route.startswith("/pipelines/"):
+            return self._pipelines(app, user, route, raw_path, query)
+        if is_path:
+            assert user is not None
+            return self._path(app, user, method, raw_path, query)
+        if route == "/executions" or route.startswith("/executions/"):
+            assert user is not None
+            return self._executions(app, user, method, route, query)
+        raise generic(404)
+
+    def _auth(self, app: LocalVip) -> User | None:
+        key = self.headers.get("apikey")
+        if key is None:
+            return None
+        user = app.user_for_key(key.strip())
+        if user is None:
+            raise ApiFailure(8002, "Bad credentials", 401, suffix=False)
+        if user.locked:
+            raise ApiFailure(8004, "User account is locked", 401, suffix=False)
+        return user
+
+    def _json_body(self) -> Any:
+        assert self.body is not None
+        raw = self.body.read_all()
+        if not raw.strip():
+            raise generic(400)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise generic(400) from None
+
+    # -- /authenticate ---------------------------------------------------------------
+    def _authenticate(self, app: LocalVip) -> None:
+        body = self._json_body()
+        if not isinstance(body, dict):
+            raise generic(400)
+        for key in ("username", "password"):
+            if body.get(key) is None:
+                raise ApiFailure(8009, f"Input field '{key}' is not valid. Cause : must not be null")
+        key = app.authenticate(str(body["username"]), str(body["password"]))
+        self._json({"httpHeader": "apikey", "httpHeaderValue": key})
+
+    # -- /pipelines ------------------------------------------------------------------
+    def _pipelines(self, app: LocalVip, user: User | None, route: str, raw_path: str,
+                   query: dict[str, list[str]]) -> None:
+        pipes = app.pipelines()
+        if route == "/pipelines" and "pipelineId" not in query:
+            self._json([p.summary() for p in pipes.values() if user is None or p.allowed(user.email)])
+            return
+        if route == "/pipelines":
+            ident = unquote_plus(query["pipelineId"][0])
+        else:
+            raw = raw_path[len("/rest/pipelines/"):].rstrip("/")
+            segs = raw.split("/")
+            if len(segs) > 2 or not all(segs):
+                raise generic(404)
+            # Spring decodes the path once, the controller URL-decodes the id again
+            ident = "/".join(unquote_plus(unquote(s)) for s in segs)
+        if user is None:
+            raise ApiFailure(8003, "Full authentication is required to access this resource", 401, suffix=False)
+        pipeline = app.engine.resolve_pipeline(ident, user.email)
+        if query.get("format", [""])[0] == "boutiques":
+            self._json(pipeline.descriptor)
+            return
+        self._json(pipeline.detail(ident, legacy_defaults=app.faults.legacy_defaults))
+
+    # -- /path -------------------------------------------------------------------------
+    def _path(self, app: LocalVip, user: User, method: str, raw_path: str, query: dict[str, list[str]]) -> None:
+        complete = unquote(raw_path[len("/rest/path"):])  # decoded once; '+' stays '+'
+        storage = app.storage
+        action = query.get("action")
+        if action is not None:
+            res = storage.resolve(user.folder, complete)
+            act = action[0]
+            if act == "exists":
+                return self._json({"exists": storage.exists(res)})
+            if act == "properties":
+                return self._json(storage.properties(res))
+            if act == "list":
+                return self._json(storage.list(res))
+            if act == "md5":
+                raise ApiFailure(8000, GENERIC)
+            if act == "content":
+                return self._download(app, method, res)
+            raise generic(400)
+        if method == "PUT":
+            return self._upload(app, user, complete)
+        if method == "DELETE":
+            res = storage.resolve(user.folder, complete)
+            storage.delete(res, app.effective_delete_delay())
+            return self._send(204, b"", None)
+        raise generic(400)  # missing 'action' parameter
+
+    def _download(self, app: LocalVip, method: str, res: Any) -> None:
+        local: Path | None = res.local
+        if local is None or not local.is_file():
+            raise ApiFailure(8000, f"The path '{res.vip_path}' does not exist or is not a file")
+        size = local.stat().st_size
+        if size > app.max_download:
+            raise ApiFailure(8000, f"The file '{res.vip_path}' is too big to be downloaded directly")
+        if app.faults.roll("transfer_timeout", method, urlsplit(self.path).path):
+            raise ApiFailure(8000, f"Transfer of '{res.vip_path}' timed out")
+        with open(local, "rb") as f:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            self._sent = True
+            if method == "HEAD":
+                return
+            limit = size // 2 if self._drop_response else size
+            _copy_to_socket(f, self.connection, self.wfile, limit)
+            if self._drop_response:
+                raise _Dropped()
+
+    def _upload(self, app: LocalVip, user: User, complete: str) -> None:
+        storage = app.storage
+        assert self.body is not None
+        res = storage.resolve(user.folder, complete)
+        target = storage.upload_target(res)
+        if target.exists():
+            n = self.body.drain()
+            if n == 0 and target.is_dir():
+                return self._send(201, b"", None)
+            raise ApiFailure(8000, f"File '{res.vip_path}' already exists")
+        tmp: Path | None = storage.new_tmp()
+        assert tmp is not None
+        try:
+            ctype = (self.headers.get("Content-Type") or "").lower()
+            if ctype.startswith("application/carmin+json"):
+                n = self._base64_body(tmp)
+            else:
+                n = self._stream_body(tmp)
+            if n == 0:
+                storage.mkdir(target, res.vip_path)
+                return self._send(201, b"", None)
+            if app.faults.roll("transfer_timeout", "PUT", urlsplit(self.path).path):
+                # VIP answers 400 after 45 s while GRIDA still lands the file
+                landing: Path = tmp
+                tmp = None
+                timer = threading.Timer(app.faults.transfer_land_delay, _land_quietly,
+                                        args=(storage, landing, target, res.vip_path))
+                timer.daemon = True
+                timer.start()
+                raise ApiFailure(8000, f"Transfer of '{res.vip_path}' timed out")
+            storage.land(tmp, target, res.vip_path)
+            tmp = None
+        finally:
+            if tmp is not None and tmp.exists():
+                tmp.unlink()
+        self._send(201, b"", None)
+
+    def _stream_body(self, tmp: Path) -> int:
+        assert self.body is not None
+        total = 0
+        drop_at = None
+        if self._drop_response:
+            drop_at = max(1, self.body.remaining // 2) if not self.body.chunked else CHUNK
+        with open(tmp, "wb", buffering=0) as f:
+            while chunk := self.body.read(CHUNK):
+                f.write(chunk)
+                total += len(chunk)
+                if drop_at is not None and total >= drop_at:
+                    raise _Dropped()
+        if drop_at is not None:
+            raise _Dropped()
+        return total
+
+    def _base64_body(self, tmp: Path) -> int:
+        body = self._json_body()
+        if not isinstance(body, dict) or not isinstance(body.get("type"), str):
+            raise generic(400)
+        kind = body["type"].lower()
+        if kind == "archive":
+            raise ApiFailure(8000, "Archive upload is not supported yet")
+        if kind != "file":
+            raise generic(400)
+        try:
+            data = base64.b64decode(str(body.get("base64Content") or ""), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiFailure(8000, "Invalid base64 content") from None
+        if self._drop_response:
+            raise _Dropped()
+        tmp.write_bytes(data)
+        return len(data)
+
+    # -- /executions ---------------------------------------------------------------
+    def _executions(self, app: LocalVip, user: User, method: str, route: str,
+                    query: dict[str, list[str]]) -> None:
+        engine = app.engine
+        parts = route.split("/")[2:]  # after '', 'executions'
+        if not parts:
+            if method == "POST":
+                body = self._json_body()
+                capacity = app.faults.roll("capacity", method, "/rest/executions")
+                exec_id = engine.create(user.email, user.folder, body, capacity_fault=capacity,
+                                        legacy_dates=app.faults.legacy_dates)
+                return self._json(engine.view(engine.owned(exec_id, user.email)))
+            if method not in ("GET", "HEAD"):
+                raise generic(405)
+            if "offset" in query or "studyIdentifier" in query:
+                raise ApiFailure(8000, "offset and studyIdentifier are not supported")
+            try:
+                limit = int(query.get("limit", [str(MAX_LIST_LIMIT)])[0])
+            except ValueError:
+                raise generic(400) from None
+            if limit > MAX_LIST_LIMIT:
+                raise ApiFailure(8000, f"The limit cannot exceed {MAX_LIST_LIMIT}")
+            rows = app.state.executions(user.email, max(limit, 0))
+            return self._json([engine.view(r, summary=True) for r in rows])
+        if parts == ["count"]:
+            return self._text(str(app.state.count(user.email)))
+        if parts[0] == "examples":
+            if len(parts) == 1:
+                return self._json([])
+            raise ApiFailure(8016, "Not an example execution")
+        row = engine.owned(parts[0], user.email)
+        rest = parts[1:]
+        if not rest:
+            if method == "PUT":
+                return self._update(app, user, row)
+            blip = method == "GET" and app.faults.roll("unknown_blip", method, urlsplit(self.path).path)
+            return self._json(engine.view(row, blip=blip))
+        if rest == ["results"]:
+            out = []
+            for _out_id, path in app.state.outputs(row.id):
+                try:
+                    out.append(app.storage.properties(app.storage.resolve(user.folder, path)))
+                except ApiFailure:
+                    continue
+            return self._json(out)
+        if rest in (["stdout"], ["stderr"]):
+            jobs = app.state.jobs(row.id)
+            if not jobs:
+                return self._text("no log found")
+            if len(jobs) > 1:
+                return self._text("jobId is required when multiple tasks exist")
+            log_file = engine.log_path(row.id, jobs[0].job, rest[0][3:])
+            if not log_file.is_file():
+                raise ApiFailure(8000, "Log file not found")
+            return self._text(log_file.read_text(encoding="utf-8", errors="replace"))
+        if len(rest) == 3 and rest[0] == "jobs" and rest[2] in ("stdout", "stderr"):
+            try:
+                job = int(rest[1])
+            except ValueError:
+                raise generic(400) from None
+            log_file = engine.log_path(row.id, job, rest[2][3:])
+            if not log_file.is_file():
+                return self._text(f"no log found for job {rest[1]}")
+            return self._text(log_file.read_text(encoding="utf-8", errors="replace"))
+        if rest == ["kill"]:
+            if method != "PUT":
+                raise generic(405)
+            engine.kill(row)
+            return self._send(204, b"", None)
+        if rest == ["play"]:
+            if method != "PUT":
+                raise generic(405)
+            raise ApiFailure(8001, "The action is not implemented yet : playExecution")
+        if rest == ["delete"]:
+            if method != "PUT":
+                raise generic(405)
+            body = self._json_body()
+            if not isinstance(body, dict):
+                raise generic(400)
+            engine.delete(row, user.folder, bool(body.get("deleteFiles")), app.effective_delete_delay())
+            return self._send(204, b"", None)
+        raise generic(404)
+
+    def _update(self, app: LocalVip, user: User, row: Any) -> None:
+        body = self._json_body()
+        if not isinstance(body, dict):
+            raise generic(400)
+        for key in ("name", "pipelineIdentifier", "inputValues"):
+            if body.get(key) is None:
+                raise ApiFailure(8009, f"Input field '{key}' is not valid. Cause : must not be null")
+        timeout = body.get("timeout")
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            raise ApiFailure(8000, "Updating the timeout is not supported")
+        from agent.localvip.executions import NAME_VALID
+
+        name = str(body["name"])
+        if not NAME_VALID.fullmatch(name):
+            raise ApiFailure(8019, f"The execution name '{name[:200]}' contains invalid characters")
+        app.state.rename(row.id, name)
+        self._json(app.engine.view(app.engine.owned(row.id, user.email)))
+
+
+def _land_quietly(storage: Storage, tmp: Path, target: Path, vip_path: str) -> None:
+    try:
+        storage.land(tmp, target, vip_path)
+    except Exception as err:
+        log.info("localvip: late landing of %s failed: %s", vip_path, err)
+
+
+def _copy_to_socket(f: Any, sock: socket.socket, wfile: Any, count: int) -> None:
+    """Send ``count`` bytes of ``f``: zero-copy sendfile, else 1 MiB chunks."""
+    offset = 0
+    try:
+        fd = f.fileno()
+        while offset < count:
+            sent = os.sendfile(sock.fileno(), fd, offset, min(count - offset, 1 << 30))
+            if sent == 0:
+                raise ConnectionError("peer closed during download")
+            offset += sent
+        return
+    except (AttributeError, OSError) as err:
+        if isinstance(err, (BrokenPipeError, ConnectionError)):
+            raise
+    f.seek(offset)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while offset < count:
+        n = f.readinto(view[: min(CHUNK, count - offset)])
+        if not n:
+            break
+        wfile.write(view[:n])
+        offset += n
+
+
+class LocalVip:
+    """A VIP-compatible REST server with local pipelines, in a background thread.
+
+    ``root`` holds user storage (``<root>/<user folder>`` is ``/vip/Home``) and the
+    server's private area ``<root>/.localvip`` (SQLite state, job work dirs, temp
+    files). ``faults`` may be a :class:`FaultSpec` or a spec string.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_keys: list[str] | None = None,
+        pipelines_dir: str | os.PathLike[str] | None = None,
+        max_running: int = 1,
+        faults: FaultSpec | str | None = None,
+        max_download: int = 15_000_000,
+        delete_delay: float = 0.0,
+        username: str = "user@localvip",
+        password: str = "localvip",
+        max_platform_running: int = 35,
+        max_parallel_jobs: int = 4,
+        kill_grace: float = 2.0,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.host = host
+        self.port = port
+        keys = list(api_keys) if api_keys else [secrets.token_urlsafe(24)]
+        if any(not k or k != k.strip() for k in keys):
+            raise ValueError("API keys must be non-empty and without surrounding spaces")
+        self.users: list[User] = []
+        for i, key in enumerate(keys):
+            local, _, domain = username.partition("@")
+            email = username if i == 0 else f"{local}{i + 1}@{domain}" if domain else f"{local}{i + 1}"
+            folder = email.replace("@", "_").replace(".", "_")
+            self.users.append(User(email, folder, key))
+        self._by_key = {u.key: u for u in self.users}
+        self._password = password
+        self.pipelines_dir = Path(pipelines_dir) if pipelines_dir else None
+        self.max_running = max_running
+        self.max_download = max_download
+        self.delete_delay = delete_delay
+        self.max_platform_running = max_platform_running
+        self.max_parallel_jobs = max_parallel_jobs
+        self.kill_grace = kill_grace
+        self._faults = _as_faults(faults)
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._pipes: dict[str, Pipeline] = {}
+        self._auth_lock = threading.Lock()
+
+    # -- public API ------------------------------------------------------------------
+    @property
+    def api_key(self) -> str:
+        return self.users[0].key
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [u.key for u in self.users]
+
+    @property
+    def faults(self) -> FaultSpec:
+        return self._faults
+
+    @faults.setter
+    def faults(self, value: FaultSpec | str | None) -> None:
+        self._faults = _as_faults(value)
+
+    @property
+    def url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("LocalVip is not started")
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{host}:{self.port}"
+
+    def home(self, user: int = 0) -> Path:
+        """Local folder behind ``/vip/Home`` of user ``user`` (for tests)."""
+        return self.root / self.users[user].folder
+
+    def start(self) -> LocalVip:
+        if self._httpd is not None:
+            return self
+        private = self.root / ".localvip"
+        private.mkdir(parents=True, exist_ok=True)
+        self.state = State(private / "state.sqlite3")
+        self.storage = Storage(self.root, private)
+        for u in self.users:
+            self.state.set_user(u.email, u.folder, u.key)
+            self.storage.home(u.folder)
+        self.reload_pipelines()
+        self.engine = Engine(
+            self.state, self.storage, lambda: self._pipes, private / "work",
+            max_running=self.max_running, max_platform_running=self.max_platform_running,
+            max_parallel_jobs=self.max_parallel_jobs, kill_grace=self.kill_grace,
+        )
+        self._httpd = _HTTPServer((self.host, self.port), self)
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+            name="localvip-http", daemon=True,
+        )
+        self._thread.start()
+        log.info("localvip: serving %s (root %s)", self.url, self.root)
+        return self
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        with httpd.conns_lock:
+            conns = list(httpd.conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(5)
+        self.engine.stop()
+        self.storage.flush_pending()
+        self.state.close()
+
+    def __enter__(self) -> LocalVip:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reload_pipelines(self) -> None:
+        """Re-read built-in and ``pipelines_dir`` descriptors."""
+        self._pipes = load_pipelines(self.pipelines_dir)
+
+    def pipelines(self) -> dict[str, Pipeline]:
+        return self._pipes
+
+    # -- used by the handler -----------------------------------------------------------
+    def user_for_key(self, key: str) -> User | None:
+        return self._by_key.get(key) if key else None
+
+    def authenticate(self, username: str, password: str) -> str:
+        with self._auth_lock:
+            user = next((u for u in self.users if u.email == username), None)
+            if user is None:
+                raise ApiFailure(8002, "Bad credentials", 401)
+            if user.locked:
+                raise ApiFailure(8004, "User account is locked", 401)
+            if not secrets.compare_digest(password.encode(), self._password.encode()):
+                user.failures += 1
+                if user.failures > LOCK_AFTER_FAILURES:
+                    user.locked = True
+                raise ApiFailure(8002, "Bad credentials", 401)
+            user.failures = 0
+            return user.key
+
+    def effective_delete_delay(self) -> float:
+        return max(self.delete_delay, self._faults.delete_delay)
+
+    def platform(self) -> dict[str, Any]:
+        errors = platform_errors()
+        return {
+            "platformName": "VIP",
+            "platformDescription": "Virtual Imaging Platform (localvip test double)",
+            "email": "localvip@localhost",
+            "supportedTransferProtocols": ["https"],
+            "supportedModules": ["Processing", "Data"],
+            "defaultLimitListExecutions": MAX_LIST_LIMIT,
+            "unsupportedMethods": ["playExecution"],
+            "supportedAPIVersion": "0.3",
+            "maxSizeDirectTransfer": self.max_download,
+            "minAuthorizedExecutionTimeout": None,
+            "maxAuthorizedExecutionTimeout": None,
+            "defaultStudy": None,
+            "oidcLoginProviders": [],
+            "APIErrorCodesAndMessages": errors,
+            "apierrorCodesAndMessages": errors,
+        }
+
+
+def _as_faults(value: FaultSpec | str | None) -> FaultSpec:
+    if value is None:
+        return FaultSpec()
+    if isinstance(value, str):
+        return FaultSpec.parse(value)
+    return value

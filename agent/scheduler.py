@@ -1,0 +1,443 @@
+"""The scheduler: steps many datasets through the runner within limits.
+
+One dispatcher thread decides what runs; each step runs in its own daemon
+thread (a step is one bounded slice of a stage, see ``agent.runner``). Limits:
+
+* ``upload`` and ``download`` pools: ``max_uploads`` / ``max_downloads`` per drop
+  folder; ``local`` (validate, extract, cleanup) and ``monitor`` have small
+  fixed sizes.
+* Executions: a step that may launch (stage ``launch``, or ``monitor`` with
+  executions not yet launched) runs one at a time per server, and a ``launch``
+  starts only while the journal counts fewer running executions on that server
+  than its ``max_running``. VIP's own cap (2001) answers with ``retry_after``
+  anyway, so the cap is never exceeded and never fails a dataset.
+* Waiting (monitor polling, capacity, outage) is a deadline on the dispatcher,
+  not a sleeping thread.
+* An :class:`~agent.vip.errors.AuthError` pauses every dataset of that server
+  (journal ``paused``), is logged once, and is probed with backoff until the key
+  works again (:meth:`Scheduler.probe_now` on SIGHUP).
+
+Stopping: :meth:`stop` stops dispatching and sets the runner's stop event;
+steps check it between chunks and raise ``Interrupted``. Step threads are
+daemon threads, so the process can exit without waiting for a transfer: the
+journal is written before every action, so an abandoned step resumes cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agent.config import Limits
+from agent.errors import CredentialError
+from agent.journal import FINAL_STAGES, PUBLIC_STATE, Dataset, Journal
+
+try:  # the runner's table; kept in sync here if it is missing
+    from agent.runner import STAGE_POOL
+except ImportError:  # pragma: no cover
+    STAGE_POOL = {
+        "validate": "local", "upload": "upload", "launch": "launch", "monitor": "monitor",
+        "mirror": "download", "extract": "local", "cleanup": "local",
+    }  # fmt: skip
+
+log = logging.getLogger("vip_agent.scheduler")
+
+#: consecutive unexpected errors (bugs) before a dataset is marked failed
+MAX_UNEXPECTED = 5
+
+
+class StepRunner(Protocol):
+    """What the scheduler needs of :class:`agent.runner.Runner`."""
+
+    def step(self, dataset_id: int) -> Any: ...
+
+
+@dataclass
+class _Entry:
+    id: int
+    name: str
+    server: str
+    group: str  # the drop folder (limits are per drop folder)
+    stage: str
+    state: str = "ready"  # ready | timer | busy | paused
+    due: float = 0.0
+    pool: str = ""  # pool of the step in flight
+    unexpected: int = 0
+
+
+@dataclass
+class _Pause:
+    reason: str
+    delay: float
+    next_probe: float
+    probing: bool = False
+
+
+class Scheduler:
+    """Run datasets from the journal through ``runner.step`` within limits."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        runner: StepRunner,
+        *,
+        limits_for: Callable[[str | None], Limits] = lambda group: Limits(),
+        probe: Callable[[str], None] | None = None,
+        on_final: Callable[[int, str], None] | None = None,
+        stop_event: threading.Event | None = None,
+        local_workers: int = 2,
+        monitor_workers: int = 4,
+        auth_retry: tuple[float, float] = (30.0, 600.0),
+        poll_journal: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.journal = journal
+        self.runner = runner
+        self.limits_for = limits_for
+        self.probe = probe
+        self.on_final = on_final
+        self.stop_event = stop_event or threading.Event()
+        self.local_workers = local_workers
+        self.monitor_workers = monitor_workers
+        self.auth_retry = auth_retry
+        self.poll_journal = poll_journal
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._entries: dict[int, _Entry] = {}
+        self._busy: Counter[tuple[str, str]] = Counter()
+        self._paused: dict[str, _Pause] = {}
+        self._thread: threading.Thread | None = None
+        self._steps: set[threading.Thread] = set()
+        self._next_poll = 0.0
+        #: what happened, for tests and the status line: counts of steps per pool
+        self.stats: Counter[str] = Counter()
+        self.max_in_flight: Counter[str] = Counter()
+
+    # -- public --------------------------------------------------------------------
+    def start(self) -> None:
+        """Resume every unfinished dataset of the journal and start dispatching."""
+        self.resume_all()
+        self._thread = threading.Thread(target=self._loop, name="vip-agent-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace: float = 3.0) -> bool:
+        """Stop dispatching; wait up to ``grace`` s for steps in flight (True if none is left)."""
+        self.stop_event.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=grace)
+        deadline = self.clock() + grace
+        for t in list(self._steps):
+            t.join(timeout=max(0.0, deadline - self.clock()))
+        left = [t for t in self._steps if t.is_alive()]
+        if left:
+            log.info("stopping with %d step(s) in flight; they resume at the next start", len(left))
+        return not left
+
+    def resume_all(self) -> int:
+        """Track every dataset the journal has between ``validate`` and a final stage."""
+        n = 0
+        for ds in self.journal.datasets(where="stage NOT IN ('waiting','done','failed','cancelled')"):
+            if ds.paused:
+                self.journal.update(ds.id, paused=None)  # re-checked by the next step
+            if self.submit(ds):
+                n += 1
+        if n:
+            log.info("resuming %d unfinished dataset(s) from the journal", n)
+        return n
+
+    def submit(self, ds: Dataset | int) -> bool:
+        """Start tracking a dataset (no-op if tracked or final). Thread-safe."""
+        if isinstance(ds, int):
+            ds = self.journal.get(ds)
+        if ds.stage in FINAL_STAGES or ds.stage == "waiting":
+            return False
+        with self._cond:
+            if ds.id in self._entries:
+                return False
+            entry = _Entry(ds.id, ds.name, ds.server, ds.drop_dir or "", ds.stage)
+            self._entries[ds.id] = entry
+            pause = self._paused.get(ds.server)
+            if pause is not None:
+                entry.state = "paused"
+        if pause is not None:
+            self.journal.update(ds.id, paused=pause.reason)
+        with self._cond:
+            self._cond.notify_all()
+        return True
+
+    def wake(self, dataset_id: int) -> None:
+        """Step a dataset now if it is waiting on a timer (e.g. a cancel request)."""
+        with self._cond:
+            e = self._entries.get(dataset_id)
+            if e is not None and e.state == "timer":
+                e.state, e.due = "ready", 0.0
+                self._cond.notify_all()
+
+    def probe_now(self) -> None:
+        """Check paused servers' keys now (SIGHUP, or a key was fixed)."""
+        with self._cond:
+            for pause in self._paused.values():
+                pause.next_probe = 0.0
+                pause.delay = self.auth_retry[0]
+            self._cond.notify_all()
+
+    def pause(self, server: str, reason: str) -> None:
+        """Pause a server before any step failed (e.g. its key was refused at start-up)."""
+        with self._cond:
+            if server in self._paused:
+                return
+            first = self.auth_retry[0]
+            self._paused[server] = _Pause(reason, first, self.clock() + first)
+            ids = []
+            for x in self._entries.values():
+                if x.server == server and x.state in ("ready", "timer"):
+                    x.state = "paused"
+                    ids.append(x.id)
+        self._mark_paused(ids, reason)
+
+    def paused_servers(self) -> dict[str, str]:
+        with self._cond:
+            return {s: p.reason for s, p in self._paused.items()}
+
+    def counts(self) -> Counter[str]:
+        """Tracked datasets by public state (for the systemd STATUS line)."""
+        with self._cond:
+            return Counter(
+                "paused" if e.state == "paused" else PUBLIC_STATE.get(e.stage, e.stage)
+                for e in self._entries.values()
+            )
+
+    def tracked(self) -> set[int]:
+        with self._cond:
+            return set(self._entries)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._entries
+
+    # -- dispatcher ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            now = self.clock()
+            if now >= self._next_poll:
+                self._next_poll = now + self.poll_journal
+                try:
+                    self._poll_journal()
+                except Exception:  # never let a journal hiccup kill the dispatcher
+                    log.exception("could not read the journal; trying again shortly")
+            with self._cond:
+                if self.stop_event.is_set():
+                    break
+                wait = self._dispatch(self.clock())
+                wait = min(wait, max(0.0, self._next_poll - self.clock()))
+                self._cond.wait(timeout=wait)
+
+    def _poll_journal(self) -> None:
+        """Pick up datasets other processes changed: ``retry`` (stage validate), ``cancel``."""
+        tracked = self.tracked()
+        for ds in self.journal.datasets(
+            where="stage NOT IN ('waiting','done','failed','cancelled') OR cancel_requested=1"
+        ):
+            if ds.id not in tracked:
+                if not ds.final and self.submit(ds):
+                    log.info("%s: picked up from the journal (stage %s)", ds.name, ds.stage)
+            elif ds.cancel_requested:
+                self.wake(ds.id)
+
+    def _pool_of(self, e: _Entry) -> str:
+        pool = STAGE_POOL.get(e.stage, "local")
+        if pool == "monitor":
+            # a monitor step launches the dataset's next execution when a slot is free
+            if any(x.vip_id is None for x in self.journal.executions(e.id)):
+                return "launch"
+        return pool
+
+    def _limit(self, pool: str, e: _Entry) -> tuple[tuple[str, str], int]:
+        if pool == "upload":
+            return (pool, e.group), self.limits_for(e.group or None).max_uploads
+        if pool == "download":
+            return (pool, e.group), self.limits_for(e.group or None).max_downloads
+        if pool == "launch":
+            return (pool, e.server), 1
+        if pool == "monitor":
+            return (pool, ""), self.monitor_workers
+        return (pool, e.group), self.local_workers
+
+    def _running_cap(self, server: str, group: str) -> int:
+        return self.limits_for(group or None).max_running
+
+    def _dispatch(self, now: float) -> float:
+        """Start what may start; return seconds until the next deadline. Holds the lock."""
+        wait = 60.0
+        for server, pause in self._paused.items():
+            if not pause.probing:
+                if pause.next_probe <= now:
+                    pause.probing = True
+                    self._spawn(self._probe, server, name=f"probe {server}")
+                else:
+                    wait = min(wait, pause.next_probe - now)
+        running: dict[str, int] = {}
+        for e in sorted(self._entries.values(), key=lambda x: x.id):
+            if e.state == "timer":
+                if e.due > now:
+                    wait = min(wait, e.due - now)
+                    continue
+                e.state = "ready"
+            if e.state != "ready":
+                continue
+            pool = self._pool_of(e)
+            key, limit = self._limit(pool, e)
+            if self._busy[key] >= limit:
+                continue
+            if pool == "launch" and e.stage == "launch":
+                if e.server not in running:
+                    running[e.server] = self.journal.running_executions(e.server)
+                if running[e.server] >= self._running_cap(e.server, e.group):
+                    continue  # re-evaluated whenever a step ends
+                running[e.server] += 1
+            self._busy[key] += 1
+            self.max_in_flight[pool] = max(self.max_in_flight[pool], self._busy[key])
+            e.state, e.pool = "busy", pool
+            self.stats[pool] += 1
+            self._spawn(self._step, e, key, name=f"step {e.name}")
+        return max(wait, 0.0)
+
+    def _spawn(self, fn: Callable[..., None], *args: Any, name: str) -> None:
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                with self._cond:
+                    self._steps.discard(threading.current_thread())
+
+        t = threading.Thread(target=run, name=f"vip-agent {name}", daemon=True)
+        self._steps.add(t)
+        t.start()
+
+    # -- one step ------------------------------------------------------------------
+    def _step(self, e: _Entry, key: tuple[str, str]) -> None:
+        from agent.vip.errors import AuthError
+
+        try:
+            from agent.runner import Interrupted
+        except ImportError:  # pragma: no cover
+            Interrupted = RuntimeError  # type: ignore[misc,assignment]  # noqa: N806
+
+        outcome: Any = None
+        error: BaseException | None = None
+        try:
+            outcome = self.runner.step(e.id)
+        except (AuthError, CredentialError) as err:
+            error = err
+        except Interrupted:
+            pass
+        except Exception as err:  # a bug in a step must not stop the agent
+            error = err
+            log.exception("%s: unexpected error at stage %s", e.name, e.stage)
+        finally:
+            with self._cond:
+                self._busy[key] -= 1
+        final_stage = None
+        pause_reason = None
+        with self._cond:
+            if self.stop_event.is_set() and outcome is None:
+                self._cond.notify_all()
+                return
+            now = self.clock()
+            if isinstance(error, CredentialError):
+                pause_reason = self._pause_locked(e, error)
+            elif error is not None:
+                e.unexpected += 1
+                if e.unexpected >= MAX_UNEXPECTED:
+                    final_stage = "failed"
+                else:
+                    e.state, e.due = "timer", now + min(5.0 * 2 ** (e.unexpected - 1), 300.0)
+            else:
+                e.unexpected = 0
+                e.stage = outcome.stage
+                if e.stage in FINAL_STAGES:
+                    final_stage = e.stage
+                elif outcome.retry_after:
+                    e.state, e.due = "timer", now + float(outcome.retry_after)
+                else:
+                    e.state = "ready"
+            if final_stage is not None:
+                self._entries.pop(e.id, None)
+            self._cond.notify_all()
+        if pause_reason is not None:
+            self.journal.update(e.id, paused=pause_reason)
+        if final_stage == "failed" and error is not None and e.unexpected >= MAX_UNEXPECTED:
+            self.journal.set_stage(
+                e.id, "failed",
+                error=f"internal error after {MAX_UNEXPECTED} attempts: {error}; "
+                      "please report it, then `vip-agent retry` the dataset",
+                detail=repr(error),
+            )  # fmt: skip
+        if final_stage is not None and self.on_final is not None:
+            try:
+                self.on_final(e.id, final_stage)
+            except Exception:
+                log.exception("%s: could not finish up after stage %s", e.name, final_stage)
+
+    # -- authentication pause --------------------------------------------------------
+    def _pause_locked(self, e: _Entry, err: CredentialError) -> str:
+        e.state = "paused"
+        if e.server in self._paused:
+            return self._paused[e.server].reason
+        reason = f"API key refused by {e.server}: {err.message}"
+        first = self.auth_retry[0]
+        self._paused[e.server] = _Pause(reason, first, self.clock() + first)
+        others = [x for x in self._entries.values() if x.server == e.server and x is not e]
+        for x in others:
+            if x.state in ("ready", "timer"):
+                x.state = "paused"
+        log.error(
+            "%s; pausing every dataset of this server (%d). Fix the key (vip-agent login, the "
+            "key file or VIP_API_KEY); the agent checks it again every %g s or at once on SIGHUP",
+            reason, len(others) + 1, first,
+        )  # fmt: skip
+        ids = [x.id for x in others]
+        self._spawn(self._mark_paused, ids, reason, name="pause")
+        return reason
+
+    def _mark_paused(self, ids: list[int], reason: str) -> None:
+        for i in ids:
+            self.journal.update(i, paused=reason)
+
+    def _probe(self, server: str) -> None:
+        ok = False
+        try:
+            if self.probe is not None:
+                self.probe(server)
+            ok = True
+        except CredentialError as err:
+            log.debug("key for %s still refused: %s", server, err.message)
+        except Exception as err:  # outage while probing: keep paused, try later
+            log.debug("could not check the key for %s: %s", server, err)
+        resumed: list[_Entry] = []
+        with self._cond:
+            pause = self._paused.get(server)
+            if pause is None:
+                return
+            pause.probing = False
+            if not ok:
+                pause.delay = min(pause.delay * 2, self.auth_retry[1])
+                pause.next_probe = self.clock() + pause.delay
+            else:
+                del self._paused[server]
+                for x in self._entries.values():
+                    if x.server == server and x.state == "paused":
+                        x.state = "ready"
+                        resumed.append(x)
+            self._cond.notify_all()
+        if ok:
+            for x in resumed:
+                self.journal.update(x.id, paused=None)
+            log.info("the API key for %s works again: resuming %d dataset(s)", server, len(resumed))

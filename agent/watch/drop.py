@@ -1,0 +1,202 @@
+"""One drop folder: from "something appeared" to "a complete dataset, recorded once".
+
+:meth:`DropFolder.check` looks at one dataset name, records it in the journal
+at stage ``waiting`` while it is incomplete (so ``vip-agent status`` shows it),
+and moves that same row to ``validate`` when its readiness rule says it is
+complete. Identity is path + fingerprint, looked up in the journal: a restart
+never takes a dataset twice; new content under a known name is a new run.
+Only the watch loop thread calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.config import DropConfig
+from agent.journal import Dataset, Journal
+from agent.watch.detect import Candidates
+from agent.watch.readiness import History, file_stem, judge, take_snapshot
+
+log = logging.getLogger("vip_agent.watch")
+
+
+class DropFolder:
+    """Readiness and identity for the datasets of one drop folder."""
+
+    def __init__(
+        self,
+        drop: DropConfig,
+        journal: Journal,
+        *,
+        on_ready: Callable[[int], object],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.drop = drop
+        self.journal = journal
+        self.on_ready = on_ready
+        self.clock = clock
+        self.candidates = Candidates(drop)
+        self.histories: dict[str, History] = {}
+        self._warned: set[tuple[int, str | None]] = set()
+
+    @property
+    def root(self) -> Path:
+        return self.drop.path
+
+    def path_of(self, name: str) -> Path:
+        return self.root / name
+
+    def dataset_name(self, key: str) -> str:
+        return file_stem(key) if self.drop.datasets == "files" else key
+
+    def options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"keep_remote": self.drop.keep_remote}
+        if self.drop.readiness.rule == "marker":
+            opts["marker"] = self.drop.readiness.marker  # not an input
+        return opts
+
+    def template(self) -> str | None:
+        return str(self.drop.template) if self.drop.template.is_file() else None
+
+    def waiting_names(self) -> list[str]:
+        """Names this drop folder has at stage ``waiting`` in the journal (start-up)."""
+        rows = self.journal.datasets(
+            where="stage='waiting' AND drop_dir=?", params=(str(self.root),)
+        )
+        names = []
+        for r in rows:
+            p = Path(r.path)
+            if p.parent == self.root:
+                names.append(p.name)
+        return names
+
+    # -- the check -----------------------------------------------------------------
+    def check(self, key: str) -> float | None:
+        """Look at dataset ``key`` now; returns seconds until it should be looked at again."""
+        path = self.path_of(key)
+        now = self.clock()
+        snap = take_snapshot(path, self.drop)
+        rows = self.journal.find(path=str(path))
+        waiting = [r for r in rows if r.stage == "waiting"]
+        taken = [r for r in rows if r.stage != "waiting"]
+        latest = taken[-1] if taken else None
+        row = waiting[-1] if waiting else None
+
+        if not snap.exists:
+            self.histories.pop(key, None)
+            for r in waiting:
+                self.journal.set_stage(
+                    r.id, "cancelled",
+                    message="removed from the drop folder before it was complete",
+                    error="removed from the drop folder before it was complete",
+                    level="warning",
+                )  # fmt: skip
+                log.info("%s: removed from %s before it was complete", r.name, self.root)
+            return None
+
+        if latest is not None and latest.fingerprint == snap.fingerprint:
+            # already taken with exactly this content: never twice
+            self.histories.pop(key, None)
+            for r in waiting:
+                self.journal.set_stage(
+                    r.id, "cancelled", message=f"same content as run #{latest.id}", level="info"
+                )
+            return None
+
+        if latest is not None and not latest.final:
+            self._warn_changed(latest, snap.fingerprint)
+            return None  # re-checked when that run ends (never mixed into it)
+
+        hist = self.histories.get(key)
+        if hist is None:
+            hist = self.histories[key] = History(first_seen=now)
+        hist.observe(snap, now)
+
+        name = self.dataset_name(key)
+        if row is None:
+            if latest is not None:
+                log.info(
+                    "%s: dropped again with new content: a new run (the previous one, #%d, "
+                    "ended %s)", name, latest.id, latest.stage,
+                )  # fmt: skip
+            row_id = self.journal.add_dataset(
+                name=name,
+                path=str(path),
+                server=self.drop.server,
+                output_root=str(self.drop.output),
+                fingerprint=snap.fingerprint,
+                drop_dir=str(self.root),
+                template=self.template(),
+                options=self.options(),
+                stage="waiting",
+            )
+            if latest is not None:
+                self.journal.event(
+                    row_id, f"new content under a known name: a new run (previous: #{latest.id})"
+                )
+        else:
+            row_id = row.id
+            if row.fingerprint != snap.fingerprint:
+                self.journal.update(row_id, fingerprint=snap.fingerprint)
+
+        verdict = judge(self.drop.readiness, snap, hist, now)
+        if verdict.ready:
+            self.histories.pop(key, None)
+            self.journal.update(
+                row_id,
+                fingerprint=snap.fingerprint,
+                template=self.template(),
+                options=self.options(),
+                error=None,
+                error_detail=None,
+                progress=None,
+            )
+            self.journal.set_stage(row_id, "validate", message=f"complete: {verdict.reason}")
+            log.info("%s: complete (%s); taking it", name, verdict.reason)
+            self.on_ready(row_id)
+            return None
+
+        # a stable wording (no counters), written only when it changes: shown by `status`
+        reason = verdict.reason.split(" (")[0]
+        if hist.extra.get("reason") != reason:
+            hist.extra["reason"] = reason
+            self.journal.update(row_id, progress={"kind": "waiting", "reason": reason})
+        stale = self.drop.readiness.stale_after
+        if stale and not hist.stale_reported and now - hist.first_seen >= stale:
+            hist.stale_reported = True
+            message = (
+                f"not complete after {_human_duration(stale)}: {verdict.reason}. It keeps waiting; "
+                "check the instrument transfer, or remove the folder"
+            )
+            self.journal.update(row_id, error=message)
+            self.journal.event(row_id, message, level="warning")
+            log.warning("%s: %s", name, message)
+        delays = [d for d in (verdict.recheck,) if d is not None]
+        if stale and not hist.stale_reported:
+            delays.append(max(0.0, hist.first_seen + stale - now))
+        return min(delays) if delays else None
+
+    def _warn_changed(self, ds: Dataset, fingerprint: str | None) -> None:
+        if (ds.id, fingerprint) in self._warned:
+            return
+        self._warned.add((ds.id, fingerprint))
+        message = (
+            f"the dataset changed after it was taken (at stage {ds.stage}); the new content is "
+            "not mixed into this run: it will be taken as a new run when this one ends"
+        )
+        self.journal.event(ds.id, message, level="warning")
+        log.warning("%s: %s", ds.name, message)
+
+
+def _human_duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:g} day(s)"
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
