@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError
+from agent.paths import default_state_dir
 
 #: the public VIP portal, used when a drop folder names no server
 DEFAULT_SERVER = "https://vip.creatis.insa-lyon.fr"
@@ -105,18 +105,6 @@ class AgentConfig:
             return None
         target = Path(path)
         return next((d for d in self.drops if d.path == target), None)
-
-
-def default_state_dir() -> Path:
-    """``$STATE_DIRECTORY`` under systemd, else the per-user state folder."""
-    systemd = os.environ.get("STATE_DIRECTORY")
-    if systemd:
-        return Path(systemd.split(":")[0])
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
-        return Path(base) / "vip-agent" / "state"
-    xdg = os.environ.get("XDG_STATE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "vip-agent"
 
 
 def default_config_path() -> Path:

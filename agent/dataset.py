@@ -96,17 +96,21 @@ def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
             yield rel, st
 
 
-def scan(root: Path, *, only: Iterable[str] | None = None) -> DatasetScan:
+def scan(
+    root: Path, *, only: Iterable[str] | None = None, exclude: Iterable[str] = ()
+) -> DatasetScan:
     """List the files of a dataset folder (or only the names in ``only``).
 
-    ``job.yaml``, ignored names and partial names are left out of ``files``;
-    partial names are reported in ``partial``.
+    ``job.yaml``, ignored names, the relative names in ``exclude`` (e.g. a
+    readiness marker) and partial names are left out of ``files``; partial
+    names are reported in ``partial``.
     """
     files: list[FileEntry] = []
     partial: list[str] = []
     wanted = set(only) if only is not None else None
+    skip = set(exclude)
     for rel, st in _walk(root):
-        if wanted is not None and rel not in wanted:
+        if (wanted is not None and rel not in wanted) or rel in skip:
             continue
         name = rel.rsplit("/", 1)[-1]
         if rel == JOB_FILE:

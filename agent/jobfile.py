@@ -14,7 +14,7 @@ apply to pipeline inputs, because VIP receives strings anyway.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -75,6 +75,8 @@ class JobSpec:
     expect: tuple[str, ...] = ()
     vip_root: str = DEFAULT_VIP_ROOT
     single_file: str | None = None
+    #: names in the dataset that are never inputs (e.g. the readiness marker)
+    exclude: tuple[str, ...] = ()
     sources: tuple[Path, ...] = ()
 
     @property
@@ -97,6 +99,7 @@ class JobSpec:
             "expect": list(self.expect),
             "vip_root": self.vip_root,
             "single_file": self.single_file,
+            "exclude": list(self.exclude),
             "sources": [str(p) for p in self.sources],
         }
 
@@ -116,6 +119,7 @@ class JobSpec:
             expect=tuple(data.get("expect") or ()),
             vip_root=data.get("vip_root") or DEFAULT_VIP_ROOT,
             single_file=data.get("single_file"),
+            exclude=tuple(data.get("exclude") or ()),
             sources=tuple(Path(p) for p in data.get("sources") or ()),
         )
 
@@ -147,7 +151,7 @@ class JobSpec:
 def dataset_files(job: JobSpec) -> list[str]:
     """Relative POSIX names of the files in scope (job.yaml, dot-files and partial files excluded)."""
     only = [job.single_file] if job.single_file else None
-    return [f.rel for f in scan(job.root, only=only).files]
+    return [f.rel for f in scan(job.root, only=only, exclude=job.exclude).files]
 
 
 def has_magic(pattern: str) -> bool:
@@ -559,7 +563,9 @@ def find_template(dataset: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_job(dataset: Path, template: Path | None = None) -> JobSpec:
+def load_job(
+    dataset: Path, template: Path | None = None, *, exclude: Iterable[str] = ()
+) -> JobSpec:
     """Build the :class:`JobSpec` of ``dataset`` (a folder, or one acquisition file).
 
     ``template`` is the drop folder's ``job.yaml``. A folder dataset may carry its
@@ -638,6 +644,7 @@ def load_job(dataset: Path, template: Path | None = None) -> JobSpec:
         expect=tuple(expect),
         vip_root=(data.get("vip_root") or DEFAULT_VIP_ROOT).rstrip("/"),
         single_file=dataset.name if single else None,
+        exclude=tuple(exclude),
         sources=sources,
     )
 

@@ -389,6 +389,34 @@ class Journal:
                 (dataset_id, now, level or ("error" if error else "info"), stage, text),
             )
 
+    def reset_for_retry(self, dataset_id: int, *, fingerprint: str | None = None) -> int:
+        """Send a final dataset back to ``validate`` as a new attempt; returns its number.
+
+        The old plan (files, executions, outputs) is forgotten so the new attempt gets
+        fresh session and execution names, and a fresh output folder: a retry never
+        adopts the failed execution nor writes over the failed attempt's outputs.
+        """
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT attempts FROM datasets WHERE id=?", (dataset_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no dataset with id {dataset_id}")
+            attempt = int(row["attempts"]) + 1
+            for table in ("files", "executions", "outputs"):
+                db.execute(f"DELETE FROM {table} WHERE dataset_id=?", (dataset_id,))
+            db.execute(
+                "UPDATE datasets SET stage='validate', attempts=?, cancel_requested=0, paused=NULL,"
+                " error=NULL, error_detail=NULL, progress=NULL, job=NULL, session=NULL,"
+                " remote_root=NULL, output_dir=NULL, finished=NULL, updated=?,"
+                " fingerprint=COALESCE(?, fingerprint) WHERE id=?",
+                (attempt, now, fingerprint, dataset_id),
+            )
+            db.execute(
+                "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
+                (dataset_id, now, "info", "validate", f"retry requested (attempt {attempt + 1})"),
+            )
+        return attempt
+
     # -- events ----------------------------------------------------------------
     def event(self, dataset_id: int | None, message: str, *, level: str = "info") -> None:
         with self._write() as db:

@@ -224,7 +224,8 @@ class Runner:
 
         path = Path(ds.path)
         template = Path(ds.template) if ds.template else None
-        job = load_job(path, template)
+        marker = ds.options.get("marker")
+        job = load_job(path, template, exclude=(marker,) if marker else ())
         client = self.client_for(ds.server)
         try:
             pipeline = client.pipeline(job.pipeline)
@@ -240,7 +241,11 @@ class Runner:
         report.raise_if_errors()
 
         name = job.name or ds.name
+        # a retry is a new attempt: new session and execution names, never the old ones
+        identity = (ds.fingerprint or "") + (f"#{ds.attempts}" if ds.attempts else "")
         session = f"{safe_token(name)}-{(ds.fingerprint or '0' * 8)[:8]}"
+        if ds.attempts:
+            session += f"-a{ds.attempts + 1}"
         vip_root = str(ds.options.get("vip_root") or job.vip_root)
         remote_root = f"{vip_root.rstrip('/')}/{session}"
         remote_inputs = f"{remote_root}/INPUTS"
@@ -261,7 +266,7 @@ class Runner:
             remote_inputs_values = resolved.remote_inputs(variant, remote_inputs)
             for run in range(1, job.runs + 1):
                 key = f"{variant}-r{run}"
-                exec_name = execution_name(name, variant, run, ds.fingerprint or "")
+                exec_name = execution_name(name, variant, run, identity)
                 self.journal.add_execution(
                     ds.id, key=key, name=exec_name, variant=variant, run=run,
                     inputs=remote_inputs_values,
@@ -320,9 +325,9 @@ class Runner:
 
             def upload(f: Any) -> None:
                 local = root / f.rel
-                digest = _sha256(local, self.stop_event)
-                client.upload(local, f.remote, progress=progress)
-                self.journal.mark_uploaded(ds.id, f.rel, digest)
+                # hashed while streaming; read again only if the server already had it
+                digest = client.upload(local, f.remote, progress=progress)
+                self.journal.mark_uploaded(ds.id, f.rel, digest or _sha256(local, self.stop_event))
 
             self.journal.event(ds.id, f"uploading {len(todo)} file(s), {_human(total)}")
             self._parallel(upload, todo)
@@ -629,7 +634,7 @@ class Runner:
     ) -> None:
         folder = Path(ds.output_dir or ".") / LOGS_DIR / key
         folder.mkdir(parents=True, exist_ok=True)
-        job_ids = sorted(jobs, key=lambda j: (len(j), j)) or [None]
+        job_ids: list[str | None] = [*sorted(jobs, key=lambda j: (len(j), j))] or [None]
         for job in job_ids:
             for stream in ("stdout", "stderr"):
                 try:
@@ -665,7 +670,10 @@ class Runner:
                 root = Path(ds.path).parent / root
         base = safe_token(name, 80)
         # chosen once, stored in the journal before use; never a folder that already exists
-        for candidate in (base, f"{base}-{(ds.fingerprint or '')[:8]}", f"{base}-{ds.id}"):
+        candidates = [base, f"{base}-{(ds.fingerprint or '')[:8]}", f"{base}-{ds.id}"]
+        if ds.attempts:
+            candidates.insert(0, f"{base}-attempt{ds.attempts + 1}")
+        for candidate in candidates:
             if not (root / candidate).exists():
                 return root / candidate
         return root / f"{base}-{ds.id}-{int(time.time())}"

@@ -284,6 +284,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(), "cpu_model": model, "mem_gib": round(mem_kib / MIB, 1),
         "kernel": platform.release(), "versions": versions,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # other work on the machine skews the numbers: say how busy it was
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
 
 

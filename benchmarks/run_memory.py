@@ -1,7 +1,7 @@
 """Peak memory of one whole dataset cycle on a 1 GiB input: ``vip-agent run`` vs
 the official ``VipSession``, side by side against one local VIP server.
 
-    .venv/bin/python benchmarks/run_memory.py [--size-mb 1024] [--repeat 1]
+    .venv/bin/python benchmarks/run_memory.py [--size-mb 1024] [--repeat 2]
 
 Both do the same work: upload the file, launch ``FileStats/1.0`` on it, monitor
 it, download and extract the result tarball, clean the server. Each runs in its
@@ -57,8 +57,28 @@ def agent_cycle(server: LocalServer, tmp: Path, dataset: Path, rnd: int, timeout
          "--state", str(state), "--poll", str(POLL_S)],
         cwd=tmp, env=env, timeout=timeout,
     )
-    sizes = report_sizes(out)
-    return row("vip-agent run", rnd, m, sizes, {})
+    return row("vip-agent run", rnd, m, report_sizes(out), agent_stages(state))
+
+
+def agent_stages(state: Path) -> dict[str, float]:
+    """Seconds spent in each stage, from the journal's stage-change events."""
+    from agent.journal import Journal
+
+    if not (state / "journal.sqlite3").exists():
+        return {}
+    journal = Journal.in_state_dir(state)
+    try:
+        changes: list[tuple[str, float]] = []
+        for ds in journal.datasets():
+            for ev in journal.events(ds.id):
+                if ev.stage and (not changes or changes[-1][0] != ev.stage):
+                    changes.append((ev.stage, float(ev.time)))
+    finally:
+        journal.close()
+    out: dict[str, float] = {}
+    for (stage, start), (_next, end) in zip(changes, changes[1:], strict=False):
+        out[stage] = out.get(stage, 0.0) + end - start
+    return out
 
 
 def vipsession_cycle(server: LocalServer, tmp: Path, source: Path, rnd: int, timeout: float) -> dict[str, Any]:
@@ -92,7 +112,8 @@ def row(client: str, rnd: int, m: Measured, sizes: list[int], stages: dict[str, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=int, default=1024, help="input size in MiB (default 1024)")
-    parser.add_argument("--repeat", type=int, default=1, help="cycles per client (default 1)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="cycles per client, order alternating (default 2)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per cycle")
     parser.add_argument("--result", default="run_memory", help="results/<name>.json")
     args = parser.parse_args()

@@ -157,7 +157,7 @@ def measure(mode: str, server: LocalServer, tmp: Path, args: argparse.Namespace)
             if len(started) == len(writes):
                 break
             time.sleep(0.1)
-        samples = []
+        samples: list[dict[str, Any]] = []
         for name, written in writes.items():
             row = rows.get(name)
             events = journal.events(row.id) if row is not None else []
@@ -201,8 +201,8 @@ def main() -> int:
     parser.add_argument("--observers", default="native,polling", help="native,polling or one of them")
     parser.add_argument("--result", default="watch_latency", help="results/<name>.json")
     args = parser.parse_args()
-    from agent.config import DEFAULT_POLL_INTERVAL
     from agent.commands.watch import DEBOUNCE
+    from agent.config import DEFAULT_POLL_INTERVAL
 
     results: dict[str, Any] = {}
     with workdir("watch") as tmp, LocalServer(tmp / "server", max_running=8) as server:

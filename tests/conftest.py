@@ -9,6 +9,7 @@ bound to it (see :class:`VipApi`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,3 +75,8 @@ class VipApi:
 def vip_api(vip_server: LocalVip) -> VipApi:
     """A :class:`VipApi` on the ``vip_server`` fixture, with its API key."""
     return VipApi(vip_server)
+
+
+# Tests never touch the developer's real keyring: keyrings.alt (a test extra) would
+# otherwise become the default backend. Credential tests set real backends explicitly.
+os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"

@@ -267,3 +267,26 @@ def test_session_data_loads_in_official_client(tmp_path: Path, vip_server: Local
     assert session.session_name == row.session
     assert session.pipeline_id == "FileStats/1.0"
     assert set(session.workflows) == {e.vip_id for e in journal.executions(dataset_id)}
+
+
+def test_retry_after_failed_execution_launches_anew(tmp_path: Path, vip_server: LocalVip) -> None:
+    import yaml
+
+    job = {"pipeline": "Sleep/1.0", "inputs": {"duration": 0.1, "exit_code": 3}}
+    ds = write_dataset(tmp_path / "drop" / "flaky-1", {"x.txt": "x\n"}, job)
+    journal, dataset_id, runner, _ = start_run(tmp_path, vip_server, ds)
+    assert runner.run(dataset_id).stage == "failed"
+    first_out = Path(journal.get(dataset_id).output_dir or "")
+    # the user fixes the job file and asks for a retry
+    job["inputs"]["exit_code"] = 0
+    (ds / "job.yaml").write_text(yaml.safe_dump(job))
+    result = run_agent("retry", "flaky-1", "--state", str(tmp_path / "state"),
+                       api_key=vip_server.api_key, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert runner.run(dataset_id).stage == "done", journal.get(dataset_id).error
+    names = server_execution_names(vip_server)
+    assert len(names) == 2 and len(set(names)) == 2, names
+    second_out = Path(journal.get(dataset_id).output_dir or "")
+    assert second_out != first_out
+    assert (first_out / "logs").is_dir()  # the failed attempt's logs are kept
+    assert list(second_out.rglob("slept_*.txt"))

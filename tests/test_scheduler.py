@@ -151,7 +151,7 @@ def test_running_cap_of_one_is_never_exceeded(journal: Journal) -> None:
         s.stop()
     assert runner.peak["running"] == 1
     runs = sorted(runner.intervals["run"], key=lambda r: r[1])
-    assert all(a[2] <= b[1] for a, b in zip(runs, runs[1:]))  # one after the other
+    assert all(a[2] <= b[1] for a, b in zip(runs, runs[1:], strict=False))  # in turn
 
 
 def test_auth_error_pauses_once_and_resumes(journal: Journal, caplog: pytest.LogCaptureFixture) -> None:

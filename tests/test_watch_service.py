@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -261,7 +260,7 @@ def test_bad_job_fails_alone_then_retry(
     monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
     drop = make_drop(tmp_path)
     write_dataset(drop / "good-1", {"data.txt": "1\n"})
-    write_dataset(drop / "bad", {"data.txt": "2\n"}, {"inputs": {"input_fiel": "data.txt"}})
+    write_dataset(drop / "bad", {"data.txt": "2\n", "job.yaml": "pipeline: FileStats/1.0\nrunz: 2\n"})
     write_dataset(drop / "good-2", {"data.txt": "3\n"})
     journal = journal_of(tmp_path)
     service = make_service(tmp_path, vip_server, drop)
@@ -272,13 +271,13 @@ def test_bad_job_fails_alone_then_retry(
         assert states == {"good-1": "done", "good-2": "done", "bad": "failed"}
         report = wait_for(lambda: (drop / "bad" / ERROR_FILE).is_file() and drop / "bad" / ERROR_FILE)
         text = report.read_text()
-        assert "input_fiel" in text and "vip-agent retry bad" in text
+        assert "runz" in text and "vip-agent retry bad" in text
         rec = status_json(tmp_path)
-        assert rec["bad"]["state"] == "failed" and "input_fiel" in rec["bad"]["error"]
+        assert rec["bad"]["state"] == "failed" and "runz" in rec["bad"]["error"]
         assert rec["good-1"]["state"] == "done" and rec["good-1"]["executions"]
 
         # fix the job file, retry: the running agent picks it up
-        write_dataset(drop / "bad", {}, {"inputs": {"input_file": "data.txt"}})
+        write_dataset(drop / "bad", {"job.yaml": "pipeline: FileStats/1.0\nruns: 1\n"})
         assert cli_main(["retry", "bad", "--state", str(tmp_path / "state")]) == 0
         wait_for(lambda: journal.find(name="bad")[0].stage == "done", timeout=30)
     finally:
@@ -320,15 +319,18 @@ def test_service_process_signals(tmp_path: Path, vip_server: LocalVip) -> None:
     drop = make_drop(tmp_path)
     state = tmp_path / "state"
     env = agent_env(vip_server.api_key)
+    log_file = tmp_path / "agent.log"
+    log_fh = log_file.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "watch", str(drop), "--server", vip_server.url,
          "--output", str(tmp_path / "out"), "--state", str(state), "--settle", "0.3"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env=env, stdout=subprocess.PIPE, stderr=log_fh, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
         journal = Journal.in_state_dir(state)
         write_dataset(drop / "s1", {"data.txt": "z\n"})
-        wait_for(lambda: finished(journal, 1), timeout=30)
+        # work in flight: the execution runs, the agent polls it
+        wait_for(lambda: any(d.stage == "monitor" for d in journal.datasets()), timeout=30)
         # a second agent on the same state folder is refused
         other = subprocess.run(
             [sys.executable, "-m", "agent", "watch", str(drop), "--server", vip_server.url,
@@ -337,19 +339,50 @@ def test_service_process_signals(tmp_path: Path, vip_server: LocalVip) -> None:
         )  # fmt: skip
         assert other.returncode == 1 and "already uses the state folder" in other.stderr
         proc.send_signal(signal.SIGHUP)
-        write_dataset(drop / "s2", {"data.txt": "zz\n"})
-        wait_for(lambda: finished(journal, 2), timeout=30)
+        wait_for(lambda: "checking keys again" in log_file.read_text(), timeout=10)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
+        out, _ = proc.communicate(timeout=10)
         assert time.monotonic() - t0 < 5
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        log_fh.close()
+    err = log_file.read_text()
     assert proc.returncode == 0, err
     assert "stopping on SIGTERM" in err and "checking keys again" in err
     assert vip_server.api_key not in err + out
     assert "from environment VIP_API_KEY" in err
-    assert {r["state"] for r in status_json(tmp_path).values()} == {"done"}
-    os.environ.get("PATH")  # keep env untouched
+    # the journal is consistent and resumable: the dataset is still "running"
+    assert {r["state"] for r in status_json(tmp_path).values()} == {"running"}
+
+
+@pytest.mark.parametrize("after", ["archive", "delete"])
+def test_after_archive_or_delete(
+    tmp_path: Path, vip_server: LocalVip, monkeypatch: pytest.MonkeyPatch, after: str
+) -> None:
+    monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
+    drop = make_drop(tmp_path)
+    archive = drop / "_archive"
+    (archive / "s1").mkdir(parents=True)  # taken already: never overwritten
+    service = make_service(
+        tmp_path, vip_server, drop, after=after, archive_dir=archive, failed_dir=drop / "_failed"
+    )
+    service.start()
+    journal = journal_of(tmp_path)
+    try:
+        write_dataset(drop / "s1", {"data.txt": "keep me\n"})
+        wait_for(lambda: finished(journal, 1) and not (drop / "s1").exists(), timeout=30)
+    finally:
+        service.stop()
+    (ds,) = journal.datasets()
+    assert ds.stage == "done"
+    if after == "archive":
+        assert (archive / "s1-1" / "data.txt").read_text() == "keep me\n"
+        assert ds.path == str(archive / "s1-1")
+    else:
+        assert not (archive / "s1-1").exists()
+        assert any("deleted from the drop folder" in e.message for e in journal.events(ds.id))
+    assert list((archive / "s1").iterdir()) == []
+    assert len(journal.datasets()) == 1  # the archive is not a drop folder

@@ -42,13 +42,8 @@ def main(args: argparse.Namespace) -> int:
     report = error_file(path)
     if report.exists():
         report.unlink()
-    attempt = ds.attempts + 1
     # the content may have been fixed: take it as it is now
-    journal.update(
-        ds.id, attempts=attempt, cancel_requested=0, paused=None, fingerprint=fingerprint,
-        progress=None,
-    )  # fmt: skip
-    journal.set_stage(ds.id, "validate", message=f"retry requested (attempt {attempt + 1})")
+    journal.reset_for_retry(ds.id, fingerprint=fingerprint)
     pid = agent_pid(state)
     if pid is not None:
         print(f"{ds.name}: queued again; the running agent (pid {pid or '?'}) takes it within seconds")

@@ -131,8 +131,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"resuming {existing[-1].name} at stage {existing[-1].stage}", file=sys.stderr)
     elif existing:
         dataset_id = existing[-1].id
-        journal.update(dataset_id, attempts=existing[-1].attempts + 1, cancel_requested=0)
-        journal.set_stage(dataset_id, "validate", message="retrying")
+        journal.reset_for_retry(dataset_id)
     else:
         dataset_id = admit(
             journal, path, server=server, output_root=output_root, fingerprint=scan.fingerprint,

@@ -16,6 +16,7 @@ never put in a URL, a log line, an exception, or ``repr``. Redirects are not fol
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import logging
 import os
@@ -168,6 +169,8 @@ class _UploadBody:
         self._size = size
         self._progress = progress
         self.sent = 0
+        #: SHA-256 of what was read, so callers get a content hash without a second read
+        self.sha256 = hashlib.sha256()
 
     def __len__(self) -> int:
         return self._size
@@ -178,6 +181,7 @@ class _UploadBody:
         data = self._handle.read(size)
         if data:
             self.sent += len(data)
+            self.sha256.update(data)
             if self._progress is not None:
                 self._progress(len(data))
         return data
@@ -592,7 +596,10 @@ class VipClient:
 
     # ------------------------------------------------------------------ transfers
 
-    def _put_file(self, local: Path, remote: str, size: int, progress: Progress | None) -> None:
+    def _put_file(
+        self, local: Path, remote: str, size: int, progress: Progress | None
+    ) -> str | None:
+        """PUT the file; returns the SHA-256 of the bytes sent when all were sent."""
         with open(local, "rb") as handle:
             body = _UploadBody(handle, size, progress)
             self._send(
@@ -603,6 +610,7 @@ class VipClient:
                 on_8000=TransferTimeout,
                 what=f"upload of {local.name} to {remote}",
             )
+            return body.sha256.hexdigest() if body.sent == size else None
 
     def _landed(self, remote: str, size: int) -> str:
         """State of an upload target: 'ok' (right size), 'missing' or 'wrong'."""
@@ -625,7 +633,9 @@ class VipClient:
                 return state
             time.sleep(interval)
 
-    def upload(self, local: Path, remote: str, *, progress: Progress | None = None) -> None:
+    def upload(
+        self, local: Path, remote: str, *, progress: Progress | None = None
+    ) -> str | None:
         """Upload file ``local`` to the (new) remote file path ``remote``, streamed.
 
         The parent folder must exist. Afterwards the remote size is verified. After a
@@ -633,6 +643,8 @@ class VipClient:
         the right size means done; a wrong size is deleted, waited for, and re-sent.
         A target that already exists with the same size counts as uploaded, so callers
         upload into fresh folders. ``progress`` gets each piece's byte count as it is sent.
+        Returns the SHA-256 of the content as streamed, or None when the upload was found
+        complete on the server without a full send (after a timeout or a crash).
         """
         local = Path(local)
         remote = _norm_remote(remote)
@@ -647,11 +659,12 @@ class VipClient:
                 detail=f"{local} -> {remote}",
             )
         last: VipError | None = None
+        digest: str | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 self._sleep(attempt - 1)
             try:
-                self._put_file(local, remote, size, progress)
+                digest = self._put_file(local, remote, size, progress)
             except TransferTimeout as exc:
                 last = exc
                 state = self._watch_landing(remote, size)
@@ -673,7 +686,7 @@ class VipClient:
             if state == "ok":
                 if last is not None:
                     log.info("upload of %s found complete on VIP after: %s", remote, last.message)
-                return
+                return digest
             if state == "wrong":
                 info = self.properties(remote)
                 last = SizeMismatch(

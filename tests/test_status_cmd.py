@@ -1,0 +1,176 @@
+"""`vip-agent status`, `retry` and `cancel` against a real journal (and the real server for cancel)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from agenthelpers import wait_for, write_dataset
+
+from agent.cli import main as cli
+from agent.commands.watch import WatchService
+from agent.config import config_from_args
+from agent.journal import Journal
+from agent.localvip import LocalVip
+from agent.runner import Runner, admit
+from agent.vip.client import VipClient
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, object]]:
+    assert cli(["status", "--json", *args]) == 0
+    return list(json.loads(capsys.readouterr().out))
+
+
+def seed(journal: Journal) -> dict[str, int]:
+    """One dataset per public state the table must show."""
+    ids: dict[str, int] = {}
+
+    def add(name: str, stage: str, **fields: object) -> None:
+        ids[name] = journal.add_dataset(
+            name=name, path=f"/drop/{name}", server="http://127.0.0.1:9", output_root="/out",
+            fingerprint=f"fp-{name}", drop_dir="/drop", stage=stage,
+        )  # fmt: skip
+        if fields:
+            journal.update(ids[name], **fields)
+
+    add("w", "waiting", progress={"kind": "waiting", "reason": "waiting for the marker file READY"})
+    add("u", "upload", progress={"kind": "upload", "done": 500, "total": 1000})
+    add("r", "monitor")
+    journal.add_execution(ids["r"], key="default-r1", name="r-x", variant="default", run=1, inputs={})
+    journal.update_execution(ids["r"], "default-r1", vip_id="workflow-ABC", status="Running")
+    add("f", "failed", error="pipeline 'Nope/1' does not exist\nsecond line")
+    add("p", "launch", paused="API key refused by http://127.0.0.1:9: Bad credentials")
+    add("d", "done", output_dir="/out/d")
+    return ids
+
+
+def test_status_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    ids = seed(Journal.in_state_dir(state))
+    records = {str(r["name"]): r for r in run_json(capsys, "--state", str(state))}
+    assert {n: r["state"] for n, r in records.items()} == {
+        "w": "waiting", "u": "uploading", "r": "running", "f": "failed", "p": "paused", "d": "done",
+    }  # fmt: skip
+    for name, rec in records.items():
+        for key in ("name", "state", "executions", "error", "path", "fingerprint", "output_dir", "updated"):
+            assert key in rec, (name, key)
+        assert rec["id"] == ids[name]
+    assert records["r"]["executions"] == ["workflow-ABC"]
+    assert "second line" in str(records["f"]["error"])
+    assert "Bad credentials" in str(records["p"]["error"])
+
+    assert cli(["status", "--state", str(state)]) == 0
+    table = capsys.readouterr().out
+    lines = table.splitlines()
+    assert lines[0].startswith("agent: NOT running")
+    assert lines[1].split()[:2] == ["NAME", "STATE"]
+    row = {line.split()[0]: line for line in lines[2:]}
+    assert "waiting for the marker file READY" in row["w"]
+    assert "50% of 1 KB" in row["u"]
+    assert "0/1 executions ended" in row["r"] and "workflow-ABC" in row["r"]
+    assert "does not exist" in row["f"] and "second line" not in row["f"]
+    # only some names
+    assert [r["name"] for r in run_json(capsys, "--state", str(state), "f", "d")] == ["f", "d"]
+
+
+def test_status_without_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_json(capsys, "--state", str(tmp_path / "none")) == []
+    assert cli(["status", "--state", str(tmp_path / "none")]) == 0
+    assert "no datasets yet" in capsys.readouterr().out
+    assert not (tmp_path / "none").exists()  # status never creates state
+
+
+def test_retry_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    journal = Journal.in_state_dir(state)
+    ids = seed(journal)
+    assert cli(["retry", "d", "--state", str(state)]) == 1
+    assert "only a failed or cancelled dataset" in capsys.readouterr().err
+    assert cli(["retry", "f", "--state", str(state)]) == 1  # /drop/f does not exist
+    assert "no longer exists" in capsys.readouterr().err
+    assert cli(["retry", "nobody", "--state", str(state)]) == 1
+    # a real folder: back to validate, attempts + 1, fingerprint refreshed
+    folder = write_dataset(tmp_path / "drop" / "g", {"a.txt": "1"})
+    (folder / "ERROR.txt").write_text("old report")
+    gid = journal.add_dataset(name="g", path=str(folder), server="http://x:1", output_root="/o", stage="failed")
+    assert cli(["retry", f"#{gid}", "--state", str(state)]) == 0
+    g = journal.get(gid)
+    assert g.stage == "validate" and g.attempts == 1 and g.fingerprint and g.error is None
+    assert not (folder / "ERROR.txt").exists()
+    assert "no agent is running" in capsys.readouterr().out
+    assert journal.get(ids["d"]).stage == "done"
+
+
+def test_cancel_waiting_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+    journal = Journal.in_state_dir(state)
+    ids = seed(journal)
+    assert cli(["cancel", "w", "--state", str(state)]) == 0
+    assert journal.get(ids["w"]).stage == "cancelled"
+    assert cli(["cancel", "d", "--state", str(state)]) == 0
+    assert "already done" in capsys.readouterr().out
+
+
+SLEEP = {"pipeline": "Sleep/1.0", "inputs": {"duration": "60"}}
+
+
+def running_dataset(tmp_path: Path, server: LocalVip, journal: Journal) -> int:
+    """A dataset whose execution is Running on the server (driven by the real runner)."""
+    ds = write_dataset(tmp_path / "drop" / "long", {"note.txt": "n"}, SLEEP)
+    dataset_id = admit(journal, ds, server=server.url, output_root=tmp_path / "out",
+                       fingerprint="f1", name="long")  # fmt: skip
+    client = VipClient(server.url, server.api_key)
+    runner = Runner(journal, lambda _u: client, poll_min=0.05)
+    wait_for(lambda: runner.step(dataset_id).stage == "monitor", timeout=30)
+    return dataset_id
+
+
+def test_cancel_without_agent_kills_and_cleans(
+    tmp_path: Path, vip_server: LocalVip, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
+    state = tmp_path / "state"
+    journal = Journal.in_state_dir(state)
+    dataset_id = running_dataset(tmp_path, vip_server, journal)
+    assert vip_server.state.running() == 1
+    assert cli(["cancel", "long", "--state", str(state), "--wait", "30"]) == 0
+    assert "cancelling it here" in capsys.readouterr().out
+    ds = journal.get(dataset_id)
+    assert ds.stage == "cancelled" and ds.state == "cancelled"
+    assert vip_server.state.running() == 0
+    client = VipClient(vip_server.url, vip_server.api_key)
+    assert ds.remote_root and not client.exists(ds.remote_root)
+
+
+def test_cancel_with_agent_running(
+    tmp_path: Path, vip_server: LocalVip, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "job.yaml").write_text(yaml.safe_dump(SLEEP))
+    config = config_from_args(drop, server=vip_server.url, output=tmp_path / "out",
+                              state=tmp_path / "state", settle=0.2)  # fmt: skip
+    config = replace(config, drops=(replace(config.drops[0], poll_interval=0.1),))
+    service = WatchService(
+        config, debounce=0.05,
+        # monitor polls far apart: the cancel must wake the dataset, not wait for the poll
+        runner_options={"poll_min": 30, "poll_max": 30},
+        scheduler_options={"poll_journal": 0.2},
+    )  # fmt: skip
+    service.start()
+    journal = Journal.in_state_dir(tmp_path / "state")
+    try:
+        write_dataset(drop / "long", {"note.txt": "n"})
+        wait_for(lambda: any(d.stage == "monitor" for d in journal.datasets()), timeout=30)
+        assert cli(["cancel", "long", "--state", str(tmp_path / "state"), "--wait", "20"]) == 0
+        out = capsys.readouterr().out
+        assert "the running agent" in out and "long: cancelled" in out
+    finally:
+        service.stop()
+    assert vip_server.state.running() == 0
