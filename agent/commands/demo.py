@@ -58,29 +58,53 @@ def main(args: argparse.Namespace) -> int:
     journal = Journal.in_state_dir(args.state or default_state_dir())
     key = secrets.token_urlsafe(24)
     template = drop / "job.yaml"
-    failed = 0
     with LocalVip(storage, api_keys=[key]) as server:
         print(f"embedded VIP server at {server.url} (storage {storage})", file=sys.stderr)
         client = VipClient(server.url, key)
         runner = Runner(journal, lambda _url: client, poll_min=0.2, poll_max=2.0)
         datasets = sorted(p for p in drop.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for path in datasets:
-            scan = dataset_mod.scan(path)
-            dataset_id = admit(
-                journal, path, server=server.url, output_root=outputs,
-                fingerprint=scan.fingerprint, name=path.name, drop_dir=drop,
-                template=template if template.is_file() else None,
-            )
-            print(f"--- {path.name}: {len(scan.files)} file(s)", file=sys.stderr)
-            outcome = runner.run(dataset_id)
-            ds = journal.get(dataset_id)
-            for ev in journal.events(dataset_id):
-                print(f"    {ev.message}", file=sys.stderr)
-            if outcome.stage != "done":
-                failed += 1
-                print(f"    FAILED: {ds.error}", file=sys.stderr)
-            else:
-                print(f"    done: {ds.output_dir}", file=sys.stderr)
+        admitted: list[int] = []
+        try:
+            failed = _run_all(journal, runner, server.url, datasets, drop, outputs, template,
+                              admitted)
+        finally:
+            # the embedded server dies with the demo: never leave a dataset for a later
+            # `vip-agent watch` to chase on a server that is gone
+            for dataset_id in admitted:
+                if not journal.get(dataset_id).final:
+                    journal.set_stage(dataset_id, "cancelled", message="demo interrupted")
     print(f"{len(datasets) - failed} of {len(datasets)} dataset(s) done", file=sys.stderr)
     print(outputs)
     return 0 if failed == 0 else 1
+
+
+def _run_all(
+    journal: Journal,
+    runner: Runner,
+    server_url: str,
+    datasets: list[Path],
+    drop: Path,
+    outputs: Path,
+    template: Path,
+    admitted: list[int],
+) -> int:
+    failed = 0
+    for path in datasets:
+        scan = dataset_mod.scan(path)
+        dataset_id = admit(
+            journal, path, server=server_url, output_root=outputs,
+            fingerprint=scan.fingerprint, name=path.name, drop_dir=drop,
+            template=template if template.is_file() else None,
+        )
+        admitted.append(dataset_id)
+        print(f"--- {path.name}: {len(scan.files)} file(s)", file=sys.stderr)
+        outcome = runner.run(dataset_id)
+        ds = journal.get(dataset_id)
+        for ev in journal.events(dataset_id):
+            print(f"    {ev.message}", file=sys.stderr)
+        if outcome.stage != "done":
+            failed += 1
+            print(f"    FAILED: {ds.error}", file=sys.stderr)
+        else:
+            print(f"    done: {ds.output_dir}", file=sys.stderr)
+    return failed
