@@ -146,6 +146,8 @@ class Runner:
         progress: Callable[[int, str, int, int], None] | None = None,
         poll_min: float = 5.0,
         poll_max: float = 120.0,
+        retry_base: float = 5.0,
+        capacity_wait: float = 15.0,
     ) -> None:
         self.journal = journal
         self.client_for = client_for
@@ -155,6 +157,10 @@ class Runner:
         self.progress = progress
         self.poll_min = poll_min
         self.poll_max = poll_max
+        #: first wait after a transient failure (doubles each time, up to 5 minutes)
+        self.retry_base = retry_base
+        #: least wait after VIP refused a launch for capacity (2000/2001)
+        self.capacity_wait = capacity_wait
         self._memos: dict[int, _Memo] = {}
         self._progress_written: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -181,9 +187,9 @@ class Runner:
             raise
         except (TransientError, CapacityError) as err:
             memo.transient_failures += 1
-            delay = min(5.0 * 2 ** (memo.transient_failures - 1), 300.0)
+            delay = min(self.retry_base * 2 ** (memo.transient_failures - 1), 300.0)
             if isinstance(err, CapacityError):
-                delay = max(delay, 15.0)
+                delay = max(delay, self.capacity_wait)
             self.journal.event(
                 dataset_id, f"{err.message}; retrying in {delay:.0f} s", level="warning"
             )

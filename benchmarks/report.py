@@ -86,8 +86,8 @@ def watch_latency(data: dict[str, Any]) -> list[str]:
            "", machine_line(data), "",
            f"Debounce {data['debounce_s']:g} s; polling interval {data['poll_interval_s']:g} s.", "",
            "| observer | datasets started | latency − S median (s) | min | mean | max | first seen after (median s) "
-           "| idle CPU (s / window) | idle CPU (% of a core) | idle RSS (MiB) |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| idle CPU (s / window) | idle CPU (% of a core) | idle RSS (MiB) | peak RSS (MiB) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, r in data["observers"].items():
         lat = r.get("latency", {})
         st = lat.get("upload_start_minus_settle_s", {})
@@ -97,8 +97,11 @@ def watch_latency(data: dict[str, Any]) -> list[str]:
             f"| {mode} | {lat.get('upload_started', 0)}/{lat.get('datasets', 0)} | {f(st.get('median'), '.2f')} | "
             f"{f(st.get('min'), '.2f')} | {f(st.get('mean'), '.2f')} | {f(st.get('max'), '.2f')} | "
             f"{f(seen.get('median'), '.2f')} | {f(idle.get('cpu_s'), '.2f')} / {f(idle.get('seconds'), '.0f')} s | "
-            f"{f(idle.get('cpu_percent_of_one_core'), '.3f')} | {f(idle.get('rss_mib'), '.1f')} |"
+            f"{f(idle.get('cpu_percent_of_one_core'), '.3f')} | {f(idle.get('rss_mib'), '.1f')} | "
+            f"{f(r.get('peak_rss_mib'), '.1f')} |"
         )
+    out += ["", "CPU times come in 10 ms clock ticks: an idle figure of 0.01–0.02 s is at the "
+            "resolution limit (a few wake-ups a minute)."]
     return out
 
 

@@ -129,6 +129,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per transfer")
     parser.add_argument("--result", default="transfer", help="results/<name>.json")
     args = parser.parse_args()
+    info = machine()  # before the work: its load average is the background load
     clients = [c for c in args.clients.split(",") if c]
     unknown = set(clients) - set(CLIENTS)
     if unknown:
@@ -167,7 +168,7 @@ def main() -> int:
                         setup.wait_deleted(remote, timeout=60, interval=0.1)
     summary = summarise(samples, clients)
     result = {
-        "benchmark": "transfer", "machine": machine(), "size_bytes": size, "repeat": args.repeat,
+        "benchmark": "transfer", "machine": info, "size_bytes": size, "repeat": args.repeat,
         "units": {"mb_per_s": "10^6 bytes per second of transfer time", "peak_rss_mib": "MiB"},
         "notes": [
             "seconds: the transfer call only (python clients: inside the process, after imports "

@@ -201,6 +201,7 @@ def main() -> int:
     parser.add_argument("--observers", default="native,polling", help="native,polling or one of them")
     parser.add_argument("--result", default="watch_latency", help="results/<name>.json")
     args = parser.parse_args()
+    info = machine()  # before the work: its load average is the background load
     from agent.commands.watch import DEBOUNCE
     from agent.config import DEFAULT_POLL_INTERVAL
 
@@ -209,7 +210,7 @@ def main() -> int:
         for mode in [m for m in args.observers.split(",") if m]:
             results[mode] = measure(mode, server, tmp, args)
     data = {
-        "benchmark": "watch_latency", "machine": machine(),
+        "benchmark": "watch_latency", "machine": info,
         "settle_s": args.settle, "poll_interval_s": args.poll_interval or DEFAULT_POLL_INTERVAL,
         "debounce_s": DEBOUNCE,
         "notes": [
