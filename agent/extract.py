@@ -28,6 +28,7 @@ import tarfile
 from pathlib import Path
 
 from agent.errors import AgentError
+from agent.fsutil import fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +132,6 @@ def _remove_tree(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.exists():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _inside(root: str, path: str) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -37,6 +36,7 @@ from agent import dataset as dataset_mod
 from agent import failpoints
 from agent.errors import AgentError, ValidationError
 from agent.extract import has_archive_name, safe_extract
+from agent.fsutil import write_atomic
 from agent.journal import FINAL_STAGES, Dataset, Journal
 from agent.session_data import write_session_data
 from agent.vip.client import VipClient
@@ -650,7 +650,7 @@ class Runner:
                 except VipError as err:
                     text = f"(not available: {err.message})\n"
                 suffix = f"job{job}." if job is not None else ""
-                _write_text(folder / f"{suffix}{stream}.txt", text)
+                write_atomic(folder / f"{suffix}{stream}.txt", text)
 
     def _local_failure(self, ds: Dataset, err: OSError) -> StepOutcome:
         import errno
@@ -731,7 +731,7 @@ class Runner:
         folder = Path(ds.output_dir)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _write_text(folder / STATUS_FILE, json.dumps(status_record(self.journal, ds), indent=2))
+            write_atomic(folder / STATUS_FILE, json.dumps(status_record(self.journal, ds), indent=2))
         except OSError:
             log.warning("could not write %s", folder / STATUS_FILE)
 
@@ -781,12 +781,6 @@ def _sha256(path: Path, stop: threading.Event) -> str:
                 raise Interrupted("stopping during hashing")
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _human(n: int) -> str:

@@ -8,11 +8,11 @@ it. The keys are VipSession's ``_PROPERTIES``.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from agent.fsutil import write_atomic
 from agent.journal import Journal
 
 SAVE_FILE = "session_data.json"
@@ -58,7 +58,5 @@ def write_session_data(journal: Journal, dataset_id: int) -> Path | None:
     folder = Path(record["local_output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / SAVE_FILE
-    tmp = folder / f".{SAVE_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=4), encoding="utf-8")
-    os.replace(tmp, target)
+    write_atomic(target, json.dumps(record, indent=4))
     return target

@@ -35,6 +35,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 
+from agent.fsutil import fsync_dir as _fsync_dir
 from agent.vip.errors import (
     AccessDeniedError,
     ApiError,
@@ -192,20 +193,6 @@ class _UploadBody:
             if not data:
                 return
             yield data
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable; not every platform lets a folder be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class VipClient:
