@@ -1,10 +1,12 @@
-"""``vip-agent demo``: the whole loop on an embedded local VIP, no key and no network needed.
+"""``vip-agent demo``: the main job on an embedded local VIP, no key and no network needed.
 
-Starts ``agent.localvip`` on a free loopback port, copies the example drop folder
-(``examples/drop``) into a fresh work folder, runs every dataset in it from
-validation to a clean server, and prints where the mirrored, extracted outputs
-are (last line). The journal is the normal one, so ``vip-agent status`` shows
-the demo datasets afterwards.
+Starts ``agent.localvip`` on a free loopback port and the drop-folder service
+(``vip-agent watch``'s) on an empty drop folder, then drops the example datasets
+(``examples/drop``) into it as an instrument would. Each is detected, waited for
+until complete, validated, uploaded, run, mirrored, extracted and cleaned from
+the server. Prints where the outputs are as its last line. The journal is the
+agent's usual one, so ``vip-agent status`` shows the demo datasets afterwards
+(or the demo's own, if a running agent holds the usual one).
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from agent import dataset as dataset_mod
 from agent.errors import AgentError
 from agent.journal import Journal
 from agent.paths import default_state_dir
-from agent.runner import Runner, admit
 
 
 def examples_dir() -> Path:
-    """The example drop folder: in a source checkout, or installed beside the package."""
+    """The example drop folder of a source checkout."""
     here = Path(__file__).resolve().parents[2] / "examples" / "drop"
     if here.is_dir():
         return here
@@ -43,68 +43,90 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", type=Path, default=None,
                         help="state folder (default: the agent's usual one)")
     parser.add_argument("--examples", type=Path, default=None,
-                        help="drop folder to copy (default: examples/drop)")
+                        help="drop folder to copy datasets from (default: examples/drop)")
+    parser.add_argument("--settle", type=float, default=1.0,
+                        help="seconds a dataset must stay unchanged before it is taken")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="give up after this many seconds")
 
 
 def main(args: argparse.Namespace) -> int:
+    from agent.commands.watch import AlreadyRunning, WatchService
+    from agent.config import config_from_args
     from agent.localvip import LocalVip
     from agent.vip.client import VipClient
 
     source = args.examples or examples_dir()
     work = (args.workdir / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
     drop, outputs, storage = work / "drop", work / "outputs", work / "server"
-    shutil.copytree(source, drop)
-    storage.mkdir(parents=True)
-    journal = Journal.in_state_dir(args.state or default_state_dir())
+    for folder in (drop, outputs, storage):
+        folder.mkdir(parents=True)
+    datasets = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     key = secrets.token_urlsafe(24)
-    template = drop / "job.yaml"
     with LocalVip(storage, api_keys=[key]) as server:
-        print(f"embedded VIP server at {server.url} (storage {storage})", file=sys.stderr)
+        say(f"embedded VIP server at {server.url} (storage {storage})")
         client = VipClient(server.url, key)
-        runner = Runner(journal, lambda _url: client, poll_min=0.2, poll_max=2.0)
-        datasets = sorted(p for p in drop.iterdir() if p.is_dir() and not p.name.startswith("."))
-        admitted: list[int] = []
+
+        def service_for(state: Path) -> WatchService:
+            config = config_from_args(drop, server=server.url, output=outputs, state=state,
+                                      settle=args.settle)
+            return WatchService(config, client_for=lambda _url: client,
+                                runner_options={"poll_min": 0.2, "poll_max": 2.0})
+
+        state = args.state or default_state_dir()
+        service = service_for(state)
         try:
-            failed = _run_all(journal, runner, server.url, datasets, drop, outputs, template,
-                              admitted)
+            service.start()
+        except AlreadyRunning:
+            state = work / "state"
+            say(f"a running agent holds {service.config.state}; the demo uses {state}")
+            service = service_for(state)
+            service.start()
+        journal = Journal.in_state_dir(state)
+        say(f"watching {drop}")
+        try:
+            # an instrument drops the datasets: the folder's job.yaml first, then each one
+            if (source / "job.yaml").is_file():
+                shutil.copy2(source / "job.yaml", drop / "job.yaml")
+            for path in datasets:
+                shutil.copytree(path, drop / path.name)
+                say(f"dropped {path.name}/")
+            failed = follow(journal, drop, len(datasets), args.timeout)
         finally:
-            # the embedded server dies with the demo: never leave a dataset for a later
-            # `vip-agent watch` to chase on a server that is gone
-            for dataset_id in admitted:
-                if not journal.get(dataset_id).final:
-                    journal.set_stage(dataset_id, "cancelled", message="demo interrupted")
-    print(f"{len(datasets) - failed} of {len(datasets)} dataset(s) done", file=sys.stderr)
+            service.stop()
+            # the embedded server dies with the demo: leave nothing for a later agent to chase
+            for ds in journal.find():
+                if ds.drop_dir == str(drop) and not ds.final:
+                    journal.set_stage(ds.id, "cancelled", message="demo stopped")
+    say(f"{len(datasets) - failed} of {len(datasets)} dataset(s) done")
     print(outputs)
     return 0 if failed == 0 else 1
 
 
-def _run_all(
-    journal: Journal,
-    runner: Runner,
-    server_url: str,
-    datasets: list[Path],
-    drop: Path,
-    outputs: Path,
-    template: Path,
-    admitted: list[int],
-) -> int:
-    failed = 0
-    for path in datasets:
-        scan = dataset_mod.scan(path)
-        dataset_id = admit(
-            journal, path, server=server_url, output_root=outputs,
-            fingerprint=scan.fingerprint, name=path.name, drop_dir=drop,
-            template=template if template.is_file() else None,
-        )
-        admitted.append(dataset_id)
-        print(f"--- {path.name}: {len(scan.files)} file(s)", file=sys.stderr)
-        outcome = runner.run(dataset_id)
-        ds = journal.get(dataset_id)
-        for ev in journal.events(dataset_id):
-            print(f"    {ev.message}", file=sys.stderr)
-        if outcome.stage != "done":
-            failed += 1
-            print(f"    FAILED: {ds.error}", file=sys.stderr)
-        else:
-            print(f"    done: {ds.output_dir}", file=sys.stderr)
-    return failed
+def follow(journal: Journal, drop: Path, expected: int, timeout: float) -> int:
+    """Print the demo datasets' events until all are final; returns how many failed."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        mine = [d for d in journal.find() if d.drop_dir == str(drop)]
+        for ds in mine:
+            for ev in journal.events(ds.id):
+                if ev.id not in seen:
+                    seen.add(ev.id)
+                    say(f"  {Path(ds.path).name}: {ev.message}")
+        final = [d for d in mine if d.final]
+        if len(final) >= expected and len(final) == len(mine):
+            for ds in final:
+                verdict = ds.output_dir if ds.stage == "done" else f"{ds.stage.upper()}: {ds.error}"
+                say(f"{Path(ds.path).name}: {verdict}")
+            return sum(1 for d in final if d.stage != "done")
+        if time.monotonic() > deadline:
+            raise AgentError(
+                f"the demo did not finish within {timeout:.0f} s",
+                detail=", ".join(f"{d.name}={d.state}" for d in mine),
+            )
+        time.sleep(0.2)
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)

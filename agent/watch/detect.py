@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -42,6 +43,14 @@ from watchdog.observers.api import BaseObserver
 
 from agent import dataset as ds
 from agent.config import DropConfig
+
+# watchdog's inotify backend warns when a folder created inside a watched tree is added
+# twice (a fast copy of a dataset with subfolders); re-adding is harmless (see watchdog
+# PR #1278). Events it may miss there are caught by readiness scans and the rescan.
+warnings.filterwarnings(
+    "ignore", message=r"Callback with id .* already exists", category=RuntimeWarning,
+    module=r"watchdog\.observers\.inotify",
+)
 
 #: events that can change a dataset (opens and read-only closes are left out:
 #: the runner reading files during upload must not re-trigger readiness checks)
