@@ -8,6 +8,17 @@ message; logs show both.
 from __future__ import annotations
 
 
+def one_line(text: str | None) -> str:
+    """A multi-line message (a heading and its ``- problem`` list) on one line, for tables and logs."""
+    if not text:
+        return ""
+    parts = [line.strip().removeprefix("- ").strip() for line in text.splitlines()]
+    parts = [p for p in parts if p]
+    if len(parts) > 1 and parts[0].endswith(":"):
+        return parts[0] + " " + "; ".join(parts[1:])
+    return " ".join(parts)
+
+
 class AgentError(Exception):
     """Base of every error vip-agent raises on purpose."""
 

@@ -100,7 +100,7 @@ def watch_latency(data: dict[str, Any]) -> list[str]:
             f"{f(idle.get('cpu_percent_of_one_core'), '.3f')} | {f(idle.get('rss_mib'), '.1f')} | "
             f"{f(r.get('peak_rss_mib'), '.1f')} |"
         )
-    out += ["", "CPU times come in 10 ms clock ticks: an idle figure of 0.01–0.02 s is at the "
+    out += ["", "CPU times come in 10 ms clock ticks: an idle figure of 0.01–0.03 s is at the "
             "resolution limit (a few wake-ups a minute)."]
     return out
 

@@ -41,7 +41,7 @@ def seed(journal: Journal) -> dict[str, int]:
     add("r", "monitor")
     journal.add_execution(ids["r"], key="default-r1", name="r-x", variant="default", run=1, inputs={})
     journal.update_execution(ids["r"], "default-r1", vip_id="workflow-ABC", status="Running")
-    add("f", "failed", error="pipeline 'Nope/1' does not exist\nsecond line")
+    add("f", "failed", error="the dataset cannot be run:\n  - pipeline 'Nope/1' does not exist")
     add("p", "launch", paused="API key refused by http://127.0.0.1:9: Bad credentials")
     add("d", "done", output_dir="/out/d")
     return ids
@@ -59,7 +59,7 @@ def test_status_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str
             assert key in rec, (name, key)
         assert rec["id"] == ids[name]
     assert records["r"]["executions"] == ["workflow-ABC"]
-    assert "second line" in str(records["f"]["error"])
+    assert "- pipeline 'Nope/1'" in str(records["f"]["error"])  # JSON keeps the full text
     assert "Bad credentials" in str(records["p"]["error"])
 
     assert cli(["status", "--state", str(state)]) == 0
@@ -71,7 +71,8 @@ def test_status_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "waiting for the marker file READY" in row["w"]
     assert "50% of 1 KB" in row["u"]
     assert "0/1 executions ended" in row["r"] and "workflow-ABC" in row["r"]
-    assert "does not exist" in row["f"] and "second line" not in row["f"]
+    # the heading and its problem on one line: the table shows what is actually wrong
+    assert "cannot be run: pipeline 'Nope/1' does not exist" in row["f"]
     # only some names
     assert [r["name"] for r in run_json(capsys, "--state", str(state), "f", "d")] == ["f", "d"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import default_config_path, default_state_dir, load_config
-from agent.errors import AgentError
+from agent.errors import AgentError, one_line
 from agent.journal import JOURNAL_NAME, Dataset, Journal
 from agent.watch.lock import AgentLock
 
@@ -136,7 +136,7 @@ def render_table(records: list[dict[str, Any]], width: int = 120) -> str:
     headers = ("NAME", "STATE", "PROGRESS", "AGE", "EXECUTIONS", "ERROR")
     rows = []
     for r in records:
-        error = (r.get("error") or "").splitlines()[0] if r.get("error") else ""
+        error = one_line(r.get("error"))
         rows.append((
             str(r["name"]), str(r["state"]), progress_text(r), _age(now - float(r["created"])),
             ",".join(r.get("executions") or []) or "-", error,

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 
 from agent.config import DropConfig
+from agent.errors import one_line
+from agent.fsutil import write_atomic
 from agent.journal import Dataset, Journal
 from agent.watch.readiness import take_snapshot
 
@@ -79,7 +81,10 @@ def _move_any(ds: Dataset, src: Path, folder: Path, journal: Journal, what: str)
 
 def write_error_report(ds: Dataset, journal: Journal, path: Path) -> Path:
     """Write ``ERROR.txt``: what went wrong, where the logs are, how to retry."""
-    events = [e for e in journal.events(ds.id, limit=200) if e.level in ("warning", "error")][-5:]
+    events = [
+        e for e in journal.events(ds.id, limit=200)
+        if e.level in ("warning", "error") and e.message != ds.error  # not the error again
+    ][-5:]
     when = dt.datetime.fromtimestamp(ds.finished or ds.updated).strftime("%Y-%m-%d %H:%M:%S")
     lines = [
         f"vip-agent could not process the dataset {ds.name!r}.",
@@ -94,7 +99,7 @@ def write_error_report(ds: Dataset, journal: Journal, path: Path) -> Path:
         lines.append(f"Outputs and execution logs (if any): {ds.output_dir}")
     if events:
         lines += ["", "Recent warnings:"]
-        lines += [f"  - {e.message}".replace("\n", " ") for e in events]
+        lines += [f"  - {one_line(e.message)}" for e in events]
     lines += [
         "",
         "How to run it again:",
@@ -105,9 +110,7 @@ def write_error_report(ds: Dataset, journal: Journal, path: Path) -> Path:
         "",
     ]
     target = error_file(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, target)
+    write_atomic(target, "\n".join(lines))
     return target
 
 
@@ -133,7 +136,7 @@ def finish(ds: Dataset, drop: DropConfig, journal: Journal) -> Path | None:
         return path
     if ds.stage == "failed":
         report = write_error_report(ds, journal, path)
-        first = (ds.error or "unknown error").splitlines()[0]
+        first = one_line(ds.error) or "unknown error"
         log.warning("%s failed: %s (see %s)", ds.name, first, report)
         if drop.failed_dir is not None and path.parent == drop.path:
             return _move_any(ds, path, drop.failed_dir, journal, "failed")
