@@ -95,6 +95,7 @@ class _Memo:
     transient_failures: int = 0
     unknown_polls: int = 0
     delete_started: float | None = None
+    delete_polls: int = 0
 
 
 ClientFactory = Callable[[str], VipClient]
@@ -520,11 +521,16 @@ class Runner:
                         f"the server has not deleted {target} after {DELETE_DEADLINE:.0f} s",
                         detail="VIP deletes asynchronously and may drop failed deletes",
                     )
-                try:
-                    client.delete(target)
-                except NotFoundError:
-                    pass  # deleted meanwhile
-                return StepOutcome("cleanup", 2.0)
+                if memo.delete_polls == 0:
+                    try:
+                        client.delete(target)
+                    except NotFoundError:
+                        pass  # deleted meanwhile
+                memo.delete_polls += 1
+                if memo.delete_polls % 30 == 0:
+                    memo.delete_polls = 0  # VIP may drop a failed delete: ask again now and then
+                # VIP deletes asynchronously: look again soon, then every 2 s
+                return StepOutcome("cleanup", min(0.25 * 2 ** (memo.delete_polls - 1), 2.0))
         return self._finish(ds, kept_remote=keep)
 
     # -- helpers -----------------------------------------------------------------
