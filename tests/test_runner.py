@@ -290,3 +290,26 @@ def test_retry_after_failed_execution_launches_anew(tmp_path: Path, vip_server: 
     assert second_out != first_out
     assert (first_out / "logs").is_dir()  # the failed attempt's logs are kept
     assert list(second_out.rglob("slept_*.txt"))
+
+
+def test_keep_remote_leaves_data_and_execution_on_the_server(
+    tmp_path: Path, vip_server: LocalVip
+) -> None:
+    ds = write_dataset(
+        tmp_path / "drop" / "keep-1", {"scan.txt": "abc\n"},
+        {"pipeline": "FileStats/1.0", "inputs": {"input_file": "scan.txt"}},
+    )
+    result = run_agent(
+        "run", str(ds), "--server", vip_server.url, "--state", str(tmp_path / "state"),
+        "--output", str(tmp_path / "out"), "--keep-remote", "--poll", "0.1",
+        api_key=vip_server.api_key, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "remote data kept" in result.stderr
+    journal = Journal.in_state_dir(tmp_path / "state")
+    (row,) = journal.datasets()
+    client = VipClient(vip_server.url, vip_server.api_key)
+    assert client.exists(f"{row.remote_root}/INPUTS/scan.txt")
+    assert [p for p in client.list(f"{row.remote_root}/OUTPUTS")]
+    (execution,) = client.executions()
+    assert execution["status"] == "Finished"
