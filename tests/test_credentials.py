@@ -17,6 +17,7 @@ import keyring
 import keyring.backend
 import keyring.backends.fail
 import pytest
+from agenthelpers import MemoryKeyring
 from keyrings.alt.file import PlaintextKeyring
 
 from agent import credentials
@@ -33,28 +34,6 @@ from agent.errors import CredentialError
 
 SERVER = "https://vip.example.org"
 KEY = "vipk-test-3f1c0b7e9a"
-
-
-class MemoryKeyring(keyring.backend.KeyringBackend):
-    """A real keyring backend keeping entries in a dict (no file, no daemon)."""
-
-    priority = 0.01  # never chosen automatically over a real one
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entries: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.entries.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.entries[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        if self.entries.pop((service, username), None) is None:
-            import keyring.errors
-
-            raise keyring.errors.PasswordDeleteError("no such entry")
 
 
 class HangingKeyring(MemoryKeyring):

@@ -11,26 +11,11 @@ import keyring.backend
 import keyring.backends.fail
 import pytest
 import yaml
+from agenthelpers import MemoryKeyring
 
 from agent import cli
 from agent.commands import doctor
 from agent.localvip import LocalVip
-
-
-class MemoryKeyring(keyring.backend.KeyringBackend):
-    """A real keyring backend keeping entries in a dict (no file, no daemon)."""
-
-    priority = 0.01
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entries: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.entries.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.entries[(service, username)] = password
 
 
 @pytest.fixture(autouse=True)

@@ -21,32 +21,13 @@ import keyring.backends.fail
 import keyring.errors
 import pytest
 import yaml
+from agenthelpers import MemoryKeyring
 
 from agent import cli
 from agent.credentials import find_api_key
 from agent.localvip import LocalVip
 
 CANARY = "vipk-CANARY-7d1e5a-do-not-print-9c24f0"
-
-
-class MemoryKeyring(keyring.backend.KeyringBackend):
-    """A real keyring backend keeping entries in a dict (no file, no daemon)."""
-
-    priority = 0.01  # never chosen automatically over a real one
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.entries: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.entries.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.entries[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        if self.entries.pop((service, username), None) is None:
-            raise keyring.errors.PasswordDeleteError("no such entry")
 
 
 @pytest.fixture

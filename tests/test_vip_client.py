@@ -13,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agenthelpers import wait_for
 
 from agent.localvip import LocalVip
 from agent.vip import (
@@ -56,17 +57,6 @@ def client(vip_server: LocalVip) -> Iterator[VipClient]:
         yield c
     finally:
         c.close()
-
-
-def _wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _file(path: Path, size: int) -> Path:
@@ -481,7 +471,7 @@ def test_execution_lifecycle(client: VipClient) -> None:
     exec_id = created["identifier"]
     assert created["status"] == "Running"
     assert start_seconds(created) == pytest.approx(time.time(), abs=60)
-    done = _wait_for(lambda: _finished(client, exec_id), what="execution end")
+    done = wait_for(lambda: _finished(client, exec_id), what="execution end")
     assert done["status"] == "Finished"
     results = client.results(exec_id)
     assert results and all(r.exists and r.path.startswith(f"{HOME}/out/") for r in results)
@@ -505,7 +495,7 @@ def test_kill_and_capacity(client: VipClient) -> None:
         client.delete_execution(first["identifier"])  # still running
     client.kill(first["identifier"])
     client.kill(first["identifier"])  # idempotent
-    killed = _wait_for(lambda: _finished(client, first["identifier"]), what="kill")
+    killed = wait_for(lambda: _finished(client, first["identifier"]), what="kill")
     assert killed["status"] in ("Killed", "Unknown")
 
 
@@ -545,7 +535,7 @@ def test_launch_dropped_after_creation_is_uncertain_and_findable(
 
 def test_find_execution_returns_newest(client: VipClient) -> None:
     a = client.create_execution("same", "Sleep/1.0", {"duration": "0.05"}, HOME)["identifier"]
-    _wait_for(lambda: _finished(client, a), what="first execution")
+    wait_for(lambda: _finished(client, a), what="first execution")
     b = client.create_execution("same", "Sleep/1.0", {"duration": "0.05"}, HOME)["identifier"]
     assert a != b
     found = client.find_execution("same")
