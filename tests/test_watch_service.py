@@ -386,3 +386,33 @@ def test_after_archive_or_delete(
         assert any("deleted from the drop folder" in e.message for e in journal.events(ds.id))
     assert list((archive / "s1").iterdir()) == []
     assert len(journal.datasets()) == 1  # the archive is not a drop folder
+
+
+def test_one_file_per_dataset_runs_each_file_alone(
+    tmp_path: Path, vip_server: LocalVip, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``datasets: files``: each acquisition file is its own dataset, named after it."""
+    monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    # the template names the input by pattern; only the dataset's own file is in scope
+    (drop / "job.yaml").write_text(
+        yaml.safe_dump({"pipeline": "FileStats/1.0", "inputs": {"input_file": "*.txt"}}),
+        encoding="utf-8",
+    )
+    service = make_service(tmp_path, vip_server, drop, datasets="files", pattern="*.txt")
+    service.start()
+    journal = journal_of(tmp_path)
+    contents = {"scan-a": b"first acquisition\n", "scan-b": b"second\nacquisition\n"}
+    try:
+        for stem, data in contents.items():
+            (drop / f"{stem}.txt").write_bytes(data)
+        (drop / "notes.md").write_text("not an acquisition")  # does not match the pattern
+        wait_for(lambda: finished(journal, 2), timeout=30)
+    finally:
+        service.stop()
+    assert sorted(d.name for d in journal.datasets()) == ["scan-a", "scan-b"]
+    for stem, data in contents.items():
+        assert report_sha(journal, stem) == hashlib.sha256(data).hexdigest()
+        (ds,) = journal.find(name=stem)
+        assert [f.rel for f in journal.files(ds.id)] == [f"{stem}.txt"]  # only its own file
