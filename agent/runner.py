@@ -336,7 +336,7 @@ class Runner:
                 digest = client.upload(local, f.remote, progress=progress)
                 self.journal.mark_uploaded(ds.id, f.rel, digest or _sha256(local, self.stop_event))
 
-            self.journal.event(ds.id, f"uploading {len(todo)} file(s), {_human(total)}")
+            self.journal.event(ds.id, f"uploading {len(todo)} file(s), {human_size(total)}")
             self._parallel(upload, todo)
         self.journal.set_stage(ds.id, "launch", message="inputs uploaded and verified")
         return StepOutcome("launch")
@@ -454,13 +454,13 @@ class Runner:
             self.journal.update_output(ds.id, o.remote, downloaded=1)
 
         if todo:
-            self.journal.event(ds.id, f"downloading {len(todo)} output file(s), {_human(total)}")
+            self.journal.event(ds.id, f"downloading {len(todo)} output file(s), {human_size(total)}")
             self._parallel(download, todo)
         for o in too_big:
             self.journal.event(
                 ds.id,
-                f"output {o.remote} is {_human(o.size or 0)}, above the server's direct download "
-                f"limit of {_human(limit or 0)}: it stays on the server; download it from the VIP "
+                f"output {o.remote} is {human_size(o.size or 0)}, above the server's direct download "
+                f"limit of {human_size(limit or 0)}: it stays on the server; download it from the VIP "
                 "portal",
                 level="error",
             )
@@ -789,7 +789,8 @@ def _sha256(path: Path, stop: threading.Event) -> str:
     return h.hexdigest()
 
 
-def _human(n: int) -> str:
+def human_size(n: int) -> str:
+    """Bytes as a short human-readable size (``1.5 MB``)."""
     size = float(n)
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if size < 1000 or unit == "TB":

@@ -14,7 +14,7 @@ from agent import dataset as dataset_mod
 from agent.errors import ConfigError
 from agent.journal import Journal
 from agent.paths import DEFAULT_SERVER, default_state_dir
-from agent.runner import Interrupted, Runner, admit
+from agent.runner import Interrupted, Runner, admit, human_size
 from agent.vip.client import VipClient
 
 EXIT_DONE, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -78,13 +78,15 @@ class Progress:
                     self._last[key] = now
                     bar = "#" * int(pct / 5)
                     end = "\n" if done >= total else ""
-                    self.stream.write(f"\r{kind:>8} [{bar:<20}] {pct:5.1f}% {done / 1e6:,.1f} MB{end}")
+                    self.stream.write(
+                        f"\r{kind:>8} [{bar:<20}] {pct:5.1f}% {human_size(done):>9}{end}"
+                    )
                     self.stream.flush()
             else:
                 step = int(pct // 10)
                 if step > self._last.get(key, -1):
                     self._last[key] = step
-                    print(f"{kind}: {pct:.0f}% ({done / 1e6:,.1f} of {total / 1e6:,.1f} MB)",
+                    print(f"{kind}: {pct:.0f}% ({human_size(done)} of {human_size(total)})",
                           file=self.stream, flush=True)
 
 
