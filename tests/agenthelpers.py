@@ -32,6 +32,16 @@ def write_dataset(
     return folder
 
 
+def write(path: Path, text: str | bytes = "x") -> Path:
+    """Write a file (and its folders); returns its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
 def agent_env(api_key: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIP_")}
     env["VIP_API_KEY"] = api_key

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from agenthelpers import write
 
 from agent.errors import ConfigError
 from agent.jobfile import (
@@ -16,15 +17,6 @@ from agent.jobfile import (
     load_job,
     merge,
 )
-
-
-def write(path: Path, text: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture

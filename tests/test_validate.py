@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agenthelpers import write
 
 from agent.errors import ValidationError
 from agent.jobfile import JobSpec, load_job
@@ -57,15 +58,6 @@ PIPELINE: dict[str, Any] = {
         param("mode", "String", default="fast"),  # required, with a default: may be left out
     ],
 }
-
-
-def write(path: Path, text: str | bytes = "x") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture
