@@ -36,14 +36,7 @@ from typing import Any, Protocol
 from agent.config import Limits
 from agent.errors import CredentialError
 from agent.journal import FINAL_STAGES, PUBLIC_STATE, Dataset, Journal
-
-try:  # the runner's table; kept in sync here if it is missing
-    from agent.runner import STAGE_POOL
-except ImportError:  # pragma: no cover
-    STAGE_POOL = {
-        "validate": "local", "upload": "upload", "launch": "launch", "monitor": "monitor",
-        "mirror": "download", "extract": "local", "cleanup": "local",
-    }  # fmt: skip
+from agent.runner import STAGE_POOL, Interrupted
 
 log = logging.getLogger("vip_agent.scheduler")
 
@@ -324,11 +317,6 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------
     def _step(self, e: _Entry, key: tuple[str, str]) -> None:
         from agent.vip.errors import AuthError
-
-        try:
-            from agent.runner import Interrupted
-        except ImportError:  # pragma: no cover
-            Interrupted = RuntimeError  # type: ignore[misc,assignment]  # noqa: N806
 
         outcome: Any = None
         error: BaseException | None = None

@@ -102,12 +102,9 @@ class Report:
 
 def _default_config_candidates() -> list[Path]:
     """Where ``vip-agent watch`` looks without --config, then the system service's file."""
-    try:
-        from agent.config import default_config_path
+    from agent.config import default_config_path
 
-        first = default_config_path()
-    except ImportError:  # pragma: no cover - agent.config ships with vip-agent
-        first = Path.home() / ".config" / "vip-agent" / "agent.yaml"
+    first = default_config_path()
     system = Path("/Library/Application Support/vip-agent/agent.yaml" if sys.platform == "darwin"
                   else service.SYSTEM_CONFIG)
     return list(dict.fromkeys([first, system]))
@@ -130,10 +127,6 @@ def check_config(
         return None, path
     try:
         config = service.load_agent_config(path)
-    except ImportError as exc:
-        report.add(FAIL, f"config {path}: this vip-agent cannot read agent.yaml ({exc})",
-                   "upgrade vip-agent")
-        return None, path
     except AgentError as err:
         report.add(FAIL, f"config {path}: not valid: {err}", err.detail or "correct agent.yaml")
         return None, path

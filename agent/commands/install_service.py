@@ -86,8 +86,6 @@ def _writable_paths(config_path: Path) -> tuple[list[str], str | None]:
         return [], f"{config_path} does not exist yet"
     try:
         config = service.load_agent_config(config_path)
-    except ImportError:
-        return [], "this vip-agent cannot read agent.yaml yet (agent.config missing)"
     except AgentError as err:
         return [], f"{config_path} is not valid: {err}"
     return service.config_write_paths(config), None

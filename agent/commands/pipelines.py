@@ -17,7 +17,6 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.errors import CredentialError
 from agent.paths import DEFAULT_SERVER
 from agent.validate import has_default
 
@@ -225,15 +224,8 @@ def job_yaml_skeleton(pipeline: Mapping[str, Any]) -> str:
 
 
 def _api_key(server: str) -> str:
-    try:
-        from agent.credentials import find_api_key
-    except ImportError:  # pragma: no cover - credentials ships with the agent
-        import os
+    from agent.credentials import find_api_key
 
-        key = os.environ.get("VIP_API_KEY", "").strip()
-        if not key:
-            raise CredentialError("no API key: set VIP_API_KEY or run `vip-agent login`") from None
-        return key
     return find_api_key(server).key
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from agent.config import default_config_path, default_state_dir, load_config
 from agent.errors import AgentError, one_line
 from agent.journal import JOURNAL_NAME, Dataset, Journal
+from agent.runner import status_record
 from agent.watch.lock import AgentLock
 
 
@@ -80,18 +81,7 @@ def agent_pid(state: Path) -> int | None:
 
 def record(journal: Journal, ds: Dataset) -> dict[str, Any]:
     """The JSON record of one dataset (the same fields as STATUS.json, plus id and attempts)."""
-    try:
-        from agent.runner import status_record
-
-        rec = status_record(journal, ds)
-    except ImportError:  # pragma: no cover - the runner is part of the package
-        rec = {
-            "name": ds.name, "state": ds.state, "stage": ds.stage, "path": ds.path,
-            "fingerprint": ds.fingerprint, "output_dir": ds.output_dir, "progress": ds.progress,
-            "executions": [e.vip_id for e in journal.executions(ds.id) if e.vip_id],
-            "error": ds.error, "paused": ds.paused, "created": ds.created, "updated": ds.updated,
-            "finished": ds.finished,
-        }  # fmt: skip
+    rec = status_record(journal, ds)
     rec = {"id": ds.id, **rec, "attempts": ds.attempts}
     if ds.paused and not ds.final and not rec.get("error"):
         rec["error"] = ds.paused

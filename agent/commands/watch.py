@@ -504,17 +504,12 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
 def main(args: argparse.Namespace) -> int:
     config = build_config(args)
     redact = setup_logging(config.log_format, level=logging.DEBUG if args.verbose else logging.INFO)
-    notifier = None
-    try:
-        from agent.notify import Notifier
+    from agent.notify import Notifier
 
-        service = WatchService(config, redact=redact)
-        notifier = Notifier(alive=service.alive)
-        notifier.start()
-    except ImportError:  # pragma: no cover - notify is part of the package
-        service = WatchService(config, redact=redact)
+    service = WatchService(config, redact=redact)
+    notifier = Notifier(alive=service.alive)
+    notifier.start()
     try:
         return service.run(notifier=notifier)
     finally:
-        if notifier is not None:
-            notifier.stop()
+        notifier.stop()
