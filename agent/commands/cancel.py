@@ -6,6 +6,9 @@ command waits for the result. If none is running, this command takes the state
 folder's lock itself (so an agent starting meanwhile cannot step the same
 dataset) and drives the runner until the dataset is ``cancelled``. A dataset
 still ``waiting`` for its files has nothing remote: it is cancelled at once.
+
+An ``incomplete`` dataset (outputs left on VIP) is already finished: ``--discard``
+deletes what was left on VIP, with its execution, and it ends ``cancelled``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from agent.commands.status import add_state_args, agent_pid, find_dataset, open_
 from agent.config import load_config
 from agent.errors import AgentError, CredentialError
 from agent.journal import Journal
+from agent.leftovers import left_on_vip
 from agent.watch.lock import AgentLock
 
 
@@ -32,6 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait", type=float, default=120.0,
         help="seconds to wait for the kill and the clean-up (default 120)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--discard", action="store_true",
+        help="for an incomplete dataset: delete the outputs left on VIP (see LEFT_ON_VIP.txt)",
     )  # fmt: skip
 
 
@@ -78,6 +86,22 @@ def main(args: argparse.Namespace) -> int:
     if journal is None:
         raise CannotCancel(f"no journal in {state}: nothing has run there yet")
     ds = find_dataset(journal, args.name)
+    if ds.stage == "incomplete":
+        left = left_on_vip(journal, ds.id)
+        if not args.discard:
+            print(
+                f"{ds.name} is incomplete: {len(left)} output file(s) are still on VIP (see "
+                f"LEFT_ON_VIP.txt in {ds.output_dir}). `vip-agent retry {ds.name}` fetches them "
+                f"once the limit allows; `vip-agent cancel {ds.name} --discard` deletes them"
+            )
+            return 1
+        journal.update(ds.id, options={**ds.options, "discard": True})
+        journal.reopen(
+            ds.id, "cleanup", cancel=True,
+            message=f"discard requested by the user: deleting the {len(left)} output file(s) "
+                    "left on VIP",
+        )  # fmt: skip
+        ds = journal.get(ds.id)
     if ds.final:
         print(f"{ds.name} is already {ds.state}")
         return 0
@@ -85,8 +109,9 @@ def main(args: argparse.Namespace) -> int:
         journal.set_stage(ds.id, "cancelled", message="cancelled by the user before it was complete")
         print(f"{ds.name}: cancelled (it was still waiting for its files; nothing was sent)")
         return 0
-    journal.update(ds.id, cancel_requested=1)
-    journal.event(ds.id, "cancel requested by the user", level="warning")
+    if not ds.cancel_requested:
+        journal.update(ds.id, cancel_requested=1)
+        journal.event(ds.id, "cancel requested by the user", level="warning")
     pid = agent_pid(state)
     if pid is not None:
         print(f"{ds.name}: cancel requested; the running agent (pid {pid or '?'}) is stopping it...")

@@ -2,7 +2,9 @@
 
 The dataset goes back to stage ``validate`` (attempts + 1) with its current
 content; a running agent notices within a few seconds (it polls the journal),
-otherwise the next ``vip-agent watch`` takes it.
+otherwise the next ``vip-agent watch`` takes it. An ``incomplete`` dataset goes
+back to ``mirror`` instead: only the outputs left on VIP are fetched, then VIP
+is cleaned.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 
 from agent.commands.status import add_state_args, agent_pid, find_dataset, open_journal, state_dir
 from agent.errors import AgentError
+from agent.journal import Dataset, Journal
+from agent.leftovers import left_on_vip
 from agent.watch.after import error_file
 from agent.watch.readiness import current_fingerprint
 
@@ -31,9 +35,12 @@ def main(args: argparse.Namespace) -> int:
     if journal is None:
         raise CannotRetry(f"no journal in {state}: nothing has run there yet")
     ds = find_dataset(journal, args.name)
+    if ds.stage == "incomplete":
+        return _fetch_left(journal, ds, state)
     if ds.stage not in ("failed", "cancelled"):
         raise CannotRetry(
-            f"{ds.name} is {ds.state}; only a failed or cancelled dataset can be retried"
+            f"{ds.name} is {ds.state}; only a failed, cancelled or incomplete dataset can be "
+            "retried"
         )
     path = Path(ds.path)
     fingerprint = current_fingerprint(path)
@@ -49,4 +56,22 @@ def main(args: argparse.Namespace) -> int:
         print(f"{ds.name}: queued again; the running agent (pid {pid or '?'}) takes it within seconds")
     else:
         print(f"{ds.name}: queued again; no agent is running: start `vip-agent watch` to run it")
+    return 0
+
+
+def _fetch_left(journal: Journal, ds: Dataset, state: Path) -> int:
+    """Send an incomplete dataset back to ``mirror``: only what was left on VIP is fetched."""
+    left = left_on_vip(journal, ds.id)
+    journal.reopen(
+        ds.id, "mirror", message=f"retry: fetching the {len(left)} output file(s) left on VIP"
+    )
+    what = f"{ds.name}: queued to fetch the {len(left)} output file(s) left on VIP"
+    pid = agent_pid(state)
+    if pid is not None:
+        print(f"{what}; the running agent (pid {pid or '?'}) takes it within seconds")
+    else:
+        print(
+            f"{what}; no agent is running: `vip-agent run {ds.path}` fetches them now "
+            "(or start `vip-agent watch`)"
+        )
     return 0
