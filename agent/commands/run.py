@@ -185,9 +185,16 @@ def main(args: argparse.Namespace) -> int:
     lock = AgentLock(state)
     try:
         while True:
-            if journal.get(dataset_id).cancel_requested and lock.held_by_other() is not None:
-                # `vip-agent cancel` from another shell drives the cancel: wait for its end
-                outcome = StepOutcome(journal.get(dataset_id).stage, 0.5)
+            if journal.get(dataset_id).cancel_requested:
+                # `vip-agent cancel` from another shell: whoever holds the state folder's lock
+                # does the cancel step, so two processes never kill and delete at once
+                if lock.acquire():
+                    try:
+                        outcome = runner.step(dataset_id)
+                    finally:
+                        lock.release()
+                else:
+                    outcome = StepOutcome(journal.get(dataset_id).stage, 0.5)
             else:
                 outcome = runner.step(dataset_id)
             last = print_events(journal, dataset_id, last)
