@@ -410,8 +410,8 @@ class Runner:
             client, refresh=any(not o.downloaded for o in self.journal.outputs(ds.id))
         )
         for e in self.journal.executions(ds.id):
-            if not e.vip_id or e.status == "Lost":
-                continue
+            if not e.vip_id or e.status == "Lost" or e.cleaned:
+                continue  # a cleaned one is deleted: its outputs were all mirrored
             for info in client.results(e.vip_id):
                 if not info.exists or info.is_dir:
                     continue

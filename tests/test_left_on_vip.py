@@ -172,7 +172,7 @@ def test_watch_incomplete_then_retry_through_the_running_agent(
 ) -> None:
     from dataclasses import replace
 
-    from agent.commands.watch import WatchService
+    from agent.daemon import WatchService
     from agent.config import Limits, config_from_args
 
     monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)

@@ -1,10 +1,10 @@
-"""``vip-agent retry NAME``: run a failed or cancelled dataset again.
+"""``vip-agent retry NAME|#ID``: run a failed or cancelled dataset again (``--again``: any finished one).
 
 The dataset goes back to stage ``validate`` (attempts + 1) with its current
 content; a running agent notices within a few seconds (it polls the journal),
 otherwise the next ``vip-agent watch`` takes it. An ``incomplete`` dataset goes
-back to ``mirror`` instead: only the outputs left on VIP are fetched, then VIP
-is cleaned.
+back to ``mirror`` instead: only the outputs left on VIP are fetched, then VIP is
+cleaned (``vip-agent run DATASET`` does it at once when no agent runs).
 """
 
 from __future__ import annotations
@@ -12,66 +12,50 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.commands.status import add_state_args, agent_pid, find_dataset, open_journal, state_dir
-from agent.errors import AgentError
+from agent import actions, queries
+from agent.commands import add_state_args
 from agent.journal import Dataset, Journal
 from agent.leftovers import left_on_vip
-from agent.watch.after import error_file
-from agent.watch.readiness import current_fingerprint
-
-
-class CannotRetry(AgentError):
-    exit_code = 1
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="dataset name (or #id from `vip-agent status`)")
+    parser.add_argument("name", help="dataset name, or #ID as `vip-agent status` shows it")
     add_state_args(parser)
+    parser.add_argument(
+        "--again", action="store_true",
+        help="also a dataset that is done: run it again as a new attempt (same as `vip-agent rerun`)",
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
-    state = state_dir(args)
-    journal = open_journal(state)
+    state = queries.state_dir(args.state, args.config)
+    journal = queries.open_journal(state)
     if journal is None:
-        raise CannotRetry(f"no journal in {state}: nothing has run there yet")
-    ds = find_dataset(journal, args.name)
-    if ds.stage == "incomplete":
+        raise actions.CannotRetry(f"no journal in {state}: nothing has run there yet")
+    ds = queries.find_dataset(journal, args.name)
+    if ds.stage == "incomplete" and not getattr(args, "again", False):
         return _fetch_left(journal, ds, state)
-    if ds.stage not in ("failed", "cancelled"):
-        raise CannotRetry(
-            f"{ds.name} is {ds.state}; only a failed, cancelled or incomplete dataset can be "
-            "retried"
-        )
-    path = Path(ds.path)
-    fingerprint = current_fingerprint(path)
-    if fingerprint is None:
-        raise CannotRetry(f"{ds.name}: the dataset {path} no longer exists; drop it again instead")
-    report = error_file(path)
-    if report.exists():
-        report.unlink()
-    # the content may have been fixed: take it as it is now
-    journal.reset_for_retry(ds.id, fingerprint=fingerprint)
-    pid = agent_pid(state)
+    ds = actions.rerun(journal, ds) if getattr(args, "again", False) else actions.retry(journal, ds)
+    pid = queries.agent_pid(state)
+    who = f"#{ds.id} {ds.name}"
     if pid is not None:
-        print(f"{ds.name}: queued again; the running agent (pid {pid or '?'}) takes it within seconds")
+        print(f"{who}: queued again (attempt {ds.attempts + 1}); the running agent "
+              f"(pid {pid or '?'}) takes it within seconds")  # fmt: skip
     else:
-        print(f"{ds.name}: queued again; no agent is running: start `vip-agent watch` to run it")
+        print(f"{who}: queued again (attempt {ds.attempts + 1}); no agent is running: "
+              "start `vip-agent watch` to run it")  # fmt: skip
     return 0
 
 
 def _fetch_left(journal: Journal, ds: Dataset, state: Path) -> int:
-    """Send an incomplete dataset back to ``mirror``: only what was left on VIP is fetched."""
-    left = left_on_vip(journal, ds.id)
-    journal.reopen(
-        ds.id, "mirror", message=f"retry: fetching the {len(left)} output file(s) left on VIP"
-    )
-    what = f"{ds.name}: queued to fetch the {len(left)} output file(s) left on VIP"
-    pid = agent_pid(state)
+    """An incomplete dataset: only what was left on VIP is fetched."""
+    count = len(left_on_vip(journal, ds.id))
+    ds = actions.retry(journal, ds)
+    what = f"#{ds.id} {ds.name}: queued to fetch the {count} output file(s) left on VIP"
+    pid = queries.agent_pid(state)
     if pid is not None:
         print(f"{what}; the running agent (pid {pid or '?'}) takes it within seconds")
     else:
-        print(
-            f"{what}; no agent is running: `vip-agent run {ds.path}` fetches them now "
-            "(or start `vip-agent watch`)"
-        )
+        print(f"{what}; no agent is running: `vip-agent run {ds.path}` fetches them now "
+              "(or start `vip-agent watch`)")  # fmt: skip
     return 0
