@@ -172,8 +172,8 @@ def test_watch_incomplete_then_retry_through_the_running_agent(
 ) -> None:
     from dataclasses import replace
 
-    from agent.daemon import WatchService
     from agent.config import Limits, config_from_args
+    from agent.daemon import WatchService
 
     monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
     drop = tmp_path / "drop"
