@@ -17,11 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from agent import dataset as dataset_mod
+from agent.config import parse_poll
 from agent.errors import ConfigError
 from agent.journal import Dataset, Journal
 from agent.leftovers import left_on_vip
 from agent.paths import DEFAULT_SERVER, default_state_dir
-from agent.runner import Interrupted, Runner, StepOutcome, admit, human_size
+from agent.runner import (
+    DEFAULT_POLL_MAX,
+    DEFAULT_POLL_MIN,
+    Interrupted,
+    Runner,
+    StepOutcome,
+    admit,
+    human_size,
+)
 from agent.vip.client import VipClient
 from agent.watch.after import update_error_report
 from agent.watch.lock import AgentLock
@@ -48,8 +57,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="keep inputs, outputs and executions on the server")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the plan; send nothing")
-    parser.add_argument("--poll", type=float, default=5.0,
-                        help="first polling interval of a running execution, seconds")
+    parser.add_argument("--poll", type=_poll, default=None, metavar="MIN[:MAX]",
+                        help="polling of a running execution, seconds: the first interval, and "
+                             f"the longest it grows to (default {DEFAULT_POLL_MIN:g}:"
+                             f"{DEFAULT_POLL_MAX:g})")
+
+
+def _poll(text: str) -> tuple[float, float | None]:
+    try:
+        return parse_poll(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected MIN or MIN:MAX in seconds (MIN > 0, MAX >= MIN), e.g. 1:60, not {text!r}"
+        ) from None
 
 
 def dataset_identity(path: Path) -> tuple[Path, dataset_mod.DatasetScan]:
@@ -173,8 +193,9 @@ def main(args: argparse.Namespace) -> int:
             name=path.stem if path.is_file() else path.name, template=template, options=options,
         )
     stop = threading.Event()
+    poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
     runner = Runner(journal, lambda _url: client, stop_event=stop, progress=Progress(journal),
-                    poll_min=args.poll)
+                    poll_min=poll_min, poll_max=max(poll_min, poll_max or DEFAULT_POLL_MAX))
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
