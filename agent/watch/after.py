@@ -171,6 +171,9 @@ def finish(ds: Dataset, drop: DropConfig, journal: Journal) -> Path | None:
     # done or incomplete (delete below keeps a dataset whose outputs are not all mirrored)
     if drop.after == "archive" and drop.archive_dir is not None:
         return _move_any(ds, path, drop.archive_dir, journal, "archive")
+    if drop.after == "delete" and ds.stage == "incomplete":
+        journal.event(ds.id, "kept in the drop folder until the outputs left on VIP are fetched")
+        return path
     if drop.after == "delete":
         outputs = journal.outputs(ds.id)
         missing = [o for o in outputs if not o.downloaded or not _present(o.local, o.extracted_to)]
