@@ -456,13 +456,13 @@ class Runner:
             local = root / f.rel
             _check_unchanged(local, f)
             try:
-                digest = client.upload(local, f.remote, progress=progress, verify=verify)
+                client.upload(local, f.remote, progress=progress, verify=verify)
             except SourceChanged:
                 raise _changed_during_upload(local, f) from None
             # before and after: a file written to meanwhile is not the file that was taken
             _check_unchanged(local, f, during=True)
             with lock:
-                pending.append((f.rel, digest))
+                pending.append((f.rel, None))
             commit()
 
         try:
