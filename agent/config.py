@@ -103,6 +103,8 @@ class HttpSettings:
     read_token: bool = False
     #: extra names a browser or Prometheus may use in ``Host:`` (DNS-rebinding guard)
     allowed_hosts: tuple[str, ...] = ()
+    #: seconds between two updates of an open page
+    refresh: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,7 @@ def _http(data: Any, source: str, base: Path) -> HttpSettings | None:
         raise ConfigError(f"{source}: http: must be [HOST:]PORT or a mapping (listen, read_token, allowed_hosts)",
                           detail="key http")  # fmt: skip
     r = _Reader(data, "http", source, base)
-    r.check_keys(("listen", "read_token", "allowed_hosts"))
+    r.check_keys(("listen", "read_token", "allowed_hosts", "refresh"))
     try:
         host, port = parse_listen(data.get("listen", DEFAULT_HTTP_PORT))
     except ValueError:
@@ -308,7 +310,10 @@ def _http(data: Any, source: str, base: Path) -> HttpSettings | None:
     hosts = data.get("allowed_hosts") or []
     if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
         raise r.error("allowed_hosts", "must be a list of host names (as typed in the browser)")
-    return HttpSettings(host, port, r.flag("read_token", False), tuple(h.strip() for h in hosts))
+    refresh = r.seconds("refresh", 1.0)
+    if not 0.1 <= refresh <= 600:
+        raise r.error("refresh", "must be between 0.1 and 600 seconds")
+    return HttpSettings(host, port, r.flag("read_token", False), tuple(h.strip() for h in hosts), refresh)
 
 
 def _email(r: _Reader) -> EmailSettings:

@@ -18,7 +18,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -49,6 +55,8 @@ class Metrics:
         self.journal = journal
         self.health = health
         self.started = time.time()
+        # the *_created series double every counter for no use here
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
         self.uploaded = Counter(

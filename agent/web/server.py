@@ -300,7 +300,7 @@ def _handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
                 if name not in STATIC:
                     self._error(404, "no such file")
                     return
-                body = resources.files("agent.web").joinpath("static", name).read_bytes()
+                body = resources.files("agent.web").joinpath("static").joinpath(name).read_bytes()
                 self._send(200, body, STATIC[name])
                 return
             if not self._guard(write=False):

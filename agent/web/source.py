@@ -68,17 +68,17 @@ class JournalSource:
         return self._health().to_json()
 
     def act(self, action: str, dataset_id: int) -> str:
-        from agent import actions
+        from agent.actions import cancel, rerun, retry
 
         ds = self.journal.get(dataset_id)
         if action == "retry":
-            actions.retry(self.journal, ds)
+            retry(self.journal, ds)
             message = f"{ds.name}: retry requested (a new attempt starts within seconds)"
         elif action == "rerun":
-            actions.rerun(self.journal, ds)
+            rerun(self.journal, ds)
             message = f"{ds.name}: runs again as a new attempt"
         elif action == "cancel":
-            outcome = actions.cancel(self.journal, ds)
+            outcome = cancel(self.journal, ds)
             message = {
                 "final": f"{ds.name} had already ended ({ds.state})",
                 "cancelled": f"{ds.name}: cancelled",

@@ -38,7 +38,13 @@ function svg(tag, attrs, ...kids) {
   return el;
 }
 const $ = (sel) => document.querySelector(sel);
-function fill(tbody, rows) { tbody.replaceChildren(...rows); }
+function fill(tbody, rows, empty) {
+  if (!rows.length && empty) {
+    const cols = tbody.parentElement.querySelectorAll("thead th").length || 1;
+    rows = [h("tr", {}, h("td", { class: "muted", colspan: cols, text: empty }))];
+  }
+  tbody.replaceChildren(...rows);
+}
 
 // -- formatting ----------------------------------------------------------------------
 function size(n) {
@@ -243,8 +249,8 @@ function renderDatasets() {
     h("td", { class: "name" }, h("a", { href: "#/dataset/" + d.id, text: d.name })),
     h("td", {}, badge(d.state)),
     h("td", { class: "progress" }, progressCell(d)),
-    h("td", { text: ago(d.created), title: clock(d.created) }),
-    h("td", { text: ago(d.updated) + " ago", title: clock(d.updated) }),
+    h("td", { class: "when", text: ago(d.created), title: clock(d.created) }),
+    h("td", { class: "when", text: ago(d.updated) + " ago", title: clock(d.updated) }),
     h("td", { class: "error" }, d.error ? h("pre", { text: d.error }) : "")));
   fill($("#datasets tbody"), rows);
   $("#empty").hidden = all.length > 0;
@@ -262,7 +268,7 @@ function renderGantt() {
   const now = S.data.health.now;
   const t0 = Math.min(...items.map((t) => t.segments[0].start));
   const t1 = Math.max(now, ...items.map((t) => t.finished || now));
-  const W = Math.max(600, box.clientWidth || 900), label = 170, right = 14, row = 20, top = 22;
+  const W = Math.max(600, (box.clientWidth || 900) - 22), label = 170, right = 14, row = 20, top = 22;
   const slotsH = 34;
   const H = top + items.length * row + slotsH + 18;
   const span = Math.max(1, t1 - t0);
@@ -341,23 +347,24 @@ function renderDetail() {
   const total = segs.length ? Math.max(1, end - segs[0].start) : 1;
   const strip = h("div", { class: "strip" }, ...segs.map((s) => {
     const el = h("span", { class: "seg", title: `${s.phase}: ${dur((s.end || end) - s.start)}` }, h("b", { text: s.phase }), h("i", { text: dur((s.end || end) - s.start) }));
-    el.style.flexGrow = String(Math.max(0.04, ((s.end || end) - s.start) / total));
+    el.style.flexGrow = String(Math.round(1000 * Math.max(0.04, ((s.end || end) - s.start) / total)));
     el.style.background = PHASE_COLORS[s.phase] || "#999";
     return el;
   }));
+  if (d.finished) strip.append(h("span", { class: "seg-final s-" + d.state, text: d.state }));
   $("#d-stages").replaceChildren(segs.length ? strip : h("span", { class: "muted", text: "no stage yet" }));
   fill($("#d-execs tbody"), (d.runs || []).map((e) => h("tr", {},
     h("td", { text: e.name || e.key || "" }), h("td", { class: "mono", text: e.vip_id || "—" }),
     h("td", {}, h("span", { class: "vip-status v-" + String(e.status || "none"), text: e.status || "not launched" })),
-    h("td", { text: clock(e.launched) }), h("td", { text: clock(e.ended) }))));
+    h("td", { text: clock(e.launched) }), h("td", { text: clock(e.ended) }))), "no execution launched");
   fill($("#d-outputs tbody"), (d.outputs || []).map((o) => h("tr", {},
     h("td", { class: "path", text: o.local || o.remote || o.path || "" }), h("td", { class: "num", text: size(o.size) }),
-    h("td", { text: o.downloaded ? (o.extracted ? "yes, extracted" : "yes") : "no" }))));
+    h("td", { text: o.downloaded ? (o.extracted_to ? "yes, extracted" : "yes") : "no" }))), "no output yet");
   const logs = d.log_texts || [];
   $("#d-logs").replaceChildren(...(logs.length ? logs.map((l) => h("details", {}, h("summary", { text: `${l.path} (${size(l.size)})` }), h("pre", { class: "log", text: l.text || "" })))
     : [h("p", { class: "muted", text: "no log saved yet" })]));
   fill($("#d-events tbody"), (d.events || []).slice().reverse().map((e) => h("tr", { class: "lvl-" + (e.level || "info") },
-    h("td", { class: "when", text: clock(e.time) }), h("td", { text: e.stage || "" }), h("td", { class: "msg" }, h("pre", { text: e.message })))));
+    h("td", { class: "when", text: clock(e.time) }), h("td", { text: e.stage || "" }), h("td", { class: "msg" }, h("pre", { text: e.message })))), "nothing recorded");
 }
 
 // -- wiring ------------------------------------------------------------------------------
