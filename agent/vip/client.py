@@ -16,7 +16,7 @@ never put in a URL, a log line, an exception, or ``repr``. Redirects are not fol
 from __future__ import annotations
 
 import builtins
-import hashlib
+import http.client
 import json
 import logging
 import os
@@ -35,6 +35,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 
+from agent.fsutil import StreamingSync
 from agent.fsutil import fsync_dir as _fsync_dir
 from agent.vip.errors import (
     AccessDeniedError,
@@ -47,6 +48,7 @@ from agent.vip.errors import (
     LaunchUncertain,
     NotFoundError,
     SizeMismatch,
+    SourceChanged,
     TooLargeError,
     TransferTimeout,
     TransientError,
@@ -63,7 +65,9 @@ __all__ = ["VipClient", "Progress", "encode_path", "encode_pipeline_id"]
 Progress = Callable[[int], None]
 
 _CHUNK = 1 << 20  # download write size and upload read cap
-_SEND_BLOCK = 256 << 10  # socket send block (urllib3 default is 16 KiB)
+_READ_BUFFER = 1 << 20  # reused receive buffer of large downloads
+_DIRECT_READ_MIN = 8 << 20  # downloads at least this large are read into that buffer
+_SEND_BLOCK = 1 << 20  # socket send block (urllib3 default is 16 KiB)
 _ERROR_BODY_MAX = 64 << 10  # never read more than this of an error body
 _AUTH_CODES = frozenset({8002, 8003, 8004})
 _CAPACITY_CODES = frozenset({2000, 2001})
@@ -111,6 +115,12 @@ def _norm_remote(path: str) -> str:
     if any(seg in (".", "..") for seg in trimmed.split("/")):
         raise ValueError(f"VIP paths cannot contain '.' or '..' segments: {path!r}")
     return trimmed
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _parent(path: str) -> str:
@@ -162,7 +172,9 @@ class _UploadBody:
     ``requests`` takes the length from ``__len__`` and sends an explicit Content-Length
     (VIP treats a 0-byte body as mkdir, so chunked encoding is avoided); urllib3 pulls
     the data through ``read(blocksize)``. A read without a size is capped too, so the
-    file is never held in memory whole.
+    file is never held in memory whole. Never more than ``size`` bytes are sent (a file
+    growing meanwhile cannot corrupt the request); a file that shrank raises
+    :class:`SourceChanged` instead of leaving the server waiting for missing bytes.
     """
 
     def __init__(self, handle: BinaryIO, size: int, progress: Progress | None) -> None:
@@ -170,8 +182,6 @@ class _UploadBody:
         self._size = size
         self._progress = progress
         self.sent = 0
-        #: SHA-256 of what was read, so callers get a content hash without a second read
-        self.sha256 = hashlib.sha256()
 
     def __len__(self) -> int:
         return self._size
@@ -179,12 +189,18 @@ class _UploadBody:
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0 or size > _CHUNK:
             size = _CHUNK
+        size = min(size, self._size - self.sent)
+        if size <= 0:
+            return b""
         data = self._handle.read(size)
-        if data:
-            self.sent += len(data)
-            self.sha256.update(data)
-            if self._progress is not None:
-                self._progress(len(data))
+        if not data:
+            raise SourceChanged(
+                f"{getattr(self._handle, 'name', 'the file')} shrank while it was being sent "
+                f"({self.sent:,} of {self._size:,} bytes read)",
+            )
+        self.sent += len(data)
+        if self._progress is not None:
+            self._progress(len(data))
         return data
 
     def __iter__(self) -> Any:
@@ -583,10 +599,13 @@ class VipClient:
 
     # ------------------------------------------------------------------ transfers
 
-    def _put_file(
-        self, local: Path, remote: str, size: int, progress: Progress | None
-    ) -> str | None:
-        """PUT the file; returns the SHA-256 of the bytes sent when all were sent."""
+    def _put_file(self, local: Path, remote: str, size: int, progress: Progress | None) -> bool:
+        """PUT the file; True when all its bytes were sent and VIP answered 2xx.
+
+        No content hash is computed on the way (it cost more CPU than the send itself):
+        callers that must know the file did not change compare its size and mtime before
+        and after, which is what a changed file shows.
+        """
         with open(local, "rb") as handle:
             body = _UploadBody(handle, size, progress)
             self._send(
@@ -597,7 +616,7 @@ class VipClient:
                 on_8000=TransferTimeout,
                 what=f"upload of {local.name} to {remote}",
             )
-            return body.sha256.hexdigest() if body.sent == size else None
+            return body.sent == size
 
     def _landed(self, remote: str, size: int) -> str:
         """State of an upload target: 'ok' (right size), 'missing' or 'wrong'."""
@@ -621,16 +640,21 @@ class VipClient:
             time.sleep(interval)
 
     def upload(
-        self, local: Path, remote: str, *, progress: Progress | None = None
-    ) -> str | None:
+        self, local: Path, remote: str, *, progress: Progress | None = None, verify: bool = True
+    ) -> bool:
         """Upload file ``local`` to the (new) remote file path ``remote``, streamed.
 
-        The parent folder must exist. Afterwards the remote size is verified. After a
-        transfer timeout or a network error, the target is checked before sending again:
-        the right size means done; a wrong size is deleted, waited for, and re-sent.
-        A target that already exists with the same size counts as uploaded, so callers
-        upload into fresh folders. ``progress`` gets each piece's byte count as it is sent.
-        Returns the SHA-256 of the content as streamed, or None when the upload was found
+        The parent folder must exist. After a transfer timeout or a network error, the
+        target is checked before sending again: the right size means done; a wrong size is
+        deleted, waited for, and re-sent. A target that already exists with the same size
+        counts as uploaded, so callers upload into fresh folders. ``progress`` gets each
+        piece's byte count as it is sent.
+
+        ``verify``: check the remote size with a ``properties`` request after a successful
+        PUT. VIP answers 201 only once the file is stored, so a caller uploading many files
+        may pass False and verify them all at once with one :meth:`list` per folder (see
+        :meth:`sizes`): one request per file instead of two.
+        Returns True when this call sent the whole file, False when the upload was found
         complete on the server without a full send (after a timeout or a crash).
         """
         local = Path(local)
@@ -646,12 +670,12 @@ class VipClient:
                 detail=f"{local} -> {remote}",
             )
         last: VipError | None = None
-        digest: str | None = None
+        sent = False
         for attempt in range(self.retries + 1):
             if attempt:
                 self._sleep(attempt - 1)
             try:
-                digest = self._put_file(local, remote, size, progress)
+                sent = self._put_file(local, remote, size, progress)
             except TransferTimeout as exc:
                 last = exc
                 state = self._watch_landing(remote, size)
@@ -664,6 +688,8 @@ class VipClient:
                 last = exc
                 state = self._landed(remote, size)
             else:
+                if not verify and sent:
+                    return True
                 state = self._landed(remote, size)
                 if state == "missing":
                     last = SizeMismatch(
@@ -673,7 +699,7 @@ class VipClient:
             if state == "ok":
                 if last is not None:
                     log.info("upload of %s found complete on VIP after: %s", remote, last.message)
-                return digest
+                return sent
             if state == "wrong":
                 info = self.properties(remote)
                 last = SizeMismatch(
@@ -686,6 +712,17 @@ class VipClient:
                                   interval=max(0.05, min(2.0, self.backoff)))
         assert last is not None
         raise last
+
+    def sizes(self, folder: str) -> dict[str, int | None]:
+        """File name -> size of the files directly in ``folder`` (one ``list`` request).
+
+        A missing folder gives an empty mapping; sub-folders are left out.
+        """
+        try:
+            entries = self.list(folder)
+        except NotFoundError:
+            return {}
+        return {e.path.rsplit("/", 1)[-1]: e.size for e in entries if not e.is_dir}
 
     def download(
         self,
@@ -781,20 +818,27 @@ class VipClient:
                     http_status=200,
                 )
             count = 0
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            sync = StreamingSync(fd)
             try:
-                with open(part, "wb") as out:
-                    for chunk in resp.iter_content(_CHUNK):
-                        out.write(chunk)
-                        count += len(chunk)
-                        if progress is not None:
-                            progress(len(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())
-            except requests.exceptions.RequestException as exc:
-                raise TransientError(
-                    f"the download of {remote} was interrupted after {count:,} bytes",
-                    detail=self._scrub(f"{type(exc).__name__}: {exc}"),
-                ) from None
+                if length is not None and length >= _DIRECT_READ_MIN:
+                    count = self._read_direct(resp, fd, sync, remote, progress)
+                else:
+                    try:
+                        for chunk in resp.iter_content(_CHUNK):
+                            _write_all(fd, chunk)
+                            count += len(chunk)
+                            if progress is not None:
+                                progress(len(chunk))
+                    except requests.exceptions.RequestException as exc:
+                        raise TransientError(
+                            f"the download of {remote} was interrupted after {count:,} bytes",
+                            detail=self._scrub(f"{type(exc).__name__}: {exc}"),
+                        ) from None
+                sync.finish()
+            finally:
+                sync.stop()
+                os.close(fd)
         for wanted, label in ((length, "announced"), (expected_size, "expected")):
             if wanted is not None and count != wanted:
                 raise SizeMismatch(
@@ -802,6 +846,44 @@ class VipClient:
                     http_status=200,
                 )
         return count
+
+    def _read_direct(
+        self, resp: requests.Response, fd: int, sync: StreamingSync, remote: str,
+        progress: Progress | None,
+    ) -> int:
+        """Large bodies: read from the socket straight into one reused buffer, then write it.
+
+        One copy less and no new ``bytes`` per piece compared with ``iter_content``; the
+        connection is not reused afterwards (worth it only for large files).
+        """
+        raw = resp.raw
+        fp = getattr(raw, "_fp", None)
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        buf = bytearray(_READ_BUFFER)
+        view = memoryview(buf)
+        if fp is not None and hasattr(fp, "readinto") and encoding in ("", "identity"):
+            readinto = fp.readinto
+        else:
+            def readinto(target: memoryview) -> int:
+                data = raw.read(len(target), decode_content=True)
+                target[: len(data)] = data
+                return len(data)
+        count = 0
+        while True:
+            try:
+                n = readinto(view)
+            except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
+                raise TransientError(
+                    f"the download of {remote} was interrupted after {count:,} bytes",
+                    detail=self._scrub(f"{type(exc).__name__}: {exc}"),
+                ) from None
+            if not n:
+                return count
+            _write_all(fd, view[:n])
+            sync.wrote(n)
+            count += n
+            if progress is not None:
+                progress(n)
 
     # ------------------------------------------------------------------ pipelines
 
