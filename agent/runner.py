@@ -846,6 +846,9 @@ class Runner:
         write_session_data(self.journal, ds.id)
         if discard:
             remove_left_file(ds)
+            # a request, not a setting: a later attempt must not inherit it
+            options = {k: v for k, v in ds.options.items() if k != "discard"}
+            self.journal.update(ds.id, options=options)
             message = "cancelled: the outputs left on VIP were deleted; the server is clean"
         else:
             message = "cancelled; the server is clean"
