@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent import actions
 from agent import dataset as dataset_mod
 from agent.config import parse_poll
 from agent.errors import ConfigError
@@ -168,9 +169,7 @@ def main(args: argparse.Namespace) -> int:
         ds = existing[-1]
         dataset_id = ds.id
         left = left_on_vip(journal, ds.id)
-        journal.reopen(
-            ds.id, "mirror", message=f"run again: fetching the {len(left)} output file(s) left on VIP"
-        )
+        actions.retry(journal, ds)  # incomplete: back to mirror, only what is missing
         print(f"{ds.name}: fetching the {len(left)} output file(s) left on VIP", file=sys.stderr)
     elif existing and not existing[-1].final:
         ds = existing[-1]
