@@ -12,6 +12,7 @@ from pathlib import Path
 
 from agent.commands.status import add_state_args, agent_pid, find_dataset, open_journal, state_dir
 from agent.errors import AgentError
+from agent.journal import RETRYABLE_STAGES
 from agent.watch.after import error_file
 from agent.watch.readiness import current_fingerprint
 
@@ -31,9 +32,10 @@ def main(args: argparse.Namespace) -> int:
     if journal is None:
         raise CannotRetry(f"no journal in {state}: nothing has run there yet")
     ds = find_dataset(journal, args.name)
-    if ds.stage not in ("failed", "cancelled"):
+    if ds.stage not in RETRYABLE_STAGES:
         raise CannotRetry(
-            f"{ds.name} is {ds.state}; only a failed or cancelled dataset can be retried"
+            f"{ds.name} is {ds.state}; only a failed, incomplete or cancelled dataset can be "
+            "retried"
         )
     path = Path(ds.path)
     fingerprint = current_fingerprint(path)

@@ -179,11 +179,10 @@ class WatchService:
         drop = self.config.drop_for(drop_dir)
         if drop is not None:
             return drop.limits
-        return Limits(max_running=self.max_running())
+        return Limits()
 
-    def max_running(self, server: str | None = None) -> int:
-        caps = [d.limits.max_running for d in self.config.drops if server in (None, d.server)]
-        return min(caps) if caps else 1
+    def max_running(self, server: str) -> int:
+        return self.config.max_running(server)
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -209,7 +208,7 @@ class WatchService:
             self.journal,
             self.client_for,
             stop_event=self.stop_event,
-            max_running=lambda: self.max_running(),
+            max_running=self.max_running,
             **self.runner_options,
         )
         self.scheduler = Scheduler(
