@@ -51,8 +51,9 @@ FINAL_STAGES = frozenset({Stage.DONE, Stage.FAILED, Stage.CANCELLED, Stage.INCOM
 
 _S = Stage
 #: the only stage changes :meth:`Journal.set_stage` accepts (staying in a non-final stage is
-#: always allowed). Any stage before ``done`` may fail or be cancelled; a final stage other
-#: than ``done`` may be retried (``validate``) or cancelled (the server is cleaned).
+#: always allowed). Any stage before ``done`` may fail or be cancelled; every final stage may
+#: be run again (``validate``: retry, rerun); ``failed`` and ``incomplete`` may be cancelled
+#: (the server is cleaned).
 TRANSITIONS: dict[Stage, frozenset[Stage]] = {
     _S.WAITING: frozenset({_S.VALIDATE, _S.CANCELLED, _S.FAILED}),
     _S.VALIDATE: frozenset({_S.UPLOAD, _S.FAILED, _S.CANCELLED}),
@@ -62,7 +63,7 @@ TRANSITIONS: dict[Stage, frozenset[Stage]] = {
     _S.MIRROR: frozenset({_S.EXTRACT, _S.CLEANUP, _S.FAILED, _S.CANCELLED, _S.INCOMPLETE}),
     _S.EXTRACT: frozenset({_S.CLEANUP, _S.FAILED, _S.CANCELLED, _S.INCOMPLETE}),
     _S.CLEANUP: frozenset({_S.DONE, _S.FAILED, _S.CANCELLED, _S.INCOMPLETE}),
-    _S.DONE: frozenset(),
+    _S.DONE: frozenset({_S.VALIDATE}),  # `vip-agent rerun`
     _S.FAILED: frozenset({_S.VALIDATE, _S.CANCELLED}),
     _S.CANCELLED: frozenset({_S.VALIDATE}),
     _S.INCOMPLETE: frozenset({_S.VALIDATE, _S.CANCELLED}),
@@ -72,7 +73,7 @@ ACTIVE_STAGES_SQL = "(" + ",".join(
     f"'{s.value}'" for s in Stage if s not in FINAL_STAGES and s is not Stage.WAITING
 ) + ")"
 #: final stages a dataset may be retried (or run again) from
-RETRYABLE_STAGES = frozenset(s for s in FINAL_STAGES if _S.VALIDATE in TRANSITIONS[s])
+RETRYABLE_STAGES = frozenset({_S.FAILED, _S.CANCELLED, _S.INCOMPLETE})
 
 #: internal stage -> public state shown by ``vip-agent status``
 PUBLIC_STATE = {

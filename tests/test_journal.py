@@ -43,6 +43,7 @@ def test_the_runners_paths_are_legal(tmp_path: Path) -> None:
         ["validate", "upload", "launch", "monitor", "mirror", "incomplete", "cancelled", "validate"],
         ["validate", "failed", "validate", "upload", "cancelled"],
         ["waiting", "cancelled"],
+        ["validate", "upload", "launch", "monitor", "mirror", "extract", "cleanup", "done", "validate"],
     ]
     for path in paths:
         i = add(journal, path[0])
@@ -76,7 +77,7 @@ def test_illegal_transition_raises_and_writes_nothing(tmp_path: Path, start: str
 
 def test_retry_only_from_a_retryable_final_stage(tmp_path: Path) -> None:
     journal = Journal.in_state_dir(tmp_path)
-    for stage in ("monitor", "done"):
+    for stage in ("monitor", "upload"):
         i = add(journal, stage, name=stage)
         with pytest.raises(IllegalTransition):
             journal.reset_for_retry(i)

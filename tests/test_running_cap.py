@@ -14,8 +14,8 @@ import pytest
 import yaml
 from agenthelpers import wait_for, write_dataset
 
-from agent.commands.watch import WatchService
 from agent.config import load_config
+from agent.daemon import WatchService
 from agent.journal import Journal
 from agent.localvip import LocalVip
 
