@@ -66,12 +66,15 @@ TRANSITIONS: dict[Stage, frozenset[Stage]] = {
     _S.DONE: frozenset({_S.VALIDATE}),  # `vip-agent rerun`
     _S.FAILED: frozenset({_S.VALIDATE, _S.CANCELLED}),
     _S.CANCELLED: frozenset({_S.VALIDATE}),
-    _S.INCOMPLETE: frozenset({_S.VALIDATE, _S.CANCELLED}),
+    # retry fetches what was left on VIP (mirror); cancel --discard deletes it (cleanup)
+    _S.INCOMPLETE: frozenset({_S.VALIDATE, _S.CANCELLED, _S.MIRROR, _S.CLEANUP}),
 }
 #: SQL list of the stages the runner still works on (for ``stage IN (...)``)
 ACTIVE_STAGES_SQL = "(" + ",".join(
     f"'{s.value}'" for s in Stage if s not in FINAL_STAGES and s is not Stage.WAITING
 ) + ")"
+#: for SQL: ``stage NOT IN {FINAL_SQL}``
+FINAL_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(FINAL_STAGES)) + ")"
 #: final stages a dataset may be retried (or run again) from
 RETRYABLE_STAGES = frozenset({_S.FAILED, _S.CANCELLED, _S.INCOMPLETE})
 
@@ -86,9 +89,9 @@ PUBLIC_STATE = {
     "extract": "downloading",
     "cleanup": "cleaning",
     "done": "done",
+    "incomplete": "incomplete",
     "failed": "failed",
     "cancelled": "cancelled",
-    "incomplete": "incomplete",
 }
 
 
@@ -220,6 +223,9 @@ CREATE INDEX IF NOT EXISTS events_dataset ON events(dataset_id, id)
 
 MIGRATIONS: list[Migration] = [
     Migration(1, "release 0.1.0 tables (user_version added)", _SCHEMA_0_1_0),
+    Migration(2, "outputs.remote_deleted: a mirrored output already deleted on VIP", (
+        "ALTER TABLE outputs ADD COLUMN remote_deleted INTEGER NOT NULL DEFAULT 0",
+    )),
 ]
 #: the schema version this code writes; a journal above it is refused
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -318,6 +324,8 @@ class Output:
     downloaded: int
     extracted: int
     extracted_to: str | None
+    #: the server's copy was deleted (mirrored outputs of an ``incomplete`` dataset)
+    remote_deleted: int = 0
 
 
 @dataclass
@@ -580,6 +588,28 @@ class Journal:
                 (dataset_id, now, "info", "validate", f"retry requested (attempt {attempt + 1})"),
             )
         return attempt
+
+    def reopen(self, dataset_id: int, stage: str, *, message: str, cancel: bool = False) -> None:
+        """Send an ``incomplete`` dataset back to ``stage``, keeping its plan and outputs.
+
+        ``mirror`` fetches what was left on VIP (``retry``); ``cleanup`` with ``cancel``
+        deletes it (``cancel --discard``). Other final stages go through ``reset_for_retry``.
+        """
+        stage = Stage(stage)
+        check_transition(Stage.INCOMPLETE, stage)
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE datasets SET stage=?, cancel_requested=?, error=NULL, error_detail=NULL,"
+                " progress=NULL, finished=NULL, updated=? WHERE id=? AND stage='incomplete'",
+                (stage.value, 1 if cancel else 0, now, dataset_id),
+            )
+            if cur.rowcount != 1:
+                raise ValueError(f"dataset {dataset_id} is not incomplete")
+            db.execute(
+                "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
+                (dataset_id, now, "info", stage.value, message),
+            )
 
     # -- events ----------------------------------------------------------------
     def event(self, dataset_id: int | None, message: str, *, level: str = "info") -> None:

@@ -92,8 +92,11 @@ def test_table_is_complete_and_stages_are_text() -> None:
     assert set(TRANSITIONS) == set(Stage)
     assert Stage.INCOMPLETE in FINAL_STAGES
     assert Stage.DONE == "done" and f"{Stage.DONE}" == "done" and str(Stage.MIRROR) == "mirror"
-    for final in FINAL_STAGES:  # a final stage never goes back into the middle of a run
+    for final in FINAL_STAGES - {Stage.INCOMPLETE}:  # never back into the middle of a run
         assert TRANSITIONS[final] <= {Stage.VALIDATE, Stage.CANCELLED}
+    # an incomplete dataset fetches what was left (mirror) or discards it (cleanup)
+    assert TRANSITIONS[Stage.INCOMPLETE] == {Stage.VALIDATE, Stage.CANCELLED, Stage.MIRROR,
+                                             Stage.CLEANUP}  # fmt: skip
 
 
 # -- schema version and migrations ------------------------------------------------------
