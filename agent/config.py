@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -563,7 +563,7 @@ def load_config(path: str | Path, *, settle: float | None = None) -> AgentConfig
 
 
 def config_from_args(
-    drop: str | Path,
+    drop: str | Path | Sequence[str | Path],
     *,
     server: str | None = None,
     output: str | Path | None = None,
@@ -576,20 +576,28 @@ def config_from_args(
     pattern: str | None = None,
     log_format: str = "text",
 ) -> AgentConfig:
-    """The configuration of ``vip-agent watch DROP --server --output ...`` (no file)."""
-    item: dict[str, Any] = {"path": str(drop), "server": server or DEFAULT_SERVER}
-    item["output"] = str(output) if output is not None else str(Path(drop) / "_results")
-    readiness: dict[str, Any] = {}
-    if rule:
-        readiness["rule"] = rule
-    if marker:
-        readiness["marker"] = marker
-    if readiness:
-        item["readiness"] = readiness
-    for key, value in (("observer", observer), ("datasets", datasets), ("pattern", pattern)):
-        if value is not None:
-            item[key] = value
-    data: dict[str, Any] = {"drops": [item], "log_format": log_format}
+    """The configuration of ``vip-agent watch DROP [DROP ...] --server --output ...`` (no file).
+
+    Every drop folder gets the same settings; without ``output``, each its own
+    ``<drop>/_results``.
+    """
+    drops = [drop] if isinstance(drop, (str, Path)) else list(drop)
+    items: list[dict[str, Any]] = []
+    for one in drops:
+        item: dict[str, Any] = {"path": str(one), "server": server or DEFAULT_SERVER}
+        item["output"] = str(output) if output is not None else str(Path(one) / "_results")
+        readiness: dict[str, Any] = {}
+        if rule:
+            readiness["rule"] = rule
+        if marker:
+            readiness["marker"] = marker
+        if readiness:
+            item["readiness"] = readiness
+        for key, value in (("observer", observer), ("datasets", datasets), ("pattern", pattern)):
+            if value is not None:
+                item[key] = value
+        items.append(item)
+    data: dict[str, Any] = {"drops": items, "log_format": log_format}
     if state is not None:
         data["state"] = str(state)
     return parse_config(data, source="command line", base=Path.cwd(), settle=settle)

@@ -399,6 +399,8 @@ class WatchService:
         drop = self.config.drop_for(ds.drop_dir)
         if ds.stage == "done":
             log.info("%s: done; outputs in %s", ds.name, ds.output_dir)
+        elif ds.stage == "incomplete":
+            log.warning("%s: incomplete: %s", ds.name, ds.error)
         elif ds.stage == "cancelled":
             log.info("%s: cancelled", ds.name)
         self.oversight.dataset_final(ds, drop)

@@ -31,10 +31,15 @@ STAGES = (
     "extract",
     "cleanup",
     "done",
+    "incomplete",
     "failed",
     "cancelled",
 )
-FINAL_STAGES = frozenset({"done", "failed", "cancelled"})
+#: ``incomplete``: everything mirrored except outputs above the server's direct-transfer
+#: limit, which stay on VIP (listed in LEFT_ON_VIP.txt) until ``retry`` or a discard
+FINAL_STAGES = frozenset({"done", "incomplete", "failed", "cancelled"})
+#: for SQL: ``stage NOT IN {FINAL_SQL}``
+FINAL_SQL = "(" + ",".join(f"'{s}'" for s in sorted(FINAL_STAGES)) + ")"
 
 #: internal stage -> public state shown by ``vip-agent status``
 PUBLIC_STATE = {
@@ -47,6 +52,7 @@ PUBLIC_STATE = {
     "extract": "downloading",
     "cleanup": "cleaning",
     "done": "done",
+    "incomplete": "incomplete",
     "failed": "failed",
     "cancelled": "cancelled",
 }
@@ -114,6 +120,7 @@ CREATE TABLE IF NOT EXISTS outputs (
     downloaded INTEGER NOT NULL DEFAULT 0,
     extracted INTEGER NOT NULL DEFAULT 0,
     extracted_to TEXT,
+    remote_deleted INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dataset_id, remote)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -221,6 +228,8 @@ class Output:
     downloaded: int
     extracted: int
     extracted_to: str | None
+    #: the server's copy was deleted (mirrored outputs of an ``incomplete`` dataset)
+    remote_deleted: int = 0
 
 
 @dataclass
@@ -244,7 +253,18 @@ class Journal:
         self.path = Path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # executescript commits by itself: it cannot run inside _write()
-        self._db().executescript(_SCHEMA)
+        db = self._db()
+        db.executescript(_SCHEMA)
+        # journals written before outputs.remote_deleted existed
+        columns = {r["name"] for r in db.execute("PRAGMA table_info(outputs)")}
+        if "remote_deleted" not in columns:
+            try:
+                db.execute(
+                    "ALTER TABLE outputs ADD COLUMN remote_deleted INTEGER NOT NULL DEFAULT 0"
+                )
+            except sqlite3.OperationalError as err:  # another process added it meanwhile
+                if "duplicate column" not in str(err):
+                    raise
 
     @classmethod
     def in_state_dir(cls, state_dir: Path | str) -> Journal:
@@ -416,6 +436,28 @@ class Journal:
                 (dataset_id, now, "info", "validate", f"retry requested (attempt {attempt + 1})"),
             )
         return attempt
+
+    def reopen(self, dataset_id: int, stage: str, *, message: str, cancel: bool = False) -> None:
+        """Send an ``incomplete`` dataset back to ``stage``, keeping its plan and outputs.
+
+        ``mirror`` fetches what was left on VIP (``retry``); ``cleanup`` with ``cancel``
+        deletes it (``cancel --discard``). Other final stages go through ``reset_for_retry``.
+        """
+        if stage not in STAGES or stage in FINAL_STAGES:
+            raise ValueError(f"cannot reopen a dataset at stage {stage!r}")
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE datasets SET stage=?, cancel_requested=?, error=NULL, error_detail=NULL,"
+                " progress=NULL, finished=NULL, updated=? WHERE id=? AND stage='incomplete'",
+                (stage, 1 if cancel else 0, now, dataset_id),
+            )
+            if cur.rowcount != 1:
+                raise ValueError(f"dataset {dataset_id} is not incomplete")
+            db.execute(
+                "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
+                (dataset_id, now, "info", stage, message),
+            )
 
     # -- events ----------------------------------------------------------------
     def event(self, dataset_id: int | None, message: str, *, level: str = "info") -> None:

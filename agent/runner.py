@@ -36,6 +36,7 @@ from agent.errors import AgentError, ValidationError
 from agent.extract import has_archive_name, safe_extract
 from agent.fsutil import write_atomic
 from agent.journal import FINAL_STAGES, Dataset, Journal
+from agent.leftovers import remove_left_file, summary, write_left_file
 from agent.session_data import write_session_data
 from agent.vip.client import VipClient
 from agent.vip.errors import (
@@ -44,6 +45,7 @@ from agent.vip.errors import (
     LaunchUncertain,
     NotFoundError,
     SourceChanged,
+    TooLargeError,
     TransientError,
     VipError,
 )
@@ -306,11 +308,7 @@ class Runner:
         try:
             pipeline = client.pipeline(job.pipeline)
         except NotFoundError as err:
-            raise ValidationError(
-                [f"pipeline {job.pipeline!r} does not exist on {ds.server} or you may not use it"
-                 " (check the name with `vip-agent pipelines`)"],
-                detail=err.detail,
-            ) from err
+            raise ValidationError([unknown_pipeline(client, job.pipeline)], detail=err.detail) from err
         report = validate(job, path, pipeline)
         for warning in report.warnings:
             self.journal.event(ds.id, warning, level="warning")
@@ -540,10 +538,14 @@ class Runner:
         out_dir = Path(ds.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         outputs_root = PurePosixPath(ds.remote_root) / "OUTPUTS"
-        limit = _max_download(client)
+        # outputs already known and not mirrored: a retry of an incomplete dataset (or a
+        # resume); the server's limit may have been raised since it was cached
+        limit = _max_download(
+            client, refresh=any(not o.downloaded for o in self.journal.outputs(ds.id))
+        )
         for e in self.journal.executions(ds.id):
-            if not e.vip_id or e.status == "Lost":
-                continue
+            if not e.vip_id or e.status == "Lost" or e.cleaned:
+                continue  # a cleaned one is deleted: its outputs were all mirrored
             for info in client.results(e.vip_id):
                 if not info.exists or info.is_dir:
                     continue
@@ -565,6 +567,7 @@ class Runner:
         todo = [o for o in self.journal.outputs(ds.id) if not o.downloaded]
         too_big = [o for o in todo if limit and o.size and o.size > limit]
         todo = [o for o in todo if o not in too_big]
+        refused: list[Any] = []
         total = sum(o.size or 0 for o in todo)
         done_bytes = [0]
         lock = threading.Lock()
@@ -588,19 +591,25 @@ class Runner:
                     "vip-agent never overwrites local files. Move it away and retry"
                 )
             local.parent.mkdir(parents=True, exist_ok=True)
-            client.download(o.remote, local, expected_size=o.size, progress=progress)
+            try:
+                client.download(o.remote, local, expected_size=o.size, progress=progress)
+            except TooLargeError:
+                with lock:
+                    refused.append(o)  # its size was unknown, or the limit went down
+                return
             self.journal.update_output(ds.id, o.remote, downloaded=1)
 
         if todo:
             self.journal.event(ds.id, f"downloading {len(todo)} output file(s), {human_size(total)}")
             self._parallel(download, todo, self._threads(ds))
-        for o in too_big:
+        for o in too_big + refused:
+            size = human_size(o.size) if o.size is not None else "of unknown size"
             self.journal.event(
                 ds.id,
-                f"output {o.remote} is {human_size(o.size or 0)}, above the server's direct download "
-                f"limit of {human_size(limit or 0)}: it stays on the server; download it from the VIP "
-                "portal",
-                level="error",
+                f"output {o.remote} is {size}, above VIP's direct-transfer limit"
+                f"{f' of {human_size(limit)}' if limit else ''}: it stays on VIP (listed in the "
+                "output folder's LEFT_ON_VIP.txt)",
+                level="warning",
             )
         write_session_data(self.journal, ds.id)
         job = ds.job or {}
@@ -629,16 +638,24 @@ class Runner:
 
     def _stage_cleanup(self, ds: Dataset) -> StepOutcome:
         client = self.client_for(ds.server)
-        memo = self._memo(ds.id)
         job = ds.job or {}
         outputs = self.journal.outputs(ds.id)
-        unmirrored = [o for o in outputs if not o.downloaded]
+        left = [o for o in outputs if not o.downloaded]
         keep = bool(ds.options.get("keep_remote")) or not job.get("cleanup", True)
         if not keep and ds.remote_root:
+            # outputs we could not mirror stay on VIP with their execution (the portal shows
+            # them there); the inputs, the other executions and the copies we hold go
+            holding = {o.exec_key for o in left}
+            if left:
+                targets = [f"{ds.remote_root}/INPUTS"] + [
+                    o.remote for o in outputs if o.downloaded and not o.remote_deleted
+                ]
+            else:
+                targets = [ds.remote_root]
             for e in self.journal.executions(ds.id):
-                if not e.vip_id or e.cleaned:
+                if not e.vip_id or e.cleaned or e.key in holding:
                     continue
-                if e.status in ("Finished", "Killed") and not unmirrored:
+                if e.status in ("Finished", "Killed"):
                     try:
                         client.delete_execution(e.vip_id, delete_files=True)
                     except NotFoundError:
@@ -649,27 +666,43 @@ class Runner:
                             level="warning",
                         )
                 self.journal.update_execution(ds.id, e.key, cleaned=1)
-            # outputs we could not mirror stay on the server: delete only the inputs then
-            target = f"{ds.remote_root}/INPUTS" if unmirrored else ds.remote_root
-            if memo.delete_started is None:
-                memo.delete_started = time.time()
-            if client.exists(target):
-                if time.time() - memo.delete_started > DELETE_DEADLINE:
-                    raise AgentError(
-                        f"the server has not deleted {target} after {DELETE_DEADLINE:.0f} s",
-                        detail="VIP deletes asynchronously and may drop failed deletes",
-                    )
-                if memo.delete_polls == 0:
-                    try:
-                        client.delete(target)
-                    except NotFoundError:
-                        pass  # deleted meanwhile
-                memo.delete_polls += 1
-                if memo.delete_polls % 30 == 0:
-                    memo.delete_polls = 0  # VIP may drop a failed delete: ask again now and then
-                # VIP deletes asynchronously: look again soon, then every 2 s
-                return StepOutcome("cleanup", min(0.25 * 2 ** (memo.delete_polls - 1), 2.0))
+            wait = self._delete_remote(ds, client, targets, {o.remote for o in outputs})
+            if wait is not None:
+                return StepOutcome("cleanup", wait)
         return self._finish(ds, kept_remote=keep)
+
+    def _delete_remote(
+        self, ds: Dataset, client: VipClient, targets: list[str], outputs: set[str]
+    ) -> float | None:
+        """Delete ``targets`` on VIP and poll until gone: None when gone, else the wait."""
+        memo = self._memo(ds.id)
+        if memo.delete_started is None:
+            memo.delete_started = time.time()
+        pending = []
+        for target in targets:
+            if client.exists(target):
+                pending.append(target)
+            elif target in outputs:
+                self.journal.update_output(ds.id, target, remote_deleted=1)
+        if not pending:
+            memo.delete_started, memo.delete_polls = None, 0
+            return None
+        if time.time() - memo.delete_started > DELETE_DEADLINE:
+            raise AgentError(
+                f"the server has not deleted {pending[0]} after {DELETE_DEADLINE:.0f} s",
+                detail="VIP deletes asynchronously and may drop failed deletes",
+            )
+        if memo.delete_polls == 0:
+            for target in pending:
+                try:
+                    client.delete(target)
+                except NotFoundError:
+                    pass  # deleted meanwhile
+        memo.delete_polls += 1
+        if memo.delete_polls % 30 == 0:
+            memo.delete_polls = 0  # VIP may drop a failed delete: ask again now and then
+        # VIP deletes asynchronously: look again soon, then every 2 s
+        return min(0.25 * 2 ** (memo.delete_polls - 1), 2.0)
 
     # -- helpers -----------------------------------------------------------------
     def _finish(self, ds: Dataset, *, kept_remote: bool) -> StepOutcome:
@@ -692,15 +725,22 @@ class Runner:
                         "did not complete",
                         level="warning",
                     )
+        left = [o for o in self.journal.outputs(ds.id) if not o.downloaded]
         for o in self.journal.outputs(ds.id):
-            if not o.downloaded:
-                problems.append(
-                    f"output {o.remote} could not be downloaded (too large for direct "
-                    "download); it was left on the server"
-                )
-            elif o.extracted == -1:
+            if o.downloaded and o.extracted == -1:
                 problems.append(f"archive {o.local} was not extracted (unsafe or corrupt); kept as is")
         write_session_data(self.journal, ds.id)
+        if left:
+            limit = _max_download(self.client_for(ds.server))
+            write_left_file(ds, left, limit)
+            if not problems:
+                self.journal.set_stage(
+                    ds.id, "incomplete", error=summary(left, limit), level="warning"
+                )
+                return StepOutcome("incomplete")
+            problems.append(summary(left, limit))
+        else:
+            remove_left_file(ds)
         if problems:
             self.journal.set_stage(ds.id, "failed", error="; ".join(problems))
             return StepOutcome("failed")
@@ -787,7 +827,8 @@ class Runner:
                     pass
                 self.journal.update_execution(ds.id, e.key, status="Killed", ended=time.time())
                 self.journal.event(ds.id, f"execution {e.vip_id} killed")
-        keep = bool(ds.options.get("keep_remote"))
+        discard = bool(ds.options.get("discard"))  # cancel --discard of an incomplete dataset
+        keep = bool(ds.options.get("keep_remote")) and not discard
         if not keep and ds.remote_root:
             for e in self.journal.executions(ds.id):
                 if e.vip_id and not e.cleaned:
@@ -802,7 +843,16 @@ class Runner:
                 except NotFoundError:
                     pass
                 return StepOutcome(ds.stage, 2.0)
-        self.journal.set_stage(ds.id, "cancelled", message="cancelled; the server is clean")
+        write_session_data(self.journal, ds.id)
+        if discard:
+            remove_left_file(ds)
+            # a request, not a setting: a later attempt must not inherit it
+            options = {k: v for k, v in ds.options.items() if k != "discard"}
+            self.journal.update(ds.id, options=options)
+            message = "cancelled: the outputs left on VIP were deleted; the server is clean"
+        else:
+            message = "cancelled; the server is clean"
+        self.journal.set_stage(ds.id, "cancelled", message=message)
         return StepOutcome("cancelled")
 
     def _save_logs(
@@ -955,6 +1005,21 @@ def status_record(journal: Journal, ds: Dataset) -> dict[str, Any]:
     }
 
 
+def unknown_pipeline(client: VipClient, identifier: str) -> str:
+    """Why ``identifier`` cannot be used, naming the closest pipelines the server offers."""
+    from agent.validate import closest_pipelines
+
+    try:
+        near = closest_pipelines(identifier, client.pipelines())
+    except VipError:
+        near = []
+    hint = f" (closest: {', '.join(repr(n) for n in near)})" if near else ""
+    return (
+        f"pipeline {identifier!r} does not exist on {client.base_url} or you may not use it{hint}; "
+        "check the name with `vip-agent pipelines`"
+    )
+
+
 def _inside(root: Path, rel: PurePosixPath) -> Path:
     """``root / rel``, refusing anything that would land outside ``root``."""
     parts = [p for p in rel.parts if p not in ("", ".")]
@@ -963,12 +1028,14 @@ def _inside(root: Path, rel: PurePosixPath) -> Path:
     return root.joinpath(*parts)
 
 
-def _max_download(client: VipClient) -> int | None:
+def _max_download(client: VipClient, *, refresh: bool = False) -> int | None:
+    """VIP's direct-transfer limit (``/platform``, cached by the client), None if unknown."""
     try:
-        value = client.platform().get("maxSizeDirectTransfer")
+        return client.max_transfer_size(refresh=refresh)
+    except AuthError:
+        raise
     except VipError:
         return None
-    return int(value) if value else None
 
 
 def human_size(n: int) -> str:

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from agent.config import Limits
 from agent.errors import CredentialError
-from agent.journal import FINAL_STAGES, PUBLIC_STATE, Dataset, Journal
+from agent.journal import FINAL_SQL, FINAL_STAGES, PUBLIC_STATE, Dataset, Journal
 from agent.runner import STAGE_POOL, Interrupted
 
 log = logging.getLogger("vip_agent.scheduler")
@@ -136,7 +136,7 @@ class Scheduler:
     def resume_all(self) -> int:
         """Track every dataset the journal has between ``validate`` and a final stage."""
         n = 0
-        for ds in self.journal.datasets(where="stage NOT IN ('waiting','done','failed','cancelled')"):
+        for ds in self.journal.datasets(where=f"stage != 'waiting' AND stage NOT IN {FINAL_SQL}"):
             if ds.paused:
                 self.journal.update(ds.id, paused=None)  # re-checked by the next step
             if self.submit(ds):
@@ -236,7 +236,7 @@ class Scheduler:
         """Pick up datasets other processes changed: ``retry`` (stage validate), ``cancel``."""
         tracked = self.tracked()
         for ds in self.journal.datasets(
-            where="stage NOT IN ('waiting','done','failed','cancelled') OR cancel_requested=1"
+            where=f"(stage != 'waiting' AND stage NOT IN {FINAL_SQL}) OR cancel_requested=1"
         ):
             if ds.id not in tracked:
                 if not ds.final and self.submit(ds):

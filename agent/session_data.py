@@ -27,11 +27,16 @@ def session_record(journal: Journal, dataset_id: int) -> dict[str, Any]:
     for e in executions:
         if not e.vip_id:
             continue
+        # what is on the server now: a deleted execution is "Removed" (VipSession's word,
+        # and it then stops asking VIP about it); a deleted output file no longer exists
         workflows[e.vip_id] = {
-            "status": e.status or "Running",
+            "status": "Removed" if e.cleaned else e.status or "Running",
             "start": time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(e.launched or ds.created)),
             "outputs": [
-                {"path": o.remote, "isDirectory": False, "size": o.size, "exists": True}
+                {
+                    "path": o.remote, "isDirectory": False, "size": o.size,
+                    "exists": not (e.cleaned or o.remote_deleted),
+                }
                 for o in outputs
                 if o.exec_key == e.key
             ],

@@ -21,7 +21,7 @@ from agent.logs import setup_logging
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("drop", nargs="?", help="drop folder to watch (or use --config)")
+    parser.add_argument("drop", nargs="*", help="drop folder(s) to watch (or use --config)")
     parser.add_argument("--config", type=Path, help=f"agent.yaml (default {default_config_path()})")
     parser.add_argument("--server", help="VIP portal URL (without --config)")
     parser.add_argument("--output", type=Path, help="folder receiving the results (without --config)")
