@@ -66,7 +66,7 @@ def main() -> int:
             server.faults.match = r"^/rest/path/"
             server.faults.methods = frozenset({"PUT"})
             files = {f"slice-{k:02d}.dat": os.urandom(400_000) for k in range(16)}
-            concat = {"pipeline": "ConcatFiles/1.0", "inputs": {"files": "slice-*.dat"}}
+            concat = {"pipeline": "ConcatFiles/1.0", "inputs": {"files": "slice-*.dat", "input_file": None}}
             write_dataset(drop / "mri-2026-11-05-series", files, job=concat)
             write_dataset(drop / "mri-2026-11-06", {"data.txt": "queued behind the series\n"})
             wait_for(lambda: browser.execute_script(
