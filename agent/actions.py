@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 from agent.errors import AgentError, CredentialError
-from agent.journal import Dataset, Journal
+from agent.journal import RETRYABLE_STAGES, Dataset, Journal
 from agent.leftovers import left_on_vip
 from agent.watch.after import error_file
 from agent.watch.readiness import current_fingerprint
 
 #: stages :func:`retry` accepts (a done dataset needs :func:`rerun`; an incomplete one is
 #: fetched, not run again)
-RETRYABLE = ("failed", "cancelled", "incomplete")
+RETRYABLE = RETRYABLE_STAGES
 
 
 class CannotRetry(AgentError):

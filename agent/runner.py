@@ -210,7 +210,7 @@ class Runner:
         client_for: ClientFactory,
         *,
         stop_event: threading.Event | None = None,
-        max_running: Callable[[], int | None] | int | None = None,
+        max_running: Callable[[str], int | None] | int | None = None,
         transfer_threads: int = DEFAULT_PARALLELISM,
         progress: Callable[[int, str, int, int], None] | None = None,
         poll_min: float = DEFAULT_POLL_MIN,
@@ -484,6 +484,8 @@ class Runner:
         """Launch the first execution; the others launch from ``monitor`` as slots free up."""
         pending = [e for e in self.journal.executions(ds.id) if not e.vip_id]
         if pending:
+            if not self.slot_free(ds.server):
+                return StepOutcome("launch", self.poll_min)
             self._launch(ds, pending[0])
         self.journal.set_stage(ds.id, "monitor", message="execution launched")
         return StepOutcome("monitor", self._poll_interval(ds, self.journal.executions(ds.id)))
@@ -521,7 +523,7 @@ class Runner:
 
         executions = self.journal.executions(ds.id)
         pending = [e for e in executions if not e.vip_id]
-        if pending and self._slot_free(ds.server):
+        if pending and self.slot_free(ds.server):
             try:
                 self._launch(ds, pending[0])
             except CapacityError:
@@ -811,8 +813,10 @@ class Runner:
             return True
         return self.journal.waiting_launches(ds.server) > 0
 
-    def _slot_free(self, server: str) -> bool:
-        cap = self._max_running() if callable(self._max_running) else self._max_running
+    def slot_free(self, server: str) -> bool:
+        """May an execution be launched on ``server`` now? The only place the running cap
+        (``max_running``, per server) is applied: the scheduler asks here too."""
+        cap = self._max_running(server) if callable(self._max_running) else self._max_running
         if cap is None:
             return True
         return self.journal.running_executions(server) < cap
