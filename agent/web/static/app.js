@@ -391,7 +391,13 @@ function init() {
     if (then) then(); else poll();
   });
   $("#token-forget").addEventListener("click", () => { setToken(""); $("#token-dialog").close(); toast("Token forgotten"); });
-  window.addEventListener("hashchange", () => { S.detail = null; poll(); window.scrollTo(0, 0); });
+  window.addEventListener("hashchange", () => {
+    S.detail = null;
+    $("#d-name").textContent = "loading…";
+    $("#d-error").hidden = true;
+    for (const b of document.querySelectorAll("#actions button")) b.disabled = true;
+    poll(); window.scrollTo(0, 0);
+  });
   poll();
 }
 document.addEventListener("DOMContentLoaded", init);
