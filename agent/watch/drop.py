@@ -54,7 +54,11 @@ class DropFolder:
         return file_stem(key) if self.drop.datasets == "files" else key
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"keep_remote": self.drop.keep_remote}
+        opts: dict[str, Any] = {
+            "keep_remote": self.drop.keep_remote,
+            "max_runs": self.drop.limits.max_runs,
+            "max_jobs": self.drop.limits.max_jobs,
+        }
         if self.drop.readiness.rule == "marker":
             opts["marker"] = self.drop.readiness.marker  # not an input
         return opts
