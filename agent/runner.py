@@ -635,7 +635,10 @@ class Runner:
             if self.stop_event.is_set():
                 raise Interrupted("stopping before extraction")
             try:
-                folder = safe_extract(local)
+                folder = safe_extract(
+                    local, max_ratio=ds.options.get("extract_max_ratio"),
+                    max_member_ratio=ds.options.get("extract_max_member_ratio"),
+                )  # fmt: skip
             except AgentError as err:
                 self.journal.update_output(ds.id, o.remote, extracted=-1)
                 self.journal.event(ds.id, f"{local.name}: {err.message}", level="error")

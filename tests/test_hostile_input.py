@@ -117,6 +117,7 @@ def test_agent_yaml_max_runs_and_jobs(tmp_path: Path) -> None:
     config = parse_config({"drops": [{"path": "d", "output": "o", "max_runs": 5, "max_jobs": 7}]},
                           base=tmp_path)  # fmt: skip
     assert config.drops[0].limits.max_runs == 5 and config.drops[0].limits.max_jobs == 7
+    assert config.drops[0].limits.extract_max_ratio == 200
     assert Limits().max_runs == 100 and Limits().max_jobs == 1000
 
 

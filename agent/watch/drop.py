@@ -58,6 +58,8 @@ class DropFolder:
             "keep_remote": self.drop.keep_remote,
             "max_runs": self.drop.limits.max_runs,
             "max_jobs": self.drop.limits.max_jobs,
+            "extract_max_ratio": self.drop.limits.extract_max_ratio,
+            "extract_max_member_ratio": self.drop.limits.extract_max_member_ratio,
         }
         if self.drop.readiness.rule == "marker":
             opts["marker"] = self.drop.readiness.marker  # not an input
