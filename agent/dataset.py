@@ -68,6 +68,9 @@ class DatasetScan:
     root: Path
     files: tuple[FileEntry, ...]
     partial: tuple[str, ...]  # relative names of partial files that hold it back
+    #: newest status change (ctime, ns) of the files and folders seen: when the content
+    #: last changed, by the system clock (a copy that keeps old mtimes still sets ctime)
+    newest_change_ns: int = 0
     #: (relative name, why) of entries that could not be read: never skipped in silence
     unreadable: tuple[tuple[str, str], ...] = ()
 
@@ -100,16 +103,21 @@ def why_unreadable(err: OSError) -> str:
     return f"{err.strerror or err} (error {err.errno})"
 
 
-def _walk(root: Path) -> Iterator[tuple[str, os.stat_result | str]]:
+def _walk(
+    root: Path, changes: list[int] | None = None
+) -> Iterator[tuple[str, os.stat_result | str]]:
     """(relative name, stat) of every file under ``root``; (name, why) for what cannot be read.
 
     Files that vanish while the walk runs are left out; links to folders are not followed.
+    ``changes`` collects the folders' ctimes.
     """
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
+            if changes is not None:
+                changes.append(os.stat(folder).st_ctime_ns)  # an entry added or removed
         except (FileNotFoundError, NotADirectoryError):
             continue  # vanished (or replaced by a file) while we looked
         except OSError as err:
@@ -151,11 +159,12 @@ def scan(
     unreadable: list[tuple[str, str]] = []
     wanted = set(only) if only is not None else None
     skip = set(exclude)
-    walked = _walk(root)
+    changes: list[int] = []
+    walked = _walk(root, changes)
     try:
         first = next(walked, None)
     except OSError as err:  # the dataset folder itself
-        return DatasetScan(root, (), (), ((".", why_unreadable(err)),))
+        return DatasetScan(root, (), (), 0, ((".", why_unreadable(err)),))
     for rel, st in _chain(first, walked):
         if wanted is not None and rel not in wanted and not (
             isinstance(st, str) and any(w.startswith(rel + "/") for w in wanted)
@@ -175,8 +184,12 @@ def scan(
             unreadable.append((rel, st))
             continue
         files.append(FileEntry(rel, st.st_size, st.st_mtime_ns))
+        changes.append(st.st_ctime_ns)
     files.sort(key=lambda f: f.rel)
-    return DatasetScan(root, tuple(files), tuple(sorted(partial)), tuple(sorted(unreadable)))
+    return DatasetScan(
+        root, tuple(files), tuple(sorted(partial)), max(changes, default=0),
+        tuple(sorted(unreadable)),
+    )  # fmt: skip
 
 
 def _chain(first: tuple[str, os.stat_result | str] | None,

@@ -140,7 +140,7 @@ def test_unreadable_reasons_in_words() -> None:
     # root reads everything here, so permission denied cannot be made real: the wording is
     # checked on the error the OS would give
     assert "permission denied" in dataset_mod.why_unreadable(PermissionError(errno.EACCES, "x"))
-    scan = dataset_mod.DatasetScan(Path("/d"), (), (), (("f", "why"),))
+    scan = dataset_mod.DatasetScan(Path("/d"), (), (), unreadable=(("f", "why"),))
     with pytest.raises(ValidationError, match="cannot read f in /d: why"):
         scan.raise_if_unreadable()
     assert scan.fingerprint != dataset_mod.DatasetScan(Path("/d"), (), ()).fingerprint
