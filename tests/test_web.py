@@ -73,7 +73,7 @@ def test_watch_serves_page_api_metrics_and_notifies_without_the_key(
         "state": str(tmp_path / "state"),
         "drops": [{
             "path": str(drop), "output": str(tmp_path / "out"), "server": vip_server.url,
-            "readiness": {"settle_seconds": 0.3}, "poll_interval": 0.1,
+            "readiness": {"settle_seconds": 0.3}, "poll_interval": 0.1, "poll": {"min": 0.2, "max": 0.5},
             "notify": [
                 {"on": ["failed"], "webhook": receiver.url},
                 {"on": ["failed", "done"], "command": [sys.executable, "-c", script, str(env_dump)]},
