@@ -178,10 +178,33 @@ class _FileSlice:
 
 
 class _SendfileMixin:
+    """Connection sending :class:`_FileSlice` pieces with ``sendfile``, and the request head
+    together with the first piece of its body (one ``send`` instead of two for a small file)."""
+
     sock: Any
+    _held: bytes | None = None
+    _hold_head = False
+
+    def request(self, method: str, url: str, body: Any = None, *args: Any, **kwargs: Any) -> None:
+        self._hold_head = body is not None
+        try:
+            super().request(method, url, body, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._hold_head = False
+            self._flush()
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            super().send(held)  # type: ignore[misc]
 
     def send(self, data: Any) -> None:
+        if self._hold_head and self._held is None and isinstance(data, bytes):
+            self._held = data  # the head: sent with the first piece of the body
+            self._hold_head = False
+            return
         if isinstance(data, _FileSlice):
+            self._flush()
             sent = self.sock.sendfile(data.handle, data.offset, data.count)
             if sent != data.count:
                 raise SourceChanged(
@@ -189,6 +212,9 @@ class _SendfileMixin:
                     detail=f"sendfile sent {sent} of {data.count} bytes at offset {data.offset}",
                 )
             return
+        if self._held is not None and isinstance(data, (bytes, bytearray, memoryview)):
+            held, self._held = self._held, None
+            data = held + bytes(data)
         super().send(data)  # type: ignore[misc]
 
 
