@@ -64,6 +64,9 @@ class DatasetScan:
     root: Path
     files: tuple[FileEntry, ...]
     partial: tuple[str, ...]  # relative names of partial files that hold it back
+    #: newest status change (ctime, ns) of the files and folders seen: when the content
+    #: last changed, by the system clock (a copy that keeps old mtimes still sets ctime)
+    newest_change_ns: int = 0
 
     @property
     def fingerprint(self) -> str:
@@ -74,12 +77,15 @@ class DatasetScan:
         return sum(f.size for f in self.files)
 
 
-def _walk(root: Path) -> Iterable[tuple[str, os.stat_result]]:
+def _walk(root: Path, changes: list[int] | None = None) -> Iterable[tuple[str, os.stat_result]]:
+    """(rel, stat) of every file under ``root``; ``changes`` collects the folders' ctimes."""
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
             entries = list(os.scandir(folder))
+            if changes is not None:
+                changes.append(os.stat(folder).st_ctime_ns)  # an entry added or removed
         except FileNotFoundError:
             continue
         for entry in entries:
@@ -109,7 +115,8 @@ def scan(
     partial: list[str] = []
     wanted = set(only) if only is not None else None
     skip = set(exclude)
-    for rel, st in _walk(root):
+    changes: list[int] = []
+    for rel, st in _walk(root, changes):
         if (wanted is not None and rel not in wanted) or rel in skip:
             continue
         name = rel.rsplit("/", 1)[-1]
@@ -121,8 +128,9 @@ def scan(
         if any(is_ignored(part) for part in rel.split("/")):
             continue
         files.append(FileEntry(rel, st.st_size, st.st_mtime_ns))
+        changes.append(st.st_ctime_ns)
     files.sort(key=lambda f: f.rel)
-    return DatasetScan(root, tuple(files), tuple(sorted(partial)))
+    return DatasetScan(root, tuple(files), tuple(sorted(partial)), max(changes, default=0))
 
 
 def fingerprint(files: Iterable[FileEntry]) -> str:

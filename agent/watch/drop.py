@@ -42,6 +42,34 @@ class DropFolder:
         self.candidates = Candidates(drop)
         self.histories: dict[str, History] = {}
         self._warned: set[tuple[int, str | None]] = set()
+        #: seconds a change may be dated back from its files' ctime (the event debounce;
+        #: 0 when the file system's clock may not be ours)
+        self.change_credit = 0.0
+        #: names whose content is taken (done, failed or running) and unchanged since, with
+        #: the top-level entry's (inode, mtime) then: a polling observer does not look
+        #: inside them, and the periodic rescan only compares that top-level stat
+        self.settled: dict[str, tuple[int, int]] = {}
+
+    def is_settled(self, name: str) -> bool:
+        return name in self.settled
+
+    def _settle(self, key: str) -> None:
+        try:
+            st = self.path_of(key).stat()
+        except OSError:
+            return
+        self.settled[key] = (st.st_ino, st.st_mtime_ns)
+
+    def needs_rescan(self, key: str) -> bool:
+        """False for a settled name whose top-level entry is unchanged (the cheap check)."""
+        seen = self.settled.get(key)
+        if seen is None:
+            return True
+        try:
+            st = self.path_of(key).stat()
+        except OSError:
+            return True
+        return (st.st_ino, st.st_mtime_ns) != seen
 
     @property
     def root(self) -> Path:
@@ -79,6 +107,7 @@ class DropFolder:
         """Look at dataset ``key`` now; returns seconds until it should be looked at again."""
         path = self.path_of(key)
         now = self.clock()
+        self.settled.pop(key, None)
         snap = take_snapshot(path, self.drop)
         rows = self.journal.find(path=str(path))
         waiting = [r for r in rows if r.stage == "waiting"]
@@ -101,6 +130,7 @@ class DropFolder:
         if latest is not None and latest.fingerprint == snap.fingerprint:
             # already taken with exactly this content: never twice
             self.histories.pop(key, None)
+            self._settle(key)
             for r in waiting:
                 self.journal.set_stage(
                     r.id, "cancelled", message=f"same content as run #{latest.id}", level="info"
@@ -109,12 +139,13 @@ class DropFolder:
 
         if latest is not None and not latest.final:
             self._warn_changed(latest, snap.fingerprint)
+            self._settle(key)
             return None  # re-checked when that run ends (never mixed into it)
 
         hist = self.histories.get(key)
         if hist is None:
             hist = self.histories[key] = History(first_seen=now)
-        hist.observe(snap, now)
+        hist.observe(snap, now, self.change_credit)
 
         name = self.dataset_name(key)
         if row is None:
