@@ -82,7 +82,13 @@ class DropFolder:
         return file_stem(key) if self.drop.datasets == "files" else key
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"keep_remote": self.drop.keep_remote}
+        opts: dict[str, Any] = {
+            "keep_remote": self.drop.keep_remote,
+            "max_runs": self.drop.limits.max_runs,
+            "max_jobs": self.drop.limits.max_jobs,
+            "extract_max_ratio": self.drop.limits.extract_max_ratio,
+            "extract_max_member_ratio": self.drop.limits.extract_max_member_ratio,
+        }
         if self.drop.readiness.rule == "marker":
             opts["marker"] = self.drop.readiness.marker  # not an input
         return opts

@@ -108,6 +108,10 @@ def take_snapshot(path: Path, drop: DropConfig) -> Snapshot:
             st = path.stat()
         except (FileNotFoundError, NotADirectoryError):
             return Snapshot(exists=False)
+        except OSError as err:
+            # a loop or a file we may not read: it settles, then validation says why
+            why = ((path.name, ds.why_unreadable(err)),)
+            return Snapshot(exists=True, fingerprint=ds.fingerprint([], why), files=1)
         if not path.is_file():
             return Snapshot(exists=False)
         entry = ds.FileEntry(path.name, st.st_size, st.st_mtime_ns)

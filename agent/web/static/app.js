@@ -56,6 +56,7 @@ function size(n) {
 }
 function dur(s) {
   if (s === null || s === undefined || !isFinite(s)) return "";
+  if (s < 10) return Math.max(0, s).toFixed(1) + " s";
   s = Math.max(0, Math.round(s));
   if (s < 60) return s + " s";
   if (s < 3600) return Math.floor(s / 60) + " min " + String(s % 60).padStart(2, "0") + " s";
@@ -173,7 +174,8 @@ function renderHealth() {
     const reach = s.reachable === null ? "checking…" : s.reachable ? "reachable" : "unreachable";
     const key = s.paused ? "refused: paused" : { accepted: "key accepted", refused: "key refused", missing: "no key", unknown: "key not checked" }[s.key];
     const level = s.paused || s.key === "refused" || s.key === "missing" ? "bad" : s.reachable === false ? "warn" : s.reachable ? "good" : "";
-    cards.push(card(s.url.replace(/^https?:\/\//, ""), `${reach} · ${key}`, s.paused || s.message || (s.checked ? "checked " + ago(s.checked) + " ago" : ""), level));
+    const note = s.url.replace(/^https?:\/\//, "") + " · " + (s.paused || s.message || (s.checked ? "checked " + ago(s.checked) + " ago" : "not checked yet"));
+    cards.push(card("VIP server", `${reach}, ${key}`, note, level));
   }
   const observers = hl.drops.map((d) => d.observer);
   const native = observers.filter((o) => o === "native").length;
