@@ -173,7 +173,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "names",
         nargs="*",
         metavar="NAME|#ID",
-        help="one dataset: show it in detail; several: only these in the table",
+        help="one dataset (name, or id: 3 or '#3' quoted): show it in detail; several: only these",
     )
 
 
