@@ -286,13 +286,13 @@ def _attach_current(conn: Any) -> None:
 
 
 class _GuardedHTTPConnection(urllib3.connection.HTTPConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def request(self, *args: Any, **kwargs: Any) -> None:
         _attach_current(self)
         super().request(*args, **kwargs)
 
 
 class _GuardedHTTPSConnection(urllib3.connection.HTTPSConnection):
-    def request(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def request(self, *args: Any, **kwargs: Any) -> None:
         _attach_current(self)
         super().request(*args, **kwargs)
 
