@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("agent.commands.status", "show where every dataset stands"),
     "retry": ("agent.commands.retry", "run a failed or cancelled dataset again"),
     "cancel": ("agent.commands.cancel", "stop a dataset: kill its execution, clean the server"),
+    "rerun": ("agent.commands.rerun", "run a finished dataset (even a done one) again as a new attempt"),
     "pipelines": ("agent.commands.pipelines", "list pipelines, or show one's parameters"),
     "login": ("agent.commands.login", "check an API key and store it in the OS keyring"),
     "logout": ("agent.commands.logout", "remove the stored API key"),

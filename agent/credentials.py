@@ -405,3 +405,15 @@ def find_api_key(
         f"no API key found for {normalise_server_url(server_url)}. Tried:{listing}\n{todo}",
         detail="; ".join(tried),
     )
+
+
+def verify_key(server: str, key: str, *, timeout: float = 20) -> None:
+    """One authenticated request; raises ``AuthError`` when VIP refuses the key,
+    another ``VipError`` when the server cannot tell (outage, network)."""
+    from agent.vip.client import VipClient
+
+    client = VipClient(server, key, timeout=timeout, retries=1, backoff=0.5)
+    try:
+        client.check_key()
+    finally:
+        client.close()

@@ -202,8 +202,8 @@ def main() -> int:
     parser.add_argument("--result", default="watch_latency", help="results/<name>.json")
     args = parser.parse_args()
     info = machine()  # before the work: its load average is the background load
-    from agent.commands.watch import DEBOUNCE
     from agent.config import DEFAULT_POLL_INTERVAL
+    from agent.daemon import DEBOUNCE
 
     results: dict[str, Any] = {}
     with workdir("watch") as tmp, LocalServer(tmp / "server", max_running=8) as server:

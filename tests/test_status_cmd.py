@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from agenthelpers import wait_for, write_dataset
+from agenthelpers import run_agent, wait_for, write_dataset
 
 from agent.cli import main as cli
-from agent.commands.watch import WatchService
 from agent.config import config_from_args
+from agent.daemon import WatchService
 from agent.journal import Journal
 from agent.localvip import LocalVip
 from agent.runner import Runner, admit
@@ -175,3 +175,26 @@ def test_cancel_with_agent_running(
     finally:
         service.stop()
     assert vip_server.state.running() == 0
+
+
+def test_rerun_done_dataset_through_cli(tmp_path: Path) -> None:
+    """A done dataset (its job.yaml since fixed) runs again as a new attempt: `rerun #ID`, `retry --again`."""
+    state = tmp_path / "state"
+    journal = Journal.in_state_dir(state)
+    folder = write_dataset(tmp_path / "drop" / "g", {"a.txt": "1"})
+    gid = journal.add_dataset(name="g", path=str(folder), server="http://x:1", output_root="/o", stage="done")
+    result = run_agent("retry", "g", "--state", str(state), api_key="k", cwd=tmp_path)
+    assert result.returncode == 1 and "vip-agent rerun" in result.stderr
+    result = run_agent("rerun", f"#{gid}", "--state", str(state), api_key="k", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"#{gid} g: queued again (attempt 2)" in result.stdout
+    g = journal.get(gid)
+    assert g.stage == "validate" and g.attempts == 1 and g.fingerprint
+    # not finished yet: neither rerun nor retry --again may start it twice
+    result = run_agent("retry", "--again", "g", "--state", str(state), api_key="k", cwd=tmp_path)
+    assert result.returncode == 1 and "wait until it has finished" in result.stderr
+    journal.set_stage(gid, "failed", error="boom")
+    result = run_agent("retry", "--again", "g", "--state", str(state), api_key="k", cwd=tmp_path)
+    assert result.returncode == 0 and journal.get(gid).attempts == 2
+    result = run_agent("rerun", "#999", "--state", str(state), api_key="k", cwd=tmp_path)
+    assert result.returncode == 1 and "no dataset with id #999" in result.stderr

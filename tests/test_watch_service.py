@@ -22,8 +22,8 @@ import pytest
 import yaml
 from agenthelpers import agent_env, wait_for, write_dataset
 
-from agent.commands.watch import WatchService
 from agent.config import Limits, Readiness, config_from_args
+from agent.daemon import WatchService
 from agent.journal import Journal
 from agent.localvip import LocalVip
 from agent.watch.after import ERROR_FILE

@@ -1,4 +1,4 @@
-"""``vip-agent cancel NAME``: stop a dataset, kill its execution, clean the server.
+"""``vip-agent cancel NAME|#ID``: stop a dataset, kill its execution, clean the server.
 
 The request is recorded in the journal (``cancel_requested``). If an agent is
 running, it does the work (it polls the journal and wakes the dataset) and this
@@ -11,23 +11,15 @@ still ``waiting`` for its files has nothing remote: it is cancelled at once.
 from __future__ import annotations
 
 import argparse
-import threading
-import time
-from pathlib import Path
 
-from agent.commands.status import add_state_args, agent_pid, find_dataset, open_journal, state_dir
+from agent import actions, queries
+from agent.commands import add_state_args
 from agent.config import load_config
-from agent.errors import AgentError, CredentialError
-from agent.journal import Journal
 from agent.watch.lock import AgentLock
 
 
-class CannotCancel(AgentError):
-    exit_code = 1
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="dataset name (or #id from `vip-agent status`)")
+    parser.add_argument("name", help="dataset name, or #ID as `vip-agent status` shows it")
     add_state_args(parser)
     parser.add_argument(
         "--wait", type=float, default=120.0,
@@ -35,66 +27,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _wait_final(journal: Journal, dataset_id: int, timeout: float) -> str | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ds = journal.get(dataset_id)
-        if ds.final:
-            return ds.stage
-        time.sleep(0.2)
-    return None
-
-
-def _cancel_here(journal: Journal, dataset_id: int, key_file: Path | None, timeout: float) -> str | None:
-    """Drive the runner ourselves until the dataset is final (no agent is running)."""
-    from agent.commands.watch import ClientProvider
-    from agent.runner import Runner
-    from agent.vip.errors import AuthError
-
-    ds = journal.get(dataset_id)
-    provider = ClientProvider({ds.server: key_file})
-    stop = threading.Event()
-    runner = Runner(journal, provider, stop_event=stop)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            outcome = runner.step(dataset_id)
-            if outcome.final:
-                return str(outcome.stage)
-            if outcome.retry_after:
-                stop.wait(min(outcome.retry_after, max(0.0, deadline - time.monotonic())))
-    except AuthError as err:
-        raise CredentialError(
-            f"the cancel is recorded, but {ds.server} refused the API key ({err.message}); "
-            "the agent finishes it when it runs with a working key",
-            detail=err.detail,
-        ) from None
-    return None
-
-
 def main(args: argparse.Namespace) -> int:
-    state = state_dir(args)
-    journal = open_journal(state)
+    state = queries.state_dir(args.state, args.config)
+    journal = queries.open_journal(state)
     if journal is None:
-        raise CannotCancel(f"no journal in {state}: nothing has run there yet")
-    ds = find_dataset(journal, args.name)
-    if ds.final:
+        raise actions.CannotCancel(f"no journal in {state}: nothing has run there yet")
+    ds = queries.find_dataset(journal, args.name)
+    result = actions.cancel(journal, ds)
+    if result == "final":
         print(f"{ds.name} is already {ds.state}")
         return 0
-    if ds.stage == "waiting":
-        journal.set_stage(ds.id, "cancelled", message="cancelled by the user before it was complete")
+    if result == "cancelled":
         print(f"{ds.name}: cancelled (it was still waiting for its files; nothing was sent)")
         return 0
-    journal.update(ds.id, cancel_requested=1)
-    journal.event(ds.id, "cancel requested by the user", level="warning")
-    pid = agent_pid(state)
+    pid = queries.agent_pid(state)
     if pid is not None:
         print(f"{ds.name}: cancel requested; the running agent (pid {pid or '?'}) is stopping it...")
-        stage = _wait_final(journal, ds.id, args.wait)
+        stage = actions.wait_final(journal, ds.id, args.wait)
     else:
         lock = AgentLock(state)
         if not lock.acquire():  # an agent started just now: it will do it
-            stage = _wait_final(journal, ds.id, args.wait)
+            stage = actions.wait_final(journal, ds.id, args.wait)
         else:
             try:
                 key_file = None
@@ -102,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
                     drop = load_config(args.config).drop_for(ds.drop_dir)
                     key_file = drop.key_file if drop else None
                 print(f"{ds.name}: no agent is running; cancelling it here...")
-                stage = _cancel_here(journal, ds.id, key_file, args.wait)
+                stage = actions.cancel_here(journal, ds.id, key_file, args.wait)
             finally:
                 lock.release()
     if stage is None:

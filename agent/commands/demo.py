@@ -51,8 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent.commands.watch import AlreadyRunning, WatchService
     from agent.config import config_from_args
+    from agent.daemon import AlreadyRunning, WatchService
     from agent.localvip import LocalVip
     from agent.vip.client import VipClient
 

@@ -358,7 +358,7 @@ def check_key(
         report.add(WARN, f"API key for {server}: not checked, the server is unreachable",
                    "run doctor again once the server answers")
         return
-    from agent.commands.login import verify_key
+    from agent.credentials import verify_key
     from agent.vip.errors import AuthError, VipError
 
     try:

@@ -17,6 +17,7 @@ from agent.credentials import (
     normalise_server_url,
     redact,
     store_api_key,
+    verify_key,
 )
 from agent.errors import AgentError, CredentialError
 
@@ -30,18 +31,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="read the key from standard input (first line) instead of prompting")
     parser.add_argument("--no-check", action="store_true",
                         help="store the key without asking the server (when it is unreachable)")
-
-
-def verify_key(server: str, key: str, *, timeout: float = 20) -> None:
-    """One authenticated request; raises ``AuthError`` when VIP refuses the key,
-    another ``VipError`` when the server cannot tell (outage, network)."""
-    from agent.vip.client import VipClient
-
-    client = VipClient(server, key, timeout=timeout, retries=1, backoff=0.5)
-    try:
-        client.check_key()
-    finally:
-        client.close()
 
 
 def _read_key(from_stdin: bool) -> str:

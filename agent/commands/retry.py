@@ -1,4 +1,4 @@
-"""``vip-agent retry NAME``: run a failed or cancelled dataset again.
+"""``vip-agent retry NAME|#ID``: run a failed or cancelled dataset again (``--again``: any finished one).
 
 The dataset goes back to stage ``validate`` (attempts + 1) with its current
 content; a running agent notices within a few seconds (it polls the journal),
@@ -8,45 +8,33 @@ otherwise the next ``vip-agent watch`` takes it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from agent.commands.status import add_state_args, agent_pid, find_dataset, open_journal, state_dir
-from agent.errors import AgentError
-from agent.watch.after import error_file
-from agent.watch.readiness import current_fingerprint
-
-
-class CannotRetry(AgentError):
-    exit_code = 1
+from agent import actions, queries
+from agent.commands import add_state_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help="dataset name (or #id from `vip-agent status`)")
+    parser.add_argument("name", help="dataset name, or #ID as `vip-agent status` shows it")
     add_state_args(parser)
+    parser.add_argument(
+        "--again", action="store_true",
+        help="also a dataset that is done: run it again as a new attempt (same as `vip-agent rerun`)",
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
-    state = state_dir(args)
-    journal = open_journal(state)
+    state = queries.state_dir(args.state, args.config)
+    journal = queries.open_journal(state)
     if journal is None:
-        raise CannotRetry(f"no journal in {state}: nothing has run there yet")
-    ds = find_dataset(journal, args.name)
-    if ds.stage not in ("failed", "cancelled"):
-        raise CannotRetry(
-            f"{ds.name} is {ds.state}; only a failed or cancelled dataset can be retried"
-        )
-    path = Path(ds.path)
-    fingerprint = current_fingerprint(path)
-    if fingerprint is None:
-        raise CannotRetry(f"{ds.name}: the dataset {path} no longer exists; drop it again instead")
-    report = error_file(path)
-    if report.exists():
-        report.unlink()
-    # the content may have been fixed: take it as it is now
-    journal.reset_for_retry(ds.id, fingerprint=fingerprint)
-    pid = agent_pid(state)
+        raise actions.CannotRetry(f"no journal in {state}: nothing has run there yet")
+    ds = queries.find_dataset(journal, args.name)
+    ds = actions.rerun(journal, ds) if getattr(args, "again", False) else actions.retry(journal, ds)
+    pid = queries.agent_pid(state)
+    who = f"#{ds.id} {ds.name}"
     if pid is not None:
-        print(f"{ds.name}: queued again; the running agent (pid {pid or '?'}) takes it within seconds")
+        print(f"{who}: queued again (attempt {ds.attempts + 1}); the running agent "
+              f"(pid {pid or '?'}) takes it within seconds")  # fmt: skip
     else:
-        print(f"{ds.name}: queued again; no agent is running: start `vip-agent watch` to run it")
+        print(f"{who}: queued again (attempt {ds.attempts + 1}); no agent is running: "
+              "start `vip-agent watch` to run it")  # fmt: skip
     return 0

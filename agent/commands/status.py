@@ -12,80 +12,11 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from agent.config import default_config_path, default_state_dir, load_config
-from agent.errors import AgentError, one_line
-from agent.journal import JOURNAL_NAME, Dataset, Journal
-from agent.runner import status_record
-from agent.watch.lock import AgentLock
-
-
-class NotFound(AgentError):
-    """No dataset matches the name given."""
-
-    exit_code = 1
-
-
-# -- shared by status, retry and cancel --------------------------------------------------
-
-
-def add_state_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--state", type=Path, help="state folder (default: from --config, or the per-user one)")
-    parser.add_argument("--config", type=Path, help="agent.yaml whose 'state' to use")
-
-
-def state_dir(args: argparse.Namespace) -> Path:
-    """``--state``, else the ``state`` of ``--config`` (or of the default agent.yaml), else the default."""
-    if getattr(args, "state", None):
-        return Path(args.state).expanduser().resolve()
-    config = getattr(args, "config", None)
-    if config is None and default_config_path().is_file():
-        config = default_config_path()
-    if config is not None:
-        return load_config(config).state
-    return default_state_dir()
-
-
-def open_journal(state: Path) -> Journal | None:
-    """The journal of a state folder, or None if no agent ever ran there."""
-    if not (state / JOURNAL_NAME).is_file():
-        return None
-    return Journal.in_state_dir(state)
-
-
-def find_dataset(journal: Journal, ref: str) -> Dataset:
-    """The dataset named ``ref`` (the most recent run of that name), or with id ``ref``/``#ref``."""
-    text = ref.lstrip("#")
-    if text.isdigit():
-        try:
-            return journal.get(int(text))
-        except KeyError:
-            pass
-    rows = journal.find(name=ref)
-    if not rows:
-        rows = [d for d in journal.datasets() if Path(d.path).name == ref]
-    if not rows:
-        raise NotFound(f"no dataset named {ref!r} in the journal (see `vip-agent status`)")
-    return rows[-1]
-
-
-def agent_pid(state: Path) -> int | None:
-    """pid of the agent holding ``state`` (0 if unknown), None if no agent runs."""
-    return AgentLock(state).held_by_other()
-
-
-# -- status --------------------------------------------------------------------------------
-
-
-def record(journal: Journal, ds: Dataset) -> dict[str, Any]:
-    """The JSON record of one dataset (the same fields as STATUS.json, plus id and attempts)."""
-    rec = status_record(journal, ds)
-    rec = {"id": ds.id, **rec, "attempts": ds.attempts}
-    if ds.paused and not ds.final and not rec.get("error"):
-        rec["error"] = ds.paused
-    return rec
+from agent import queries
+from agent.commands import add_state_args
+from agent.errors import one_line
 
 
 def _age(seconds: float) -> str:
@@ -148,20 +79,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    state = state_dir(args)
-    journal = open_journal(state)
-    records = []
-    if journal is not None:
-        rows = journal.datasets()
-        if args.names:
-            wanted = set(args.names)
-            rows = [d for d in rows if d.name in wanted or Path(d.path).name in wanted]
-        records = [record(journal, d) for d in rows]
+    state = queries.state_dir(args.state, args.config)
+    records = queries.list_records(queries.open_journal(state), args.names)
     if args.json:
         json.dump(records, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    pid = agent_pid(state)
+    pid = queries.agent_pid(state)
     agent = f"running (pid {pid})" if pid else "running" if pid == 0 else "NOT running"
     print(f"agent: {agent}    state: {state}")
     if not records:

@@ -1,0 +1,30 @@
+"""``vip-agent rerun NAME|#ID``: run a finished dataset (done, failed, cancelled) again.
+
+A new attempt with the dataset's current content (its job.yaml may have been
+fixed), into a new output folder; the previous attempt's outputs stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from agent import actions, queries
+from agent.commands import add_state_args
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="dataset name, or #ID as `vip-agent status` shows it")
+    add_state_args(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    state = queries.state_dir(args.state, args.config)
+    journal = queries.open_journal(state)
+    if journal is None:
+        raise actions.CannotRetry(f"no journal in {state}: nothing has run there yet")
+    ds = actions.rerun(journal, queries.find_dataset(journal, args.name))
+    pid = queries.agent_pid(state)
+    then = (f"the running agent (pid {pid or '?'}) takes it within seconds" if pid is not None
+            else "no agent is running: start `vip-agent watch` to run it")  # fmt: skip
+    print(f"#{ds.id} {ds.name}: queued again (attempt {ds.attempts + 1}); {then}")
+    return 0

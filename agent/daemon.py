@@ -1,0 +1,450 @@
+"""The drop-folder service behind ``vip-agent watch`` (and ``demo``, and the web page).
+
+Threads: one *watch loop* (events, readiness checks, rescans, after-processing;
+it waits on a :class:`~agent.watch.detect.DeadlineQueue`), the scheduler's
+dispatcher and its step threads, watchdog's observer threads, and the main
+thread, which only waits for signals (``signal.set_wakeup_fd``: no Python code
+runs inside a signal handler) and updates the systemd status line.
+
+SIGTERM/SIGINT: stop taking work, ask running steps to stop (transfers check a
+stop event between chunks), wait at most ``grace`` seconds, exit 0; whatever
+was abandoned resumes from the journal at the next start. SIGHUP: reload
+``agent.yaml``, re-read API keys and check paused servers again at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig, DropConfig, Limits, load_config
+from agent.errors import AgentError, ConfigError, CredentialError
+from agent.journal import Journal
+from agent.logs import RedactFilter
+from agent.scheduler import Scheduler
+from agent.vip.errors import AuthError
+from agent.watch.after import finish
+from agent.watch.detect import DeadlineQueue, DropEventHandler, start_observer
+from agent.watch.drop import DropFolder
+from agent.watch.lock import AgentLock
+
+log = logging.getLogger("vip_agent.watch")
+
+#: events for one dataset are coalesced for this long (and at most MAX_DEBOUNCE)
+DEBOUNCE = 1.0
+MAX_DEBOUNCE = 10.0
+
+
+class AlreadyRunning(AgentError):
+    """Another agent holds the state folder."""
+
+    exit_code = 1
+
+
+class MissingKey(AuthError):
+    """No API key anywhere (a refused key is a plain AuthError)."""
+
+
+class ClientProvider:
+    """``client_for(server)`` for the runner: one VipClient per server, key re-read on demand.
+
+    The key is looked up with ``agent.credentials.find_api_key`` (systemd
+    credential, key file, ``VIP_API_KEY``, keyring); only its source is logged.
+    A missing key raises :class:`~agent.vip.errors.AuthError` so that the
+    scheduler pauses instead of failing datasets.
+    """
+
+    def __init__(
+        self,
+        key_files: dict[str, Path | None],
+        *,
+        redact: RedactFilter | None = None,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.key_files = dict(key_files)
+        self.redact = redact
+        self.client_options = client_options or {}
+        self._lock = threading.Lock()
+        self._clients: dict[str, tuple[str, Any]] = {}
+        self._sources: dict[str, str] = {}
+
+    def _load(self, server: str) -> Any:
+        from agent.credentials import find_api_key
+        from agent.vip.client import VipClient
+
+        try:
+            cred = find_api_key(server, key_file=self.key_files.get(server))
+        except CredentialError as err:
+            # an AuthError, so that a key lost at run time pauses instead of failing datasets
+            raise MissingKey(err.message, err.detail) from None
+        if self.redact is not None:
+            self.redact.add(cred.key)
+        current = self._clients.get(server)
+        if current is not None and current[0] == cred.key:
+            return current[1]
+        if self._sources.get(server) != cred.source or current is not None:
+            log.info("API key for %s: from %s", server, cred.source)
+        self._sources[server] = cred.source
+        client = VipClient(server, cred.key, **self.client_options)
+        self._clients[server] = (cred.key, client)
+        return client
+
+    def __call__(self, server: str) -> Any:
+        with self._lock:
+            current = self._clients.get(server)
+            if current is not None:
+                return current[1]
+            return self._load(server)
+
+    def refresh(self, server: str) -> Any:
+        """Look the key up again (it may have been fixed) and return the client."""
+        with self._lock:
+            return self._load(server)
+
+    def probe(self, server: str) -> None:
+        """Raise AuthError unless the server accepts the (re-read) key."""
+        self.refresh(server).check_key()
+
+    def forget(self) -> None:
+        with self._lock:
+            self._clients.clear()
+
+
+class WatchService:
+    """The whole agent: drop folders -> readiness -> scheduler -> runner."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        client_for: Callable[[str], Any] | None = None,
+        redact: RedactFilter | None = None,
+        debounce: float = DEBOUNCE,
+        runner_options: dict[str, Any] | None = None,
+        scheduler_options: dict[str, Any] | None = None,
+        client_options: dict[str, Any] | None = None,
+        native_factory: Callable[[], Any] | None = None,
+        grace: float = 3.0,
+    ) -> None:
+        self.config = config
+        self.debounce = debounce
+        self.grace = grace
+        self.stop_event = threading.Event()
+        self.queue: DeadlineQueue[Hashable] = DeadlineQueue()
+        self.lock = AgentLock(config.state)
+        self.provider: ClientProvider | None = None
+        if client_for is None:
+            self.provider = ClientProvider(
+                self._key_files(config), redact=redact, client_options=client_options
+            )
+            client_for = self.provider
+        self.client_for = client_for
+        self.runner_options = runner_options or {}
+        self.scheduler_options = scheduler_options or {}
+        self.native_factory = native_factory
+        self.drops: dict[str, DropFolder] = {}
+        self.observers: dict[str, tuple[Any, str]] = {}
+        self.journal: Journal | None = None
+        self.scheduler: Scheduler | None = None
+        self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()
+        self._status = ""
+
+    @staticmethod
+    def _key_files(config: AgentConfig) -> dict[str, Path | None]:
+        out: dict[str, Path | None] = {}
+        for d in config.drops:
+            out.setdefault(d.server, d.key_file)
+        return out
+
+    # -- limits ----------------------------------------------------------------------
+    def limits_for(self, drop_dir: str | None) -> Limits:
+        drop = self.config.drop_for(drop_dir)
+        if drop is not None:
+            return drop.limits
+        return Limits(max_running=self.max_running())
+
+    def max_running(self, server: str | None = None) -> int:
+        caps = [d.limits.max_running for d in self.config.drops if server in (None, d.server)]
+        return min(caps) if caps else 1
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self) -> None:
+        """Take the state folder, resume the journal, watch every drop folder."""
+        from agent.runner import Runner
+
+        for d in self.config.drops:
+            if not d.path.is_dir():
+                raise ConfigError(
+                    f"the drop folder {d.path} does not exist (or is not mounted yet); create it "
+                    f"or fix 'path' in {self.config.source or 'the command line'}",
+                    detail="drops.path",
+                )
+        if not self.lock.acquire():
+            pid = self.lock.held_by_other()
+            raise AlreadyRunning(
+                f"another vip-agent watch (pid {pid or '?'}) already uses the state folder "
+                f"{self.config.state}; stop it first, or give this one another --state"
+            )
+        self.journal = Journal.in_state_dir(self.config.state)
+        log.info("state folder %s", self.config.state)
+        runner = Runner(
+            self.journal,
+            self.client_for,
+            stop_event=self.stop_event,
+            max_running=lambda: self.max_running(),
+            **self.runner_options,
+        )
+        self.scheduler = Scheduler(
+            self.journal,
+            runner,
+            limits_for=self.limits_for,
+            probe=self._probe,
+            on_final=self._on_final,
+            stop_event=self.stop_event,
+            **self.scheduler_options,
+        )
+        self._check_keys()
+        self.scheduler.start()
+        for d in self.config.drops:
+            self._watch(d)
+        self._thread = threading.Thread(target=self._loop, name="vip-agent-watch", daemon=True)
+        self._thread.start()
+
+    def _check_keys(self) -> None:
+        """Say at start-up whether each server accepts its key (never fatal when refused)."""
+        from agent.vip.errors import VipError
+
+        assert self.scheduler is not None
+        for server in sorted({d.server for d in self.config.drops}):
+            try:
+                client = self.client_for(server)
+                client.check_key()
+            except MissingKey as err:
+                raise CredentialError(err.message, err.detail) from None
+            except AuthError as err:
+                self.scheduler.pause(server, f"API key refused by {server}: {err.message}")
+                log.error(
+                    "the API key for %s is refused (%s): datasets are detected but wait until "
+                    "the key is fixed; the agent checks it again periodically and on SIGHUP",
+                    server, err.message,
+                )  # fmt: skip
+            except (VipError, OSError) as err:
+                log.warning("cannot reach %s yet (%s); datasets will wait and retry", server, err)
+
+    def _probe(self, server: str) -> None:
+        if self.provider is not None:
+            self.provider.probe(server)
+        else:
+            self.client_for(server).check_key()
+
+    def _watch(self, d: DropConfig) -> None:
+        assert self.journal is not None and self.scheduler is not None
+        scheduler = self.scheduler
+        key = str(d.path)
+        folder = DropFolder(d, self.journal, on_ready=scheduler.submit)
+        self.drops[key] = folder
+
+        def notify(name: str) -> None:
+            self.queue.touch(("check", key, name), self.debounce, MAX_DEBOUNCE)
+
+        handler = DropEventHandler(folder.candidates, notify)
+        kwargs = {"native_factory": self.native_factory} if self.native_factory else {}
+        observer, kind = start_observer(d, handler, log, **kwargs)
+        self.observers[key] = (observer, kind)
+        # catch-up scan after the observer started: nothing falls between the two
+        names = set(folder.candidates.list()) | set(folder.waiting_names())
+        for name in sorted(names):
+            self.queue.soon(("check", key, name))
+        if d.rescan_interval > 0:
+            self.queue.at(("rescan", key), time.monotonic() + d.rescan_interval)
+        log.info(
+            "watching %s (%s events, %s, rule %s%s): %d dataset(s) present",
+            d.path, kind, "one dataset per " + ("folder" if d.datasets == "folders" else f"file {d.pattern}"),
+            d.readiness.rule,
+            f" {d.readiness.settle_seconds:g} s" if d.readiness.rule != "marker" else f" {d.readiness.marker}",
+            len(names),
+        )  # fmt: skip
+
+    def _unwatch_all(self) -> None:
+        for observer, _ in self.observers.values():
+            with contextlib.suppress(Exception):
+                observer.stop()
+        for observer, _ in self.observers.values():
+            with contextlib.suppress(Exception):
+                observer.join(timeout=2)
+        self.observers.clear()
+        self.drops.clear()
+
+    def stop(self) -> None:
+        """Stop taking work and shut down (returns within about ``grace`` seconds)."""
+        self.stop_event.set()
+        self.queue.wake()
+        self._unwatch_all()
+        if self.scheduler is not None:
+            self.scheduler.stop(self.grace)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self.lock.release()
+        log.info("stopped")
+
+    def reload(self, config: AgentConfig | None = None) -> None:
+        """Apply a new configuration (SIGHUP): drop folders, rules, limits, keys."""
+        if config is None:
+            if self.config.source is None:
+                log.info("SIGHUP: no configuration file to reload; checking keys again")
+                config = self.config
+            else:
+                try:
+                    config = load_config(self.config.source)
+                except ConfigError as err:
+                    log.error("SIGHUP: keeping the current configuration: %s", err.full())
+                    if self.scheduler is not None:
+                        self.scheduler.probe_now()
+                    return
+        if config.state != self.config.state:
+            log.warning("the state folder cannot change while running (restart to use %s)", config.state)
+            config = replace(config, state=self.config.state)
+        self._unwatch_all()
+        self.config = config
+        if self.provider is not None:
+            self.provider.key_files = self._key_files(config)
+            self.provider.forget()
+        for d in config.drops:
+            if d.path.is_dir():
+                self._watch(d)
+            else:
+                log.error("the drop folder %s does not exist; not watching it", d.path)
+        if self.scheduler is not None:
+            self.scheduler.probe_now()
+        log.info("configuration reloaded: %d drop folder(s)", len(config.drops))
+
+    # -- watch loop ------------------------------------------------------------------
+    def alive(self) -> bool:
+        """The watch loop made progress recently (systemd watchdog)."""
+        return time.monotonic() - self._beat < 60.0
+
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            self._beat = time.monotonic()
+            for item in self.queue.pop_due(timeout=5.0):
+                if self.stop_event.is_set():
+                    return
+                try:
+                    self._handle(item)
+                except Exception:  # one broken dataset must not stop the watcher
+                    log.exception("error while handling %s", item)
+
+    def _handle(self, item: Hashable) -> None:
+        assert isinstance(item, tuple)
+        kind = item[0]
+        if kind == "check":
+            _, key, name = item
+            folder = self.drops.get(key)
+            if folder is None:
+                return
+            delay = folder.check(name)
+            if delay is not None:
+                self.queue.at(("check", key, name), time.monotonic() + delay)
+        elif kind == "rescan":
+            _, key = item
+            folder = self.drops.get(key)
+            if folder is None:
+                return
+            names = set(folder.candidates.list()) | set(folder.histories)
+            for name in names:
+                self.queue.at(("check", key, name), time.monotonic())
+            self.queue.at(("rescan", key), time.monotonic() + folder.drop.rescan_interval)
+        elif kind == "final":
+            _, dataset_id, _stage = item
+            self._after(dataset_id)
+
+    def _on_final(self, dataset_id: int, stage: str) -> None:
+        self.queue.soon(("final", dataset_id, stage))
+
+    def _after(self, dataset_id: int) -> None:
+        assert self.journal is not None
+        ds = self.journal.get(dataset_id)
+        drop = self.config.drop_for(ds.drop_dir)
+        if ds.stage == "done":
+            log.info("%s: done; outputs in %s", ds.name, ds.output_dir)
+        elif ds.stage == "cancelled":
+            log.info("%s: cancelled", ds.name)
+        if drop is None:
+            return
+        old = Path(ds.path)
+        finish(ds, drop, self.journal)
+        folder = self.drops.get(str(drop.path))
+        if folder is not None and old.parent == drop.path and old.exists():
+            # still in the drop folder: new content under this name is a new run
+            self.queue.soon(("check", str(drop.path), old.name))
+
+    # -- status ------------------------------------------------------------------------
+    def status_line(self) -> str:
+        parts = []
+        if self.scheduler is not None:
+            counts = self.scheduler.counts()
+            waiting = sum(len(f.histories) for f in self.drops.values())
+            if waiting:
+                counts["waiting"] = waiting
+            order = ("running", "queued", "uploading", "downloading", "validating", "cleaning",
+                     "waiting", "paused")  # fmt: skip
+            parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
+            paused = self.scheduler.paused_servers()
+            if paused:
+                parts.append("API key refused: paused")
+        return ", ".join(parts) or "idle"
+
+    def run(self, *, notifier: Any = None) -> int:
+        """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), stop. Main thread only."""
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        previous: dict[signal.Signals, Any] = {}
+        wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+        old_fd = signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        for sig in wanted:
+            previous[sig] = signal.signal(sig, lambda s, f: None)  # the byte on the socket is the message
+        try:
+            self.start()
+            if notifier is not None:
+                notifier.ready(self.status_line())
+            log.info("ready")
+            while True:
+                ready, _, _ = select.select([rsock], [], [], 5.0)
+                signals: set[int] = set()
+                if ready:
+                    with contextlib.suppress(BlockingIOError):
+                        signals.update(rsock.recv(64))
+                if signal.SIGTERM in signals or signal.SIGINT in signals:
+                    log.info("stopping on %s", "SIGTERM" if signal.SIGTERM in signals else "SIGINT")
+                    break
+                if hasattr(signal, "SIGHUP") and signal.SIGHUP in signals:
+                    if notifier is not None:
+                        notifier.reloading()
+                    self.reload()
+                    if notifier is not None:
+                        notifier.ready(self.status_line())
+                line = self.status_line()
+                if notifier is not None and line != self._status:
+                    notifier.status(line)
+                self._status = line
+        finally:
+            if notifier is not None:
+                notifier.stopping()
+            self.stop()
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            rsock.close()
+            wsock.close()
+        return 0

@@ -1,0 +1,154 @@
+"""Read-only questions about the journal: what the CLI, the web page and tests all ask.
+
+Everything here reads the journal (safe while an agent runs) and the files on
+disk; nothing changes state (that is :mod:`agent.actions`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from agent.config import default_config_path, default_state_dir, load_config
+from agent.errors import AgentError
+from agent.journal import JOURNAL_NAME, PUBLIC_STATE, Dataset, Journal
+from agent.runner import LOGS_DIR, status_record
+from agent.watch.lock import AgentLock
+
+
+class NotFound(AgentError):
+    """No dataset matches the name or id given."""
+
+    exit_code = 1
+
+
+def state_dir(state: Path | str | None = None, config: Path | str | None = None) -> Path:
+    """``state``, else the ``state`` of ``config`` (or of the default agent.yaml), else the default."""
+    if state:
+        return Path(state).expanduser().resolve()
+    if config is None and default_config_path().is_file():
+        config = default_config_path()
+    if config is not None:
+        return load_config(Path(config)).state
+    return default_state_dir()
+
+
+def open_journal(state: Path) -> Journal | None:
+    """The journal of a state folder, or None if no agent ever ran there."""
+    if not (state / JOURNAL_NAME).is_file():
+        return None
+    return Journal.in_state_dir(state)
+
+
+def find_dataset(journal: Journal, ref: str) -> Dataset:
+    """The dataset ``#ID`` (or a bare number that is an id), else the latest one named ``ref``."""
+    text = ref.strip()
+    if text.startswith("#") or text.isdigit():
+        number = text.lstrip("#")
+        if number.isdigit():
+            try:
+                return journal.get(int(number))
+            except KeyError:
+                if text.startswith("#"):
+                    raise NotFound(
+                        f"no dataset with id {text} in the journal (see `vip-agent status`)"
+                    ) from None
+    rows = journal.find(name=text)
+    if not rows:
+        rows = [d for d in journal.datasets() if Path(d.path).name == text]
+    if not rows:
+        raise NotFound(f"no dataset named {ref!r} in the journal (see `vip-agent status`)")
+    return rows[-1]
+
+
+def agent_pid(state: Path) -> int | None:
+    """pid of the agent holding ``state`` (0 if unknown), None if no agent runs."""
+    return AgentLock(state).held_by_other()
+
+
+def record(journal: Journal, ds: Dataset) -> dict[str, Any]:
+    """One entry of ``vip-agent status --json``: STATUS.json's fields plus ``id`` and ``attempts``."""
+    rec = status_record(journal, ds)
+    rec = {"id": ds.id, **rec, "attempts": ds.attempts}
+    if ds.paused and not ds.final and not rec.get("error"):
+        rec["error"] = ds.paused
+    return rec
+
+
+def list_records(journal: Journal | None, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Exactly what ``vip-agent status --json`` prints (every dataset, oldest first)."""
+    if journal is None:
+        return []
+    rows = journal.datasets()
+    if names:
+        wanted = set(names)
+        ids = {int(n.lstrip("#")) for n in wanted if n.lstrip("#").isdigit()}
+        rows = [d for d in rows if d.name in wanted or Path(d.path).name in wanted or d.id in ids]
+    return [record(journal, d) for d in rows]
+
+
+def stage_timeline(journal: Journal, ds: Dataset) -> list[dict[str, Any]]:
+    """The stages the dataset went through, from its events: ``[{stage, state, start, end}]``.
+
+    A stage that comes back (a retry) is a new entry; ``end`` is when the next stage
+    began, or the dataset's end for the last one (None while it is still there).
+    """
+    spans: list[dict[str, Any]] = []
+    for ev in journal.events(ds.id, limit=100_000):
+        if ev.stage is None or ev.stage not in PUBLIC_STATE:
+            continue
+        if spans and spans[-1]["stage"] == ev.stage:
+            continue
+        if spans:
+            spans[-1]["end"] = ev.time
+        spans.append({"stage": ev.stage, "state": PUBLIC_STATE[ev.stage], "start": ev.time, "end": None})
+    if spans and ds.final and spans[-1]["stage"] == ds.stage:
+        spans[-1]["end"] = ds.finished or spans[-1]["start"]
+    return spans
+
+
+def log_files(ds: Dataset) -> list[str]:
+    """The execution logs saved on disk (``<output>/logs/<variant>-r<n>/*.txt``), sorted."""
+    if not ds.output_dir:
+        return []
+    folder = Path(ds.output_dir) / LOGS_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file())
+
+
+def detail(journal: Journal, ds: Dataset) -> dict[str, Any]:
+    """One dataset in full (``vip-agent status NAME --json``, the web page's detail view).
+
+    The :func:`record` fields, plus ``events`` ([{time, level, stage, message}]),
+    ``stages`` (:func:`stage_timeline`), ``runs`` (each execution with its VIP
+    status and times), ``outputs`` (each remote file, where it lands, whether it
+    arrived), ``output`` (the dataset's output folder), ``logs`` (files on disk)
+    and ``error_detail``.
+    """
+    rec = record(journal, ds)
+    rec["output"] = ds.output_dir
+    rec["error_detail"] = ds.error_detail
+    rec["server"] = ds.server
+    rec["stages"] = stage_timeline(journal, ds)
+    rec["events"] = [
+        {"time": ev.time, "level": ev.level, "stage": ev.stage, "message": ev.message}
+        for ev in journal.events(ds.id, limit=100_000)
+    ]
+    rec["runs"] = [
+        {
+            "key": e.key, "name": e.name, "variant": e.variant, "run": e.run,
+            "vip_id": e.vip_id, "status": e.status, "launched": e.launched, "ended": e.ended,
+            "results_dir": e.results_dir,
+        }
+        for e in journal.executions(ds.id)
+    ]  # fmt: skip
+    rec["outputs"] = [
+        {
+            "remote": o.remote, "local": o.local, "size": o.size, "execution": o.exec_key,
+            "downloaded": bool(o.downloaded), "extracted_to": o.extracted_to,
+        }
+        for o in journal.outputs(ds.id)
+    ]  # fmt: skip
+    rec["logs"] = log_files(ds)
+    return rec
