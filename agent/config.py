@@ -79,6 +79,8 @@ class DropConfig:
     failed_dir: Path | None = None
     key_file: Path | None = None
     keep_remote: bool = False
+    #: seconds an execution may read ``Unknown`` before it is killed (None: the runner's default)
+    unknown_limit: float | None = None
 
     @property
     def template(self) -> Path:
@@ -122,7 +124,7 @@ _TOP_KEYS = ("drops", "state", "log_format", "defaults")
 _DROP_KEYS = (
     "path", "server", "output", "readiness", "datasets", "pattern", "observer",
     "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
-    "after", "archive_dir", "failed_dir", "key_file", "keep_remote",
+    "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "unknown_limit",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -263,6 +265,7 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
         failed_dir=failed_dir,
         key_file=r.path("key_file"),
         keep_remote=r.flag("keep_remote", False),
+        unknown_limit=r.seconds("unknown_limit", 0) or None,
     )
     if path in (output, archive_dir, failed_dir):
         raise r.error("output", "the output, archive and failed folders must differ from the drop folder")

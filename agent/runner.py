@@ -201,6 +201,7 @@ class Runner:
         if ds.final:
             return StepOutcome(ds.stage)
         memo = self._memo(dataset_id)
+        started = time.time()
         try:
             if ds.cancel_requested:
                 outcome = self._cancel(ds)
@@ -232,7 +233,7 @@ class Runner:
             self.journal.update(dataset_id, error=err.message, error_detail=err.detail)
             outcome = StepOutcome(ds.stage, delay)
         except TransientError as err:
-            outcome = self._server_failing(ds, memo, err)
+            outcome = self._server_failing(ds, memo, err, started)
         except OSError as err:
             outcome = self._local_failure(ds, err)
         except ValidationError as err:
@@ -251,13 +252,15 @@ class Runner:
     def _backoff(self, memo: _Memo) -> float:
         return float(min(self.retry_base * 2 ** (memo.transient_failures - 1), 300.0))
 
-    def _server_failing(self, ds: Dataset, memo: _Memo, err: TransientError) -> StepOutcome:
+    def _server_failing(
+        self, ds: Dataset, memo: _Memo, err: TransientError, started: float
+    ) -> StepOutcome:
         """Wait and retry; said once in the events, kept current in the dataset's error."""
         memo.transient_failures += 1
         delay = self._backoff(memo)
         now = time.time()
         if memo.failing_since is None:
-            memo.failing_since = now
+            memo.failing_since = started  # the failing step began then
             give_up = (
                 f"; giving up after {_duration(self.give_up_after)}"
                 if self.give_up_after is not None else "; waiting for it as long as it takes"
@@ -480,6 +483,7 @@ class Runner:
         now = time.time()
         kind = status_kind(status)
         fields: dict[str, Any] = {"status": status, "jobs": jobs}
+        limit = float(ds.options.get("unknown_limit") or self.unknown_limit)
         if kind == "unknown":
             since = memo.unknown_since.setdefault(e.key, now)
             if e.status != status:
@@ -487,15 +491,15 @@ class Runner:
                     ds.id,
                     f"execution {e.vip_id} ({e.key}) reads Unknown: VIP lost track of it for now; "
                     "it is treated as still running and its inputs stay on the server (it is "
-                    f"killed if this lasts {_duration(self.unknown_limit)})",
+                    f"killed if this lasts {_duration(limit)})",
                     level="warning",
                 )
-            if now - since >= self.unknown_limit:
-                self._kill_unknown(ds, client, memo, e, since, now)
+            if now - since >= limit:
+                self._kill_unknown(ds, client, memo, e, since, now, limit)
             else:
                 memo.notice = (
                     f"execution {e.vip_id} reads Unknown since {_clock(since)}; treated as "
-                    f"running (killed at {_clock(since + self.unknown_limit)} if it lasts)"
+                    f"running (killed at {_clock(since + limit)} if it lasts)"
                 )
         else:
             memo.unknown_since.pop(e.key, None)
@@ -517,7 +521,8 @@ class Runner:
         self.journal.update_execution(ds.id, e.key, **fields)
 
     def _kill_unknown(
-        self, ds: Dataset, client: VipClient, memo: _Memo, e: Any, since: float, now: float
+        self, ds: Dataset, client: VipClient, memo: _Memo, e: Any, since: float, now: float,
+        limit: float,
     ) -> None:
         """Kill an execution stuck in Unknown; cleanup waits until VIP says it ended."""
         last = memo.kill_sent.get(e.key)
@@ -526,7 +531,7 @@ class Runner:
                 self.journal.event(
                     ds.id,
                     f"execution {e.vip_id} ({e.key}) has read Unknown since {_clock(since)} "
-                    f"(limit {_duration(self.unknown_limit)}): killing it; its inputs stay on the "
+                    f"(limit {_duration(limit)}): killing it; its inputs stay on the "
                     "server until VIP confirms it ended",
                     level="error",
                 )

@@ -7,7 +7,8 @@ cleanup deleted on the server; VipSession ignores it).
 
 Once cleanup deleted an execution (or the folder holding its outputs), its status is
 ``Removed``, as ``VipSession.finish`` leaves it: VipSession then neither asks VIP about it
-nor offers its outputs for download (they are no longer on the server).
+nor offers its outputs for download (they are no longer on the server), and a deleted
+execution lists no outputs, since VipSession would ask VIP about them.
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ def session_record(journal: Journal, dataset_id: int) -> dict[str, Any]:
     for e in executions:
         if not e.vip_id:
             continue
-        outputs_gone = any(
+        deleted = e.vip_id in removed_execs
+        outputs_gone = deleted or any(
             o.exec_key == e.key and _below(o.remote, removed_paths) for o in outputs
         ) or (ds.remote_root is not None and ds.remote_root in removed_paths)
-        gone = e.vip_id in removed_execs or outputs_gone
         workflows[e.vip_id] = {
-            "status": "Removed" if gone else (e.status or "Running"),
+            "status": "Removed" if outputs_gone else (e.status or "Running"),
             "start": time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(e.launched or ds.created)),
-            "outputs": [
-                {"path": o.remote, "isDirectory": False, "size": o.size, "exists": True}
+            # a deleted execution lists no outputs: VipSession would ask VIP for them (8015)
+            "outputs": [] if deleted else [
+                {"path": o.remote, "isDirectory": False, "size": o.size, "exists": not outputs_gone}
                 for o in outputs
                 if o.exec_key == e.key
             ],

@@ -11,13 +11,24 @@ from pathlib import Path
 from typing import Any
 
 from agent import dataset as dataset_mod
+from agent.config import parse_duration
 from agent.errors import ConfigError
 from agent.journal import Journal
 from agent.paths import DEFAULT_SERVER, default_state_dir
-from agent.runner import Interrupted, Runner, admit, human_size
+from agent.runner import (
+    GIVE_UP_AFTER,
+    UNKNOWN_LIMIT,
+    GaveUp,
+    Interrupted,
+    Runner,
+    admit,
+    human_size,
+)
 from agent.vip.client import VipClient
 
 EXIT_DONE, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+#: the server kept failing past --give-up-after; running the command again resumes
+EXIT_GAVE_UP = 75
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +51,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="validate and print the plan; send nothing")
     parser.add_argument("--poll", type=float, default=5.0,
                         help="first polling interval of a running execution, seconds")
+    parser.add_argument(
+        "--give-up-after", type=_duration, default=GIVE_UP_AFTER, metavar="DURATION",
+        help="stop (exit 75, resumable) when VIP has kept failing this long "
+             f"(seconds, or 30m, 4h; default {GIVE_UP_AFTER / 3600:g}h)",
+    )
+    parser.add_argument(
+        "--unknown-limit", type=_duration, default=UNKNOWN_LIMIT, metavar="DURATION",
+        help="kill an execution that reads Unknown this long, then clean up once VIP confirms "
+             f"it ended (default {UNKNOWN_LIMIT / 3600:g}h)",
+    )
+    parser.add_argument(
+        "--timeout", type=_duration, default=60.0, metavar="SECONDS",
+        help="read timeout of one VIP request; a request's overall deadline is 5 times this "
+             "(default 60)",
+    )
+
+
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90, 30m, 4h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
 
 
 def dataset_identity(path: Path) -> tuple[Path, dataset_mod.DatasetScan]:
@@ -114,7 +150,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"dataset {path} has no files")
 
     credential = find_api_key(server)
-    client = VipClient(server, credential.key)
+    client = VipClient(server, credential.key, timeout=args.timeout)
 
     if args.dry_run:
         return dry_run(path, template, client)
@@ -142,7 +178,8 @@ def main(args: argparse.Namespace) -> int:
         )
     stop = threading.Event()
     runner = Runner(journal, lambda _url: client, stop_event=stop, progress=Progress(journal),
-                    poll_min=args.poll)
+                    poll_min=args.poll, unknown_limit=args.unknown_limit,
+                    give_up_after=args.give_up_after)
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
@@ -159,6 +196,10 @@ def main(args: argparse.Namespace) -> int:
                 raise Interrupted("stopped")
             if stop.is_set():
                 raise Interrupted("stopped")
+    except GaveUp as err:
+        print_events(journal, dataset_id, last)
+        print(f"vip-agent: {err.message}", file=sys.stderr)
+        return EXIT_GAVE_UP
     except (Interrupted, KeyboardInterrupt):
         print_events(journal, dataset_id, last)
         print("stopped; run the same command again to resume", file=sys.stderr)

@@ -676,8 +676,13 @@ class VipClient:
         retry: bool = True,
         **kwargs: Any,
     ) -> requests.Response:
-        """`_send` with retries on TransientError (only for idempotent calls)."""
+        """`_send` with retries on TransientError (only for idempotent calls).
+
+        No retry starts once ``deadline`` seconds have passed since the first attempt, so a
+        call against a dead server ends in bounded time, retries included.
+        """
         attempt = 0
+        started = time.monotonic()
         while True:
             try:
                 return self._send(method, rest_path, **kwargs)
@@ -685,6 +690,8 @@ class VipClient:
                 if not retry or attempt >= self.retries:
                     raise
                 delay = self._delay(attempt)
+                if time.monotonic() + delay - started > self.deadline:
+                    raise
                 log.info(
                     "VIP %s %s failed (%s); retry %d/%d in %.1f s",
                     method, rest_path.split("?")[0], exc.message, attempt + 1, self.retries, delay,

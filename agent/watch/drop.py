@@ -55,6 +55,8 @@ class DropFolder:
 
     def options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"keep_remote": self.drop.keep_remote}
+        if self.drop.unknown_limit:
+            opts["unknown_limit"] = self.drop.unknown_limit
         if self.drop.readiness.rule == "marker":
             opts["marker"] = self.drop.readiness.marker  # not an input
         return opts
