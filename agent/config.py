@@ -81,6 +81,11 @@ class DropConfig:
     keep_remote: bool = False
     #: seconds an execution may read ``Unknown`` before it is killed (None: the runner's default)
     unknown_limit: float | None = None
+    #: polling of a running execution: first interval and ceiling, seconds (None: defaults)
+    poll_min: float | None = None
+    poll_max: float | None = None
+    #: parallel connections per dataset transfer (None: the runner's default)
+    transfer_parallelism: int | None = None
 
     @property
     def template(self) -> Path:
@@ -124,7 +129,8 @@ _TOP_KEYS = ("drops", "state", "log_format", "defaults")
 _DROP_KEYS = (
     "path", "server", "output", "readiness", "datasets", "pattern", "observer",
     "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
-    "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "unknown_limit",
+    "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "poll",
+    "transfer_parallelism", "unknown_limit",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -177,10 +183,12 @@ class _Reader:
                 key, f"must be a duration in seconds (30, 2.5, '10s', '5m', '2h', '1d'), not {value!r}"
             ) from None
 
-    def whole(self, key: str, default: int, minimum: int = 1) -> int:
+    def whole(self, key: str, default: int, minimum: int = 1, maximum: int | None = None) -> int:
         value = self.data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.error(key, f"must be a whole number >= {minimum}, not {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be at most {maximum}, not {value!r}")
         return value
 
     def flag(self, key: str, default: bool) -> bool:
@@ -209,6 +217,40 @@ def parse_duration(value: Any) -> float:
     if seconds < 0:
         raise ValueError(value)
     return seconds
+
+
+def parse_poll(value: Any) -> tuple[float, float | None]:
+    """``poll`` as (min, max) seconds: ``2``, ``'2:60'``, ``'2s:5m'``, or ``{min: 2, max: 60}``.
+
+    Raises ValueError on anything else, on a minimum of 0, or on a maximum below the minimum.
+    """
+    if isinstance(value, Mapping):
+        extra = set(value) - {"min", "max"}
+        if extra or "min" not in value:
+            raise ValueError(value)
+        low, high = parse_duration(value["min"]), value.get("max")
+        top = parse_duration(high) if high is not None else None
+    elif isinstance(value, str) and ":" in value:
+        a, _, b = value.partition(":")
+        low, top = parse_duration(a), parse_duration(b)
+    else:
+        low, top = parse_duration(value), None
+    if low <= 0 or (top is not None and top < low):
+        raise ValueError(value)
+    return low, top
+
+
+def _poll(r: _Reader) -> dict[str, float | None]:
+    if not r.has("poll"):
+        return {}
+    try:
+        low, high = parse_poll(r.data["poll"])
+    except ValueError:
+        raise r.error(
+            "poll", "must be the polling interval of a running execution: "
+            f"{{min: 2, max: 60}} or '2:60' (seconds, min > 0, max >= min), not {r.data['poll']!r}",
+        ) from None
+    return {"poll_min": low, "poll_max": high}
 
 
 def _server(r: _Reader, default: str | None) -> str:
@@ -266,6 +308,10 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
         key_file=r.path("key_file"),
         keep_remote=r.flag("keep_remote", False),
         unknown_limit=r.seconds("unknown_limit", 0) or None,
+        transfer_parallelism=(
+            r.whole("transfer_parallelism", 1, maximum=64) if r.has("transfer_parallelism") else None
+        ),
+        **_poll(r),
     )
     if path in (output, archive_dir, failed_dir):
         raise r.error("output", "the output, archive and failed folders must differ from the drop folder")

@@ -30,6 +30,7 @@ from agent.config import AgentConfig, DropConfig, Limits, load_config
 from agent.errors import AgentError, ConfigError, CredentialError
 from agent.journal import Journal
 from agent.logs import RedactFilter
+from agent.runner import Tuning
 from agent.scheduler import Scheduler
 from agent.vip.errors import AuthError
 from agent.watch.after import finish
@@ -173,6 +174,14 @@ class WatchService:
             return drop.limits
         return Limits(max_running=self.max_running())
 
+    def tuning_for(self, ds: Any) -> Tuning:
+        """A dataset's polling and transfer settings, from its drop folder (as configured now)."""
+        drop = self.config.drop_for(ds.drop_dir)
+        if drop is None:
+            return Tuning()
+        return Tuning(poll_min=drop.poll_min, poll_max=drop.poll_max,
+                      parallelism=drop.transfer_parallelism)
+
     def max_running(self, server: str | None = None) -> int:
         caps = [d.limits.max_running for d in self.config.drops if server in (None, d.server)]
         return min(caps) if caps else 1
@@ -202,7 +211,7 @@ class WatchService:
             self.client_for,
             stop_event=self.stop_event,
             max_running=lambda: self.max_running(),
-            **self.runner_options,
+            **{"tuning_for": self.tuning_for, **self.runner_options},
         )
         self.scheduler = Scheduler(
             self.journal,

@@ -456,10 +456,22 @@ class Journal:
         return [FileRow(**dict(r)) for r in rows]
 
     def mark_uploaded(self, dataset_id: int, rel: str, sha256: str) -> None:
+        self.mark_uploaded_many(dataset_id, [(rel, sha256)])
+
+    def mark_uploaded_many(self, dataset_id: int, done: Iterable[tuple[str, str | None]]) -> None:
+        """Mark files sent, as (rel, sha256), in one transaction (a group commit)."""
         with self._write() as db:
-            db.execute(
-                "UPDATE files SET uploaded=1, sha256=? WHERE dataset_id=? AND rel=?",
-                (sha256, dataset_id, rel),
+            db.executemany(
+                "UPDATE files SET uploaded=1, sha256=COALESCE(?, sha256) WHERE dataset_id=? AND rel=?",
+                [(sha256, dataset_id, rel) for rel, sha256 in done],
+            )
+
+    def unmark_uploaded(self, dataset_id: int, rels: Iterable[str]) -> None:
+        """Mark files to send again (the server does not have them at the right size)."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE files SET uploaded=0 WHERE dataset_id=? AND rel=?",
+                [(dataset_id, rel) for rel in rels],
             )
 
     # -- executions ------------------------------------------------------------
@@ -503,6 +515,15 @@ class Journal:
             sql += " AND d.server = ?"
             params = (server,)
         return int(self._db().execute(sql, params).fetchone()[0])
+
+    def waiting_launches(self, server: str) -> int:
+        """Datasets of ``server`` with an execution planned but not launched (waiting for a slot)."""
+        sql = (
+            "SELECT COUNT(*) FROM datasets d WHERE d.server = ? AND (d.stage = 'launch' OR"
+            " (d.stage = 'monitor' AND EXISTS (SELECT 1 FROM executions e"
+            " WHERE e.dataset_id = d.id AND e.vip_id IS NULL)))"
+        )
+        return int(self._db().execute(sql, (server,)).fetchone()[0])
 
     # -- outputs ---------------------------------------------------------------
     def add_output(

@@ -22,14 +22,12 @@ The runner never sleeps on the network: waiting is returned as ``retry_after``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -47,6 +45,7 @@ from agent.vip.errors import (
     CapacityError,
     LaunchUncertain,
     NotFoundError,
+    SourceChanged,
     TransientError,
     UnsafePathError,
     VipError,
@@ -80,6 +79,73 @@ KILL_REPEAT = 300.0
 GIVE_UP_AFTER = 4 * 3600.0
 #: how long a remote delete may take before it is reported
 DELETE_DEADLINE = 600.0
+#: polling of a running execution: first interval, then a tenth of its running time, up to max
+DEFAULT_POLL_MIN = 2.0
+DEFAULT_POLL_MAX = 120.0
+#: polling of a running execution while other launches wait for a slot, seconds ...
+BUSY_POLL = 0.5
+#: ... but never more status requests per second than this to one server
+MAX_POLL_RATE = 2.0
+#: parallel connections per dataset transfer: on a WAN each small file costs a round trip,
+#: so several must be in flight; VIP's own client uses up to 10 for downloads
+DEFAULT_PARALLELISM = 8
+#: uploaded files are committed to the journal in groups of this many files, or at least
+#: this often: a crash re-sends at most one group
+UPLOAD_GROUP_FILES = 64
+UPLOAD_GROUP_SECONDS = 1.0
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Per-dataset settings from its drop folder; None keeps the runner's default."""
+
+    poll_min: float | None = None
+    poll_max: float | None = None
+    parallelism: int | None = None
+
+
+class _InputChanged(AgentError):
+    """An input file is not what was taken (changed before or during its upload)."""
+
+
+def _remote_parent(f: Any) -> str:
+    return str(PurePosixPath(f.remote or "").parent)
+
+
+def _check_unchanged(local: Path, f: Any, *, during: bool = False) -> None:
+    """Raise unless ``local`` still has the size and mtime recorded when the dataset was taken."""
+    try:
+        st = local.stat()
+    except FileNotFoundError:
+        raise _InputChanged(
+            f"input file {f.rel} was removed "
+            + ("while it was being uploaded" if during else "after the dataset was taken")
+            + "; drop the dataset again (complete) and it will run as a new dataset"
+        ) from None
+    if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
+        if during:
+            raise _changed_during_upload(local, f, st.st_size)
+        raise _InputChanged(
+            f"input file {f.rel} changed after the dataset was taken (size {f.size} -> "
+            f"{st.st_size}); nothing was launched. Drop the dataset again when it is "
+            "complete and it will run as a new dataset"
+        )
+
+
+def _changed_during_upload(local: Path, f: Any, now: int | None = None) -> _InputChanged:
+    if now is None:
+        try:
+            now = local.stat().st_size
+        except OSError:
+            now = -1
+    return _InputChanged(
+        f"input file {f.rel} was written to while it was being uploaded (size {f.size} when "
+        f"taken, {now} now); the copy on VIP was discarded and nothing was launched. The "
+        "dataset was still being written: drop it again when it is complete and it will run "
+        "as a new dataset",
+        detail=f"{local}: planned size {f.size}, mtime_ns {f.mtime_ns}",
+    )
 
 
 class Interrupted(AgentError):
@@ -165,12 +231,13 @@ class Runner:
         *,
         stop_event: threading.Event | None = None,
         max_running: Callable[[], int | None] | int | None = None,
-        transfer_threads: int = 4,
+        transfer_threads: int = DEFAULT_PARALLELISM,
         progress: Callable[[int, str, int, int], None] | None = None,
-        poll_min: float = 5.0,
-        poll_max: float = 120.0,
+        poll_min: float = DEFAULT_POLL_MIN,
+        poll_max: float = DEFAULT_POLL_MAX,
         retry_base: float = 5.0,
         capacity_wait: float = 15.0,
+        tuning_for: Callable[[Dataset], Tuning] | None = None,
         unknown_limit: float = UNKNOWN_LIMIT,
         give_up_after: float | None = None,
     ) -> None:
@@ -186,6 +253,8 @@ class Runner:
         self.retry_base = retry_base
         #: least wait after VIP refused a launch for capacity (2000/2001)
         self.capacity_wait = capacity_wait
+        #: per-dataset settings (the drop folder's ``poll`` and ``transfer_parallelism``)
+        self.tuning_for = tuning_for
         #: how long an execution may read ``Unknown`` before it is killed
         self.unknown_limit = unknown_limit
         #: stop retrying a failing server after this many seconds (None: never; ``watch``)
@@ -372,52 +441,124 @@ class Runner:
         return StepOutcome("upload")
 
     def _stage_upload(self, ds: Dataset) -> StepOutcome:
+        """Send the planned files: one PUT each, in parallel, progress committed in groups.
+
+        A 201 from VIP comes once the file is stored, so each file costs one request;
+        the sizes of all files are then verified with one listing per folder before the
+        stage ends. Progress is committed to the journal in groups of files: a crash
+        re-sends at most the last uncommitted group (VIP refuses to overwrite; the client
+        then finds the file there at the right size and counts it as sent).
+        """
         client = self.client_for(ds.server)
         assert ds.remote_root
-        todo = [f for f in self.journal.files(ds.id) if not f.uploaded]
+        files = self.journal.files(ds.id)
+        todo = [f for f in files if not f.uploaded]
         root = self._dataset_root(ds)
         # refuse a dataset that changed since it was taken: never mix two versions
         for f in todo:
-            local = root / f.rel
-            try:
-                st = local.stat()
-            except FileNotFoundError:
-                raise AgentError(
-                    f"input file {f.rel} was removed after the dataset was taken; drop the "
-                    "dataset again (complete) and it will run as a new dataset"
-                ) from None
-            if st.st_size != f.size or st.st_mtime_ns != f.mtime_ns:
-                raise AgentError(
-                    f"input file {f.rel} changed after the dataset was taken (size {f.size} -> "
-                    f"{st.st_size}); nothing was launched. Drop the dataset again when it is "
-                    "complete and it will run as a new dataset"
-                )
+            _check_unchanged(root / f.rel, f)
         if todo:
-            folders = sorted({str(PurePosixPath(f.remote or "").parent) for f in todo})
+            folders = sorted({_remote_parent(f) for f in todo})
+            if len(todo) < len(files):
+                # resuming: files that reached VIP before the crash are not sent again
+                todo = self._adopt(ds, client, todo, folders)
             for folder in folders:
                 client.makedirs(folder)
+        if todo:
             total = sum(f.size for f in todo)
-            done_bytes = [0]
-            lock = threading.Lock()
-
-            def progress(n: int) -> None:
-                if self.stop_event.is_set():
-                    raise Interrupted("stopping: upload abandoned, it resumes on next start")
-                with lock:
-                    done_bytes[0] += n
-                self._progress(ds.id, "upload", done_bytes[0], total)
-                failpoints.hit("upload:partial")
-
-            def upload(f: Any) -> None:
-                local = root / f.rel
-                # hashed while streaming; read again only if the server already had it
-                digest = client.upload(local, f.remote, progress=progress)
-                self.journal.mark_uploaded(ds.id, f.rel, digest or _sha256(local, self.stop_event))
-
             self.journal.event(ds.id, f"uploading {len(todo)} file(s), {human_size(total)}")
-            self._parallel(upload, todo)
+            self._send_files(ds, client, root, todo, verify=False)
+        # one listing per folder proves every size (and catches a file VIP lost)
+        wrong = self._unverified(client, files)
+        if wrong:
+            names = ", ".join(f.rel for f in wrong[:3]) + (" ..." if len(wrong) > 3 else "")
+            self.journal.event(
+                ds.id, f"{len(wrong)} file(s) not on VIP at the right size ({names}); sending again",
+                level="warning",
+            )
+            self.journal.unmark_uploaded(ds.id, [f.rel for f in wrong])
+            self._send_files(ds, client, root, wrong, verify=True)
         self.journal.set_stage(ds.id, "launch", message="inputs uploaded and verified")
         return StepOutcome("launch")
+
+    def _adopt(self, ds: Dataset, client: VipClient, todo: list[Any], folders: list[str]) -> list[Any]:
+        """Mark files already on VIP at the right size as sent; return the others."""
+        on_vip = {folder: client.sizes(folder) for folder in folders}
+        found = [
+            f for f in todo
+            if on_vip[_remote_parent(f)].get(PurePosixPath(f.remote or "").name) == f.size
+        ]
+        if found:
+            self.journal.mark_uploaded_many(ds.id, [(f.rel, None) for f in found])
+        return [f for f in todo if f not in found]
+
+    def _unverified(self, client: VipClient, files: list[Any]) -> list[Any]:
+        """Files that VIP's listings do not show at their planned size."""
+        by_folder: dict[str, list[Any]] = {}
+        for f in files:
+            by_folder.setdefault(_remote_parent(f), []).append(f)
+        wrong = []
+        for folder, group in by_folder.items():
+            sizes = client.sizes(folder)
+            wrong += [f for f in group if sizes.get(PurePosixPath(f.remote or "").name) != f.size]
+        return wrong
+
+    def _send_files(
+        self, ds: Dataset, client: VipClient, root: Path, todo: list[Any], *, verify: bool
+    ) -> None:
+        total = sum(f.size for f in todo)
+        done_bytes = [0]
+        lock = threading.Lock()
+        pending: list[tuple[str, str | None]] = []
+        last_commit = [time.monotonic()]
+
+        def progress(n: int) -> None:
+            if self.stop_event.is_set():
+                raise Interrupted("stopping: upload abandoned, it resumes on next start")
+            with lock:
+                done_bytes[0] += n
+                done = done_bytes[0]
+            self._progress(ds.id, "upload", done, total)
+            failpoints.hit("upload:partial")
+
+        def commit(force: bool = False) -> None:
+            with lock:
+                due = force or len(pending) >= UPLOAD_GROUP_FILES or (
+                    time.monotonic() - last_commit[0] >= UPLOAD_GROUP_SECONDS
+                )
+                if not due or not pending:
+                    return
+                batch = pending[:]
+                pending.clear()
+                last_commit[0] = time.monotonic()
+            self.journal.mark_uploaded_many(ds.id, batch)
+            failpoints.hit("upload:group")
+
+        def upload(f: Any) -> None:
+            local = root / f.rel
+            _check_unchanged(local, f)
+            try:
+                digest = client.upload(local, f.remote, progress=progress, verify=verify)
+            except SourceChanged:
+                raise _changed_during_upload(local, f) from None
+            # before and after: a file written to meanwhile is not the file that was taken
+            _check_unchanged(local, f, during=True)
+            with lock:
+                pending.append((f.rel, digest))
+            commit()
+
+        try:
+            self._parallel(upload, todo, self._threads(ds))
+        except _InputChanged:
+            commit(force=True)
+            # nothing was launched: the partial session on VIP is of no use to anyone
+            try:
+                client.delete(ds.remote_root or "", missing_ok=True)
+            except VipError:
+                pass
+            raise
+        finally:
+            commit(force=True)
 
     def _stage_launch(self, ds: Dataset) -> StepOutcome:
         """Launch the first execution; the others launch from ``monitor`` as slots free up."""
@@ -425,7 +566,7 @@ class Runner:
         if pending:
             self._launch(ds, pending[0])
         self.journal.set_stage(ds.id, "monitor", message="execution launched")
-        return StepOutcome("monitor", self.poll_min)
+        return StepOutcome("monitor", self._poll_interval(ds, self.journal.executions(ds.id)))
 
     def _stage_monitor(self, ds: Dataset) -> StepOutcome:
         client = self.client_for(ds.server)
@@ -449,10 +590,7 @@ class Runner:
         if all(e.vip_id and e.status in TERMINAL_STATUSES for e in executions):
             self.journal.set_stage(ds.id, "mirror", message="all executions ended")
             return StepOutcome("mirror")
-        launched = [e.launched for e in executions if e.launched]
-        elapsed = time.time() - min(launched) if launched else 0.0
-        # poll quickly at first, then back off while long jobs run
-        return StepOutcome("monitor", min(max(self.poll_min, elapsed / 10), self.poll_max))
+        return StepOutcome("monitor", self._poll_interval(ds, executions))
 
     def _poll_execution(self, ds: Dataset, client: VipClient, e: Any) -> dict[str, Any] | None:
         """The execution's record, or None once it is certain the server no longer has it.
@@ -610,7 +748,7 @@ class Runner:
 
         if todo:
             self.journal.event(ds.id, f"downloading {len(todo)} output file(s), {human_size(total)}")
-            self._parallel(download, todo)
+            self._parallel(download, todo, self._threads(ds))
         for o in too_big:
             self.journal.event(
                 ds.id,
@@ -777,6 +915,32 @@ class Runner:
             return f"{outputs}/{key}"
         return outputs
 
+    def _poll_interval(self, ds: Dataset, executions: list[Any]) -> float:
+        """Seconds until the next status request for a dataset whose executions run.
+
+        Short at first, then a tenth of the time the executions have run, between the
+        dataset's ``poll`` minimum and maximum. While other launches wait for a slot
+        (other datasets, or this dataset's further runs), the running execution is
+        checked every :data:`BUSY_POLL` seconds, so the next launch follows its end
+        within about a second; the status requests of one server then stay under
+        :data:`MAX_POLL_RATE` per second however many executions run.
+        """
+        tuning = self.tuning_for(ds) if self.tuning_for else Tuning()
+        low = tuning.poll_min if tuning.poll_min is not None else self.poll_min
+        high = max(low, tuning.poll_max if tuning.poll_max is not None else self.poll_max)
+        launched = [e.launched for e in executions if e.launched]
+        elapsed = time.time() - min(launched) if launched else 0.0
+        interval = min(max(low, elapsed / 10), high)
+        if interval > BUSY_POLL and self._launches_waiting(ds, executions):
+            running = max(1, self.journal.running_executions(ds.server))
+            interval = min(interval, max(BUSY_POLL, running / MAX_POLL_RATE))
+        return interval
+
+    def _launches_waiting(self, ds: Dataset, executions: list[Any]) -> bool:
+        if any(not e.vip_id for e in executions):
+            return True
+        return self.journal.waiting_launches(ds.server) > 0
+
     def _slot_free(self, server: str) -> bool:
         cap = self._max_running() if callable(self._max_running) else self._max_running
         if cap is None:
@@ -891,21 +1055,49 @@ class Runner:
         path = Path(ds.path)
         return path.parent if path.is_file() else path
 
-    def _parallel(self, fn: Callable[[Any], None], items: list[Any]) -> None:
-        if len(items) <= 1 or self.transfer_threads <= 1:
+    def _parallel(self, fn: Callable[[Any], None], items: list[Any], threads: int) -> None:
+        """``fn`` on every item with ``threads`` workers; the first error stops them and is raised.
+
+        Workers pull from one iterator (no future per item: memory stays flat however many
+        files a dataset has).
+        """
+        if len(items) <= 1 or threads <= 1:
             for item in items:
                 fn(item)
             return
-        with ThreadPoolExecutor(max_workers=self.transfer_threads) as pool:
-            futures = [pool.submit(fn, item) for item in items]
-            errors = []
-            for future in futures:
+        source = iter(items)
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if errors:
+                        return
+                    item = next(source, _DONE)
+                if item is _DONE:
+                    return
                 try:
-                    future.result()
-                except BaseException as err:  # noqa: B036 - re-raised below
-                    errors.append(err)
-            if errors:
-                raise errors[0]
+                    fn(item)
+                except BaseException as err:  # noqa: B036 - re-raised by the caller's thread
+                    with lock:
+                        errors.append(err)
+                    return
+
+        workers = [
+            threading.Thread(target=worker, name=f"vip-agent transfer {i}", daemon=True)
+            for i in range(min(threads, len(items)))
+        ]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def _threads(self, ds: Dataset) -> int:
+        tuned = self.tuning_for(ds).parallelism if self.tuning_for else None
+        return max(1, tuned or self.transfer_threads)
 
     def _progress(self, dataset_id: int, kind: str, done: int, total: int) -> None:
         """Report transfer progress: to the caller, and to the journal once a second."""
@@ -974,16 +1166,6 @@ def _max_download(client: VipClient) -> int | None:
     except VipError:
         return None
     return int(value) if value else None
-
-
-def _sha256(path: Path, stop: threading.Event) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            if stop.is_set():
-                raise Interrupted("stopping during hashing")
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def human_size(n: int) -> str:

@@ -91,6 +91,13 @@ drops:
         ("drops: [{path: d, output: o}, {path: d/sub, output: o2}]", "drops[1].path", "overlaps"),
         ("drop: [{path: d, output: o}]", "drop", "did you mean 'drops'"),
         ("drops: [{path: d, output: o, keep_remote: maybe}]", "drops[0].keep_remote", "true or false"),
+        ("drops: [{path: d, output: o, poll: '30:2'}]", "drops[0].poll", "max >= min"),
+        ("drops: [{path: d, output: o, poll: {min: 0}}]", "drops[0].poll", "min > 0"),
+        ("drops: [{path: d, output: o, poll: {low: 1}}]", "drops[0].poll", "{min: 2, max: 60}"),
+        ("drops: [{path: d, output: o, transfer_parallelism: 0}]",
+         "drops[0].transfer_parallelism", ">= 1"),
+        ("drops: [{path: d, output: o, transfer_parallelism: 1000}]",
+         "drops[0].transfer_parallelism", "at most 64"),
     ],
 )  # fmt: skip
 def test_one_clear_error_naming_file_and_key(tmp_path: Path, text: str, key: str, words: str) -> None:
@@ -148,3 +155,23 @@ def test_durations() -> None:
     for bad in ("-1", "soon", True, None, -2):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_poll_and_transfer_parallelism(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+defaults: {transfer_parallelism: 12}
+drops:
+  - {path: a, output: oa, poll: {min: 1, max: 2m}}
+  - {path: b, output: ob, poll: "0.5:30", transfer_parallelism: 3}
+  - {path: c, output: oc, poll: 4}
+  - {path: d, output: od}
+""",
+    )
+    a, b, c, d = load_config(path).drops
+    assert (a.poll_min, a.poll_max, a.transfer_parallelism) == (1.0, 120.0, 12)
+    assert (b.poll_min, b.poll_max, b.transfer_parallelism) == (0.5, 30.0, 3)
+    assert (c.poll_min, c.poll_max) == (4.0, None)
+    # unset: the runner's defaults apply
+    assert (d.poll_min, d.poll_max) == (None, None)

@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from agent import dataset as dataset_mod
-from agent.config import parse_duration
+from agent.config import parse_duration, parse_poll
 from agent.errors import ConfigError
 from agent.journal import Journal
 from agent.paths import DEFAULT_SERVER, default_state_dir
 from agent.runner import (
+    DEFAULT_POLL_MAX,
+    DEFAULT_POLL_MIN,
     GIVE_UP_AFTER,
     UNKNOWN_LIMIT,
     GaveUp,
@@ -49,8 +51,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="keep inputs, outputs and executions on the server")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the plan; send nothing")
-    parser.add_argument("--poll", type=float, default=5.0,
-                        help="first polling interval of a running execution, seconds")
+    parser.add_argument("--poll", type=_poll, default=None, metavar="MIN[:MAX]",
+                        help="polling of a running execution, seconds: the first interval, and "
+                             f"the longest it grows to (default {DEFAULT_POLL_MIN:g}:"
+                             f"{DEFAULT_POLL_MAX:g})")
     parser.add_argument(
         "--give-up-after", type=_duration, default=GIVE_UP_AFTER, metavar="DURATION",
         help="stop (exit 75, resumable) when VIP has kept failing this long "
@@ -76,6 +80,15 @@ def _duration(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
     return value
+
+
+def _poll(text: str) -> tuple[float, float | None]:
+    try:
+        return parse_poll(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected MIN or MIN:MAX in seconds (MIN > 0, MAX >= MIN), e.g. 1:60, not {text!r}"
+        ) from None
 
 
 def dataset_identity(path: Path) -> tuple[Path, dataset_mod.DatasetScan]:
@@ -177,9 +190,10 @@ def main(args: argparse.Namespace) -> int:
             options={"keep_remote": args.keep_remote, "output_override": args.output is not None},
         )
     stop = threading.Event()
+    poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
     runner = Runner(journal, lambda _url: client, stop_event=stop, progress=Progress(journal),
-                    poll_min=args.poll, unknown_limit=args.unknown_limit,
-                    give_up_after=args.give_up_after)
+                    poll_min=poll_min, poll_max=max(poll_min, poll_max or DEFAULT_POLL_MAX),
+                    unknown_limit=args.unknown_limit, give_up_after=args.give_up_after)
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()

@@ -27,6 +27,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -128,6 +129,39 @@ class BodyReader:
         return total
 
 
+class RequestStats:
+    """What the server was asked, for tests and benchmarks (bounded: counts, not a log).
+
+    ``counts`` maps a request kind (``upload``, ``mkdir``, ``properties``, ``list``,
+    ``exists``, ``content``, ``delete``, ``GET /executions``...) to how many were received;
+    ``peak_in_flight`` is the most requests handled at the same time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    def enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def count(self, kind: str) -> None:
+        with self._lock:
+            self.counts[kind] += 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+            self.peak_in_flight = self.in_flight
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
@@ -207,6 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         self.body = None
         method = self.command.upper()
+        app.stats.enter()
         try:
             self.body = BodyReader(self.rfile, self.headers)
             split = urlsplit(self.path)
@@ -239,6 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("localvip: unexpected error on %s %s", method, urlsplit(self.path).path)
             self._finish_error(ApiFailure(8000, GENERIC, 500))
         finally:
+            app.stats.leave()
             if self.body is not None and not self.body.done and not self.close_connection:
                 try:
                     self.body.drain()
@@ -286,6 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._path(app, user, method, raw_path, query)
         if route == "/executions" or route.startswith("/executions/"):
             assert user is not None
+            app.stats.count(f"{method} {'/executions' if route == '/executions' else '/executions/{id}'}")
             return self._executions(app, user, method, route, query)
         raise generic(404)
 
@@ -353,6 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
         if action is not None:
             res = storage.resolve(user.folder, complete)
             act = action[0]
+            app.stats.count(act)
             if act == "exists":
                 return self._json({"exists": storage.exists(res)})
             if act == "properties":
@@ -367,6 +405,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "PUT":
             return self._upload(app, user, complete)
         if method == "DELETE":
+            app.stats.count("delete")
             res = storage.resolve(user.folder, complete)
             storage.delete(res, app.effective_delete_delay())
             return self._send(204, b"", None)
@@ -399,6 +438,7 @@ class _Handler(BaseHTTPRequestHandler):
         assert self.body is not None
         res = storage.resolve(user.folder, complete)
         target = storage.upload_target(res)
+        app.stats.count("upload" if self.body.remaining or self.body.chunked else "mkdir")
         if target.exists():
             n = self.body.drain()
             if n == 0 and target.is_dir():
@@ -653,6 +693,8 @@ class LocalVip:
         self._thread: threading.Thread | None = None
         self._pipes: dict[str, Pipeline] = {}
         self._auth_lock = threading.Lock()
+        #: request counts and peak concurrency (tests, benchmarks)
+        self.stats = RequestStats()
 
     # -- public API ------------------------------------------------------------------
     @property

@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import random
 import re
 import socket
@@ -62,6 +63,7 @@ from agent.vip.errors import (
     NotFoundError,
     ProtocolError,
     SizeMismatch,
+    SourceChanged,
     TooLargeError,
     TransferTimeout,
     TransientError,
@@ -79,7 +81,7 @@ __all__ = ["VipClient", "Progress", "encode_path", "encode_pipeline_id"]
 Progress = Callable[[int], None]
 
 _CHUNK = 1 << 20  # download write size and upload read cap
-_SEND_BLOCK = 256 << 10  # socket send block (urllib3 default is 16 KiB)
+_SEND_BLOCK = 1 << 20  # socket send block (urllib3 default is 16 KiB)
 _ERROR_BODY_MAX = 64 << 10  # never read more than this of an error body
 _AUTH_CODES = frozenset({8002, 8003, 8004})
 _CAPACITY_CODES = frozenset({2000, 2001})
@@ -321,13 +323,61 @@ class _NotSent(TransientError):
     """The connection could not be opened: the request never reached the server."""
 
 
+class _Digest:
+    """SHA-256 of the bytes sent, computed off the sending thread for large files.
+
+    The sending thread hands each buffer (immutable ``bytes``, no copy) to a hasher
+    thread through a short queue; ``hashlib`` releases the GIL on large buffers, so
+    hashing runs beside ``sendall`` instead of before it. Memory stays bounded by the
+    queue (a few buffers). Small files are hashed inline: a thread would cost more.
+    """
+
+    _DEPTH = 8
+
+    def __init__(self, threaded: bool) -> None:
+        self._sha = hashlib.sha256()
+        self._queue: queue.Queue[bytes | None] | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._queue = queue.Queue(self._DEPTH)
+            self._thread = threading.Thread(target=self._run, name="vip-agent sha256", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (data := self._queue.get()) is not None:
+            self._sha.update(data)
+
+    def update(self, data: bytes) -> None:
+        if self._queue is None:
+            self._sha.update(data)
+        else:
+            self._queue.put(data)
+
+    def close(self) -> None:
+        """Stop the hasher thread (idempotent)."""
+        if self._queue is not None and self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._sha.hexdigest()
+
+
+#: files above this size are hashed on a second thread
+_THREADED_HASH_MIN = 4 << 20
+
+
 class _UploadBody:
     """File body streamed in bounded reads, with an exact length and progress reports.
 
     ``requests`` takes the length from ``__len__`` and sends an explicit Content-Length
     (VIP treats a 0-byte body as mkdir, so chunked encoding is avoided); urllib3 pulls
     the data through ``read(blocksize)``. A read without a size is capped too, so the
-    file is never held in memory whole.
+    file is never held in memory whole. Never more than ``size`` bytes are sent (a file
+    growing meanwhile cannot corrupt the request); a file that shrank raises
+    :class:`SourceChanged` instead of leaving the server waiting for missing bytes.
     """
 
     def __init__(self, handle: BinaryIO, size: int, progress: Progress | None) -> None:
@@ -336,7 +386,7 @@ class _UploadBody:
         self._progress = progress
         self.sent = 0
         #: SHA-256 of what was read, so callers get a content hash without a second read
-        self.sha256 = hashlib.sha256()
+        self.sha256 = _Digest(threaded=size >= _THREADED_HASH_MIN)
         #: the transfer's progress guard (set by the sender)
         self.guard: _Guard | None = None
 
@@ -346,14 +396,21 @@ class _UploadBody:
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0 or size > _CHUNK:
             size = _CHUNK
+        size = min(size, self._size - self.sent)
+        if size <= 0:
+            return b""
         data = self._handle.read(size)
-        if data:
-            self.sent += len(data)
-            self.sha256.update(data)
-            if self.guard is not None:
-                self.guard.progress(len(data))
-            if self._progress is not None:
-                self._progress(len(data))
+        if not data:
+            raise SourceChanged(
+                f"{getattr(self._handle, 'name', 'the file')} shrank while it was being sent "
+                f"({self.sent:,} of {self._size:,} bytes read)",
+            )
+        self.sent += len(data)
+        self.sha256.update(data)
+        if self.guard is not None:
+            self.guard.progress(len(data))
+        if self._progress is not None:
+            self._progress(len(data))
         return data
 
     def __iter__(self) -> Any:
@@ -911,6 +968,7 @@ class VipClient:
                 )
             finally:
                 guard.close()
+                body.sha256.close()
             return body.sha256.hexdigest() if body.sent == size else None
 
     def _transfer_guard(self) -> _Guard:
@@ -939,15 +997,20 @@ class VipClient:
             time.sleep(interval)
 
     def upload(
-        self, local: Path, remote: str, *, progress: Progress | None = None
+        self, local: Path, remote: str, *, progress: Progress | None = None, verify: bool = True
     ) -> str | None:
         """Upload file ``local`` to the (new) remote file path ``remote``, streamed.
 
-        The parent folder must exist. Afterwards the remote size is verified. After a
-        transfer timeout or a network error, the target is checked before sending again:
-        the right size means done; a wrong size is deleted, waited for, and re-sent.
-        A target that already exists with the same size counts as uploaded, so callers
-        upload into fresh folders. ``progress`` gets each piece's byte count as it is sent.
+        The parent folder must exist. After a transfer timeout or a network error, the
+        target is checked before sending again: the right size means done; a wrong size is
+        deleted, waited for, and re-sent. A target that already exists with the same size
+        counts as uploaded, so callers upload into fresh folders. ``progress`` gets each
+        piece's byte count as it is sent.
+
+        ``verify``: check the remote size with a ``properties`` request after a successful
+        PUT. VIP answers 201 only once the file is stored, so a caller uploading many files
+        may pass False and verify them all at once with one :meth:`list` per folder (see
+        :meth:`sizes`): one request per file instead of two.
         Returns the SHA-256 of the content as streamed, or None when the upload was found
         complete on the server without a full send (after a timeout or a crash).
         """
@@ -982,6 +1045,8 @@ class VipClient:
                 last = exc
                 state = self._landed(remote, size)
             else:
+                if not verify and digest is not None:
+                    return digest
                 state = self._landed(remote, size)
                 if state == "missing":
                     last = SizeMismatch(
@@ -1004,6 +1069,17 @@ class VipClient:
                                   interval=max(0.05, min(2.0, self.backoff)))
         assert last is not None
         raise last
+
+    def sizes(self, folder: str) -> dict[str, int | None]:
+        """File name -> size of the files directly in ``folder`` (one ``list`` request).
+
+        A missing folder gives an empty mapping; sub-folders are left out.
+        """
+        try:
+            entries = self.list(folder)
+        except NotFoundError:
+            return {}
+        return {e.path.rsplit("/", 1)[-1]: e.size for e in entries if not e.is_dir}
 
     def download(
         self,

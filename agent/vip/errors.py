@@ -90,6 +90,10 @@ class SizeMismatch(TransientError):
     """A transferred file does not have the expected size (truncated transfer)."""
 
 
+class SourceChanged(VipError):
+    """A local file changed size while it was being sent: the copy on VIP is not that file."""
+
+
 class TransferTimeout(VipError):
     """A transfer answered 400 8000: maybe VIP's transfer timeout, and the file may still land."""
 
