@@ -73,7 +73,9 @@ def cancel(journal: Journal, ds: Dataset) -> str:
     if ds.final:
         return "final"
     if ds.stage == "waiting":
-        journal.set_stage(ds.id, "cancelled", message="cancelled by the user before it was complete")
+        journal.set_stage(
+            ds.id, "cancelled", message="cancelled by the user before it was complete"
+        )
         return "cancelled"
     journal.update(ds.id, cancel_requested=1)
     journal.event(ds.id, "cancel requested by the user", level="warning")

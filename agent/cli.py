@@ -9,7 +9,9 @@ another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,7 +26,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("agent.commands.status", "show where every dataset stands"),
     "retry": ("agent.commands.retry", "run a failed or cancelled dataset again"),
     "cancel": ("agent.commands.cancel", "stop a dataset: kill its execution, clean the server"),
-    "rerun": ("agent.commands.rerun", "run a finished dataset (even a done one) again as a new attempt"),
+    "rerun": (
+        "agent.commands.rerun",
+        "run a finished dataset (even a done one) again as a new attempt",
+    ),
+    "logs": ("agent.commands.logs", "print the saved stdout/stderr of a dataset's executions"),
     "pipelines": ("agent.commands.pipelines", "list pipelines, or show one's parameters"),
     "login": ("agent.commands.login", "check an API key and store it in the OS keyring"),
     "logout": ("agent.commands.logout", "remove the stored API key"),
@@ -51,10 +57,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a closed pipe shows up here, not at exit where it cannot be caught
+        return code
+    except BrokenPipeError:  # one place for every command (and --help)
+        return _closed_pipe()
+
+
+def _run(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, usage errors
+        sys.stdout.flush()
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -67,6 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _closed_pipe() -> int:
+    """The reader went away (``vip-agent status | head -1``): stop quietly, as Unix tools do.
+
+    Python would flush stdout again at exit and print a traceback about it, so
+    stdout is pointed at /dev/null first. The exit status is that of a process
+    ended by SIGPIPE (128 + 13).
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

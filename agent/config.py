@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,14 @@ OBSERVERS = ("auto", "native", "polling")
 AFTER = ("keep", "archive", "delete")
 LOG_FORMATS = ("text", "json")
 
+#: free space on a drop folder's output below which ``disk_low`` is notified
+DEFAULT_DISK_LOW = 1_000_000_000
+#: what ``notify: - on: [...]`` accepts
+NOTIFY_EVENTS = ("failed", "incomplete", "paused", "done", "disk_low")
+#: port of the status page when ``http:`` names none
+DEFAULT_HTTP_PORT = 8490
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 _UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -61,6 +69,45 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class EmailSettings:
+    """``notify: - email: {...}``: SMTP with STARTTLS; the password is never in agent.yaml."""
+
+    host: str
+    to: tuple[str, ...]
+    sender: str
+    port: int = 587
+    user: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    starttls: bool = True
+
+
+@dataclass(frozen=True)
+class NotifyRule:
+    """One ``notify:`` entry: which events, and one way to tell someone."""
+
+    on: frozenset[str]
+    webhook: str | None = None
+    command: tuple[str, ...] | None = None
+    email: EmailSettings | None = None
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """``http:``: the status page, its JSON API and ``/metrics``."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_HTTP_PORT
+    #: reads (page, API, metrics) need the token even from loopback
+    read_token: bool = False
+    #: extra names a browser or Prometheus may use in ``Host:`` (DNS-rebinding guard)
+    allowed_hosts: tuple[str, ...] = ()
+    #: seconds between two updates of an open page
+    refresh: float = 1.0
+
+
+@dataclass(frozen=True)
 class DropConfig:
     """One drop folder."""
 
@@ -79,6 +126,8 @@ class DropConfig:
     failed_dir: Path | None = None
     key_file: Path | None = None
     keep_remote: bool = False
+    notify: tuple[NotifyRule, ...] = ()
+    disk_low: int = DEFAULT_DISK_LOW
     #: seconds an execution may read ``Unknown`` before it is killed (None: the runner's default)
     unknown_limit: float | None = None
     #: polling of a running execution: first interval and ceiling, seconds (None: defaults)
@@ -105,6 +154,7 @@ class AgentConfig:
     state: Path
     log_format: str = "text"
     source: Path | None = None  # the file it came from (None: command-line arguments)
+    http: HttpSettings | None = None  # None: no status page
 
     def drop_for(self, path: str | Path | None) -> DropConfig | None:
         """The drop folder a dataset recorded with ``drop_dir=path`` belongs to."""
@@ -125,12 +175,12 @@ def default_config_path() -> Path:
 
 # -- parsing -----------------------------------------------------------------------
 
-_TOP_KEYS = ("drops", "state", "log_format", "defaults")
+_TOP_KEYS = ("drops", "state", "log_format", "defaults", "http")
 _DROP_KEYS = (
     "path", "server", "output", "readiness", "datasets", "pattern", "observer",
     "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
     "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "poll",
-    "transfer_parallelism", "unknown_limit",
+    "transfer_parallelism", "notify", "disk_low", "unknown_limit",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -217,6 +267,129 @@ def parse_duration(value: Any) -> float:
     if seconds < 0:
         raise ValueError(value)
     return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a text such as ``'500MB'``, ``'2 GB'``, ``'1GiB'``."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)) and value >= 0:
+        return int(value)
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(value)
+    unit = (m.group(2) or "b").lower()
+    power = "bkmgt".index(unit[0])
+    base = 1024 if "i" in unit else 1000
+    return int(float(m.group(1)) * base**power)
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    """``[HOST:]PORT`` (``[::1]:PORT`` for IPv6) as (host, port); host defaults to 127.0.0.1."""
+    text = str(value).strip()
+    host = "127.0.0.1"
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ValueError(value)
+        host, text = text[1:end], text[end + 2 :]
+    elif ":" in text:
+        host, text = text.rsplit(":", 1)
+        host = host or "127.0.0.1"
+    if not text.isdigit() or not 0 <= int(text) <= 65535 or isinstance(value, bool):
+        raise ValueError(value)
+    return host, int(text)
+
+
+def _http(data: Any, source: str, base: Path) -> HttpSettings | None:
+    if data is None or data is False:
+        return None
+    if data is True:
+        return HttpSettings()
+    if isinstance(data, (int, str)):
+        data = {"listen": data}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: http: must be [HOST:]PORT or a mapping (listen, read_token, allowed_hosts)",
+                          detail="key http")  # fmt: skip
+    r = _Reader(data, "http", source, base)
+    r.check_keys(("listen", "read_token", "allowed_hosts", "refresh"))
+    try:
+        host, port = parse_listen(data.get("listen", DEFAULT_HTTP_PORT))
+    except ValueError:
+        raise r.error("listen", f"must be [HOST:]PORT, e.g. 127.0.0.1:{DEFAULT_HTTP_PORT}") from None
+    hosts = data.get("allowed_hosts") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h.strip() for h in hosts):
+        raise r.error("allowed_hosts", "must be a list of host names (as typed in the browser)")
+    refresh = r.seconds("refresh", 1.0)
+    if not 0.1 <= refresh <= 600:
+        raise r.error("refresh", "must be between 0.1 and 600 seconds")
+    return HttpSettings(host, port, r.flag("read_token", False), tuple(h.strip() for h in hosts), refresh)
+
+
+def _email(r: _Reader) -> EmailSettings:
+    r.check_keys(("host", "port", "to", "from", "user", "password_file", "ca_file", "starttls"))
+    to = r.data.get("to")
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list) or not to or not all(isinstance(t, str) and "@" in t for t in to):
+        raise r.error("to", "must be one address or a list of addresses")
+    user = r.data.get("user")
+    if user is not None and (not isinstance(user, str) or not user.strip()):
+        raise r.error("user", "must be the SMTP login name")
+    starttls = r.flag("starttls", True)
+    if user and not starttls:
+        raise r.error("starttls", "must stay true when a password is sent (user: is set)")
+    return EmailSettings(
+        host=r.text("host"),
+        to=tuple(t.strip() for t in to),
+        sender=r.text("from", user if user and "@" in user else "vip-agent@localhost"),
+        port=r.whole("port", 587),
+        user=user.strip() if user else None,
+        password_file=r.path("password_file"),
+        ca_file=r.path("ca_file"),
+        starttls=starttls,
+    )
+
+
+def _notify(r: _Reader) -> tuple[NotifyRule, ...]:
+    raw = r.data.get("notify")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise r.error("notify", "must be a list of {on: [...], webhook: URL | command: [...] | email: {...}}")
+    rules = []
+    for i, item in enumerate(raw):
+        where = f"{r.where}.notify[{i}]"
+        if not isinstance(item, Mapping):
+            raise r.error(f"notify[{i}]", "must be a mapping such as {on: [failed], webhook: URL}")
+        n = _Reader(item, where, r.source, r.base)
+        n.check_keys(("on", "webhook", "command", "email", "timeout"))
+        on = item.get("on", ["failed", "incomplete", "paused", "disk_low"])
+        if isinstance(on, str):
+            on = [on]
+        bad = [x for x in on if x not in NOTIFY_EVENTS] if isinstance(on, list) else [on]
+        if bad or not on:
+            raise n.error("on", f"must list events among {', '.join(NOTIFY_EVENTS)}, not {bad or on!r}")
+        ways = [k for k in ("webhook", "command", "email") if item.get(k) is not None]
+        if len(ways) != 1:
+            raise n.error("webhook", "give exactly one of webhook: URL, command: [argv...], email: {...}")
+        webhook = command = email = None
+        if ways[0] == "webhook":
+            webhook = n.text("webhook")
+            if not re.match(r"^https?://[^/\s]+", webhook):
+                raise n.error("webhook", "must be an http:// or https:// URL")
+        elif ways[0] == "command":
+            argv = item["command"]
+            if isinstance(argv, str) or not isinstance(argv, list) or not argv or not all(
+                isinstance(a, str) for a in argv
+            ):
+                raise n.error("command", "must be a list [program, arg, ...] (run without a shell)")
+            command = tuple(argv)
+        else:
+            email = _email(_Reader(n.mapping("email"), f"{where}.email", r.source, r.base))
+        timeout = n.seconds("timeout", 60.0)
+        rules.append(NotifyRule(frozenset(on), webhook, command, email, timeout or 60.0))
+    return tuple(rules)
 
 
 def parse_poll(value: Any) -> tuple[float, float | None]:
@@ -307,6 +480,8 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
         failed_dir=failed_dir,
         key_file=r.path("key_file"),
         keep_remote=r.flag("keep_remote", False),
+        notify=_notify(r),
+        disk_low=_size(r, "disk_low", DEFAULT_DISK_LOW),
         unknown_limit=r.seconds("unknown_limit", 0) or None,
         transfer_parallelism=(
             r.whole("transfer_parallelism", 1, maximum=64) if r.has("transfer_parallelism") else None
@@ -316,6 +491,13 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
     if path in (output, archive_dir, failed_dir):
         raise r.error("output", "the output, archive and failed folders must differ from the drop folder")
     return drop
+
+
+def _size(r: _Reader, key: str, default: int) -> int:
+    try:
+        return parse_size(r.data.get(key, default))
+    except ValueError:
+        raise r.error(key, f"must be a size (5000000000, '500MB', '5GB', '2GiB'), not {r.data.get(key)!r}") from None
 
 
 def _check_drops(drops: list[DropConfig], source: str) -> None:
@@ -360,6 +542,7 @@ def parse_config(data: Any, *, source: str = "agent.yaml", base: Path | None = N
         state=state,
         log_format=top.text("log_format", "text", LOG_FORMATS),
         source=None,
+        http=_http(data.get("http"), source, base),
     )
 
 
@@ -383,7 +566,7 @@ def load_config(path: str | Path, *, settle: float | None = None) -> AgentConfig
 
 
 def config_from_args(
-    drop: str | Path,
+    drop: str | Path | Sequence[str | Path],
     *,
     server: str | None = None,
     output: str | Path | None = None,
@@ -396,20 +579,28 @@ def config_from_args(
     pattern: str | None = None,
     log_format: str = "text",
 ) -> AgentConfig:
-    """The configuration of ``vip-agent watch DROP --server --output ...`` (no file)."""
-    item: dict[str, Any] = {"path": str(drop), "server": server or DEFAULT_SERVER}
-    item["output"] = str(output) if output is not None else str(Path(drop) / "_results")
-    readiness: dict[str, Any] = {}
-    if rule:
-        readiness["rule"] = rule
-    if marker:
-        readiness["marker"] = marker
-    if readiness:
-        item["readiness"] = readiness
-    for key, value in (("observer", observer), ("datasets", datasets), ("pattern", pattern)):
-        if value is not None:
-            item[key] = value
-    data: dict[str, Any] = {"drops": [item], "log_format": log_format}
+    """The configuration of ``vip-agent watch DROP [DROP ...] --server --output ...`` (no file).
+
+    Every drop folder gets the same settings; without ``output``, each its own
+    ``<drop>/_results``.
+    """
+    drops = [drop] if isinstance(drop, (str, Path)) else list(drop)
+    items: list[dict[str, Any]] = []
+    for one in drops:
+        item: dict[str, Any] = {"path": str(one), "server": server or DEFAULT_SERVER}
+        item["output"] = str(output) if output is not None else str(Path(one) / "_results")
+        readiness: dict[str, Any] = {}
+        if rule:
+            readiness["rule"] = rule
+        if marker:
+            readiness["marker"] = marker
+        if readiness:
+            item["readiness"] = readiness
+        for key, value in (("observer", observer), ("datasets", datasets), ("pattern", pattern)):
+            if value is not None:
+                item[key] = value
+        items.append(item)
+    data: dict[str, Any] = {"drops": items, "log_format": log_format}
     if state is not None:
         data["state"] = str(state)
     return parse_config(data, source="command line", base=Path.cwd(), settle=settle)

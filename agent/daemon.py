@@ -135,6 +135,7 @@ class WatchService:
         client_options: dict[str, Any] | None = None,
         native_factory: Callable[[], Any] | None = None,
         grace: float = 3.0,
+        health_interval: float = 30.0,
     ) -> None:
         self.config = config
         self.debounce = debounce
@@ -159,6 +160,10 @@ class WatchService:
         self._thread: threading.Thread | None = None
         self._beat = time.monotonic()
         self._status = ""
+        from agent.oversight import Oversight
+
+        #: health, alerts, metrics and the status page (``http:``)
+        self.oversight = Oversight(self, interval=health_interval)
 
     @staticmethod
     def _key_files(config: AgentConfig) -> dict[str, Path | None]:
@@ -228,6 +233,7 @@ class WatchService:
             self._watch(d)
         self._thread = threading.Thread(target=self._loop, name="vip-agent-watch", daemon=True)
         self._thread.start()
+        self.oversight.start()
 
     def _check_keys(self) -> None:
         """Say at start-up whether each server accepts its key (never fatal when refused)."""
@@ -235,12 +241,15 @@ class WatchService:
 
         assert self.scheduler is not None
         for server in sorted({d.server for d in self.config.drops}):
+            record = self.oversight.checker.record
             try:
                 client = self.client_for(server)
                 client.check_key()
+                record(server, reachable=True, key="accepted")
             except MissingKey as err:
                 raise CredentialError(err.message, err.detail) from None
             except AuthError as err:
+                record(server, reachable=True, key="refused", message=err.message)
                 self.scheduler.pause(server, f"API key refused by {server}: {err.message}")
                 log.error(
                     "the API key for %s is refused (%s): datasets are detected but wait until "
@@ -248,6 +257,7 @@ class WatchService:
                     server, err.message,
                 )  # fmt: skip
             except (VipError, OSError) as err:
+                record(server, reachable=False, key="unknown", message=str(err))
                 log.warning("cannot reach %s yet (%s); datasets will wait and retry", server, err)
 
     def _probe(self, server: str) -> None:
@@ -274,6 +284,7 @@ class WatchService:
         names = set(folder.candidates.list()) | set(folder.waiting_names())
         for name in sorted(names):
             self.queue.soon(("check", key, name))
+        self.oversight.rescanned(key)
         if d.rescan_interval > 0:
             self.queue.at(("rescan", key), time.monotonic() + d.rescan_interval)
         log.info(
@@ -298,6 +309,7 @@ class WatchService:
         """Stop taking work and shut down (returns within about ``grace`` seconds)."""
         self.stop_event.set()
         self.queue.wake()
+        self.oversight.stop()
         self._unwatch_all()
         if self.scheduler is not None:
             self.scheduler.stop(self.grace)
@@ -372,6 +384,7 @@ class WatchService:
             names = set(folder.candidates.list()) | set(folder.histories)
             for name in names:
                 self.queue.at(("check", key, name), time.monotonic())
+            self.oversight.rescanned(key)
             self.queue.at(("rescan", key), time.monotonic() + folder.drop.rescan_interval)
         elif kind == "final":
             _, dataset_id, _stage = item
@@ -388,6 +401,7 @@ class WatchService:
             log.info("%s: done; outputs in %s", ds.name, ds.output_dir)
         elif ds.stage == "cancelled":
             log.info("%s: cancelled", ds.name)
+        self.oversight.dataset_final(ds, drop)
         if drop is None:
             return
         old = Path(ds.path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -25,3 +26,57 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+class StreamingSync:
+    """Flush a file being written to disk in the background, so the final fsync is small.
+
+    A download that fsyncs only at the end waits for every dirty page at once (most of
+    its time on a large file). Here, every ``every`` bytes written, a helper thread
+    flushes what is already written (``fdatasync``) while the writer goes on; the
+    writer never waits for it, and at most one flush runs at a time. :meth:`finish`
+    then syncs only the tail. Call :meth:`wrote` after each write.
+    """
+
+    def __init__(self, fd: int, every: int = 32 << 20) -> None:
+        self.fd = fd
+        self.every = every
+        self._since = 0
+        self._wanted = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: OSError | None = None
+
+    def wrote(self, n: int) -> None:
+        self._since += n
+        if self._since < self.every:
+            return
+        self._since = 0
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vip-agent fsync", daemon=True)
+            self._thread.start()
+        self._wanted.set()
+
+    def _run(self) -> None:
+        sync = getattr(os, "fdatasync", os.fsync)
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stop:
+                return
+            try:
+                sync(self.fd)
+            except OSError as err:  # reported by finish(): the final fsync decides
+                self.error = err
+
+    def stop(self) -> None:
+        """Stop the helper thread (waits for a flush in progress); no final sync."""
+        self._stop = True
+        self._wanted.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def finish(self) -> None:
+        """Stop the helper and make the whole file durable (``fsync``)."""
+        self.stop()
+        os.fsync(self.fd)

@@ -101,7 +101,9 @@ def stage_timeline(journal: Journal, ds: Dataset) -> list[dict[str, Any]]:
             continue
         if spans:
             spans[-1]["end"] = ev.time
-        spans.append({"stage": ev.stage, "state": PUBLIC_STATE[ev.stage], "start": ev.time, "end": None})
+        spans.append(
+            {"stage": ev.stage, "state": PUBLIC_STATE[ev.stage], "start": ev.time, "end": None}
+        )
     if spans and ds.final and spans[-1]["stage"] == ds.stage:
         spans[-1]["end"] = ds.finished or spans[-1]["start"]
     return spans

@@ -384,11 +384,7 @@ class Runner:
         try:
             pipeline = client.pipeline(job.pipeline)
         except NotFoundError as err:
-            raise ValidationError(
-                [f"pipeline {job.pipeline!r} does not exist on {ds.server} or you may not use it"
-                 " (check the name with `vip-agent pipelines`)"],
-                detail=err.detail,
-            ) from err
+            raise ValidationError([unknown_pipeline(client, job.pipeline)], detail=err.detail) from err
         report = validate(job, path, pipeline)
         for warning in report.warnings:
             self.journal.event(ds.id, warning, level="warning")
@@ -538,13 +534,13 @@ class Runner:
             local = root / f.rel
             _check_unchanged(local, f)
             try:
-                digest = client.upload(local, f.remote, progress=progress, verify=verify)
+                client.upload(local, f.remote, progress=progress, verify=verify)
             except SourceChanged:
                 raise _changed_during_upload(local, f) from None
             # before and after: a file written to meanwhile is not the file that was taken
             _check_unchanged(local, f, during=True)
             with lock:
-                pending.append((f.rel, digest))
+                pending.append((f.rel, None))
             commit()
 
         try:
@@ -1150,6 +1146,21 @@ def status_record(journal: Journal, ds: Dataset) -> dict[str, Any]:
         "updated": ds.updated,
         "finished": ds.finished,
     }
+
+
+def unknown_pipeline(client: VipClient, identifier: str) -> str:
+    """Why ``identifier`` cannot be used, naming the closest pipelines the server offers."""
+    from agent.validate import closest_pipelines
+
+    try:
+        near = closest_pipelines(identifier, client.pipelines())
+    except VipError:
+        near = []
+    hint = f" (closest: {', '.join(repr(n) for n in near)})" if near else ""
+    return (
+        f"pipeline {identifier!r} does not exist on {client.base_url} or you may not use it{hint}; "
+        "check the name with `vip-agent pipelines`"
+    )
 
 
 def _inside(root: Path, rel: PurePosixPath) -> Path:

@@ -16,7 +16,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -478,12 +478,10 @@ def _resolve(
                 continue
             param = params.get(name)
             if pipeline is not None and param is None:
-                near = difflib.get_close_matches(name, list(params), n=1, cutoff=0.6)
-                report.warn(
-                    f"input '{name}' is not a parameter of {job.pipeline}"
-                    + (f" (did you mean '{near[0]}'?)" if near else "")
-                    + "; it is sent anyway, and VIP will most likely ignore it"
-                )
+                # an error, not a warning: VIP ignores unknown inputs, so a typo would
+                # silently run the pipeline with the default the user meant to change
+                report.error(unknown_input(name, job.pipeline, list(params), where=in_v))
+                continue
             ptype = (
                 str(param.get("type") or "String") if param else _guess_type(scope, raw, pipeline)
             )
@@ -535,6 +533,27 @@ def _resolve(
     ordered = {k: files[k] for k in sorted(files)}
     _check_names(ordered.values(), job, report)
     return ResolvedJob(job, variants, ordered)
+
+
+def unknown_input(name: str, pipeline: str, params: Sequence[str], *, where: str = "") -> str:
+    """The message for an input name the pipeline does not have, naming the closest real one."""
+    near = difflib.get_close_matches(name, list(params), n=1, cutoff=0.0)
+    text = f"input '{name}'{where} is not a parameter of {pipeline}"
+    if near:
+        text += f" (did you mean '{near[0]}'?)"
+    if params:
+        text += f"; its inputs are: {', '.join(sorted(params))}"
+    return text + f"; fix the name in the job file (`vip-agent pipelines {pipeline}` describes them)"
+
+
+def closest_pipelines(identifier: str, listing: Iterable[Mapping[str, Any]], n: int = 3) -> list[str]:
+    """Identifiers in ``listing`` closest to ``identifier`` (case-insensitive), best first."""
+    ids = [str(p.get("identifier")) for p in listing if p.get("identifier")]
+    lowered = {i.lower(): i for i in ids}
+    near = difflib.get_close_matches(identifier.lower(), list(lowered), n=n, cutoff=0.5)
+    name = identifier.split("/")[0].lower()
+    same_name = [i for i in ids if i.split("/")[0].lower() == name and lowered[i.lower()] not in near]
+    return ([lowered[k] for k in near] + same_name)[:n]
 
 
 def _names_local(scope: _Scope, text: str) -> bool:

@@ -160,7 +160,7 @@ def test_job_yaml_needs_one_match(server: Any, capsys: pytest.CaptureFixture[str
 
 def test_no_match(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--server", server.url, "NoSuchThing/9")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""
     assert "no pipeline matches 'NoSuchThing/9'" in err
 
 

@@ -66,8 +66,9 @@ def test_status_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str
     table = capsys.readouterr().out
     lines = table.splitlines()
     assert lines[0].startswith("agent: NOT running")
-    assert lines[1].split()[:2] == ["NAME", "STATE"]
-    row = {line.split()[0]: line for line in lines[2:]}
+    assert lines[1].split()[:3] == ["ID", "NAME", "STATE"]
+    row = {line.split()[1]: line for line in lines[2:] if line.startswith("#")}
+    assert all(row[name].startswith(f"#{ids[name]} ") for name in ids)
     assert "waiting for the marker file READY" in row["w"]
     assert "50% of 1 KB" in row["u"]
     assert "0/1 executions ended" in row["r"] and "workflow-ABC" in row["r"]

@@ -193,13 +193,13 @@ def test_missing_required_input_names_variant(ds: Path) -> None:
     assert "(variant 'b')" in only_error(report)
 
 
-def test_unknown_input_is_a_warning(ds: Path) -> None:
-    report = check(ds, {"signal_file": "params.control", "zerofill": "true"})
-    assert report.ok
-    assert report.warnings == [
-        "input 'zerofill' is not a parameter of LCModel/0.2 (did you mean 'zero_fill'?); "
-        "it is sent anyway, and VIP will most likely ignore it"
-    ]
+def test_unknown_input_is_an_error(ds: Path) -> None:
+    """VIP ignores unknown inputs: a typo would silently run with the default."""
+    msg = only_error(check(ds, {"signal_file": "params.control", "zerofill": "true"}))
+    assert msg.startswith(
+        "input 'zerofill' is not a parameter of LCModel/0.2 (did you mean 'zero_fill'?); its inputs are: "
+    )
+    assert "`vip-agent pipelines LCModel/0.2`" in msg
 
 
 def test_results_directory_is_refused(ds: Path) -> None:
@@ -326,9 +326,9 @@ def test_bad_variant(ds: Path) -> None:
     assert "variant 'x' must be a mapping" in report.errors[1]
 
 
-def test_unknown_input_in_variant_is_a_warning(ds: Path) -> None:
-    report = check(ds, {"signal_file": "params.control"}, variants={"v": {"colour": "red"}})
-    assert report.ok and "input 'colour' is not a parameter" in report.warnings[0]
+def test_unknown_input_in_variant_is_an_error(ds: Path) -> None:
+    msg = only_error(check(ds, {"signal_file": "params.control"}, variants={"v": {"colour": "red"}}))
+    assert "input 'colour' (variant 'v') is not a parameter" in msg
 
 
 def test_expect_unmatched(ds: Path) -> None:

@@ -42,7 +42,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     pid = queries.agent_pid(state)
     if pid is not None:
-        print(f"{ds.name}: cancel requested; the running agent (pid {pid or '?'}) is stopping it...")
+        print(
+            f"{ds.name}: cancel requested; the running agent (pid {pid or '?'}) is stopping it..."
+        )
         stage = actions.wait_final(journal, ds.id, args.wait)
     else:
         lock = AgentLock(state)

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.paths import DEFAULT_SERVER
-from agent.validate import has_default
+from agent.validate import closest_pipelines, has_default
 
-EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 2, 2
 PLACEHOLDER = "REPLACE_ME"
 WIDTH = 78
 
@@ -235,7 +235,8 @@ def main(args: argparse.Namespace) -> int:
 
     server = str(args.server).rstrip("/")
     with VipClient(server, _api_key(server), retries=2) as client:
-        matches = match_pipelines(client.pipelines(), args.pattern)
+        listing = client.pipelines()
+        matches = match_pipelines(listing, args.pattern)
         pattern = args.pattern or ""
         if not matches and "/" in pattern and not any(c in pattern for c in "*?["):
             # an identifier VIP hides from the list (whitelisted versions) may still resolve
@@ -244,9 +245,11 @@ def main(args: argparse.Namespace) -> int:
             except NotFoundError:
                 matches = []
         if not matches:
+            near = closest_pipelines(pattern, listing)
+            hint = f" Closest: {', '.join(near)}." if near else ""
             print(
-                f"no pipeline matches {pattern!r} on {server}. Run `vip-agent pipelines` to list "
-                "them all; your account may need to join the pipeline's group",
+                f"no pipeline matches {pattern!r} on {server}.{hint} Run `vip-agent pipelines` to "
+                "list them all; your account may need to join the pipeline's group",
                 file=sys.stderr,
             )
             return EXIT_NO_MATCH

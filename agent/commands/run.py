@@ -232,10 +232,16 @@ def main(args: argparse.Namespace) -> int:
 def dry_run(path: Path, template: Path | None, client: VipClient) -> int:
     """Validate against the pipeline and print what would be sent; send nothing."""
     from agent.jobfile import load_job, resolve_inputs
+    from agent.runner import unknown_pipeline
     from agent.validate import validate
+    from agent.vip.errors import NotFoundError
 
     job = load_job(path, template)
-    pipeline = client.pipeline(job.pipeline)
+    try:
+        pipeline = client.pipeline(job.pipeline)
+    except NotFoundError:
+        print(f"the dataset cannot be run:\n  - {unknown_pipeline(client, job.pipeline)}")
+        return EXIT_INVALID
     report = validate(job, path, pipeline)
     for w in report.warnings:
         print(f"warning: {w}")

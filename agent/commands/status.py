@@ -1,4 +1,4 @@
-"""``vip-agent status``: where every dataset stands (table, or ``--json``).
+"""``vip-agent status [NAME|#ID]``: where every dataset stands (table, or ``--json``), or one in detail.
 
 Reads the journal only (safe while an agent runs). Also says whether an agent
 holds the state folder, so "stuck at uploading" with no agent running is
@@ -11,6 +11,7 @@ import argparse
 import json
 import shutil
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -53,34 +54,136 @@ def progress_text(rec: dict[str, Any]) -> str:
 
 
 def render_table(records: list[dict[str, Any]], width: int = 120) -> str:
+    """One row per dataset; the error, last, wraps under its column instead of being cut."""
     now = time.time()
-    headers = ("NAME", "STATE", "PROGRESS", "AGE", "EXECUTIONS", "ERROR")
+    headers = ("ID", "NAME", "STATE", "PROGRESS", "AGE", "EXECUTIONS", "ERROR")
     rows = []
     for r in records:
-        error = one_line(r.get("error"))
         rows.append((
-            str(r["name"]), str(r["state"]), progress_text(r), _age(now - float(r["created"])),
-            ",".join(r.get("executions") or []) or "-", error,
+            f"#{r['id']}", str(r["name"]), str(r["state"]), progress_text(r),
+            _age(now - float(r["created"])), ",".join(r.get("executions") or []) or "-",
+            one_line(r.get("error")),
         ))  # fmt: skip
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    widths = [min(w, 40) for w in widths[:-1]] + [widths[-1]]
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(headers)
+    ]
+    widths = [min(w, 40) for w in widths[:-1]]
+    indent = sum(widths) + 2 * len(widths)
+    room = width - indent
+    if room < 30:  # too narrow beside the other columns: the error goes below its row
+        indent, room = 4, max(20, width - 4)
     lines = []
     for row in [headers, *rows]:
-        cells = [c if len(c) <= widths[i] else c[: widths[i] - 1] + "…" for i, c in enumerate(row[:-1])]
-        line = "  ".join(c.ljust(widths[i]) for i, c in enumerate(cells)) + "  " + row[-1]
-        lines.append(line[:width].rstrip() if len(line) > width else line.rstrip())
+        cells = [
+            c if len(c) <= widths[i] else c[: widths[i] - 1] + "…" for i, c in enumerate(row[:-1])
+        ]
+        head = "  ".join(c.ljust(widths[i]) for i, c in enumerate(cells))
+        error = row[-1]
+        chunks = (
+            textwrap.wrap(error, room, break_long_words=True, break_on_hyphens=False)
+            if error
+            else []
+        )
+        if indent == 4 and row is not headers:
+            lines.append(head.rstrip())
+            lines += [" " * indent + c for c in chunks]
+            continue
+        lines.append(
+            (head + "  " + (chunks[0] if chunks else (error if row is headers else ""))).rstrip()
+        )
+        lines += [" " * indent + c for c in chunks[1:]]
     return "\n".join(lines)
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return _age(seconds)
+
+
+def render_detail(d: dict[str, Any], width: int = 100) -> str:
+    """``vip-agent status NAME``: one dataset, every stage with its time, executions, outputs, logs."""
+    wrap = max(40, width - 12)
+    out = [f"#{d['id']} {d['name']}: {d['state']} (attempt {int(d.get('attempts') or 0) + 1})"]
+
+    def field(label: str, value: Any) -> None:
+        text = str(value) if value not in (None, "") else "-"
+        chunks = textwrap.wrap(text, wrap, break_long_words=True, break_on_hyphens=False) or ["-"]
+        out.append(f"  {label + ':' if label else '':<10}{chunks[0]}")
+        out.extend(" " * 12 + c for c in chunks[1:])
+
+    field("dataset", d.get("path"))
+    field("server", d.get("server"))
+    field("output", d.get("output"))
+    progress = progress_text(d)
+    if progress:
+        field("progress", progress)
+    if d.get("error"):
+        for i, line in enumerate(str(d["error"]).splitlines()):
+            field("error" if i == 0 else "", line.strip())
+    out.append("stages:")
+    for span in d.get("stages") or []:
+        took = _duration(float(span["end"]) - float(span["start"])) if span.get("end") else "(now)"
+        out.append(f"  {_clock(span['start'])}  {span['state']:<12} {took}")
+    out.append("executions:" if d.get("runs") else "executions: none")
+    for e in d.get("runs") or []:
+        out.append(
+            f"  {e.get('vip_id') or '(not launched)'}  {e['key']}  {e.get('status') or '-'}"
+            f"  launched {_clock(e.get('launched'))}, ended {_clock(e.get('ended'))}"
+        )
+    outputs = d.get("outputs") or []
+    out.append(
+        f"outputs: {len(outputs)}"
+        + (f", {sum(1 for o in outputs if o['downloaded'])} mirrored" if outputs else "")
+    )
+    for o in outputs:
+        size = _size(o["size"]) if o.get("size") is not None else "? B"
+        where = o.get("extracted_to") or o["local"]
+        state = "mirrored" if o["downloaded"] else "not mirrored"
+        out.append(f"  {o['remote']} ({size}, {state}) -> {where}")
+    out.append("logs:" if d.get("logs") else "logs: none saved yet")
+    out.extend(f"  {path}" for path in d.get("logs") or [])
+    out.append("events:")
+    for ev in d.get("events") or []:
+        level = "" if ev.get("level") in (None, "info") else f"{str(ev['level']).upper()}: "
+        out.append(f"  {_clock(ev['time'])}  {level}{ev['message']}")
+    return "\n".join(out)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_state_args(parser)
-    parser.add_argument("--json", action="store_true", help="a JSON list, one object per dataset")
-    parser.add_argument("names", nargs="*", help="only these datasets")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON: a list, one object per dataset; with one NAME|#ID, that dataset in detail",
+    )
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME|#ID",
+        help="one dataset: show it in detail; several: only these in the table",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
-    records = queries.list_records(queries.open_journal(state), args.names)
+    journal = queries.open_journal(state)
+    if len(args.names) == 1:
+        if journal is None:
+            raise queries.NotFound(f"no journal in {state}: nothing has run there yet")
+        info = queries.detail(journal, queries.find_dataset(journal, args.names[0]))
+        if args.json:
+            json.dump(info, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            print(render_detail(info, shutil.get_terminal_size((100, 20)).columns))
+        return 0
+    records = queries.list_records(journal, args.names)
     if args.json:
         json.dump(records, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -26,13 +26,12 @@ never put in a URL, a log line, an exception, or ``repr``. Redirects are not fol
 from __future__ import annotations
 
 import builtins
-import hashlib
 import heapq
+import http.client
 import itertools
 import json
 import logging
 import os
-import queue
 import random
 import re
 import socket
@@ -49,6 +48,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 
+from agent.fsutil import StreamingSync
 from agent.fsutil import fsync_dir as _fsync_dir
 from agent.vip.errors import (
     AccessDeniedError,
@@ -81,6 +81,8 @@ __all__ = ["VipClient", "Progress", "encode_path", "encode_pipeline_id"]
 Progress = Callable[[int], None]
 
 _CHUNK = 1 << 20  # download write size and upload read cap
+_READ_BUFFER = 1 << 20  # reused receive buffer of large downloads
+_DIRECT_READ_MIN = 8 << 20  # downloads at least this large are read into that buffer
 _SEND_BLOCK = 1 << 20  # socket send block (urllib3 default is 16 KiB)
 _ERROR_BODY_MAX = 64 << 10  # never read more than this of an error body
 _AUTH_CODES = frozenset({8002, 8003, 8004})
@@ -130,6 +132,12 @@ def _norm_remote(path: str) -> str:
     if any(seg in (".", "..") for seg in trimmed.split("/")):
         raise UnsafePathError(f"VIP paths cannot contain '.' or '..' segments: {path!r}")
     return trimmed
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _parent(path: str) -> str:
@@ -323,52 +331,6 @@ class _NotSent(TransientError):
     """The connection could not be opened: the request never reached the server."""
 
 
-class _Digest:
-    """SHA-256 of the bytes sent, computed off the sending thread for large files.
-
-    The sending thread hands each buffer (immutable ``bytes``, no copy) to a hasher
-    thread through a short queue; ``hashlib`` releases the GIL on large buffers, so
-    hashing runs beside ``sendall`` instead of before it. Memory stays bounded by the
-    queue (a few buffers). Small files are hashed inline: a thread would cost more.
-    """
-
-    _DEPTH = 8
-
-    def __init__(self, threaded: bool) -> None:
-        self._sha = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] | None = None
-        self._thread: threading.Thread | None = None
-        if threaded:
-            self._queue = queue.Queue(self._DEPTH)
-            self._thread = threading.Thread(target=self._run, name="vip-agent sha256", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        assert self._queue is not None
-        while (data := self._queue.get()) is not None:
-            self._sha.update(data)
-
-    def update(self, data: bytes) -> None:
-        if self._queue is None:
-            self._sha.update(data)
-        else:
-            self._queue.put(data)
-
-    def close(self) -> None:
-        """Stop the hasher thread (idempotent)."""
-        if self._queue is not None and self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._sha.hexdigest()
-
-
-#: files above this size are hashed on a second thread
-_THREADED_HASH_MIN = 4 << 20
-
-
 class _UploadBody:
     """File body streamed in bounded reads, with an exact length and progress reports.
 
@@ -385,8 +347,6 @@ class _UploadBody:
         self._size = size
         self._progress = progress
         self.sent = 0
-        #: SHA-256 of what was read, so callers get a content hash without a second read
-        self.sha256 = _Digest(threaded=size >= _THREADED_HASH_MIN)
         #: the transfer's progress guard (set by the sender)
         self.guard: _Guard | None = None
 
@@ -406,7 +366,6 @@ class _UploadBody:
                 f"({self.sent:,} of {self._size:,} bytes read)",
             )
         self.sent += len(data)
-        self.sha256.update(data)
         if self.guard is not None:
             self.guard.progress(len(data))
         if self._progress is not None:
@@ -949,10 +908,13 @@ class VipClient:
 
     # ------------------------------------------------------------------ transfers
 
-    def _put_file(
-        self, local: Path, remote: str, size: int, progress: Progress | None
-    ) -> str | None:
-        """PUT the file; returns the SHA-256 of the bytes sent when all were sent."""
+    def _put_file(self, local: Path, remote: str, size: int, progress: Progress | None) -> bool:
+        """PUT the file; True when all its bytes were sent and VIP answered 2xx.
+
+        No content hash is computed on the way (it cost more CPU than the send itself):
+        callers that must know the file did not change compare its size and mtime before
+        and after, which is what a changed file shows.
+        """
         with open(local, "rb") as handle:
             body = _UploadBody(handle, size, progress)
             body.guard = guard = self._transfer_guard()
@@ -968,8 +930,7 @@ class VipClient:
                 )
             finally:
                 guard.close()
-                body.sha256.close()
-            return body.sha256.hexdigest() if body.sent == size else None
+            return body.sent == size
 
     def _transfer_guard(self) -> _Guard:
         """A transfer has no overall deadline, only the minimum-progress rule."""
@@ -998,7 +959,7 @@ class VipClient:
 
     def upload(
         self, local: Path, remote: str, *, progress: Progress | None = None, verify: bool = True
-    ) -> str | None:
+    ) -> bool:
         """Upload file ``local`` to the (new) remote file path ``remote``, streamed.
 
         The parent folder must exist. After a transfer timeout or a network error, the
@@ -1011,7 +972,7 @@ class VipClient:
         PUT. VIP answers 201 only once the file is stored, so a caller uploading many files
         may pass False and verify them all at once with one :meth:`list` per folder (see
         :meth:`sizes`): one request per file instead of two.
-        Returns the SHA-256 of the content as streamed, or None when the upload was found
+        Returns True when this call sent the whole file, False when the upload was found
         complete on the server without a full send (after a timeout or a crash).
         """
         local = Path(local)
@@ -1027,12 +988,12 @@ class VipClient:
                 detail=f"{local} -> {remote}",
             )
         last: VipError | None = None
-        digest: str | None = None
+        sent = False
         for attempt in range(self.retries + 1):
             if attempt:
                 self._sleep(attempt - 1)
             try:
-                digest = self._put_file(local, remote, size, progress)
+                sent = self._put_file(local, remote, size, progress)
             except TransferTimeout as exc:
                 last = exc
                 state = self._watch_landing(remote, size)
@@ -1045,8 +1006,8 @@ class VipClient:
                 last = exc
                 state = self._landed(remote, size)
             else:
-                if not verify and digest is not None:
-                    return digest
+                if not verify and sent:
+                    return True
                 state = self._landed(remote, size)
                 if state == "missing":
                     last = SizeMismatch(
@@ -1056,7 +1017,7 @@ class VipClient:
             if state == "ok":
                 if last is not None:
                     log.info("upload of %s found complete on VIP after: %s", remote, last.message)
-                return digest
+                return sent
             if state == "wrong":
                 info = self.properties(remote)
                 last = SizeMismatch(
@@ -1155,6 +1116,10 @@ class VipClient:
         guard = self._transfer_guard()
         try:
             return self._get_guarded(remote, part, expected_size, progress, guard)
+        except TransientError as exc:
+            if guard.expired and not isinstance(exc, DeadlineExceeded):
+                raise self._expired(guard, f"download of {remote}", exc) from None
+            raise
         finally:
             guard.close()
 
@@ -1190,22 +1155,34 @@ class VipClient:
                     http_status=200,
                 )
             count = 0
+
+            def moved(n: int) -> None:
+                guard.progress(n)
+                if progress is not None:
+                    progress(n)
+
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            sync = StreamingSync(fd)
             try:
-                with open(part, "wb") as out:
-                    for chunk in _body_chunks(resp, guard):
-                        out.write(chunk)
-                        count += len(chunk)
-                        if progress is not None:
-                            progress(len(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())
-            except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-                if guard.expired:
-                    raise self._expired(guard, f"download of {remote}", exc) from None
-                raise TransientError(
-                    f"the download of {remote} was interrupted after {count:,} bytes",
-                    detail=self._scrub(f"{type(exc).__name__}: {exc}"),
-                ) from None
+                if length is not None and length >= _DIRECT_READ_MIN:
+                    count = self._read_direct(resp, fd, sync, remote, moved)
+                else:
+                    try:
+                        for chunk in _body_chunks(resp, guard):
+                            _write_all(fd, chunk)
+                            count += len(chunk)
+                            if progress is not None:
+                                progress(len(chunk))
+                    except (requests.exceptions.RequestException, OSError,
+                            http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
+                        raise TransientError(
+                            f"the download of {remote} was interrupted after {count:,} bytes",
+                            detail=self._scrub(f"{type(exc).__name__}: {exc}"),
+                        ) from None
+                sync.finish()
+            finally:
+                sync.stop()
+                os.close(fd)
         for wanted, label in ((length, "announced"), (expected_size, "expected")):
             if wanted is not None and count != wanted:
                 raise SizeMismatch(
@@ -1213,6 +1190,44 @@ class VipClient:
                     http_status=200,
                 )
         return count
+
+    def _read_direct(
+        self, resp: requests.Response, fd: int, sync: StreamingSync, remote: str,
+        progress: Progress | None,
+    ) -> int:
+        """Large bodies: read from the socket straight into one reused buffer, then write it.
+
+        One copy less and no new ``bytes`` per piece compared with ``iter_content``; the
+        connection is not reused afterwards (worth it only for large files).
+        """
+        raw = resp.raw
+        fp = getattr(raw, "_fp", None)
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        buf = bytearray(_READ_BUFFER)
+        view = memoryview(buf)
+        if fp is not None and hasattr(fp, "readinto") and encoding in ("", "identity"):
+            readinto = fp.readinto
+        else:
+            def readinto(target: memoryview) -> int:
+                data = raw.read(len(target), decode_content=True)
+                target[: len(data)] = data
+                return len(data)
+        count = 0
+        while True:
+            try:
+                n = readinto(view)
+            except (OSError, http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
+                raise TransientError(
+                    f"the download of {remote} was interrupted after {count:,} bytes",
+                    detail=self._scrub(f"{type(exc).__name__}: {exc}"),
+                ) from None
+            if not n:
+                return count
+            _write_all(fd, view[:n])
+            sync.wrote(n)
+            count += n
+            if progress is not None:
+                progress(n)
 
     # ------------------------------------------------------------------ pipelines
 

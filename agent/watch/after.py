@@ -137,7 +137,7 @@ def finish(ds: Dataset, drop: DropConfig, journal: Journal) -> Path | None:
     if ds.stage == "failed":
         report = write_error_report(ds, journal, path)
         first = one_line(ds.error) or "unknown error"
-        log.warning("%s failed: %s (see %s)", ds.name, first, report)
+        log.info("%s failed: %s (see %s)", ds.name, first, report)
         if drop.failed_dir is not None and path.parent == drop.path:
             return _move_any(ds, path, drop.failed_dir, journal, "failed")
         return path

@@ -1,0 +1,110 @@
+"""What the status page shows and does, on top of the journal (``agent.web.StatusSource``).
+
+Reads go through :mod:`agent.queries` (so ``/api/datasets`` is exactly ``vip-agent
+status --json``) and actions through :mod:`agent.actions` (the same as the CLI's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.health import Health
+from agent.journal import Journal
+from agent.timeline import segments
+
+#: bytes of each execution log shown on the page (its end)
+LOG_TAIL = 64 * 1024
+MAX_LOGS = 20
+
+
+class JournalSource:
+    """A :class:`agent.web.StatusSource` for a running service."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        health: Callable[[], Health],
+        *,
+        metrics: Callable[[], bytes] | None = None,
+        after_action: Callable[[int], None] | None = None,
+    ) -> None:
+        self.journal = journal
+        self._health = health
+        self._metrics = metrics
+        #: tells the scheduler to look at a dataset now (instead of at its next journal poll)
+        self.after_action = after_action
+
+    def datasets(self) -> list[dict[str, Any]]:
+        from agent.queries import list_records
+
+        return list_records(self.journal)
+
+    def dataset(self, dataset_id: int) -> dict[str, Any]:
+        from agent.queries import detail
+
+        ds = self.journal.get(dataset_id)  # KeyError: 404
+        rec = detail(self.journal, ds)
+        rec["segments"] = [s.to_json() for s in segments(self.journal.events(ds.id, limit=100_000))]
+        rec["log_texts"] = [_tail(Path(p)) for p in list(rec.get("logs") or [])[:MAX_LOGS]]
+        return rec
+
+    def timeline(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.journal.datasets(
+            where="id IN (SELECT id FROM datasets WHERE stage != 'waiting' ORDER BY id DESC LIMIT ?)",
+            params=(limit,),
+        )
+        out = []
+        for ds in rows:
+            segs = segments(self.journal.events(ds.id, limit=5000))
+            out.append({
+                "id": ds.id, "name": ds.name, "state": ds.state, "created": ds.created,
+                "finished": ds.finished, "segments": [s.to_json() for s in segs],
+            })  # fmt: skip
+        return out
+
+    def health(self) -> dict[str, Any]:
+        return self._health().to_json()
+
+    def act(self, action: str, dataset_id: int) -> str:
+        from agent.actions import cancel, rerun, retry
+
+        ds = self.journal.get(dataset_id)
+        if action == "retry":
+            retry(self.journal, ds)
+            message = f"{ds.name}: retry requested (a new attempt starts within seconds)"
+        elif action == "rerun":
+            rerun(self.journal, ds)
+            message = f"{ds.name}: runs again as a new attempt"
+        elif action == "cancel":
+            outcome = cancel(self.journal, ds)
+            message = {
+                "final": f"{ds.name} had already ended ({ds.state})",
+                "cancelled": f"{ds.name}: cancelled",
+            }.get(outcome, f"{ds.name}: cancel requested (the agent stops it and cleans the server)")
+        else:
+            raise KeyError(action)
+        if self.after_action is not None:
+            self.after_action(dataset_id)
+        return message
+
+    def metrics(self) -> bytes:
+        if self._metrics is None:
+            return b""
+        return self._metrics()
+
+
+def _tail(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            if size > LOG_TAIL:
+                fh.seek(size - LOG_TAIL)
+            data = fh.read(LOG_TAIL)
+    except OSError as err:
+        return {"path": str(path), "size": None, "text": f"(cannot read: {err.strerror or err})"}
+    text = data.decode("utf-8", errors="replace")
+    if size > LOG_TAIL:
+        text = f"… (last {LOG_TAIL // 1024} KiB of {size} bytes)\n" + text
+    return {"path": str(path), "size": size, "text": text}

@@ -1,0 +1,115 @@
+"""The status page in a real headless Chromium (Debian's chromium + chromium-driver, selenium).
+
+One page load for the whole story: a dataset is seen uploading then done, a failed one
+shows its full error, and Retry (with the token typed into the page's form) sends it
+again; the page follows every change by itself, never reloading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from agenthelpers import wait_for, write_dataset
+from webhelpers import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    TEMPLATE,
+    Page,
+    chromium,
+    make_drop,
+    page_service,
+    require_tool,
+)
+
+from agent.journal import Journal
+from agent.localvip import LocalVip
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    require_tool(CHROMIUM, "chromium")
+    require_tool(CHROMEDRIVER, "chromium-driver")
+    driver = chromium(tmp_path / "profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def js(browser: Any, script: str) -> Any:
+    return browser.execute_script(script)
+
+
+def row_state(browser: Any, name: str) -> str | None:
+    return js(browser, f"""
+        const a = [...document.querySelectorAll('#datasets tbody tr')]
+          .find((tr) => tr.querySelector('td.name')?.textContent === {name!r});
+        return a ? a.dataset.state : null;""")  # fmt: skip
+
+
+def test_page_follows_datasets_and_retries_with_the_token(
+    tmp_path: Path, vip_server: LocalVip, browser: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
+    drop = make_drop(tmp_path)
+    service = page_service(tmp_path, vip_server.url, drop)
+    service.start()
+    journal = Journal.in_state_dir(tmp_path / "state")
+    try:
+        page = Page(tmp_path / "state")
+        browser.get(page.url)
+        wait_for(lambda: js(browser, "return document.querySelector('#conn').dataset.ok === '1'"),
+                 timeout=15, what="page live")  # fmt: skip
+        js(browser, "window.loadedOnce = 'yes'")  # lost if the page ever reloads
+
+        # uploading, seen while the server holds every upload for a while, then done
+        vip_server.faults.latency = 1.5
+        vip_server.faults.match = r"^/rest/path/"
+        vip_server.faults.methods = frozenset({"PUT"})
+        write_dataset(drop / "scan-slow", {"data.txt": "slow\n" * 1000})
+        wait_for(lambda: row_state(browser, "scan-slow") == "uploading", timeout=30, interval=0.05,
+                 what="row shows uploading")  # fmt: skip
+        vip_server.faults.latency = 0.0
+        wait_for(lambda: row_state(browser, "scan-slow") == "done", timeout=30, what="row shows done")
+
+        # a failed dataset: its whole error, every line, in its row
+        write_dataset(drop / "scan-typo", {"date.txt": "typo\n"})
+        wait_for(lambda: row_state(browser, "scan-typo") == "failed", timeout=30, what="row shows failed")
+        (failed,) = [d for d in journal.datasets() if d.name == "scan-typo"]
+        assert failed.error and "\n" in failed.error
+        shown = js(browser, f"return document.querySelector('tr[data-id=\"{failed.id}\"] td.error').innerText")
+        assert shown.strip() == failed.error.strip()
+        assert "(did you mean 'date.txt'?)" in shown
+
+        # fix the drop folder's job.yaml (editing the dataset itself would make it a new run),
+        # open the dataset, Retry: the page asks for the token (a wrong one is refused)
+        (drop / "job.yaml").write_text(yaml.safe_dump({**TEMPLATE, "inputs": {"input_file": "*.txt"}}))
+        browser.find_element("css selector", f'tr[data-id="{failed.id}"] td.name a').click()
+        wait_for(lambda: js(browser, "return !document.querySelector('#act-retry').disabled"), timeout=10)
+        browser.find_element("id", "act-retry").click()
+        wait_for(lambda: js(browser, "return document.querySelector('#token-dialog').open"), timeout=5)
+        browser.find_element("id", "token-input").send_keys("wrong-token")
+        browser.find_element("id", "token-save").click()
+        wait_for(lambda: "refused" in js(browser, "return document.querySelector('#toast').textContent"),
+                 timeout=10, what="wrong token refused")  # fmt: skip
+        wait_for(lambda: js(browser, "return document.querySelector('#token-dialog').open"), timeout=5)
+        assert journal.get(failed.id).attempts == 0
+        browser.find_element("id", "token-input").send_keys(page.token)
+        browser.find_element("id", "token-save").click()
+        wait_for(lambda: journal.get(failed.id).attempts == 1, timeout=10, what="retry recorded")
+        wait_for(lambda: js(browser, "return document.querySelector('#d-state').dataset.state") == "done",
+                 timeout=30, what="detail shows done")  # fmt: skip
+        assert js(browser, "return document.querySelector('#d-error').hidden")
+        assert js(browser, "return window.loadedOnce") == "yes"  # updated in place, never reloaded
+        assert js(browser, "return document.querySelectorAll('#d-execs tbody tr td.mono').length") >= 1
+        segments = js(browser, "return [...document.querySelectorAll('#d-stages .seg b')].map((b) => b.textContent)")
+        assert segments[:3] == ["validate", "upload", "queue"] and "run" in segments
+        logs = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
+        assert not [e for e in logs if "401" not in e.get("message", "")], logs  # no script error, no CSP refusal
+    finally:
+        vip_server.faults.latency = 0.0
+        service.stop()
