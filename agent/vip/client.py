@@ -1173,7 +1173,7 @@ class VipClient:
                             count += len(chunk)
                             if progress is not None:
                                 progress(len(chunk))
-                    except (requests.exceptions.RequestException, OSError,
+                    except (requests.exceptions.RequestException,
                             http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
                         raise TransientError(
                             f"the download of {remote} was interrupted after {count:,} bytes",
