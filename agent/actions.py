@@ -1,5 +1,8 @@
 """What a user may do to a dataset: retry, rerun, cancel. The CLI and the web page call these.
 
+An ``incomplete`` dataset (outputs left on VIP, see ``agent.leftovers``) is not run
+again: ``retry`` fetches only what was left, ``cancel(discard=True)`` deletes it.
+
 Each action writes its request to the journal; the agent that holds the state
 folder (it polls the journal) does the work. :func:`cancel_here` is for when no
 agent runs: it drives the runner itself, under the state folder's lock.
@@ -12,12 +15,14 @@ import time
 from pathlib import Path
 
 from agent.errors import AgentError, CredentialError
-from agent.journal import Dataset, Journal
+from agent.journal import RETRYABLE_STAGES, Dataset, Journal
+from agent.leftovers import left_on_vip
 from agent.watch.after import error_file
 from agent.watch.readiness import current_fingerprint
 
-#: stages :func:`retry` accepts (a done dataset needs :func:`rerun`)
-RETRYABLE = ("failed", "cancelled")
+#: stages :func:`retry` accepts (a done dataset needs :func:`rerun`; an incomplete one is
+#: fetched, not run again)
+RETRYABLE = RETRYABLE_STAGES
 
 
 class CannotRetry(AgentError):
@@ -50,11 +55,22 @@ def _again(journal: Journal, ds: Dataset) -> Dataset:
 
 
 def retry(journal: Journal, ds: Dataset) -> Dataset:
-    """Run a failed or cancelled dataset again (a new attempt); returns it, now ``validating``."""
+    """Run a failed or cancelled dataset again (a new attempt); returns it, now ``validating``.
+
+    An incomplete dataset goes back to ``mirror`` instead: only the outputs left on VIP
+    are fetched (the limit is asked again), then VIP is cleaned.
+    """
+    if ds.stage == "incomplete":
+        left = left_on_vip(journal, ds.id)
+        journal.reopen(
+            ds.id, "mirror", message=f"retry: fetching the {len(left)} output file(s) left on VIP"
+        )
+        return journal.get(ds.id)
     if ds.stage not in RETRYABLE:
         hint = " (use `vip-agent rerun` to run a finished dataset again)" if ds.final else ""
         raise CannotRetry(
-            f"{ds.name} is {ds.state}; only a failed or cancelled dataset can be retried{hint}"
+            f"{ds.name} is {ds.state}; only a failed, cancelled or incomplete dataset can be "
+            f"retried{hint}"
         )
     return _again(journal, ds)
 
@@ -63,13 +79,35 @@ def rerun(journal: Journal, ds: Dataset) -> Dataset:
     """Run any finished dataset (done too) again as a new attempt, into a new output folder."""
     if not ds.final:
         raise CannotRetry(f"{ds.name} is {ds.state}; wait until it has finished, or cancel it")
+    if ds.stage == "incomplete":
+        # a new attempt forgets this one's outputs: what is left on VIP would stay forever
+        raise CannotRetry(
+            f"{ds.name} is incomplete: outputs are still on VIP. Fetch them first (`vip-agent "
+            f"retry {ds.name}`) or delete them (`vip-agent cancel {ds.name} --discard`)"
+        )
     return _again(journal, ds)
 
 
-def cancel(journal: Journal, ds: Dataset) -> str:
+def cancel(journal: Journal, ds: Dataset, *, discard: bool = False) -> str:
     """Ask for a dataset to stop; returns ``"final"`` (it had already ended),
-    ``"cancelled"`` (it was only waiting for its files: done at once) or
-    ``"requested"`` (the agent kills its executions and cleans the server)."""
+    ``"cancelled"`` (it was only waiting for its files: done at once),
+    ``"requested"`` (the agent kills its executions and cleans the server) or
+    ``"incomplete"`` (outputs are left on VIP and ``discard`` was not given).
+
+    ``discard`` on an incomplete dataset deletes what was left on VIP (with its
+    execution); it then ends ``cancelled``, its mirrored outputs kept.
+    """
+    if ds.stage == "incomplete":
+        if not discard:
+            return "incomplete"
+        left = left_on_vip(journal, ds.id)
+        journal.update(ds.id, options={**ds.options, "discard": True})
+        journal.reopen(
+            ds.id, "cleanup", cancel=True,
+            message=f"discard requested by the user: deleting the {len(left)} output file(s) "
+                    "left on VIP",
+        )  # fmt: skip
+        return "requested"
     if ds.final:
         return "final"
     if ds.stage == "waiting":

@@ -61,7 +61,8 @@ class Readiness:
 
 @dataclass(frozen=True)
 class Limits:
-    """How much runs at once for one drop folder (``max_running`` is per server)."""
+    """How much runs at once for one drop folder (``max_running`` is per server:
+    see :meth:`AgentConfig.max_running`)."""
 
     max_uploads: int = 2
     max_downloads: int = 2
@@ -155,6 +156,15 @@ class AgentConfig:
     log_format: str = "text"
     source: Path | None = None  # the file it came from (None: command-line arguments)
     http: HttpSettings | None = None  # None: no status page
+
+    def max_running(self, server: str) -> int:
+        """The running-executions cap of ``server``: the one place it is decided.
+
+        ``max_running`` is set per drop folder but counts per server: when several drop
+        folders share a server, the smallest of their values applies to all of them.
+        """
+        caps = [d.limits.max_running for d in self.drops if d.server == server]
+        return min(caps) if caps else Limits().max_running
 
     def drop_for(self, path: str | Path | None) -> DropConfig | None:
         """The drop folder a dataset recorded with ``drop_dir=path`` belongs to."""

@@ -177,7 +177,7 @@ class WatchService:
         drop = self.config.drop_for(drop_dir)
         if drop is not None:
             return drop.limits
-        return Limits(max_running=self.max_running())
+        return Limits()
 
     def tuning_for(self, ds: Any) -> Tuning:
         """A dataset's polling and transfer settings, from its drop folder (as configured now)."""
@@ -187,9 +187,8 @@ class WatchService:
         return Tuning(poll_min=drop.poll_min, poll_max=drop.poll_max,
                       parallelism=drop.transfer_parallelism)
 
-    def max_running(self, server: str | None = None) -> int:
-        caps = [d.limits.max_running for d in self.config.drops if server in (None, d.server)]
-        return min(caps) if caps else 1
+    def max_running(self, server: str) -> int:
+        return self.config.max_running(server)
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -215,7 +214,7 @@ class WatchService:
             self.journal,
             self.client_for,
             stop_event=self.stop_event,
-            max_running=lambda: self.max_running(),
+            max_running=self.max_running,
             **{"tuning_for": self.tuning_for, **self.runner_options},
         )
         self.scheduler = Scheduler(
@@ -399,6 +398,8 @@ class WatchService:
         drop = self.config.drop_for(ds.drop_dir)
         if ds.stage == "done":
             log.info("%s: done; outputs in %s", ds.name, ds.output_dir)
+        elif ds.stage == "incomplete":
+            log.warning("%s: incomplete: %s", ds.name, ds.error)
         elif ds.stage == "cancelled":
             log.info("%s: cancelled", ds.name)
         self.oversight.dataset_final(ds, drop)

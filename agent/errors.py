@@ -44,6 +44,10 @@ class ConfigError(AgentError):
     exit_code = 2
 
 
+class StateFolderError(ConfigError):
+    """The state folder (journal, lock) is missing, read-only or of a newer release."""
+
+
 class ValidationError(AgentError):
     """A dataset does not fit its pipeline; every problem is listed."""
 

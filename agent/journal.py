@@ -9,32 +9,74 @@ same file at once. No API key is ever written here.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from agent.errors import StateFolderError
+
 JOURNAL_NAME = "journal.sqlite3"
 
-#: internal stages, in order
-STAGES = (
-    "waiting",
-    "validate",
-    "upload",
-    "launch",
-    "monitor",
-    "mirror",
-    "extract",
-    "cleanup",
-    "done",
-    "failed",
-    "cancelled",
-)
-FINAL_STAGES = frozenset({"done", "failed", "cancelled"})
+
+class Stage(str, Enum):
+    """Internal stages, in order. Equal to (and stored as) their lowercase text."""
+
+    WAITING = "waiting"
+    VALIDATE = "validate"
+    UPLOAD = "upload"
+    LAUNCH = "launch"
+    MONITOR = "monitor"
+    MIRROR = "mirror"
+    EXTRACT = "extract"
+    CLEANUP = "cleanup"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    #: ended with every output it could mirror; outputs too large to download stay on VIP
+    INCOMPLETE = "incomplete"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STAGES = tuple(s.value for s in Stage)
+FINAL_STAGES = frozenset({Stage.DONE, Stage.FAILED, Stage.CANCELLED, Stage.INCOMPLETE})
+
+_S = Stage
+#: the only stage changes :meth:`Journal.set_stage` accepts (staying in a non-final stage is
+#: always allowed). Any stage before ``done`` may fail or be cancelled; every final stage may
+#: be run again (``validate``: retry, rerun); ``failed`` and ``incomplete`` may be cancelled
+#: (the server is cleaned).
+TRANSITIONS: dict[Stage, frozenset[Stage]] = {
+    _S.WAITING: frozenset({_S.VALIDATE, _S.CANCELLED, _S.FAILED}),
+    _S.VALIDATE: frozenset({_S.UPLOAD, _S.FAILED, _S.CANCELLED}),
+    _S.UPLOAD: frozenset({_S.LAUNCH, _S.FAILED, _S.CANCELLED}),
+    _S.LAUNCH: frozenset({_S.MONITOR, _S.FAILED, _S.CANCELLED}),
+    _S.MONITOR: frozenset({_S.MIRROR, _S.FAILED, _S.CANCELLED}),
+    _S.MIRROR: frozenset({_S.EXTRACT, _S.CLEANUP, _S.FAILED, _S.CANCELLED, _S.INCOMPLETE}),
+    _S.EXTRACT: frozenset({_S.CLEANUP, _S.FAILED, _S.CANCELLED, _S.INCOMPLETE}),
+    _S.CLEANUP: frozenset({_S.DONE, _S.FAILED, _S.CANCELLED, _S.INCOMPLETE}),
+    _S.DONE: frozenset({_S.VALIDATE}),  # `vip-agent rerun`
+    _S.FAILED: frozenset({_S.VALIDATE, _S.CANCELLED}),
+    _S.CANCELLED: frozenset({_S.VALIDATE}),
+    # retry fetches what was left on VIP (mirror); cancel --discard deletes it (cleanup)
+    _S.INCOMPLETE: frozenset({_S.VALIDATE, _S.CANCELLED, _S.MIRROR, _S.CLEANUP}),
+}
+#: SQL list of the stages the runner still works on (for ``stage IN (...)``)
+ACTIVE_STAGES_SQL = "(" + ",".join(
+    f"'{s.value}'" for s in Stage if s not in FINAL_STAGES and s is not Stage.WAITING
+) + ")"
+#: for SQL: ``stage NOT IN {FINAL_SQL}``
+FINAL_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(FINAL_STAGES)) + ")"
+#: final stages a dataset may be retried (or run again) from
+RETRYABLE_STAGES = frozenset({_S.FAILED, _S.CANCELLED, _S.INCOMPLETE})
 
 #: internal stage -> public state shown by ``vip-agent status``
 PUBLIC_STATE = {
@@ -47,11 +89,50 @@ PUBLIC_STATE = {
     "extract": "downloading",
     "cleanup": "cleaning",
     "done": "done",
+    "incomplete": "incomplete",
     "failed": "failed",
     "cancelled": "cancelled",
 }
 
-_SCHEMA = """
+
+class IllegalTransition(RuntimeError):
+    """A stage change the table forbids: a bug in vip-agent, never a user mistake."""
+
+
+class JournalError(StateFolderError):
+    """The journal cannot be opened (folder missing or read-only) or is from a newer release."""
+
+
+def check_transition(old: str, new: str) -> None:
+    """Raise :class:`IllegalTransition` unless ``old -> new`` is in :data:`TRANSITIONS`."""
+    try:
+        src, dst = Stage(old), Stage(new)
+    except ValueError:
+        raise IllegalTransition(f"unknown stage in {old!r} -> {new!r}") from None
+    if src == dst and src not in FINAL_STAGES:
+        return
+    if dst not in TRANSITIONS[src]:
+        raise IllegalTransition(f"illegal stage change {src.value} -> {dst.value}")
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One forward step of the journal's schema: ``PRAGMA user_version`` becomes ``version``.
+
+    Steps run in order, each in the same transaction as the version bump, so a crash
+    mid-migration leaves the journal at the previous version. To change the schema,
+    append a step (never edit a released one): e.g.
+    ``Migration(2, "files.group", ("ALTER TABLE files ADD COLUMN grp INTEGER",))``.
+    """
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+#: the schema of release 0.1.0 (which set no user_version: such a journal is at 0)
+_SCHEMA_0_1_0 = (
+    """
 CREATE TABLE IF NOT EXISTS datasets (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -76,8 +157,12 @@ CREATE TABLE IF NOT EXISTS datasets (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     finished REAL
-);
-CREATE INDEX IF NOT EXISTS datasets_path ON datasets(path, fingerprint);
+)
+""",
+    """
+CREATE INDEX IF NOT EXISTS datasets_path ON datasets(path, fingerprint)
+""",
+    """
 CREATE TABLE IF NOT EXISTS files (
     dataset_id INTEGER NOT NULL REFERENCES datasets(id),
     rel TEXT NOT NULL,
@@ -87,7 +172,9 @@ CREATE TABLE IF NOT EXISTS files (
     remote TEXT,
     uploaded INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dataset_id, rel)
-);
+)
+""",
+    """
 CREATE TABLE IF NOT EXISTS executions (
     dataset_id INTEGER NOT NULL REFERENCES datasets(id),
     key TEXT NOT NULL,
@@ -104,7 +191,9 @@ CREATE TABLE IF NOT EXISTS executions (
     logs_saved INTEGER NOT NULL DEFAULT 0,
     cleaned INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dataset_id, key)
-);
+)
+""",
+    """
 CREATE TABLE IF NOT EXISTS outputs (
     dataset_id INTEGER NOT NULL REFERENCES datasets(id),
     remote TEXT NOT NULL,
@@ -115,7 +204,9 @@ CREATE TABLE IF NOT EXISTS outputs (
     extracted INTEGER NOT NULL DEFAULT 0,
     extracted_to TEXT,
     PRIMARY KEY (dataset_id, remote)
-);
+)
+""",
+    """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     dataset_id INTEGER,
@@ -123,9 +214,21 @@ CREATE TABLE IF NOT EXISTS events (
     level TEXT NOT NULL,
     stage TEXT,
     message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_dataset ON events(dataset_id, id);
-"""
+)
+""",
+    """
+CREATE INDEX IF NOT EXISTS events_dataset ON events(dataset_id, id)
+""",
+)
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "release 0.1.0 tables (user_version added)", _SCHEMA_0_1_0),
+    Migration(2, "outputs.remote_deleted: a mirrored output already deleted on VIP", (
+        "ALTER TABLE outputs ADD COLUMN remote_deleted INTEGER NOT NULL DEFAULT 0",
+    )),
+]
+#: the schema version this code writes; a journal above it is refused
+SCHEMA_VERSION = MIGRATIONS[-1].version
 
 _JSON_COLUMNS = frozenset({"options", "job", "progress", "inputs", "jobs"})
 
@@ -151,7 +254,7 @@ class Dataset:
     path: str
     drop_dir: str | None
     fingerprint: str | None
-    stage: str
+    stage: Stage
     paused: str | None
     error: str | None
     error_detail: str | None
@@ -221,6 +324,8 @@ class Output:
     downloaded: int
     extracted: int
     extracted_to: str | None
+    #: the server's copy was deleted (mirrored outputs of an ``incomplete`` dataset)
+    remote_deleted: int = 0
 
 
 @dataclass
@@ -242,9 +347,67 @@ class Journal:
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # executescript commits by itself: it cannot run inside _write()
-        self._db().executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._migrate()
+        except sqlite3.Error as err:
+            self.close()
+            raise self._unusable(err) from None
+        except OSError as err:
+            raise self._unusable(err) from None
+
+    def _unusable(self, err: BaseException) -> JournalError:
+        folder = self.path.parent
+        if not folder.is_dir():
+            why = "does not exist and cannot be created"
+        elif not os.access(folder, os.W_OK | os.X_OK) or (
+            self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK)
+        ):
+            why = "is not writable by this user"
+        else:
+            why = "holds a journal that cannot be opened"
+        return JournalError(
+            f"the state folder {folder} {why}; fix its permissions or give another --state "
+            "(or `state:` in agent.yaml)",
+            detail=f"{self.path}: {err}",
+        )
+
+    def _migrate(self) -> None:
+        """Bring the file to :data:`SCHEMA_VERSION`, or refuse one from a newer release."""
+        # looked at before _db() switches the file to WAL: a refused journal stays as it was
+        peek = sqlite3.connect(self.path, timeout=30)
+        try:
+            version = int(peek.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            peek.close()
+        if version == SCHEMA_VERSION:
+            return
+        self._refuse_newer(version)
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # another process may have migrated it while we waited for the lock
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            self._refuse_newer(version)
+            for step in MIGRATIONS:
+                if step.version > version:
+                    for statement in step.statements:
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {int(step.version)}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _refuse_newer(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            self.close()
+            raise JournalError(
+                f"the journal {self.path} was written by a newer vip-agent (journal version "
+                f"{version}; this vip-agent knows up to {SCHEMA_VERSION}). Upgrade vip-agent, "
+                "or use another state folder (--state); the journal was not changed",
+                detail=f"PRAGMA user_version = {version}",
+            )
 
     @classmethod
     def in_state_dir(cls, state_dir: Path | str) -> Journal:
@@ -297,8 +460,7 @@ class Journal:
         error_detail: str | None = None,
     ) -> int:
         """Record a new dataset; returns its id."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}")
+        stage = Stage(stage).value
         now = time.time()
         with self._write() as db:
             cur = db.execute(
@@ -373,20 +535,27 @@ class Journal:
         detail: str | None = None,
         level: str | None = None,
     ) -> None:
-        """Move a dataset to ``stage`` and record why, in one transaction."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}")
+        """Move a dataset to ``stage`` and record why, in one transaction.
+
+        Raises :class:`IllegalTransition` (nothing written) for a change
+        :data:`TRANSITIONS` does not allow, and :class:`KeyError` for an unknown id.
+        """
+        stage = Stage(stage)
         now = time.time()
         with self._write() as db:
+            row = db.execute("SELECT stage FROM datasets WHERE id=?", (dataset_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no dataset with id {dataset_id}")
+            check_transition(row["stage"], stage)
             db.execute(
                 "UPDATE datasets SET stage=?, error=?, error_detail=?, updated=?,"
                 " finished=CASE WHEN ? THEN ? ELSE NULL END WHERE id=?",
-                (stage, error, detail, now, stage in FINAL_STAGES, now, dataset_id),
+                (stage.value, error, detail, now, stage in FINAL_STAGES, now, dataset_id),
             )
-            text = message or (error if error else f"stage {stage}")
+            text = message or (error if error else f"stage {stage.value}")
             db.execute(
                 "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
-                (dataset_id, now, level or ("error" if error else "info"), stage, text),
+                (dataset_id, now, level or ("error" if error else "info"), stage.value, text),
             )
 
     def reset_for_retry(self, dataset_id: int, *, fingerprint: str | None = None) -> int:
@@ -398,9 +567,12 @@ class Journal:
         """
         now = time.time()
         with self._write() as db:
-            row = db.execute("SELECT attempts FROM datasets WHERE id=?", (dataset_id,)).fetchone()
+            row = db.execute(
+                "SELECT attempts, stage FROM datasets WHERE id=?", (dataset_id,)
+            ).fetchone()
             if row is None:
                 raise KeyError(f"no dataset with id {dataset_id}")
+            check_transition(row["stage"], Stage.VALIDATE)
             attempt = int(row["attempts"]) + 1
             for table in ("files", "executions", "outputs"):
                 db.execute(f"DELETE FROM {table} WHERE dataset_id=?", (dataset_id,))
@@ -416,6 +588,28 @@ class Journal:
                 (dataset_id, now, "info", "validate", f"retry requested (attempt {attempt + 1})"),
             )
         return attempt
+
+    def reopen(self, dataset_id: int, stage: str, *, message: str, cancel: bool = False) -> None:
+        """Send an ``incomplete`` dataset back to ``stage``, keeping its plan and outputs.
+
+        ``mirror`` fetches what was left on VIP (``retry``); ``cleanup`` with ``cancel``
+        deletes it (``cancel --discard``). Other final stages go through ``reset_for_retry``.
+        """
+        stage = Stage(stage)
+        check_transition(Stage.INCOMPLETE, stage)
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE datasets SET stage=?, cancel_requested=?, error=NULL, error_detail=NULL,"
+                " progress=NULL, finished=NULL, updated=? WHERE id=? AND stage='incomplete'",
+                (stage.value, 1 if cancel else 0, now, dataset_id),
+            )
+            if cur.rowcount != 1:
+                raise ValueError(f"dataset {dataset_id} is not incomplete")
+            db.execute(
+                "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
+                (dataset_id, now, "info", stage.value, message),
+            )
 
     # -- events ----------------------------------------------------------------
     def event(self, dataset_id: int | None, message: str, *, level: str = "info") -> None:
@@ -558,4 +752,5 @@ class Journal:
     def _dataset(row: sqlite3.Row) -> Dataset:
         values = {k: _decode(k, row[k]) for k in row.keys()}
         values["options"] = values["options"] or {}
+        values["stage"] = Stage(values["stage"])
         return Dataset(**values)

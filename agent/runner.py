@@ -38,6 +38,7 @@ from agent.errors import AgentError, ValidationError
 from agent.extract import has_archive_name, safe_extract
 from agent.fsutil import write_atomic
 from agent.journal import FINAL_STAGES, Dataset, Journal
+from agent.leftovers import remove_left_file, summary, write_left_file
 from agent.session_data import write_session_data
 from agent.vip.client import VipClient
 from agent.vip.errors import (
@@ -46,6 +47,7 @@ from agent.vip.errors import (
     LaunchUncertain,
     NotFoundError,
     SourceChanged,
+    TooLargeError,
     TransientError,
     UnsafePathError,
     VipError,
@@ -230,7 +232,7 @@ class Runner:
         client_for: ClientFactory,
         *,
         stop_event: threading.Event | None = None,
-        max_running: Callable[[], int | None] | int | None = None,
+        max_running: Callable[[str], int | None] | int | None = None,
         transfer_threads: int = DEFAULT_PARALLELISM,
         progress: Callable[[int, str, int, int], None] | None = None,
         poll_min: float = DEFAULT_POLL_MIN,
@@ -560,6 +562,8 @@ class Runner:
         """Launch the first execution; the others launch from ``monitor`` as slots free up."""
         pending = [e for e in self.journal.executions(ds.id) if not e.vip_id]
         if pending:
+            if not self.slot_free(ds.server):
+                return StepOutcome("launch", self.poll_min)
             self._launch(ds, pending[0])
         self.journal.set_stage(ds.id, "monitor", message="execution launched")
         return StepOutcome("monitor", self._poll_interval(ds, self.journal.executions(ds.id)))
@@ -577,7 +581,7 @@ class Runner:
 
         executions = self.journal.executions(ds.id)
         pending = [e for e in executions if not e.vip_id]
-        if pending and self._slot_free(ds.server):
+        if pending and self.slot_free(ds.server):
             try:
                 self._launch(ds, pending[0])
             except CapacityError:
@@ -686,10 +690,14 @@ class Runner:
         out_dir = Path(ds.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         outputs_root = PurePosixPath(ds.remote_root) / "OUTPUTS"
-        limit = _max_download(client)
+        # outputs already known and not mirrored: a retry of an incomplete dataset (or a
+        # resume); the server's limit may have been raised since it was cached
+        limit = _max_download(
+            client, refresh=any(not o.downloaded for o in self.journal.outputs(ds.id))
+        )
         for e in self.journal.executions(ds.id):
-            if not e.vip_id or e.status == "Lost":
-                continue
+            if not e.vip_id or e.status == "Lost" or e.cleaned:
+                continue  # a cleaned one is deleted: its outputs were all mirrored
             for info in client.results(e.vip_id):
                 if not info.exists or info.is_dir:
                     continue
@@ -716,6 +724,7 @@ class Runner:
         todo = [o for o in self.journal.outputs(ds.id) if not o.downloaded]
         too_big = [o for o in todo if limit and o.size and o.size > limit]
         todo = [o for o in todo if o not in too_big]
+        refused: list[Any] = []
         total = sum(o.size or 0 for o in todo)
         done_bytes = [0]
         lock = threading.Lock()
@@ -739,19 +748,25 @@ class Runner:
                     "vip-agent never overwrites local files. Move it away and retry"
                 )
             local.parent.mkdir(parents=True, exist_ok=True)
-            client.download(o.remote, local, expected_size=o.size, progress=progress)
+            try:
+                client.download(o.remote, local, expected_size=o.size, progress=progress)
+            except TooLargeError:
+                with lock:
+                    refused.append(o)  # its size was unknown, or the limit went down
+                return
             self.journal.update_output(ds.id, o.remote, downloaded=1)
 
         if todo:
             self.journal.event(ds.id, f"downloading {len(todo)} output file(s), {human_size(total)}")
             self._parallel(download, todo, self._threads(ds))
-        for o in too_big:
+        for o in too_big + refused:
+            size = human_size(o.size) if o.size is not None else "of unknown size"
             self.journal.event(
                 ds.id,
-                f"output {o.remote} is {human_size(o.size or 0)}, above the server's direct download "
-                f"limit of {human_size(limit or 0)}: it stays on the server; download it from the VIP "
-                "portal",
-                level="error",
+                f"output {o.remote} is {size}, above VIP's direct-transfer limit"
+                f"{f' of {human_size(limit)}' if limit else ''}: it stays on VIP (listed in the "
+                "output folder's LEFT_ON_VIP.txt)",
+                level="warning",
             )
         write_session_data(self.journal, ds.id)
         job = ds.job or {}
@@ -780,16 +795,24 @@ class Runner:
 
     def _stage_cleanup(self, ds: Dataset) -> StepOutcome:
         client = self.client_for(ds.server)
-        memo = self._memo(ds.id)
         job = ds.job or {}
         outputs = self.journal.outputs(ds.id)
-        unmirrored = [o for o in outputs if not o.downloaded]
+        left = [o for o in outputs if not o.downloaded]
         keep = bool(ds.options.get("keep_remote")) or not job.get("cleanup", True)
         if not keep and ds.remote_root:
+            # outputs we could not mirror stay on VIP with their execution (the portal shows
+            # them there); the inputs, the other executions and the copies we hold go
+            holding = {o.exec_key for o in left}
+            if left:
+                targets = [f"{ds.remote_root}/INPUTS"] + [
+                    o.remote for o in outputs if o.downloaded and not o.remote_deleted
+                ]
+            else:
+                targets = [ds.remote_root]
             for e in self.journal.executions(ds.id):
-                if not e.vip_id or e.cleaned:
+                if not e.vip_id or e.cleaned or e.key in holding:
                     continue
-                if e.status in ("Finished", "Killed") and not unmirrored:
+                if e.status in ("Finished", "Killed"):
                     try:
                         client.delete_execution(e.vip_id, delete_files=True)
                         self._record_removed(ds.id, execution=e.vip_id)
@@ -801,28 +824,45 @@ class Runner:
                             level="warning",
                         )
                 self.journal.update_execution(ds.id, e.key, cleaned=1)
-            # outputs we could not mirror stay on the server: delete only the inputs then
-            target = f"{ds.remote_root}/INPUTS" if unmirrored else ds.remote_root
-            if memo.delete_started is None:
-                memo.delete_started = time.time()
-            if client.exists(target):
-                if time.time() - memo.delete_started > DELETE_DEADLINE:
-                    raise AgentError(
-                        f"the server has not deleted {target} after {DELETE_DEADLINE:.0f} s",
-                        detail="VIP deletes asynchronously and may drop failed deletes",
-                    )
-                if memo.delete_polls == 0:
-                    try:
-                        client.delete(target)
-                    except NotFoundError:
-                        pass  # deleted meanwhile
-                memo.delete_polls += 1
-                if memo.delete_polls % 30 == 0:
-                    memo.delete_polls = 0  # VIP may drop a failed delete: ask again now and then
-                # VIP deletes asynchronously: look again soon, then every 2 s
-                return StepOutcome("cleanup", min(0.25 * 2 ** (memo.delete_polls - 1), 2.0))
-            self._record_removed(ds.id, path=target)
+            wait = self._delete_remote(ds, client, targets, {o.remote for o in outputs})
+            if wait is not None:
+                return StepOutcome("cleanup", wait)
+            for target in targets:
+                self._record_removed(ds.id, path=target)
         return self._finish(ds, kept_remote=keep)
+
+    def _delete_remote(
+        self, ds: Dataset, client: VipClient, targets: list[str], outputs: set[str]
+    ) -> float | None:
+        """Delete ``targets`` on VIP and poll until gone: None when gone, else the wait."""
+        memo = self._memo(ds.id)
+        if memo.delete_started is None:
+            memo.delete_started = time.time()
+        pending = []
+        for target in targets:
+            if client.exists(target):
+                pending.append(target)
+            elif target in outputs:
+                self.journal.update_output(ds.id, target, remote_deleted=1)
+        if not pending:
+            memo.delete_started, memo.delete_polls = None, 0
+            return None
+        if time.time() - memo.delete_started > DELETE_DEADLINE:
+            raise AgentError(
+                f"the server has not deleted {pending[0]} after {DELETE_DEADLINE:.0f} s",
+                detail="VIP deletes asynchronously and may drop failed deletes",
+            )
+        if memo.delete_polls == 0:
+            for target in pending:
+                try:
+                    client.delete(target)
+                except NotFoundError:
+                    pass  # deleted meanwhile
+        memo.delete_polls += 1
+        if memo.delete_polls % 30 == 0:
+            memo.delete_polls = 0  # VIP may drop a failed delete: ask again now and then
+        # VIP deletes asynchronously: look again soon, then every 2 s
+        return min(0.25 * 2 ** (memo.delete_polls - 1), 2.0)
 
     def _record_removed(
         self, dataset_id: int, *, path: str | None = None, execution: str | None = None
@@ -858,15 +898,22 @@ class Runner:
                         "did not complete",
                         level="warning",
                     )
+        left = [o for o in self.journal.outputs(ds.id) if not o.downloaded]
         for o in self.journal.outputs(ds.id):
-            if not o.downloaded:
-                problems.append(
-                    f"output {o.remote} could not be downloaded (too large for direct "
-                    "download); it was left on the server"
-                )
-            elif o.extracted == -1:
+            if o.downloaded and o.extracted == -1:
                 problems.append(f"archive {o.local} was not extracted (unsafe or corrupt); kept as is")
         write_session_data(self.journal, ds.id)
+        if left:
+            limit = _max_download(self.client_for(ds.server))
+            write_left_file(ds, left, limit)
+            if not problems:
+                self.journal.set_stage(
+                    ds.id, "incomplete", error=summary(left, limit), level="warning"
+                )
+                return StepOutcome("incomplete")
+            problems.append(summary(left, limit))
+        else:
+            remove_left_file(ds)
         if problems:
             self.journal.set_stage(ds.id, "failed", error="; ".join(problems))
             return StepOutcome("failed")
@@ -937,8 +984,10 @@ class Runner:
             return True
         return self.journal.waiting_launches(ds.server) > 0
 
-    def _slot_free(self, server: str) -> bool:
-        cap = self._max_running() if callable(self._max_running) else self._max_running
+    def slot_free(self, server: str) -> bool:
+        """May an execution be launched on ``server`` now? The only place the running cap
+        (``max_running``, per server) is applied: the scheduler asks here too."""
+        cap = self._max_running(server) if callable(self._max_running) else self._max_running
         if cap is None:
             return True
         return self.journal.running_executions(server) < cap
@@ -977,7 +1026,8 @@ class Runner:
                 "deleting anything"
             )
             return StepOutcome(ds.stage, 1.0)
-        keep = bool(ds.options.get("keep_remote"))
+        discard = bool(ds.options.get("discard"))  # cancel --discard of an incomplete dataset
+        keep = bool(ds.options.get("keep_remote")) and not discard
         if not keep and ds.remote_root:
             for e in self.journal.executions(ds.id):
                 if e.vip_id and not e.cleaned:
@@ -994,8 +1044,17 @@ class Runner:
                     pass
                 return StepOutcome(ds.stage, 2.0)
             self._record_removed(ds.id, path=ds.remote_root)
-            write_session_data(self.journal, ds.id)
-        self.journal.set_stage(ds.id, "cancelled", message="cancelled; the server is clean")
+        write_session_data(self.journal, ds.id)
+        if discard:
+            remove_left_file(ds)
+            # a request, not a setting: a later attempt must not inherit it
+            fresh = self.journal.get(ds.id).options or {}
+            options = {k: v for k, v in fresh.items() if k != "discard"}
+            self.journal.update(ds.id, options=options)
+            message = "cancelled: the outputs left on VIP were deleted; the server is clean"
+        else:
+            message = "cancelled; the server is clean"
+        self.journal.set_stage(ds.id, "cancelled", message=message)
         return StepOutcome("cancelled")
 
     def _save_logs(
@@ -1171,12 +1230,14 @@ def _inside(root: Path, rel: PurePosixPath) -> Path:
     return root.joinpath(*parts)
 
 
-def _max_download(client: VipClient) -> int | None:
+def _max_download(client: VipClient, *, refresh: bool = False) -> int | None:
+    """VIP's direct-transfer limit (``/platform``, cached by the client), None if unknown."""
     try:
-        value = client.platform().get("maxSizeDirectTransfer")
+        return client.max_transfer_size(refresh=refresh)
+    except AuthError:
+        raise
     except VipError:
         return None
-    return int(value) if value else None
 
 
 def human_size(n: int) -> str:

@@ -8,8 +8,8 @@ thread (a step is one bounded slice of a stage, see ``agent.runner``). Limits:
   fixed sizes.
 * Executions: a step that may launch (stage ``launch``, or ``monitor`` with
   executions not yet launched) runs one at a time per server, and a ``launch``
-  starts only while the journal counts fewer running executions on that server
-  than its ``max_running``. VIP's own cap (2001) answers with ``retry_after``
+  step starts only while ``runner.slot_free(server)`` (the server's
+  ``max_running``, decided by the runner alone). VIP's own cap (2001) answers with ``retry_after``
   anyway, so the cap is never exceeded and never fails a dataset.
 * Waiting (monitor polling, capacity, outage) is a deadline on the dispatcher,
   not a sleeping thread.
@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from agent.config import Limits
 from agent.errors import CredentialError
-from agent.journal import FINAL_STAGES, PUBLIC_STATE, Dataset, Journal
+from agent.journal import ACTIVE_STAGES_SQL, FINAL_STAGES, PUBLIC_STATE, Dataset, Journal
 from agent.runner import STAGE_POOL, Interrupted
 
 log = logging.getLogger("vip_agent.scheduler")
@@ -48,6 +48,8 @@ class StepRunner(Protocol):
     """What the scheduler needs of :class:`agent.runner.Runner`."""
 
     def step(self, dataset_id: int) -> Any: ...
+
+    def slot_free(self, server: str) -> bool: ...
 
 
 @dataclass
@@ -136,7 +138,7 @@ class Scheduler:
     def resume_all(self) -> int:
         """Track every dataset the journal has between ``validate`` and a final stage."""
         n = 0
-        for ds in self.journal.datasets(where="stage NOT IN ('waiting','done','failed','cancelled')"):
+        for ds in self.journal.datasets(where=f"stage IN {ACTIVE_STAGES_SQL}"):
             if ds.paused:
                 self.journal.update(ds.id, paused=None)  # re-checked by the next step
             if self.submit(ds):
@@ -236,7 +238,7 @@ class Scheduler:
         """Pick up datasets other processes changed: ``retry`` (stage validate), ``cancel``."""
         tracked = self.tracked()
         for ds in self.journal.datasets(
-            where="stage NOT IN ('waiting','done','failed','cancelled') OR cancel_requested=1"
+            where=f"stage IN {ACTIVE_STAGES_SQL} OR cancel_requested=1"
         ):
             if ds.id not in tracked:
                 if not ds.final and self.submit(ds):
@@ -263,9 +265,6 @@ class Scheduler:
             return (pool, ""), self.monitor_workers
         return (pool, e.group), self.local_workers
 
-    def _running_cap(self, server: str, group: str) -> int:
-        return self.limits_for(group or None).max_running
-
     def _dispatch(self, now: float) -> float:
         """Start what may start; return seconds until the next deadline. Holds the lock."""
         wait = 60.0
@@ -276,7 +275,7 @@ class Scheduler:
                     self._spawn(self._probe, server, name=f"probe {server}")
                 else:
                     wait = min(wait, pause.next_probe - now)
-        running: dict[str, int] = {}
+        full: set[str] = set()
         for e in sorted(self._entries.values(), key=lambda x: x.id):
             if e.state == "timer":
                 if e.due > now:
@@ -290,11 +289,10 @@ class Scheduler:
             if self._busy[key] >= limit:
                 continue
             if pool == "launch" and e.stage == "launch":
-                if e.server not in running:
-                    running[e.server] = self.journal.running_executions(e.server)
-                if running[e.server] >= self._running_cap(e.server, e.group):
+                # the runner decides (one authority); launch steps of a server run one at a time
+                if e.server in full or not self.runner.slot_free(e.server):
+                    full.add(e.server)
                     continue  # re-evaluated whenever a step ends
-                running[e.server] += 1
             self._busy[key] += 1
             self.max_in_flight[pool] = max(self.max_in_flight[pool], self._busy[key])
             e.state, e.pool = "busy", pool

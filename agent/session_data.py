@@ -36,16 +36,21 @@ def session_record(journal: Journal, dataset_id: int) -> dict[str, Any]:
     for e in executions:
         if not e.vip_id:
             continue
+        # what is on the server now: a deleted execution is "Removed" (VipSession's word,
+        # and it then stops asking VIP about it) and lists no outputs (VipSession would ask
+        # VIP about them: 8015); a deleted output file no longer exists
         deleted = e.vip_id in removed_execs
         outputs_gone = deleted or any(
             o.exec_key == e.key and _below(o.remote, removed_paths) for o in outputs
         ) or (ds.remote_root is not None and ds.remote_root in removed_paths)
         workflows[e.vip_id] = {
-            "status": "Removed" if outputs_gone else (e.status or "Running"),
+            "status": "Removed" if (e.cleaned or outputs_gone) else e.status or "Running",
             "start": time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(e.launched or ds.created)),
-            # a deleted execution lists no outputs: VipSession would ask VIP for them (8015)
             "outputs": [] if deleted else [
-                {"path": o.remote, "isDirectory": False, "size": o.size, "exists": not outputs_gone}
+                {
+                    "path": o.remote, "isDirectory": False, "size": o.size,
+                    "exists": not (e.cleaned or o.remote_deleted or outputs_gone),
+                }
                 for o in outputs
                 if o.exec_key == e.key
             ],

@@ -155,22 +155,24 @@ def test_killed_execution_is_reported(tmp_path: Path, vip_server: LocalVip) -> N
     assert remote_session_gone(client, journal, dataset_id)
 
 
-def test_output_above_download_cap_is_a_clear_error(tmp_path: Path) -> None:
+def test_output_above_download_cap_ends_incomplete(tmp_path: Path) -> None:
     with LocalVip(tmp_path / "root", max_download=64) as server:
         ds = write_dataset(
             tmp_path / "drop" / "big-1", {"scan.txt": "data\n" * 100},
             {"pipeline": "FileStats/1.0", "inputs": {"input_file": "scan.txt"}},
         )
         journal, dataset_id, runner, client = start_run(tmp_path, server, ds)
-        assert runner.run(dataset_id).stage == "failed"
+        assert runner.run(dataset_id).stage == "incomplete"
         row = journal.get(dataset_id)
-        assert "too large for direct download" in (row.error or "")
-        errors = [ev.message for ev in journal.events(dataset_id) if ev.level == "error"]
-        assert any("direct download limit" in m for m in errors)
-        # the output we could not mirror stays on the server; the inputs are gone
-        assert row.remote_root
-        assert client.exists(f"{row.remote_root}/OUTPUTS")
+        assert "LEFT_ON_VIP.txt" in (row.error or "") and "64 B" in (row.error or "")
+        warnings = [ev.message for ev in journal.events(dataset_id) if ev.level == "warning"]
+        assert any("direct-transfer limit" in m for m in warnings)
+        # the output we could not mirror stays on the server with its execution; inputs gone
+        (left,) = journal.outputs(dataset_id)
+        assert client.exists(left.remote)
         assert not client.exists(f"{row.remote_root}/INPUTS")
+        assert len(client.executions()) == 1
+        assert left.remote in (Path(row.output_dir or "") / "LEFT_ON_VIP.txt").read_text()
 
 
 def test_invalid_dataset_exits_2_and_sends_nothing(tmp_path: Path, vip_server: LocalVip) -> None:

@@ -29,8 +29,9 @@ SERVER = "http://127.0.0.1:9"
 class FakeRunner:
     """Walks a dataset through the stages, recording executions in the journal like the runner."""
 
-    def __init__(self, journal: Journal, *, work: float = 0.05, polls: int = 2) -> None:
+    def __init__(self, journal: Journal, *, work: float = 0.05, polls: int = 2, cap: int = 1) -> None:
         self.journal = journal
+        self.cap = cap
         self.work = work
         self.polls = polls
         self.lock = threading.Lock()
@@ -58,6 +59,10 @@ class FakeRunner:
                 self.now[what] -= 1
                 if what == "upload":
                     self.intervals["upload"].append((dataset_id, start, time.monotonic()))
+
+    def slot_free(self, server: str) -> bool:
+        """The running cap, as :meth:`agent.runner.Runner.slot_free` applies it."""
+        return self.journal.running_executions(server) < self.cap
 
     def step(self, dataset_id: int) -> StepOutcome:
         if not self.key_ok:
@@ -94,6 +99,7 @@ class FakeRunner:
             return StepOutcome("mirror")
         if ds.stage == "mirror":
             self._busy("download", dataset_id, self.work)
+            j.set_stage(dataset_id, "cleanup")
             j.set_stage(dataset_id, "done")
             return StepOutcome("done")
         raise AssertionError(ds.stage)
@@ -118,9 +124,9 @@ def journal(tmp_path: Path) -> Journal:
 
 def test_limits_and_overlap(journal: Journal) -> None:
     ids = add(journal, 12)
-    runner = FakeRunner(journal)
+    runner = FakeRunner(journal, cap=2)
     finals: list[tuple[int, str]] = []
-    limits = Limits(max_uploads=2, max_downloads=1, max_running=2)
+    limits = Limits(max_uploads=2, max_downloads=1)
     s = Scheduler(journal, runner, limits_for=lambda g: limits, on_final=lambda i, st: finals.append((i, st)))
     s.start()
     try:
@@ -142,8 +148,8 @@ def test_limits_and_overlap(journal: Journal) -> None:
 
 def test_running_cap_of_one_is_never_exceeded(journal: Journal) -> None:
     ids = add(journal, 6)
-    runner = FakeRunner(journal, work=0.01, polls=3)
-    s = Scheduler(journal, runner, limits_for=lambda g: Limits(max_running=1))
+    runner = FakeRunner(journal, work=0.01, polls=3, cap=1)
+    s = Scheduler(journal, runner)
     s.start()
     try:
         wait_for(lambda: all_final(journal, ids), timeout=20)

@@ -90,7 +90,7 @@ def test_retry_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     journal = Journal.in_state_dir(state)
     ids = seed(journal)
     assert cli(["retry", "d", "--state", str(state)]) == 1
-    assert "only a failed or cancelled dataset" in capsys.readouterr().err
+    assert "only a failed, cancelled or incomplete dataset" in capsys.readouterr().err
     assert cli(["retry", "f", "--state", str(state)]) == 1  # /drop/f does not exist
     assert "no longer exists" in capsys.readouterr().err
     assert cli(["retry", "nobody", "--state", str(state)]) == 1

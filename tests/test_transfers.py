@@ -154,9 +154,10 @@ def test_running_execution_is_polled_fast_while_launches_wait(
     second = write_dataset(tmp_path / "drop" / "second", {"y.txt": "y\n"}, job)
     second_id = admit(journal, second, server=vip_server.url, output_root=tmp_path / "out",
                       fingerprint=dataset_mod.scan(second).fingerprint, name="second")
-    journal.set_stage(second_id, "launch")
+    while runner.step(second_id).stage != "launch":  # validated and uploaded: waits to launch
+        pass
     assert runner.step(first_id).retry_after == BUSY_POLL
-    runner.step(second_id)  # launched: nothing waits any more
+    journal.set_stage(second_id, "cancelled")  # nothing waits any more
     assert runner.step(first_id).retry_after == 60.0
 
 

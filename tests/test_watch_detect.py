@@ -300,7 +300,8 @@ def test_new_content_is_a_new_run_and_changes_are_not_mixed(tmp_path: Path) -> N
     folder.check("s1")
     warnings = [e for e in journal.events(first.id) if "changed after it was taken" in e.message]
     assert len(warnings) == 1 and len(journal.find(name="s1")) == 1
-    journal.set_stage(first.id, "done")  # that run ends: the new content is a new run
+    for stage in ("launch", "monitor", "mirror", "cleanup", "done"):
+        journal.set_stage(first.id, stage)  # that run ends: the new content is a new run
     folder.check("s1")
     clock.now += 1
     folder.check("s1")

@@ -6,6 +6,9 @@ command waits for the result. If none is running, this command takes the state
 folder's lock itself (so an agent starting meanwhile cannot step the same
 dataset) and drives the runner until the dataset is ``cancelled``. A dataset
 still ``waiting`` for its files has nothing remote: it is cancelled at once.
+
+An ``incomplete`` dataset (outputs left on VIP) has ended already: ``--discard``
+deletes what was left on VIP, with its execution, and it ends ``cancelled``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--wait", type=float, default=120.0,
         help="seconds to wait for the kill and the clean-up (default 120)",
     )  # fmt: skip
+    parser.add_argument(
+        "--discard", action="store_true",
+        help="for an incomplete dataset: delete the outputs left on VIP (see LEFT_ON_VIP.txt)",
+    )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
@@ -33,7 +40,14 @@ def main(args: argparse.Namespace) -> int:
     if journal is None:
         raise actions.CannotCancel(f"no journal in {state}: nothing has run there yet")
     ds = queries.find_dataset(journal, args.name)
-    result = actions.cancel(journal, ds)
+    result = actions.cancel(journal, ds, discard=args.discard)
+    if result == "incomplete":
+        print(
+            f"{ds.name} is incomplete: output file(s) are still on VIP (see LEFT_ON_VIP.txt in "
+            f"{ds.output_dir}). `vip-agent retry {ds.name}` fetches them once the limit allows; "
+            f"`vip-agent cancel {ds.name} --discard` deletes them"
+        )
+        return 1
     if result == "final":
         print(f"{ds.name} is already {ds.state}")
         return 0

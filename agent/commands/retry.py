@@ -2,15 +2,20 @@
 
 The dataset goes back to stage ``validate`` (attempts + 1) with its current
 content; a running agent notices within a few seconds (it polls the journal),
-otherwise the next ``vip-agent watch`` takes it.
+otherwise the next ``vip-agent watch`` takes it. An ``incomplete`` dataset goes
+back to ``mirror`` instead: only the outputs left on VIP are fetched, then VIP is
+cleaned (``vip-agent run DATASET`` does it at once when no agent runs).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from agent import actions, queries
 from agent.commands import add_state_args
+from agent.journal import Dataset, Journal
+from agent.leftovers import left_on_vip
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +33,8 @@ def main(args: argparse.Namespace) -> int:
     if journal is None:
         raise actions.CannotRetry(f"no journal in {state}: nothing has run there yet")
     ds = queries.find_dataset(journal, args.name)
+    if ds.stage == "incomplete" and not getattr(args, "again", False):
+        return _fetch_left(journal, ds, state)
     ds = actions.rerun(journal, ds) if getattr(args, "again", False) else actions.retry(journal, ds)
     pid = queries.agent_pid(state)
     who = f"#{ds.id} {ds.name}"
@@ -37,4 +44,18 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"{who}: queued again (attempt {ds.attempts + 1}); no agent is running: "
               "start `vip-agent watch` to run it")  # fmt: skip
+    return 0
+
+
+def _fetch_left(journal: Journal, ds: Dataset, state: Path) -> int:
+    """An incomplete dataset: only what was left on VIP is fetched."""
+    count = len(left_on_vip(journal, ds.id))
+    ds = actions.retry(journal, ds)
+    what = f"#{ds.id} {ds.name}: queued to fetch the {count} output file(s) left on VIP"
+    pid = queries.agent_pid(state)
+    if pid is not None:
+        print(f"{what}; the running agent (pid {pid or '?'}) takes it within seconds")
+    else:
+        print(f"{what}; no agent is running: `vip-agent run {ds.path}` fetches them now "
+              "(or start `vip-agent watch`)")  # fmt: skip
     return 0

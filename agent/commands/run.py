@@ -1,4 +1,10 @@
-"""``vip-agent run DATASET``: one dataset from job.yaml to mirrored outputs and a clean server."""
+"""``vip-agent run DATASET``: one dataset from job.yaml to mirrored outputs and a clean server.
+
+Exit status: 0 done (last stdout line: the output folder), 1 failed, 2 invalid (nothing
+launched, or a refused option), 3 incomplete (outputs left on VIP; the output folder is
+printed too), 4 cancelled (``vip-agent cancel`` from another shell), 130 stopped by
+SIGINT/SIGTERM (resumable: run the same command again).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent import actions
 from agent import dataset as dataset_mod
 from agent.config import parse_duration, parse_poll
 from agent.errors import ConfigError
-from agent.journal import Journal
+from agent.journal import Dataset, Journal
+from agent.leftovers import left_on_vip
 from agent.paths import DEFAULT_SERVER, default_state_dir
 from agent.runner import (
     DEFAULT_POLL_MAX,
@@ -23,12 +31,16 @@ from agent.runner import (
     GaveUp,
     Interrupted,
     Runner,
+    StepOutcome,
     admit,
     human_size,
 )
 from agent.vip.client import VipClient
+from agent.watch.after import update_error_report
+from agent.watch.lock import AgentLock
 
-EXIT_DONE, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_DONE, EXIT_FAILED, EXIT_INVALID, EXIT_INCOMPLETE, EXIT_CANCELLED = 0, 1, 2, 3, 4
+EXIT_STOPPED = 130
 #: the server kept failing past --give-up-after; running the command again resumes
 EXIT_GAVE_UP = 75
 
@@ -172,22 +184,42 @@ def main(args: argparse.Namespace) -> int:
     journal = Journal.in_state_dir(state)
     output_root = (args.output or Path("vip_outputs")).resolve()
     existing = [d for d in journal.find(path=str(path), fingerprint=scan.fingerprint)]
+    options = {"keep_remote": args.keep_remote, "output_override": args.output is not None}
+    if existing:
+        refusal = output_conflict(existing[-1], args.output)
+        if refusal:
+            print(f"vip-agent: {refusal}", file=sys.stderr)
+            return EXIT_INVALID
     if existing and existing[-1].stage == "done":
         ds = existing[-1]
         print(f"already done: outputs in {ds.output_dir}", file=sys.stderr)
         print(ds.output_dir)
         return EXIT_DONE
-    if existing and not existing[-1].final:
-        dataset_id = existing[-1].id
-        print(f"resuming {existing[-1].name} at stage {existing[-1].stage}", file=sys.stderr)
+    if existing and existing[-1].stage == "incomplete":
+        ds = existing[-1]
+        dataset_id = ds.id
+        left = left_on_vip(journal, ds.id)
+        actions.retry(journal, ds)  # incomplete: back to mirror, only what is missing
+        print(f"{ds.name}: fetching the {len(left)} output file(s) left on VIP", file=sys.stderr)
+    elif existing and not existing[-1].final:
+        ds = existing[-1]
+        dataset_id = ds.id
+        if args.output is not None and not ds.output_dir:
+            # its output folder is not chosen yet: this --output is honoured
+            journal.update(ds.id, output_root=str(output_root), options={**ds.options, **options})
+        print(f"resuming {ds.name} at stage {ds.stage}", file=sys.stderr)
     elif existing:
         dataset_id = existing[-1].id
         journal.reset_for_retry(dataset_id)
+        if args.output is not None:  # a new attempt: a new output folder under --output
+            journal.update(
+                dataset_id, output_root=str(output_root),
+                options={**existing[-1].options, **options},
+            )
     else:
         dataset_id = admit(
             journal, path, server=server, output_root=output_root, fingerprint=scan.fingerprint,
-            name=path.stem if path.is_file() else path.name, template=template,
-            options={"keep_remote": args.keep_remote, "output_override": args.output is not None},
+            name=path.stem if path.is_file() else path.name, template=template, options=options,
         )
     stop = threading.Event()
     poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
@@ -198,15 +230,28 @@ def main(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # SIGINT too: transfers then stop at a chunk boundary instead of finishing first
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     last = 0
+    lock = AgentLock(state)
     try:
         while True:
-            outcome = runner.step(dataset_id)
+            if journal.get(dataset_id).cancel_requested:
+                # `vip-agent cancel` from another shell: whoever holds the state folder's lock
+                # does the cancel step, so two processes never kill and delete at once
+                if lock.acquire():
+                    try:
+                        outcome = runner.step(dataset_id)
+                    finally:
+                        lock.release()
+                else:
+                    outcome = StepOutcome(journal.get(dataset_id).stage, 0.5)
+            else:
+                outcome = runner.step(dataset_id)
             last = print_events(journal, dataset_id, last)
             if outcome.final:
                 break
-            if outcome.retry_after and stop.wait(outcome.retry_after):
+            if outcome.retry_after and wait(stop, outcome.retry_after, journal, dataset_id):
                 raise Interrupted("stopped")
             if stop.is_set():
                 raise Interrupted("stopped")
@@ -216,17 +261,69 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_GAVE_UP
     except (Interrupted, KeyboardInterrupt):
         print_events(journal, dataset_id, last)
-        print("stopped; run the same command again to resume", file=sys.stderr)
-        return 130
+        ds = journal.get(dataset_id)
+        print(
+            f"vip-agent: {ds.name} stopped at stage {ds.stage} (not cancelled: what runs on VIP "
+            "keeps running); run the same command again to resume, or "
+            f"`vip-agent cancel {ds.name}` to cancel it",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    ds = journal.get(dataset_id)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return report(journal, journal.get(dataset_id), path)
+
+
+def wait(stop: threading.Event, seconds: float, journal: Journal, dataset_id: int) -> bool:
+    """Wait ``seconds``, less if a cancel is requested meanwhile; True if stopped."""
+    deadline = time.monotonic() + seconds
+    while not stop.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline or journal.get(dataset_id).cancel_requested:
+            return False
+    return True
+
+
+def report(journal: Journal, ds: Dataset, path: Path) -> int:
+    """Say how the dataset ended (``ERROR.txt`` as ``watch`` writes it); the exit status."""
+    update_error_report(ds, journal, path, again=f"vip-agent run {path}")
     if ds.stage == "done":
         print(ds.output_dir)
         return EXIT_DONE
+    if ds.stage == "incomplete":
+        print(f"vip-agent: {ds.name} incomplete: {ds.error}", file=sys.stderr)
+        print(ds.output_dir)
+        return EXIT_INCOMPLETE
+    if ds.stage == "cancelled":
+        print(f"vip-agent: {ds.name} cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
     print(f"vip-agent: {ds.name} failed: {ds.error}", file=sys.stderr)
-    launched = any(e.vip_id for e in journal.executions(dataset_id))
+    launched = any(e.vip_id for e in journal.executions(ds.id))
     return EXIT_FAILED if launched else EXIT_INVALID
+
+
+def output_conflict(ds: Dataset, output: Path | None) -> str | None:
+    """Why ``--output`` cannot be honoured for a dataset that already ran, or None.
+
+    A new attempt (after ``failed``/``cancelled``) or a run whose output folder is
+    not chosen yet takes the new ``--output``; outputs already placed stay together.
+    """
+    if output is None or not ds.output_dir:
+        return None
+    if ds.stage in ("failed", "cancelled"):
+        return None
+    if Path(ds.output_dir).parent == output.resolve():
+        return None
+    where = {
+        "done": "it already ran",
+        "incomplete": "it ran (incomplete)",
+    }.get(ds.stage, f"it is being run (stage {ds.stage})")
+    return (
+        f"--output {output} refused for {ds.name}: {where} with its outputs in {ds.output_dir}, "
+        "and vip-agent keeps a dataset's outputs together. Run it without --output (or with "
+        f"--output {Path(ds.output_dir).parent})"
+        + (f", or `vip-agent cancel {ds.name}` first" if not ds.final else "")
+    )
 
 
 def dry_run(path: Path, template: Path | None, client: VipClient) -> int:

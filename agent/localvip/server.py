@@ -432,6 +432,8 @@ class _Handler(BaseHTTPRequestHandler):
             _copy_to_socket(f, self.connection, self.wfile, limit)
             if self._drop_response:
                 raise _Dropped()
+        with app._count_lock:
+            app.downloads[res.vip_path] += 1
 
     def _upload(self, app: LocalVip, user: User, complete: str) -> None:
         storage = app.storage
@@ -683,7 +685,11 @@ class LocalVip:
         self._password = password
         self.pipelines_dir = Path(pipelines_dir) if pipelines_dir else None
         self.max_running = max_running
+        #: read on every request: a test may raise it while the server runs
         self.max_download = max_download
+        #: VIP path -> how many times its content was served in full (tests count downloads)
+        self.downloads: Counter[str] = Counter()
+        self._count_lock = threading.Lock()
         self.delete_delay = delete_delay
         self.max_platform_running = max_platform_running
         self.max_parallel_jobs = max_parallel_jobs

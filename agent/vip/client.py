@@ -795,10 +795,10 @@ class VipClient:
         )
         return result
 
-    def max_transfer_size(self) -> int | None:
-        """``maxSizeDirectTransfer`` in bytes (cached), or None if unknown."""
+    def max_transfer_size(self, *, refresh: bool = False) -> int | None:
+        """``maxSizeDirectTransfer`` in bytes (cached; ``refresh`` asks again), None if unknown."""
         with self._lock:
-            if self._max_transfer_known:
+            if self._max_transfer_known and not refresh:
                 return self._max_transfer
         try:
             value = self.platform().get("maxSizeDirectTransfer")

@@ -79,8 +79,14 @@ def _move_any(ds: Dataset, src: Path, folder: Path, journal: Journal, what: str)
     return target
 
 
-def write_error_report(ds: Dataset, journal: Journal, path: Path) -> Path:
-    """Write ``ERROR.txt``: what went wrong, where the logs are, how to retry."""
+def write_error_report(
+    ds: Dataset, journal: Journal, path: Path, *, again: str | None = None
+) -> Path:
+    """Write ``ERROR.txt``: what went wrong, where the logs are, how to retry.
+
+    ``again``: the command that runs it again (``vip-agent run`` gives its own);
+    by default ``vip-agent retry`` for the watching agent.
+    """
     events = [
         e for e in journal.events(ds.id, limit=200)
         if e.level in ("warning", "error") and e.message != ds.error  # not the error again
@@ -104,14 +110,35 @@ def write_error_report(ds: Dataset, journal: Journal, path: Path) -> Path:
         "",
         "How to run it again:",
         "  1. fix the problem (the job.yaml, the data, or the server side as said above);",
-        f"  2. run:  vip-agent retry {ds.name}",
-        "     A running agent picks it up within a few seconds.",
-        "  Or drop a corrected copy into the drop folder: new content always runs as a new dataset.",
-        "",
     ]
+    if again:
+        lines += [f"  2. run the same command again:  {again}", ""]
+    else:
+        lines += [
+            f"  2. run:  vip-agent retry {ds.name}",
+            "     A running agent picks it up within a few seconds.",
+            "  Or drop a corrected copy into the drop folder: new content always runs as a new "
+            "dataset.",
+            "",
+        ]
     target = error_file(path)
     write_atomic(target, "\n".join(lines))
     return target
+
+
+def update_error_report(
+    ds: Dataset, journal: Journal, path: Path, *, again: str | None = None
+) -> Path | None:
+    """``ERROR.txt`` for a failed dataset; a stale one removed once it succeeded.
+
+    The one place ``watch`` (through :func:`finish`) and ``run`` decide about it.
+    """
+    if ds.stage == "failed":
+        return write_error_report(ds, journal, path, again=again)
+    if ds.stage in ("done", "incomplete"):
+        # a previous attempt's report no longer applies
+        error_file(path).unlink(missing_ok=True)
+    return None
 
 
 def _present(local: str, extracted_to: str | None) -> bool:
@@ -134,19 +161,19 @@ def finish(ds: Dataset, drop: DropConfig, journal: Journal) -> Path | None:
     if not _unchanged(ds, path, drop):
         log.info("%s: changed since it was taken; left in place to run as new content", ds.name)
         return path
+    report = update_error_report(ds, journal, path)
     if ds.stage == "failed":
-        report = write_error_report(ds, journal, path)
         first = one_line(ds.error) or "unknown error"
         log.info("%s failed: %s (see %s)", ds.name, first, report)
         if drop.failed_dir is not None and path.parent == drop.path:
             return _move_any(ds, path, drop.failed_dir, journal, "failed")
         return path
-    # done: a previous attempt's report no longer applies
-    stale = error_file(path)
-    if stale.exists():
-        stale.unlink()
+    # done or incomplete (delete below keeps a dataset whose outputs are not all mirrored)
     if drop.after == "archive" and drop.archive_dir is not None:
         return _move_any(ds, path, drop.archive_dir, journal, "archive")
+    if drop.after == "delete" and ds.stage == "incomplete":
+        journal.event(ds.id, "kept in the drop folder until the outputs left on VIP are fetched")
+        return path
     if drop.after == "delete":
         outputs = journal.outputs(ds.id)
         missing = [o for o in outputs if not o.downloaded or not _present(o.local, o.extracted_to)]

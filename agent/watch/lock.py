@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from agent.errors import StateFolderError
+
 LOCK_NAME = "agent.lock"
 
 
@@ -27,8 +29,15 @@ class AgentLock:
         """Take the lock; False if another process holds it."""
         if self._fh is not None:
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while held
+        except OSError as err:
+            raise StateFolderError(
+                f"cannot use the state folder {self.path.parent}: {err.strerror or err}; fix its "
+                "permissions or give another --state (or `state:` in agent.yaml)",
+                detail=str(err),
+            ) from None
         try:
             _lock(fh)
         except OSError:

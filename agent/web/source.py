@@ -73,7 +73,10 @@ class JournalSource:
         ds = self.journal.get(dataset_id)
         if action == "retry":
             retry(self.journal, ds)
-            message = f"{ds.name}: retry requested (a new attempt starts within seconds)"
+            message = (
+                f"{ds.name}: fetching the outputs left on VIP" if ds.stage == "incomplete"
+                else f"{ds.name}: retry requested (a new attempt starts within seconds)"
+            )
         elif action == "rerun":
             rerun(self.journal, ds)
             message = f"{ds.name}: runs again as a new attempt"
@@ -82,6 +85,8 @@ class JournalSource:
             message = {
                 "final": f"{ds.name} had already ended ({ds.state})",
                 "cancelled": f"{ds.name}: cancelled",
+                "incomplete": f"{ds.name} is incomplete: nothing deleted; `vip-agent cancel "
+                              f"{ds.name} --discard` deletes the outputs left on VIP",
             }.get(outcome, f"{ds.name}: cancel requested (the agent stops it and cleans the server)")
         else:
             raise KeyError(action)
