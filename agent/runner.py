@@ -827,8 +827,6 @@ class Runner:
             wait = self._delete_remote(ds, client, targets, {o.remote for o in outputs})
             if wait is not None:
                 return StepOutcome("cleanup", wait)
-            for target in targets:
-                self._record_removed(ds.id, path=target)
         return self._finish(ds, kept_remote=keep)
 
     def _delete_remote(
@@ -842,8 +840,10 @@ class Runner:
         for target in targets:
             if client.exists(target):
                 pending.append(target)
-            elif target in outputs:
+                continue
+            if target in outputs:
                 self.journal.update_output(ds.id, target, remote_deleted=1)
+            self._record_removed(ds.id, path=target)
         if not pending:
             memo.delete_started, memo.delete_polls = None, 0
             return None
