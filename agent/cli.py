@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipelines": ("agent.commands.pipelines", "list pipelines, or show one's parameters"),
     "login": ("agent.commands.login", "check an API key and store it in the OS keyring"),
     "logout": ("agent.commands.logout", "remove the stored API key"),
+    "init": ("agent.commands.init", "write a first agent.yaml, create its folders, check with doctor"),
     "doctor": ("agent.commands.doctor", "check configuration, folders, server and key"),
     "install-service": ("agent.commands.install_service", "write a systemd unit or launchd plist"),
     "local-server": ("agent.localvip.cli", "serve a VIP-compatible REST API locally"),

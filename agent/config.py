@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from agent.errors import ConfigError
+from agent.extract import MAX_MEMBER_RATIO, MAX_RATIO
+from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.paths import default_state_dir
 
 #: the public VIP portal, used when a drop folder names no server
@@ -67,6 +69,12 @@ class Limits:
     max_uploads: int = 2
     max_downloads: int = 2
     max_running: int = 1
+    #: most ``runs`` and most VIP jobs one dataset may ask for (bigger jobs are refused)
+    max_runs: int = MAX_RUNS
+    max_jobs: int = MAX_JOBS
+    #: result archives expanding more than this many times are refused (in total, per member)
+    extract_max_ratio: int = int(MAX_RATIO)
+    extract_max_member_ratio: int = int(MAX_MEMBER_RATIO)
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,8 @@ _DROP_KEYS = (
     "path", "server", "output", "readiness", "datasets", "pattern", "observer",
     "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
     "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "poll",
-    "transfer_parallelism", "notify", "disk_low", "unknown_limit",
+    "transfer_parallelism", "notify", "disk_low", "max_runs", "max_jobs",
+    "extract_max_ratio", "extract_max_member_ratio", "unknown_limit",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -484,6 +493,10 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
             max_uploads=r.whole("max_uploads", 2),
             max_downloads=r.whole("max_downloads", 2),
             max_running=r.whole("max_running", 1),
+            max_runs=r.whole("max_runs", MAX_RUNS),
+            max_jobs=r.whole("max_jobs", MAX_JOBS),
+            extract_max_ratio=r.whole("extract_max_ratio", int(MAX_RATIO)),
+            extract_max_member_ratio=r.whole("extract_max_member_ratio", int(MAX_MEMBER_RATIO)),
         ),
         after=after,
         archive_dir=archive_dir,

@@ -276,13 +276,24 @@ class WatchService:
             self.queue.touch(("check", key, name), self.debounce, MAX_DEBOUNCE)
 
         handler = DropEventHandler(folder.candidates, notify)
-        kwargs = {"native_factory": self.native_factory} if self.native_factory else {}
+        kwargs: dict[str, Any] = {"settled": folder.is_settled}
+        if self.native_factory:
+            kwargs["native_factory"] = self.native_factory
         observer, kind = start_observer(d, handler, log, **kwargs)
         self.observers[key] = (observer, kind)
-        # catch-up scan after the observer started: nothing falls between the two
+        # native events come from this machine's clock: a change may be dated from its files
+        folder.change_credit = MAX_DEBOUNCE if kind == "native" else 0.0
+        # catch-up scan after the observer started: nothing falls between the two. Done
+        # here, before start() returns, so READY means caught up
         names = set(folder.candidates.list()) | set(folder.waiting_names())
-        for name in sorted(names):
-            self.queue.soon(("check", key, name))
+        try:
+            for name, delay in folder.catch_up(sorted(names)).items():
+                if delay is not None:
+                    self.queue.at(("check", key, name), time.monotonic() + delay)
+        except Exception:  # one broken dataset must not stop the others: look again soon
+            log.exception("error during the start-up scan of %s", d.path)
+            for name in sorted(names):
+                self.queue.soon(("check", key, name))
         self.oversight.rescanned(key)
         if d.rescan_interval > 0:
             self.queue.at(("rescan", key), time.monotonic() + d.rescan_interval)
@@ -382,7 +393,8 @@ class WatchService:
                 return
             names = set(folder.candidates.list()) | set(folder.histories)
             for name in names:
-                self.queue.at(("check", key, name), time.monotonic())
+                if folder.needs_rescan(name):  # finished and unchanged: not looked inside
+                    self.queue.at(("check", key, name), time.monotonic())
             self.oversight.rescanned(key)
             self.queue.at(("rescan", key), time.monotonic() + folder.drop.rescan_interval)
         elif kind == "final":

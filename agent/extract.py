@@ -5,7 +5,8 @@ holding the archive's content (so ``VipSession`` sees the output as already down
 
 1. leftovers of a crashed extraction (``out/.job.tgz.extracting-<pid>`` of a dead process) are removed;
 2. members are checked one by one *before* they are written (absolute names, ``..``, links
-   leaving the folder, devices and fifos, member count, total bytes) and extracted into
+   leaving the folder, devices and fifos, member count, total bytes, the ratio of expanded to
+   compressed bytes in total and per member) and extracted into
    ``out/.job.tgz.extracting-<pid>``, with tarfile's ``data`` filter on top when Python has it;
 3. symlinks are checked again once everything is on disk (a later member can change where an
    earlier link points);
@@ -42,6 +43,13 @@ __all__ = [
     "is_archive",
     "safe_extract",
 ]
+
+#: expanded bytes per archive byte beyond which an archive is refused as a bomb, in total
+#: and for one member (compressed size measured while reading); both apply only beyond
+#: :data:`RATIO_FLOOR` expanded bytes, so small, very compressible outputs always extract
+MAX_RATIO = 200.0
+MAX_MEMBER_RATIO = 500.0
+RATIO_FLOOR = 64 * 2**20
 
 #: longest first, so ``.tar.gz`` wins over ``.gz``-less ``.tar``
 ARCHIVE_SUFFIXES = (".tar.bz2", ".tar.gz", ".tar.xz", ".tbz2", ".tgz", ".txz", ".tar")
@@ -201,12 +209,16 @@ def _check_links_after(archive: Path, tmp_real: str) -> None:
                 raise _unsafe(archive, rel, "is a link leaving the folder")
 
 
-def _extract_into(archive: Path, tmp: Path, max_members: int, max_bytes: int) -> None:
+def _extract_into(
+    archive: Path, tmp: Path, max_members: int, max_bytes: int, max_ratio: float,
+    max_member_ratio: float,
+) -> None:  # fmt: skip
     tmp_real = os.path.realpath(tmp)
     count = 0
     total = 0
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with open(archive, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            packed = max(1, os.fstat(raw.fileno()).st_size)
             for member in tar:
                 count += 1
                 if count > max_members:
@@ -220,7 +232,15 @@ def _extract_into(archive: Path, tmp: Path, max_members: int, max_bytes: int) ->
                             archive, member.name,
                             f"brings the content over the limit of {max_bytes:,} bytes",
                         )
+                    # refused before a byte of it is written: sizes are in the member headers
+                    if total > RATIO_FLOOR and total > max_ratio * packed:
+                        raise _unsafe(
+                            archive, member.name,
+                            f"brings the content to {total:,} bytes, more than {max_ratio:g} "
+                            f"times the archive's {packed:,} bytes (a decompression bomb?)",
+                        )
                 _check_member(archive, tmp_real, member)
+                before = raw.tell()
                 try:
                     if _HAS_DATA_FILTER:
                         tar.extract(member, tmp, set_attrs=True, filter="data")
@@ -228,6 +248,13 @@ def _extract_into(archive: Path, tmp: Path, max_members: int, max_bytes: int) ->
                         tar.extract(_fallback_filter(member), tmp, set_attrs=True)
                 except _FILTER_ERRORS as err:
                     raise _unsafe(archive, member.name, f"was refused by tarfile ({err})") from None
+                used = max(1, raw.tell() - before)  # compressed bytes read for it (roughly)
+                if member.isreg() and member.size > RATIO_FLOOR and member.size > max_member_ratio * used:
+                    raise _unsafe(
+                        archive, member.name,
+                        f"expands {member.size / used:,.0f} times ({used:,} compressed bytes to "
+                        f"{member.size:,}), more than {max_member_ratio:g} (a decompression bomb?)",
+                    )
     except ExtractError:
         raise
     except (tarfile.TarError, EOFError) as err:
@@ -259,6 +286,8 @@ def safe_extract(
     *,
     max_members: int = 100_000,
     max_bytes: int = 50 * 2**30,
+    max_ratio: float | None = None,
+    max_member_ratio: float | None = None,
 ) -> Path:
     """Replace tarball ``archive`` by a folder of the same name holding its content.
 
@@ -283,7 +312,11 @@ def safe_extract(
     _remove_tree(tmp)
     tmp.mkdir()
     try:
-        _extract_into(archive, tmp, max_members, max_bytes)
+        _extract_into(
+            archive, tmp, max_members, max_bytes,
+            MAX_RATIO if max_ratio is None else max_ratio,
+            MAX_MEMBER_RATIO if max_member_ratio is None else max_member_ratio,
+        )  # fmt: skip
         os.rename(archive, aside)
         try:
             os.rename(tmp, archive)

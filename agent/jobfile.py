@@ -46,6 +46,19 @@ KEYS: dict[str, str] = {
     "vip_root": "the VIP folder under which the agent works, e.g. /vip/Home/vip-agent",
 }
 VARIANT_KEYS: frozenset[str] = frozenset({"inputs"})
+
+#: a job file larger than this is refused unread (a job is a few lines; 256 KiB lists ~10,000
+#: files: longer lists are what globs are for)
+MAX_JOB_BYTES = 256 << 10
+#: deepest nesting of lists and mappings accepted (a job needs 4: variants.v.inputs.x: [...])
+MAX_DEPTH = 32
+#: most values a job file may hold once its ``*aliases`` are expanded (alias bombs stop here)
+MAX_NODES = 100_000
+#: default most ``runs`` of one dataset (``max_runs`` in agent.yaml, ``run --max-runs``)
+MAX_RUNS = 100
+#: default most jobs one dataset may create on VIP, all variants and runs together
+#: (``max_jobs`` in agent.yaml, ``run --max-jobs``)
+MAX_JOBS = 1000
 VARIANT_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 #: an input value as written in YAML: text, a list of texts, or None (``key:`` / ``null``)
@@ -292,16 +305,88 @@ def _text(node: yaml.Node, constructor: yaml.constructor.SafeConstructor, raw: b
     return constructor.construct_object(node, deep=True)
 
 
-def _parse(path: Path) -> _Doc:
-    """Read one job file into plain data and key lines, or raise ConfigError."""
+def _read_bounded(path: Path) -> str:
+    """The text of a job file, refusing one above :data:`MAX_JOB_BYTES` without reading it all."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{path}: the file is not UTF-8 text; save it as UTF-8", str(err)
-        ) from err
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_JOB_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the job file: {err.strerror}", str(err)) from err
+    except ValueError as err:  # a NUL in the path
+        raise ConfigError(f"{path!r}: not a usable file name ({err})") from err
+    if len(raw) > MAX_JOB_BYTES:
+        raise ConfigError(
+            f"{path}: the job file is larger than {MAX_JOB_BYTES // 1024} KiB; a job file holds "
+            "settings, not data (use globs such as '*.nii' for long file lists)"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: the file is not UTF-8 text; save it as UTF-8", str(err)) from err
+
+
+def _line(ev: yaml.Event) -> int:
+    return ev.start_mark.line + 1 if ev.start_mark is not None else 0
+
+
+def _check_shape(path: Path, text: str) -> None:
+    """Refuse, from the event stream (no tree built), a document too deep or whose aliases
+    expand beyond :data:`MAX_NODES` values, or that refers to itself."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is not None:
+        # libyaml, when present, reads the events 20 times faster; on a syntax error the
+        # pure-Python reader reads it again, for the wording the hints know
+        try:
+            _walk_events(path, text, fast)
+            return
+        except yaml.YAMLError:
+            pass
+    try:
+        _walk_events(path, text, yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        raise _yaml_problem(path, err) from err
+
+
+def _walk_events(path: Path, text: str, loader: Any) -> None:
+    sizes: dict[str, int] = {}
+    open_: list[tuple[str | None, int]] = []  # collections being read: (anchor, count at start)
+    total = 0
+    for ev in yaml.parse(text, Loader=loader):
+        if isinstance(ev, yaml.AliasEvent):
+            if any(anchor == ev.anchor for anchor, _ in open_):
+                raise ConfigError(
+                    f"{path}, line {_line(ev)}: '*{ev.anchor}' refers to the "
+                    "value that contains it; a job file cannot refer to itself"
+                )
+            total += sizes.get(str(ev.anchor), 1)
+        elif isinstance(ev, yaml.ScalarEvent):
+            total += 1
+            if ev.anchor:
+                sizes[ev.anchor] = 1
+        elif isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            total += 1
+            open_.append((ev.anchor, total))
+            if len(open_) > MAX_DEPTH:
+                raise ConfigError(
+                    f"{path}, line {_line(ev)}: lists and mappings are nested "
+                    f"more than {MAX_DEPTH} deep; a job file needs a few levels at most"
+                )
+        elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, start = open_.pop()
+            if anchor:
+                sizes[anchor] = total - start + 1
+        if total > MAX_NODES:
+            raise ConfigError(
+                f"{path}, line {_line(ev)}: the job file holds more than "
+                f"{MAX_NODES:,} values once its '*aliases' are expanded (an alias bomb?); "
+                "write the values out, or use fewer aliases"
+            )
+
+
+def _parse(path: Path) -> _Doc:
+    """Read one job file into plain data and key lines, or raise ConfigError."""
+    text = _read_bounded(path)
+    _check_shape(path, text)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
@@ -377,9 +462,34 @@ def _listing(problems: list[str]) -> str:
 # --------------------------------------------------------------------------- checks
 
 
+def _nul_texts(value: Any, keypath: tuple[str, ...]) -> Iterable[tuple[str, ...]]:
+    """Key paths of every text (key or value) holding a NUL character."""
+    if isinstance(value, str):
+        if "\0" in value:
+            yield keypath
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and "\0" in k:
+                yield (*keypath, k)
+            else:
+                yield from _nul_texts(v, (*keypath, str(k)))
+    elif isinstance(value, list):
+        for v in value:
+            yield from _nul_texts(v, keypath)
+
+
 def _check_doc(doc: _Doc, problems: list[str]) -> None:
     """Shape checks on one file (before merging), so messages can name file and line."""
     d = doc.data
+    bad = sorted(set(_nul_texts(d, ())))
+    for keypath in bad:
+        shown = ".".join(keypath).replace("\0", "\\0")
+        problems.append(
+            f"{doc.where(*keypath)}: '{shown}' contains a NUL character (\\0), which no file "
+            "name or VIP value may hold; remove it"
+        )
+    if bad:
+        return  # the other checks would stumble on the same texts
     for key in d:
         if key not in KEYS:
             near = _near(key, KEYS)

@@ -381,13 +381,19 @@ class Runner:
         path = Path(ds.path)
         template = Path(ds.template) if ds.template else None
         marker = ds.options.get("marker")
+        # every entry of the dataset must be readable (loops, permissions): said, never skipped
+        dataset_mod.scan(
+            self._dataset_root(ds), only=[path.name] if path.is_file() else None,
+            exclude=(marker,) if marker else (),
+        ).raise_if_unreadable()
         job = load_job(path, template, exclude=(marker,) if marker else ())
         client = self.client_for(ds.server)
         try:
             pipeline = client.pipeline(job.pipeline)
         except NotFoundError as err:
             raise ValidationError([unknown_pipeline(client, job.pipeline)], detail=err.detail) from err
-        report = validate(job, path, pipeline)
+        report = validate(job, path, pipeline, max_runs=ds.options.get("max_runs"),
+                          max_jobs=ds.options.get("max_jobs"))  # fmt: skip
         for warning in report.warnings:
             self.journal.event(ds.id, warning, level="warning")
         report.raise_if_errors()
@@ -784,7 +790,10 @@ class Runner:
             if self.stop_event.is_set():
                 raise Interrupted("stopping before extraction")
             try:
-                folder = safe_extract(local)
+                folder = safe_extract(
+                    local, max_ratio=ds.options.get("extract_max_ratio"),
+                    max_member_ratio=ds.options.get("extract_max_member_ratio"),
+                )  # fmt: skip
             except AgentError as err:
                 self.journal.update_output(ds.id, o.remote, extracted=-1)
                 self.journal.event(ds.id, f"{local.name}: {err.message}", level="error")

@@ -25,6 +25,8 @@ from agent.dataset import JOB_FILE
 from agent.errors import ValidationError
 from agent.jobfile import (
     DEFAULT_VARIANT,
+    MAX_JOBS,
+    MAX_RUNS,
     VARIANT_NAME_RE,
     JobSpec,
     dataset_files,
@@ -626,12 +628,19 @@ def _same(a: Path, b: Path) -> bool:
 _SEEN_PIPELINES: dict[str, Mapping[str, Any]] = {}
 
 
-def validate(job: JobSpec, dataset: Path | None, pipeline: Mapping[str, Any]) -> ValidationReport:
+def validate(
+    job: JobSpec, dataset: Path | None, pipeline: Mapping[str, Any], *,
+    max_runs: int | None = None, max_jobs: int | None = None,
+) -> ValidationReport:  # fmt: skip
     """Check ``job`` and its dataset against ``pipeline`` (``GET /rest/pipelines/{id}`` JSON).
 
     Never raises for a problem with the data: every problem is in the report.
     ``dataset`` must be the path the job was loaded for (``job.dataset``).
+    ``max_runs``/``max_jobs`` (default :data:`agent.jobfile.MAX_RUNS`/``MAX_JOBS``)
+    refuse a job that would launch more than that.
     """
+    max_runs = MAX_RUNS if max_runs is None else max_runs
+    max_jobs = MAX_JOBS if max_jobs is None else max_jobs
     report = ValidationReport()
     _SEEN_PIPELINES[job.pipeline] = pipeline
     if dataset is not None and not _same(Path(dataset), job.dataset):
@@ -642,6 +651,11 @@ def validate(job: JobSpec, dataset: Path | None, pipeline: Mapping[str, Any]) ->
         report.warn(f"the job names pipeline {job.pipeline} but was checked against {ident}")
     if isinstance(job.runs, bool) or not isinstance(job.runs, int) or job.runs < 1:
         report.error(f"runs must be a whole number of at least 1, not {job.runs!r}")
+    elif job.runs > max_runs:
+        report.error(
+            f"runs: {job.runs} is more than the {max_runs} runs a dataset may ask for; lower it "
+            "(or raise max_runs in agent.yaml, or --max-runs for `vip-agent run`)"
+        )
     for vname, override in job.variants.items():
         if not VARIANT_NAME_RE.fullmatch(vname):
             report.error(f"variant name '{vname}' may only use letters, digits, '-' and '_'")
@@ -653,6 +667,14 @@ def validate(job: JobSpec, dataset: Path | None, pipeline: Mapping[str, Any]) ->
         report.error(f"the dataset {job.dataset} no longer exists")
         return report
     report.resolved = _resolve(job, pipeline, report)
+    jobs = sum(v.job_count for v in report.resolved.variants.values()) * job.runs
+    if jobs > max_jobs:
+        report.error(
+            f"this dataset would create {jobs:,} jobs on VIP ({len(report.resolved.variants)} "
+            f"variant(s) x {job.runs} run(s) x the lists and patterns of its inputs), more than "
+            f"the {max_jobs:,} allowed; check the lists and patterns (or raise max_jobs in "
+            "agent.yaml, or --max-jobs for `vip-agent run`)"
+        )
     for pattern in job.missing_expected():
         report.error(
             f"the job expects a file matching '{pattern}' (key 'expect'), and {_Scope(job).where()} has none"

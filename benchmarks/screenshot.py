@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -25,6 +26,15 @@ from webhelpers import chromium, make_drop, page_service  # noqa: E402
 
 from agent.journal import Journal  # noqa: E402
 from agent.localvip import LocalVip  # noqa: E402
+
+
+def fit(browser: Any) -> None:
+    """Make the window as tall as the page, so that the screenshot shows all of it."""
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 1360, "height": min(2400, int(height)), "deviceScaleFactor": 1, "mobile": False,
+    })  # fmt: skip
+    time.sleep(0.5)
 
 
 def main() -> int:
@@ -38,7 +48,7 @@ def main() -> int:
         server.start()
         os.environ["VIP_API_KEY"] = server.api_key  # this process only: the service reads it
         drop = make_drop(root)
-        service = page_service(root, server.url, drop)
+        service = page_service(root, server.url, drop, transfer_parallelism=2)
         service.start()
         journal = Journal.in_state_dir(root / "state")
         browser = None
@@ -51,12 +61,12 @@ def main() -> int:
             page = (root / "state" / "http-url").read_text().strip()
             browser = chromium(root / "profile", width=1360, height=1180)
             browser.get(page)
-            # the next upload crawls: the server waits 2 s before taking each of 16 files
-            server.faults.latency = 2.0
+            # the next upload crawls: the server waits 1 s before taking each of 16 files, 2 at a time
+            server.faults.latency = 1.0
             server.faults.match = r"^/rest/path/"
             server.faults.methods = frozenset({"PUT"})
             files = {f"slice-{k:02d}.dat": os.urandom(400_000) for k in range(16)}
-            concat = {"pipeline": "ConcatFiles/1.0", "inputs": {"files": "slice-*.dat"}}
+            concat = {"pipeline": "ConcatFiles/1.0", "inputs": {"files": "slice-*.dat", "input_file": None}}
             write_dataset(drop / "mri-2026-11-05-series", files, job=concat)
             write_dataset(drop / "mri-2026-11-06", {"data.txt": "queued behind the series\n"})
             wait_for(lambda: browser.execute_script(
@@ -65,12 +75,14 @@ def main() -> int:
                 "return w > 20 && w < 90 && document.querySelector('#gantt svg') !== null"
             ), timeout=60, interval=0.1)  # fmt: skip
             time.sleep(1.2)  # one more refresh, so that the rate and ETA have two samples
+            fit(browser)
             browser.save_screenshot(str(args.out / "status-page.png"))
             failed = next(d for d in journal.datasets() if d.stage == "failed")
             browser.get(f"{page}#/dataset/{failed.id}")
             wait_for(lambda: browser.execute_script(
                 "return document.querySelector('#d-error') && !document.querySelector('#d-error').hidden"
             ), timeout=20)  # fmt: skip
+            fit(browser)
             browser.save_screenshot(str(args.out / "status-page-detail.png"))
             print(args.out / "status-page.png")
             print(args.out / "status-page-detail.png")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent import extract as extract_mod
 from agent.extract import (
     CorruptArchiveError,
     UnsafeArchiveError,
@@ -393,3 +394,48 @@ def test_missing_archive_raises(tmp_path: Path) -> None:
 
     with pytest.raises(ExtractError):
         safe_extract(tmp_path / "gone.tgz")
+
+
+# -- decompression bombs: the ratio of expanded to compressed bytes ----------------------
+
+
+def _gz_with(tmp_path: Path, members: dict[str, bytes]) -> Path:
+    archive = tmp_path / "out" / "bomb.tgz"
+    archive.parent.mkdir(exist_ok=True)
+    with tarfile.open(archive, "w:gz", compresslevel=9) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive
+
+
+@pytest.fixture
+def small_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the real floor is 64 MiB; 1 MiB keeps the archives of these tests small
+    monkeypatch.setattr(extract_mod, "RATIO_FLOOR", 1 << 20)
+
+
+def test_bomb_refused_by_total_ratio_before_writing(tmp_path: Path, small_floor: None) -> None:
+    archive = _gz_with(tmp_path, {"zeros.bin": bytes(24 << 20)})  # ~24 KB expanding 1000 times
+    before = archive.read_bytes()
+    with pytest.raises(UnsafeArchiveError, match="times the archive's"):
+        safe_extract(archive)
+    assert archive.read_bytes() == before  # kept as is, nothing else left
+    assert sorted(p.name for p in archive.parent.iterdir()) == ["bomb.tgz"]
+
+
+def test_bomb_member_refused_by_its_own_ratio(tmp_path: Path, small_floor: None) -> None:
+    members = {"noise.bin": os.urandom(2 << 20), "zeros.bin": bytes(24 << 20)}  # total ratio ~12
+    archive = _gz_with(tmp_path, members)
+    with pytest.raises(UnsafeArchiveError, match=r"zeros\.bin.*expands"):
+        safe_extract(archive)
+    assert archive.is_file() and sorted(p.name for p in archive.parent.iterdir()) == ["bomb.tgz"]
+    # the limits are settings: raised, the same archive extracts
+    folder = safe_extract(archive, max_member_ratio=5000)
+    assert (folder / "zeros.bin").stat().st_size == 24 << 20
+
+
+def test_compressible_outputs_below_the_floor_extract(tmp_path: Path) -> None:
+    archive = _gz_with(tmp_path, {"zeros.bin": bytes(8 << 20), "log.txt": b"ok\n" * 1000})
+    assert (safe_extract(archive) / "zeros.bin").stat().st_size == 8 << 20

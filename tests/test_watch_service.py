@@ -317,6 +317,10 @@ def test_refused_key_pauses_then_resumes(tmp_path: Path, vip_server: LocalVip) -
 
 def test_service_process_signals(tmp_path: Path, vip_server: LocalVip) -> None:
     drop = make_drop(tmp_path)
+    # a job that outlasts the test, so the agent is still polling it when SIGTERM comes
+    (drop / "job.yaml").write_text(
+        yaml.safe_dump({"pipeline": "Sleep/1.0", "inputs": {"duration": 60}}), encoding="utf-8"
+    )
     state = tmp_path / "state"
     env = agent_env(vip_server.api_key)
     log_file = tmp_path / "agent.log"

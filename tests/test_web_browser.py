@@ -88,8 +88,12 @@ def test_page_follows_datasets_and_retries_with_the_token(
         # fix the drop folder's job.yaml (editing the dataset itself would make it a new run),
         # open the dataset, Retry: the page asks for the token (a wrong one is refused)
         (drop / "job.yaml").write_text(yaml.safe_dump({**TEMPLATE, "inputs": {"input_file": "*.txt"}}))
-        browser.find_element("css selector", f'tr[data-id="{failed.id}"] td.name a').click()
-        wait_for(lambda: js(browser, "return !document.querySelector('#act-retry').disabled"), timeout=10)
+        # (the table is redrawn 4 times a second: click the link from script, not by position)
+        js(browser, f"document.querySelector('tr[data-id=\"{failed.id}\"] td.name a').click()")
+        wait_for(lambda: js(browser, "return location.hash") == f"#/dataset/{failed.id}", timeout=5)
+        wait_for(lambda: js(browser, "return !document.querySelector('#view-dataset').hidden"
+                            " && document.querySelector('#d-name').textContent === 'scan-typo'"
+                            " && !document.querySelector('#act-retry').disabled"), timeout=10)  # fmt: skip
         browser.find_element("id", "act-retry").click()
         wait_for(lambda: js(browser, "return document.querySelector('#token-dialog').open"), timeout=5)
         browser.find_element("id", "token-input").send_keys("wrong-token")

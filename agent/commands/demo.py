@@ -2,7 +2,8 @@
 
 Starts ``agent.localvip`` on a free loopback port and the drop-folder service
 (``vip-agent watch``'s) on an empty drop folder, then drops the example datasets
-(``examples/drop``) into it as an instrument would. Each is detected, waited for
+(``examples/drop``, shipped in the package: :mod:`agent.bundled`) into it as an
+instrument would. Each is detected, waited for
 until complete, validated, uploaded, run, mirrored, extracted and cleaned from
 the server. Prints where the outputs are as its last line. The journal is the
 agent's usual one, so ``vip-agent status`` shows the demo datasets afterwards
@@ -18,20 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from agent.bundled import examples_dir
 from agent.errors import AgentError
 from agent.journal import Journal
 from agent.paths import default_state_dir
-
-
-def examples_dir() -> Path:
-    """The example drop folder of a source checkout."""
-    here = Path(__file__).resolve().parents[2] / "examples" / "drop"
-    if here.is_dir():
-        return here
-    raise AgentError(
-        "the example datasets (examples/drop) were not found",
-        detail=f"looked in {here}; run the demo from a source checkout",
-    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from agent.localvip import LocalVip
     from agent.vip.client import VipClient
 
-    source = args.examples or examples_dir()
+    source = args.examples or examples_dir() / "drop"
     work = (args.workdir / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
     drop, outputs, storage = work / "drop", work / "outputs", work / "server"
     for folder in (drop, outputs, storage):

@@ -17,7 +17,9 @@ from agent.commands import add_state_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", metavar="NAME|#ID", help="dataset name, or #ID as `vip-agent status` shows it")
+    parser.add_argument(
+        "name", metavar="NAME|#ID", help="dataset name, or #ID as `vip-agent status` shows it"
+    )
     add_state_args(parser)
     parser.add_argument(
         "-f", "--follow", action="store_true",

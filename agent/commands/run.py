@@ -20,6 +20,7 @@ from agent import actions
 from agent import dataset as dataset_mod
 from agent.config import parse_duration, parse_poll
 from agent.errors import ConfigError
+from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.journal import Dataset, Journal
 from agent.leftovers import left_on_vip
 from agent.paths import DEFAULT_SERVER, default_state_dir
@@ -63,6 +64,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="keep inputs, outputs and executions on the server")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the plan; send nothing")
+    parser.add_argument("--max-runs", type=_positive, default=MAX_RUNS, metavar="N",
+                        help=f"refuse a job asking for more runs than this (default {MAX_RUNS})")
+    parser.add_argument("--max-jobs", type=_positive, default=MAX_JOBS, metavar="N",
+                        help="refuse a dataset that would create more VIP jobs than this, all "
+                             f"variants, runs and input lists together (default {MAX_JOBS})")
     parser.add_argument("--poll", type=_poll, default=None, metavar="MIN[:MAX]",
                         help="polling of a running execution, seconds: the first interval, and "
                              f"the longest it grows to (default {DEFAULT_POLL_MIN:g}:"
@@ -94,6 +100,16 @@ def _duration(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
 def _poll(text: str) -> tuple[float, float | None]:
     try:
         return parse_poll(text)
@@ -106,8 +122,11 @@ def _poll(text: str) -> tuple[float, float | None]:
 def dataset_identity(path: Path) -> tuple[Path, dataset_mod.DatasetScan]:
     """The dataset root and a scan of the files that belong to it."""
     if path.is_file():
-        return path.parent, dataset_mod.scan(path.parent, only=[path.name])
-    return path, dataset_mod.scan(path)
+        root, scan = path.parent, dataset_mod.scan(path.parent, only=[path.name])
+    else:
+        root, scan = path, dataset_mod.scan(path)
+    scan.raise_if_unreadable()  # a symlink loop, a folder we may not read: exit 2, named
+    return root, scan
 
 
 def template_for(path: Path, explicit: Path | None) -> Path | None:
@@ -178,13 +197,14 @@ def main(args: argparse.Namespace) -> int:
     client = VipClient(server, credential.key, timeout=args.timeout)
 
     if args.dry_run:
-        return dry_run(path, template, client)
+        return dry_run(path, template, client, max_runs=args.max_runs, max_jobs=args.max_jobs)
 
     state = args.state or default_state_dir()
     journal = Journal.in_state_dir(state)
     output_root = (args.output or Path("vip_outputs")).resolve()
     existing = [d for d in journal.find(path=str(path), fingerprint=scan.fingerprint)]
-    options = {"keep_remote": args.keep_remote, "output_override": args.output is not None}
+    options = {"keep_remote": args.keep_remote, "output_override": args.output is not None,
+               "max_runs": args.max_runs, "max_jobs": args.max_jobs}  # fmt: skip
     if existing:
         refusal = output_conflict(existing[-1], args.output)
         if refusal:
@@ -326,8 +346,16 @@ def output_conflict(ds: Dataset, output: Path | None) -> str | None:
     )
 
 
-def dry_run(path: Path, template: Path | None, client: VipClient) -> int:
-    """Validate against the pipeline and print what would be sent; send nothing."""
+#: how many files and executions ``--dry-run`` lists before it summarises the rest
+DRY_RUN_SHOWN = 20
+
+
+def dry_run(
+    path: Path, template: Path | None, client: VipClient, *,
+    max_runs: int | None = None, max_jobs: int | None = None,
+) -> int:  # fmt: skip
+    """Validate against the pipeline and print what would be sent (at most
+    :data:`DRY_RUN_SHOWN` files and executions, then a count); send nothing."""
     from agent.jobfile import load_job, resolve_inputs
     from agent.runner import unknown_pipeline
     from agent.validate import validate
@@ -339,7 +367,7 @@ def dry_run(path: Path, template: Path | None, client: VipClient) -> int:
     except NotFoundError:
         print(f"the dataset cannot be run:\n  - {unknown_pipeline(client, job.pipeline)}")
         return EXIT_INVALID
-    report = validate(job, path, pipeline)
+    report = validate(job, path, pipeline, max_runs=max_runs, max_jobs=max_jobs)
     for w in report.warnings:
         print(f"warning: {w}")
     if report.errors:
@@ -347,17 +375,33 @@ def dry_run(path: Path, template: Path | None, client: VipClient) -> int:
         for e in report.errors:
             print(f"  - {e}")
         return EXIT_INVALID
-    resolved = resolve_inputs(job, path)
+    resolved = report.resolved or resolve_inputs(job, path)
     remote_inputs = "<session>/INPUTS"
     print(f"pipeline: {job.pipeline}")
-    print(f"files to upload ({len(resolved.files)}):")
-    for rel in resolved.files:
-        size = (resolved.root / rel).stat().st_size
-        print(f"  {rel} ({size:,} bytes) -> {resolved.remote_path(remote_inputs, rel)}")
+    sizes = {f.rel: f.size for f in dataset_mod.scan(resolved.root, only=resolved.files).files}
+    total = sum(sizes.values())
+    print(f"files to upload ({len(resolved.files)}, {human_size(total)}):")
+    for rel in resolved.files[:DRY_RUN_SHOWN]:
+        print(f"  {rel} ({sizes.get(rel, 0):,} bytes) -> {resolved.remote_path(remote_inputs, rel)}")
+    if len(resolved.files) > DRY_RUN_SHOWN:
+        print(f"  ... and {len(resolved.files) - DRY_RUN_SHOWN} more file(s)")
+    executions = len(resolved.variants) * job.runs
+    jobs = sum(v.job_count for v in resolved.variants.values()) * job.runs
+    print(f"executions: {executions} ({len(resolved.variants)} variant(s) x {job.runs} run(s)), "
+          f"{jobs} job(s) on VIP")  # fmt: skip
+    shown = 0
     for variant in resolved.variants:
+        values = resolved.remote_inputs(variant, remote_inputs)
         for run in range(1, job.runs + 1):
+            if shown == DRY_RUN_SHOWN:
+                break
+            shown += 1
             print(f"execution {variant} run {run}:")
-            for k, v in resolved.remote_inputs(variant, remote_inputs).items():
+            for k, v in values.items():
+                if isinstance(v, list) and len(v) > DRY_RUN_SHOWN:
+                    v = [*v[:DRY_RUN_SHOWN], f"... and {len(v) - DRY_RUN_SHOWN} more"]
                 print(f"  {k} = {v}")
+    if executions > shown:
+        print(f"... and {executions - shown} more execution(s)")
     print("valid: nothing was sent (dry run)")
     return EXIT_DONE

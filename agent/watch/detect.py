@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import functools
 import heapq
 import itertools
 import logging
@@ -24,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -39,7 +40,7 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, EventEmitter
 
 from agent import dataset as ds
 from agent.config import DropConfig
@@ -75,6 +76,8 @@ class Candidates:
         self.drop = drop
         self.root = drop.path
         self._own = [p for p in drop.own_folders() if self.root in p.parents]
+        #: top-level names holding one of the agent's own folders
+        self._own_tops = {p.relative_to(self.root).parts[0] for p in self._own}
 
     def _own_folder(self, top: Path) -> bool:
         return any(top == p or top in p.parents for p in self._own)
@@ -106,7 +109,7 @@ class Candidates:
             return False
         if name.endswith(".ERROR.txt"):  # the error report of a one-file dataset
             return False
-        if self._own_folder(self.root / name):
+        if name in self._own_tops:
             return False
         if self.drop.datasets == "files":
             if not fnmatch.fnmatchcase(name, self.drop.pattern):
@@ -183,10 +186,109 @@ def _native_observer() -> BaseObserver:
     return Observer()
 
 
-def _polling_observer(interval: float) -> BaseObserver:
-    from watchdog.observers.polling import PollingObserver
+class DatasetPollEmitter(EventEmitter):
+    """Polls a drop folder at a cost that does not grow with its finished datasets.
 
-    return PollingObserver(timeout=interval)
+    watchdog's polling emitter stats every file of the tree at every poll: with
+    thousands of finished datasets that is most of an idle agent's CPU. This one, each
+    poll: one ``stat`` of the drop folder (a listing only when it changed: a dataset
+    added or removed), and a look inside the datasets that are not ``settled`` (taken
+    with their current content, as the journal knows). Settled datasets are looked at
+    again by the periodic rescan, or when their top-level entry is removed or re-added.
+    """
+
+    def __init__(
+        self,
+        event_queue: Any,
+        watch: Any,
+        *,
+        timeout: float = 1.0,
+        event_filter: list[type[FileSystemEvent]] | None = None,
+        accept: Callable[[str], bool] = lambda name: True,
+        settled: Callable[[str], bool] = lambda name: False,
+        folders: bool = True,
+    ) -> None:
+        super().__init__(event_queue, watch, timeout=timeout, event_filter=event_filter)
+        self._accept = accept
+        self._settled = settled
+        self._folders = folders
+        self._top: tuple[int, int] | None = None
+        self._names: set[str] = set()
+        self._inside: dict[str, object] = {}
+
+    def _signature(self, path: str) -> object:
+        if self._folders:
+            found = ds.scan(Path(path))
+            return (found.fingerprint, found.partial)
+        st = os.stat(path, follow_symlinks=False)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _look(self, emit: bool, deep: bool = True) -> None:
+        root = os.fsdecode(self.watch.path)
+        st = os.stat(root)
+        top = (st.st_ino, st.st_mtime_ns)
+        if top != self._top:
+            self._top = top
+            names = {n for n in os.listdir(root) if self._accept(n)}
+            event_cls = DirCreatedEvent if self._folders else FileCreatedEvent
+            gone_cls = DirDeletedEvent if self._folders else FileDeletedEvent
+            for name in sorted(names - self._names):
+                path = os.path.join(root, name)
+                if deep and not self._settled(name):
+                    # before the event: a change right after it must not be missed
+                    with contextlib.suppress(OSError):
+                        self._inside[name] = self._signature(path)
+                if emit:
+                    self.queue_event(event_cls(path))
+            for name in sorted(self._names - names):
+                self._inside.pop(name, None)
+                if emit:
+                    self.queue_event(gone_cls(os.path.join(root, name)))
+            self._names = names
+        if not deep:
+            return
+        changed_cls = DirModifiedEvent if self._folders else FileModifiedEvent
+        for name in sorted(self._names):
+            if self._settled(name):
+                self._inside.pop(name, None)
+                continue
+            path = os.path.join(root, name)
+            try:
+                sig = self._signature(path)
+            except OSError:
+                continue  # removed meanwhile: the next listing says so
+            before = self._inside.get(name)
+            self._inside[name] = sig
+            if emit and before is not None and before != sig:
+                self.queue_event(changed_cls(path))
+
+    def on_thread_start(self) -> None:
+        # the listing only: the agent's catch-up scan looks into every dataset right after
+        with contextlib.suppress(OSError):
+            self._look(emit=False, deep=False)
+
+    def queue_events(self, timeout: float) -> None:
+        if self.stopped_event.wait(timeout):
+            return
+        try:
+            self._look(emit=True)
+        except (FileNotFoundError, NotADirectoryError):
+            self.queue_event(DirDeletedEvent(self.watch.path))
+            self.stop()
+        except OSError:
+            pass  # a network share briefly unreachable: try again at the next poll
+
+
+def _polling_observer(
+    interval: float, drop: DropConfig, handler: FileSystemEventHandler,
+    settled: Callable[[str], bool],
+) -> BaseObserver:
+    candidates = getattr(handler, "candidates", None)
+    accept = candidates.accept if isinstance(candidates, Candidates) else (lambda name: True)
+    emitter = functools.partial(
+        DatasetPollEmitter, accept=accept, settled=settled, folders=drop.datasets == "folders"
+    )
+    return BaseObserver(emitter, timeout=interval)  # type: ignore[arg-type]
 
 
 def limit_hint(err: OSError) -> str:
@@ -211,6 +313,7 @@ def start_observer(
     log: logging.Logger,
     *,
     native_factory: Callable[[], BaseObserver] = _native_observer,
+    settled: Callable[[str], bool] = lambda name: False,
 ) -> tuple[BaseObserver, str]:
     """Start watching ``drop.path``; returns the observer and ``"native"`` or ``"polling"``.
 
@@ -242,7 +345,7 @@ def start_observer(
                 "(new datasets are seen later and each poll costs a listing of the folder)",
                 drop.path, limit_hint(err), drop.poll_interval,
             )  # fmt: skip
-    observer = _polling_observer(drop.poll_interval)
+    observer = _polling_observer(drop.poll_interval, drop, handler, settled)
     observer.schedule(handler, str(drop.path), recursive=recursive, event_filter=EVENT_FILTER)
     observer.start()
     return observer, "polling"

@@ -11,13 +11,14 @@ Only the watch loop thread calls it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.config import DropConfig
-from agent.journal import Dataset, Journal
+from agent.journal import FINAL_STAGES, Dataset, Journal
 from agent.watch.detect import Candidates
 from agent.watch.readiness import History, file_stem, judge, take_snapshot
 
@@ -42,6 +43,34 @@ class DropFolder:
         self.candidates = Candidates(drop)
         self.histories: dict[str, History] = {}
         self._warned: set[tuple[int, str | None]] = set()
+        #: seconds a change may be dated back from its files' ctime (the event debounce;
+        #: 0 when the file system's clock may not be ours)
+        self.change_credit = 0.0
+        #: names whose content is taken (done, failed or running) and unchanged since, with
+        #: the top-level entry's (inode, mtime) then: a polling observer does not look
+        #: inside them, and the periodic rescan only compares that top-level stat
+        self.settled: dict[str, tuple[int, int]] = {}
+
+    def is_settled(self, name: str) -> bool:
+        return name in self.settled
+
+    def _settle(self, key: str) -> None:
+        try:
+            st = self.path_of(key).stat()
+        except OSError:
+            return
+        self.settled[key] = (st.st_ino, st.st_mtime_ns)
+
+    def needs_rescan(self, key: str) -> bool:
+        """False for a settled name whose top-level entry is unchanged (the cheap check)."""
+        seen = self.settled.get(key)
+        if seen is None:
+            return True
+        try:
+            st = self.path_of(key).stat()
+        except OSError:
+            return True
+        return (st.st_ino, st.st_mtime_ns) != seen
 
     @property
     def root(self) -> Path:
@@ -54,7 +83,13 @@ class DropFolder:
         return file_stem(key) if self.drop.datasets == "files" else key
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"keep_remote": self.drop.keep_remote}
+        opts: dict[str, Any] = {
+            "keep_remote": self.drop.keep_remote,
+            "max_runs": self.drop.limits.max_runs,
+            "max_jobs": self.drop.limits.max_jobs,
+            "extract_max_ratio": self.drop.limits.extract_max_ratio,
+            "extract_max_member_ratio": self.drop.limits.extract_max_member_ratio,
+        }
         if self.drop.unknown_limit:
             opts["unknown_limit"] = self.drop.unknown_limit
         if self.drop.readiness.rule == "marker":
@@ -76,11 +111,40 @@ class DropFolder:
                 names.append(p.name)
         return names
 
+    def catch_up(self, names: list[str]) -> dict[str, float | None]:
+        """The start-up look at every name present: ``{name: check()'s answer}``.
+
+        A name whose latest run is finished and whose top-level entry has not changed
+        since that run was recorded (mtime and ctime not after it) is settled without
+        looking inside: one ``stat`` instead of a walk of its files, so a restart with
+        thousands of finished datasets is ready in seconds. Anything else gets a full
+        :meth:`check`. (A finished dataset is looked into again when its top-level entry
+        changes or a file event names it.)
+        """
+        latest = self.journal.latest_runs(str(self.root))
+        out: dict[str, float | None] = {}
+        for name in names:
+            path = os.path.join(self.root, name)
+            stage, fingerprint, updated = latest.get(path, ("", None, 0.0))
+            if stage in FINAL_STAGES and fingerprint:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    st = None
+                if st is not None and max(st.st_mtime, st.st_ctime) <= updated:
+                    self.histories.pop(name, None)
+                    self.settled[name] = (st.st_ino, st.st_mtime_ns)
+                    out[name] = None
+                    continue
+            out[name] = self.check(name)
+        return out
+
     # -- the check -----------------------------------------------------------------
     def check(self, key: str) -> float | None:
         """Look at dataset ``key`` now; returns seconds until it should be looked at again."""
         path = self.path_of(key)
         now = self.clock()
+        self.settled.pop(key, None)
         snap = take_snapshot(path, self.drop)
         rows = self.journal.find(path=str(path))
         waiting = [r for r in rows if r.stage == "waiting"]
@@ -103,6 +167,7 @@ class DropFolder:
         if latest is not None and latest.fingerprint == snap.fingerprint:
             # already taken with exactly this content: never twice
             self.histories.pop(key, None)
+            self._settle(key)
             for r in waiting:
                 self.journal.set_stage(
                     r.id, "cancelled", message=f"same content as run #{latest.id}", level="info"
@@ -111,12 +176,13 @@ class DropFolder:
 
         if latest is not None and not latest.final:
             self._warn_changed(latest, snap.fingerprint)
+            self._settle(key)
             return None  # re-checked when that run ends (never mixed into it)
 
         hist = self.histories.get(key)
         if hist is None:
             hist = self.histories[key] = History(first_seen=now)
-        hist.observe(snap, now)
+        hist.observe(snap, now, self.change_credit)
 
         name = self.dataset_name(key)
         if row is None:

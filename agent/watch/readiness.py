@@ -20,6 +20,7 @@ Partial names (``*.part``, ``*.tmp``...) always hold a dataset back.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class Snapshot:
     has_marker: bool = False
     missing: tuple[str, ...] = ()  # manifest globs that match no file
     manifest_problem: str | None = None  # the job file could not be read
+    changed_at: float | None = None  # newest ctime seen (system clock, seconds)
 
 
 @dataclass
@@ -52,10 +54,22 @@ class History:
     stale_reported: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
-    def observe(self, snap: Snapshot, now: float) -> None:
+    def observe(self, snap: Snapshot, now: float, credit: float = 0.0) -> None:
+        """Note what the dataset looks like at ``now`` (monotonic).
+
+        ``credit``: how late the agent may be looking (its event debounce). A change is
+        dated when the files say it happened (their newest ctime), up to ``credit``
+        seconds before ``now``, so the debounce runs within the settle time instead of
+        adding to it. Without credit (e.g. a network file system, whose clock may differ)
+        a change is dated when the agent saw it.
+        """
         if snap.fingerprint != self.fingerprint:
             self.fingerprint = snap.fingerprint
             self.since = now
+            if credit > 0 and snap.changed_at is not None:
+                ago = time.time() - snap.changed_at
+                if ago > 0:
+                    self.since = now - min(ago, credit)
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,10 @@ def take_snapshot(path: Path, drop: DropConfig) -> Snapshot:
             st = path.stat()
         except (FileNotFoundError, NotADirectoryError):
             return Snapshot(exists=False)
+        except OSError as err:
+            # a loop or a file we may not read: it settles, then validation says why
+            why = ((path.name, ds.why_unreadable(err)),)
+            return Snapshot(exists=True, fingerprint=ds.fingerprint([], why), files=1)
         if not path.is_file():
             return Snapshot(exists=False)
         entry = ds.FileEntry(path.name, st.st_size, st.st_mtime_ns)
@@ -103,6 +121,7 @@ def take_snapshot(path: Path, drop: DropConfig) -> Snapshot:
             files=1,
             size=st.st_size,
             has_marker=bool(marker and marker.is_file()),
+            changed_at=st.st_ctime,
         )
     if not path.is_dir():
         return Snapshot(exists=False)
@@ -128,6 +147,7 @@ def take_snapshot(path: Path, drop: DropConfig) -> Snapshot:
         has_marker=has_marker,
         missing=missing,
         manifest_problem=problem,
+        changed_at=scan.newest_change_ns / 1e9 if scan.newest_change_ns else None,
     )
 
 
