@@ -21,6 +21,7 @@ import yaml
 from agent.errors import ConfigError
 from agent.extract import MAX_MEMBER_RATIO, MAX_RATIO
 from agent.jobfile import MAX_JOBS, MAX_RUNS
+from agent.paths import default_config_path as default_config_path  # re-exported
 from agent.paths import default_state_dir
 
 #: the public VIP portal, used when a drop folder names no server
@@ -137,6 +138,8 @@ class DropConfig:
     keep_remote: bool = False
     notify: tuple[NotifyRule, ...] = ()
     disk_low: int = DEFAULT_DISK_LOW
+    #: seconds an execution may read ``Unknown`` before it is killed (None: the runner's default)
+    unknown_limit: float | None = None
     #: polling of a running execution: first interval and ceiling, seconds (None: defaults)
     poll_min: float | None = None
     poll_max: float | None = None
@@ -180,15 +183,6 @@ class AgentConfig:
         return next((d for d in self.drops if d.path == target), None)
 
 
-def default_config_path() -> Path:
-    """``$CONFIGURATION_DIRECTORY/agent.yaml`` under systemd, else the per-user one."""
-    systemd = os.environ.get("CONFIGURATION_DIRECTORY")
-    if systemd:
-        return Path(systemd.split(":")[0]) / "agent.yaml"
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".config") / "vip-agent" / "agent.yaml"
-
-
 # -- parsing -----------------------------------------------------------------------
 
 _TOP_KEYS = ("drops", "state", "log_format", "defaults", "http")
@@ -197,7 +191,7 @@ _DROP_KEYS = (
     "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
     "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "poll",
     "transfer_parallelism", "notify", "disk_low", "max_runs", "max_jobs",
-    "extract_max_ratio", "extract_max_member_ratio",
+    "extract_max_ratio", "extract_max_member_ratio", "unknown_limit",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -503,6 +497,7 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
         keep_remote=r.flag("keep_remote", False),
         notify=_notify(r),
         disk_low=_size(r, "disk_low", DEFAULT_DISK_LOW),
+        unknown_limit=r.seconds("unknown_limit", 0) or None,
         transfer_parallelism=(
             r.whole("transfer_parallelism", 1, maximum=64) if r.has("transfer_parallelism") else None
         ),

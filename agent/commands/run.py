@@ -18,20 +18,23 @@ from typing import Any
 
 from agent import actions
 from agent import dataset as dataset_mod
-from agent.config import parse_poll
+from agent.config import parse_duration, parse_poll
 from agent.errors import ConfigError
 from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.journal import Dataset, Journal
 from agent.leftovers import left_on_vip
 from agent.paths import DEFAULT_SERVER, default_state_dir
+from agent.progress import TerminalProgress, human_size
 from agent.runner import (
     DEFAULT_POLL_MAX,
     DEFAULT_POLL_MIN,
+    GIVE_UP_AFTER,
+    UNKNOWN_LIMIT,
+    GaveUp,
     Interrupted,
     Runner,
     StepOutcome,
     admit,
-    human_size,
 )
 from agent.vip.client import VipClient
 from agent.watch.after import update_error_report
@@ -39,6 +42,8 @@ from agent.watch.lock import AgentLock
 
 EXIT_DONE, EXIT_FAILED, EXIT_INVALID, EXIT_INCOMPLETE, EXIT_CANCELLED = 0, 1, 2, 3, 4
 EXIT_STOPPED = 130
+#: the server kept failing past --give-up-after; running the command again resumes
+EXIT_GAVE_UP = 75
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +73,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="polling of a running execution, seconds: the first interval, and "
                              f"the longest it grows to (default {DEFAULT_POLL_MIN:g}:"
                              f"{DEFAULT_POLL_MAX:g})")
+    parser.add_argument(
+        "--give-up-after", type=_duration, default=GIVE_UP_AFTER, metavar="DURATION",
+        help="stop (exit 75, resumable) when VIP has kept failing this long "
+             f"(seconds, or 30m, 4h; default {GIVE_UP_AFTER / 3600:g}h)",
+    )
+    parser.add_argument(
+        "--unknown-limit", type=_duration, default=UNKNOWN_LIMIT, metavar="DURATION",
+        help="kill an execution that reads Unknown this long, then clean up once VIP confirms "
+             f"it ended (default {UNKNOWN_LIMIT / 3600:g}h)",
+    )
+    parser.add_argument(
+        "--timeout", type=_duration, default=60.0, metavar="SECONDS",
+        help="read timeout of one VIP request; a request's overall deadline is 5 times this "
+             "(default 60)",
+    )
+
+
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90, 30m, 4h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -108,38 +138,6 @@ def template_for(path: Path, explicit: Path | None) -> Path | None:
     return candidate.resolve() if candidate.is_file() else None
 
 
-class Progress:
-    """Transfer progress: a live line on a terminal, a line per 10 % otherwise."""
-
-    def __init__(self, journal: Journal, stream: Any = sys.stderr) -> None:
-        self.journal = journal
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last: dict[tuple[int, str], float] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, dataset_id: int, kind: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        key = (dataset_id, kind)
-        with self._lock:
-            pct = 100.0 * done / total if total else 100.0
-            if self.tty:
-                if now - self._last.get(key, 0) >= 0.2 or done >= total:
-                    self._last[key] = now
-                    bar = "#" * int(pct / 5)
-                    end = "\n" if done >= total else ""
-                    self.stream.write(
-                        f"\r{kind:>8} [{bar:<20}] {pct:5.1f}% {human_size(done):>9}{end}"
-                    )
-                    self.stream.flush()
-            else:
-                step = int(pct // 10)
-                if step > self._last.get(key, -1):
-                    self._last[key] = step
-                    print(f"{kind}: {pct:.0f}% ({human_size(done)} of {human_size(total)})",
-                          file=self.stream, flush=True)
-
-
 def print_events(journal: Journal, dataset_id: int, after: int, stream: Any = sys.stderr) -> int:
     """Print the dataset's journal events newer than ``after``; returns the last id."""
     for ev in journal.events(dataset_id):
@@ -164,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"dataset {path} has no files")
 
     credential = find_api_key(server)
-    client = VipClient(server, credential.key)
+    client = VipClient(server, credential.key, timeout=args.timeout)
 
     if args.dry_run:
         return dry_run(path, template, client, max_runs=args.max_runs, max_jobs=args.max_jobs)
@@ -213,8 +211,10 @@ def main(args: argparse.Namespace) -> int:
         )
     stop = threading.Event()
     poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
-    runner = Runner(journal, lambda _url: client, stop_event=stop, progress=Progress(journal),
-                    poll_min=poll_min, poll_max=max(poll_min, poll_max or DEFAULT_POLL_MAX))
+    bars = TerminalProgress(sys.stderr)  # one bar per transfer on a terminal
+    runner = Runner(journal, lambda _url: client, stop_event=stop, progress=bars,
+                    poll_min=poll_min, poll_max=max(poll_min, poll_max or DEFAULT_POLL_MAX),
+                    unknown_limit=args.unknown_limit, give_up_after=args.give_up_after)
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
@@ -244,6 +244,10 @@ def main(args: argparse.Namespace) -> int:
                 raise Interrupted("stopped")
             if stop.is_set():
                 raise Interrupted("stopped")
+    except GaveUp as err:
+        print_events(journal, dataset_id, last)
+        print(f"vip-agent: {err.message}", file=sys.stderr)
+        return EXIT_GAVE_UP
     except (Interrupted, KeyboardInterrupt):
         print_events(journal, dataset_id, last)
         ds = journal.get(dataset_id)
@@ -255,6 +259,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return EXIT_STOPPED
     finally:
+        bars.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return report(journal, journal.get(dataset_id), path)

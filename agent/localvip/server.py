@@ -542,7 +542,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not rest:
             if method == "PUT":
                 return self._update(app, user, row)
-            blip = method == "GET" and app.faults.roll("unknown_blip", method, urlsplit(self.path).path)
+            path = urlsplit(self.path).path
+            knob = {"Running": "unknown_blip", "Killed": "unknown_after_kill"}.get(row.status)
+            blip = method == "GET" and knob is not None and app.faults.roll(knob, method, path)
             return self._json(engine.view(row, blip=blip))
         if rest == ["results"]:
             out = []
