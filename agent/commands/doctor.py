@@ -30,6 +30,7 @@ from agent.credentials import (
     read_keyring,
     redact,
 )
+from agent.credentials import environ as secret_environ
 from agent.errors import AgentError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -345,8 +346,7 @@ def check_key(
     except AgentError as err:
         fix = err.message
         system_key = Path(service.SYSTEM_KEY_FILE)
-        environ = os.environ if env is None else env
-        if not environ.get("CREDENTIALS_DIRECTORY") and system_key.exists():
+        if not (secret_environ() if env is None else env).get("CREDENTIALS_DIRECTORY") and system_key.exists():
             fix += "\n" + _SERVICE_KEY_HINT.format(
                 key=system_key, config=config_path or service.SYSTEM_CONFIG
             )
