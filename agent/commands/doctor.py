@@ -176,6 +176,26 @@ def check_folders(report: Report, roles: list[tuple[str, Path]]) -> None:
             report.add(OK, f"{role} {path}: exists, writable")
 
 
+def check_watched_drops(report: Report, state: Path) -> None:
+    """What a running agent sees of its drop folders (one that disappeared under it)."""
+    from agent.journal import JOURNAL_NAME, Journal
+    from agent.watch.lock import AgentLock
+
+    if not (state / JOURNAL_NAME).is_file() or AgentLock(state).held_by_other() is None:
+        return
+    try:
+        drops = Journal(state / JOURNAL_NAME).drop_states()
+    except AgentError:
+        return
+    for drop in drops:
+        if drop.state == "watching":
+            report.add(OK, f"drop folder {drop.path}: watched by the running agent ({drop.message})")
+        else:
+            report.add(FAIL, f"drop folder {drop.path}: the running agent reports it {drop.state}: "
+                             f"{drop.message}", "put the folder back (or mount it): it is watched again "
+                                                "within seconds")  # fmt: skip
+
+
 def check_disk(report: Report, paths: Iterable[Path], min_free_bytes: float) -> None:
     """Free space where outputs and state are written, once per file system."""
     seen: set[int] = set()
@@ -413,6 +433,7 @@ def diagnose(
         check_disk(report, [p for r, p in roles if r != "drop folder"] or [p for _r, p in roles],
                    min_free_gb * 1024**3)
         check_inotify(report, [p for r, p in roles if r == "drop folder"])
+        check_watched_drops(report, Path(config.state))
         for drop in config.drops:
             targets.append((normalise_server_url(drop.server), drop.key_file))
     check_observer(report, config)
