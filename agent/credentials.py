@@ -154,7 +154,7 @@ def seal_secrets() -> None:
 
 def environ() -> dict[str, str]:
     """``os.environ`` with the secret variables :func:`seal_secrets` took out of it."""
-    return {**os.environ, **_SEALED}
+    return {**_SEALED, **os.environ}
 
 
 def scrub_env(env: Mapping[str, str] | None = None, *, secrets: Iterable[str] = ()) -> dict[str, str]:
