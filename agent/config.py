@@ -21,6 +21,7 @@ import yaml
 from agent.errors import ConfigError
 from agent.extract import MAX_MEMBER_RATIO, MAX_RATIO
 from agent.jobfile import MAX_JOBS, MAX_RUNS
+from agent.paths import default_config_path as default_config_path  # re-exported
 from agent.paths import default_state_dir
 
 #: the public VIP portal, used when a drop folder names no server
@@ -178,15 +179,6 @@ class AgentConfig:
             return None
         target = Path(path)
         return next((d for d in self.drops if d.path == target), None)
-
-
-def default_config_path() -> Path:
-    """``$CONFIGURATION_DIRECTORY/agent.yaml`` under systemd, else the per-user one."""
-    systemd = os.environ.get("CONFIGURATION_DIRECTORY")
-    if systemd:
-        return Path(systemd.split(":")[0]) / "agent.yaml"
-    xdg = os.environ.get("XDG_CONFIG_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".config") / "vip-agent" / "agent.yaml"
 
 
 # -- parsing -----------------------------------------------------------------------

@@ -290,11 +290,13 @@ class WatchService:
         # catch-up scan after the observer started: nothing falls between the two. Done
         # here, before start() returns, so READY means caught up
         names = set(folder.candidates.list()) | set(folder.waiting_names())
-        for name in sorted(names):
-            try:
-                self._handle(("check", key, name))
-            except Exception:  # one broken dataset must not stop the others
-                log.exception("error while looking at %s", d.path / name)
+        try:
+            for name, delay in folder.catch_up(sorted(names)).items():
+                if delay is not None:
+                    self.queue.at(("check", key, name), time.monotonic() + delay)
+        except Exception:  # one broken dataset must not stop the others: look again soon
+            log.exception("error during the start-up scan of %s", d.path)
+            for name in sorted(names):
                 self.queue.soon(("check", key, name))
         self.oversight.rescanned(key)
         if d.rescan_interval > 0:

@@ -10,6 +10,7 @@ import errno
 import fnmatch
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -42,9 +43,13 @@ IGNORED_NAMES: frozenset[str] = frozenset(
 )
 
 
+#: the patterns above as one regular expression (a start-up scan tests thousands of names)
+_PARTIAL = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in PARTIAL_PATTERNS))
+
+
 def is_partial(name: str) -> bool:
     """A name that says a file is still being written (holds the dataset back)."""
-    return any(fnmatch.fnmatchcase(name, p) for p in PARTIAL_PATTERNS)
+    return _PARTIAL.match(name) is not None
 
 
 def is_ignored(name: str) -> bool:

@@ -527,6 +527,17 @@ class Journal:
                 params.append(str(value))
         return self.datasets(where=" AND ".join(clauses), params=params)
 
+    def latest_runs(self, drop_dir: str) -> dict[str, tuple[str, str | None, float]]:
+        """Path -> (stage, fingerprint, updated) of the latest run of each dataset of a drop folder.
+
+        One light query for a start-up scan (no JSON decoding of whole rows).
+        """
+        rows = self._db().execute(
+            "SELECT path, stage, fingerprint, updated FROM datasets WHERE drop_dir=? ORDER BY id",
+            (drop_dir,),
+        )
+        return {r[0]: (r[1], r[2], float(r[3])) for r in rows}
+
     def update(self, dataset_id: int, **fields: Any) -> None:
         """Set columns of a dataset (JSON columns take dicts)."""
         if not fields:

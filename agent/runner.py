@@ -37,6 +37,7 @@ from agent.extract import has_archive_name, safe_extract
 from agent.fsutil import write_atomic
 from agent.journal import FINAL_STAGES, Dataset, Journal
 from agent.leftovers import remove_left_file, summary, write_left_file
+from agent.progress import ProgressTracker, human_size
 from agent.session_data import write_session_data
 from agent.vip.client import VipClient
 from agent.vip.errors import (
@@ -234,7 +235,7 @@ class Runner:
         #: per-dataset settings (the drop folder's ``poll`` and ``transfer_parallelism``)
         self.tuning_for = tuning_for
         self._memos: dict[int, _Memo] = {}
-        self._progress_written: dict[int, float] = {}
+        self._tracker = ProgressTracker()
         self._lock = threading.Lock()
 
     # -- public ------------------------------------------------------------------
@@ -966,19 +967,23 @@ class Runner:
         return max(1, tuned or self.transfer_threads)
 
     def _progress(self, dataset_id: int, kind: str, done: int, total: int) -> None:
-        """Report transfer progress: to the caller, and to the journal once a second."""
+        """Report transfer progress: to the caller; rate and ETA to the journal once a
+        second and to STATUS.json every few seconds; a service log line every so often."""
         if self.progress:
             self.progress(dataset_id, kind, done, total)
-        now = time.monotonic()
-        with self._lock:
-            last = self._progress_written.get(dataset_id, 0.0)
-            due = now - last >= 1.0 or done >= total
-            if due:
-                self._progress_written[dataset_id] = now
-        if due:
-            self.journal.update(
-                dataset_id, progress={"kind": kind, "done": done, "total": total}
-            )
+        update = self._tracker.update(dataset_id, kind, done, total)
+        if update.journal:
+            self.journal.update(dataset_id, progress=update.as_progress())
+        if update.status and done < total:  # at the end the step writes it anyway
+            self._write_status(dataset_id)
+        if update.log:
+            log.info("%s: %s", self._name(dataset_id), update.log)
+
+    def _name(self, dataset_id: int) -> str:
+        try:
+            return self.journal.get(dataset_id).name
+        except KeyError:
+            return f"#{dataset_id}"
 
     def _memo(self, dataset_id: int) -> _Memo:
         with self._lock:
@@ -1049,13 +1054,3 @@ def _max_download(client: VipClient, *, refresh: bool = False) -> int | None:
         raise
     except VipError:
         return None
-
-
-def human_size(n: int) -> str:
-    """Bytes as a short human-readable size (``1.5 MB``)."""
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"

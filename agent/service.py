@@ -305,7 +305,7 @@ def default_specs() -> dict[str, tuple[str, bytes]]:
     home = "/Users/labuser"
     mac = ServiceSpec(
         command=[SYSTEM_EXECUTABLE],
-        config=f"{home}/.config/vip-agent/agent.yaml",
+        config=f"{home}/Library/Application Support/vip-agent/agent.yaml",
         user_mode=True,
         log_dir=f"{home}/Library/Logs/vip-agent",
         working_dir=f"{home}/Library/Application Support/vip-agent",

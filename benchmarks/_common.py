@@ -77,10 +77,12 @@ def private_file(path: Path, text: str) -> Path:
 class LocalServer:
     """``vip-agent local-server`` in a subprocess; the key is the generated one."""
 
-    def __init__(self, root: Path, *, max_download: int = 15_000_000, max_running: int = 4) -> None:
+    def __init__(self, root: Path, *, max_download: int = 15_000_000, max_running: int = 4,
+                 faults: str = "") -> None:
         self.root = root
         self.max_download = max_download
         self.max_running = max_running
+        self.faults = faults
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self._key = ""
@@ -95,7 +97,8 @@ class LocalServer:
     def start(self, timeout: float = 30.0) -> LocalServer:
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "agent", "local-server", "--root", str(self.root), "--port", "0",
-             "--max-download", str(self.max_download), "--max-running", str(self.max_running)],
+             "--max-download", str(self.max_download), "--max-running", str(self.max_running),
+             *(["--faults", self.faults] if self.faults else [])],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=REPO,
             env=child_env(),
         )

@@ -6,7 +6,9 @@ mode imports only the client it exercises, so peak RSS is that client's.
 
 Modes: ``vipclient-upload``, ``vipclient-download`` (agent.vip.VipClient),
 ``official-upload``, ``official-download`` (vip_client.utils.vip),
-``vipsession-cycle`` (vip_client.classes.VipSession, a whole session).
+``vipsession-cycle`` (vip_client.classes.VipSession, a whole session),
+``agent-upload-stage`` (the runner's upload stage of one dataset), ``vipsession-upload``
+(``VipSession.upload_inputs``).
 """
 
 from __future__ import annotations
@@ -89,7 +91,49 @@ def vipsession_cycle(job: dict[str, Any]) -> dict[str, Any]:
             "stages": stages, "statuses": statuses}
 
 
+def agent_upload_stage(job: dict[str, Any]) -> dict[str, Any]:
+    """vip-agent's upload stage of one dataset (validate first, untimed), as the runner does it."""
+    from agent import dataset as dataset_mod
+    from agent.journal import Journal
+    from agent.runner import Runner, admit
+    from agent.vip.client import VipClient
+
+    folder = Path(job["dataset"])
+    journal = Journal.in_state_dir(Path(job["state"]))
+    with VipClient(job["url"], job["key"]) as client:
+        dataset_id = admit(
+            journal, folder, server=job["url"], output_root=Path(job["output"]),
+            fingerprint=dataset_mod.scan(folder).fingerprint, name=folder.name,
+            template=Path(job["template"]),
+        )
+        runner = Runner(journal, lambda _url: client, **({"transfer_threads": job["threads"]}
+                                                          if job.get("threads") else {}))
+        stage = runner.step(dataset_id).stage
+        t0 = time.perf_counter()
+        while stage == "upload":
+            stage = runner.step(dataset_id).stage
+        seconds = time.perf_counter() - t0
+        files = len(journal.files(dataset_id))
+    error = journal.get(dataset_id).error
+    return {"seconds": seconds, "ok": stage == "launch", "files": files, "error": error}
+
+
+def vipsession_upload(job: dict[str, Any]) -> dict[str, Any]:
+    """The official client's ``VipSession.upload_inputs`` on the same folder."""
+    from vip_client.classes.VipSession import VipSession
+
+    session = VipSession.init(
+        api_key=job["key"], vip_portal_url=job["url"], verbose=False,
+        session_name=job["session_name"], input_dir=job["input_dir"], output_dir=job["output_dir"],
+    )
+    t0 = time.perf_counter()
+    session.upload_inputs()
+    return {"seconds": time.perf_counter() - t0, "ok": True}
+
+
 MODES = {
+    "agent-upload-stage": agent_upload_stage,
+    "vipsession-upload": vipsession_upload,
     "vipclient-upload": vipclient_upload,
     "vipclient-download": vipclient_download,
     "official-upload": official_upload,

@@ -100,3 +100,23 @@ def test_polling_skips_settled_datasets(tmp_path: Path) -> None:
     finally:
         observer.stop()
         observer.join(5)
+
+
+def test_restart_settles_unchanged_finished_datasets_with_one_stat(tmp_path: Path) -> None:
+    from agent.watch.drop import DropFolder
+
+    drop = make_drop(tmp_path, readiness=Readiness(settle_seconds=0, stale_after=0))
+    folder, journal, clock, ready = folder_for(tmp_path, drop)
+    for name in ("same", "grown"):
+        put(drop.path / name / "scan.dat", name.encode())
+        folder.check(name)
+    assert len(ready) == 2
+    for dataset_id in ready:
+        journal.set_stage(dataset_id, "failed", error="ended")  # any finished run
+    put(drop.path / "grown" / "extra.dat", b"added while the agent was down")
+    # a restart: a new DropFolder on the same journal
+    again = DropFolder(drop, journal, on_ready=ready.append, clock=clock)
+    again.catch_up(["grown", "same"])
+    assert again.is_settled("same")  # finished, top-level entry unchanged: not looked into
+    assert not again.is_settled("grown")
+    assert [d.name for d in journal.datasets()] == ["same", "grown", "grown"]  # a new run

@@ -173,7 +173,7 @@ def test_plist_keys() -> None:
         plist = plistlib.loads(data)
         assert plist["Label"] == "fr.insalyon.creatis.vip-agent"
         assert plist["ProgramArguments"][1:3] == ["watch", "--config"]
-        assert plist["ProgramArguments"][3].endswith("/.config/vip-agent/agent.yaml")
+        assert plist["ProgramArguments"][3].endswith("/vip-agent/agent.yaml")
         assert plist["RunAtLoad"] is True
         assert plist["KeepAlive"] == {"SuccessfulExit": False}
         assert plist["ProcessType"] in ("Standard", "Background", "Adaptive", "Interactive")

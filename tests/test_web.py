@@ -73,7 +73,7 @@ def test_watch_serves_page_api_metrics_and_notifies_without_the_key(
         "state": str(tmp_path / "state"),
         "drops": [{
             "path": str(drop), "output": str(tmp_path / "out"), "server": vip_server.url,
-            "readiness": {"settle_seconds": 0.3}, "poll_interval": 0.1,
+            "readiness": {"settle_seconds": 0.3}, "poll_interval": 0.1, "poll": {"min": 0.2, "max": 0.5},
             "notify": [
                 {"on": ["failed"], "webhook": receiver.url},
                 {"on": ["failed", "done"], "command": [sys.executable, "-c", script, str(env_dump)]},
@@ -310,3 +310,21 @@ def test_page_port_in_use_is_a_clear_error(tmp_path: Path, vip_server: LocalVip)
     assert "Traceback" not in out.stderr
 
 
+
+
+def test_page_state_is_bounded_however_long_the_history(tmp_path: Path) -> None:
+    from agent.health import Health
+    from agent.web.source import JournalSource
+
+    journal = Journal.in_state_dir(tmp_path)
+    busy = journal.add_dataset(name="old-but-running", path="/drop/x", server="http://s", output_root="/o",
+                               drop_dir="/drop")  # fmt: skip
+    for i in range(6):
+        journal.add_dataset(name=f"d{i}", path=f"/drop/d{i}", server="http://s", output_root="/o",
+                            drop_dir="/drop", stage="done")  # fmt: skip
+    source = JournalSource(journal, lambda: Health("x", 0.0, str(tmp_path), None))
+    records, counts = source.recent(2)
+    assert {r["name"] for r in records} == {"old-but-running", "d5", "d4"}
+    assert counts["*"] == {"done": 6, "validating": 1} and counts["/drop"] == counts["*"]
+    full = {r["id"]: r for r in source.datasets()}
+    assert all(full[r["id"]] == r for r in records) and len(full) == 7 and busy in full

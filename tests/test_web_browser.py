@@ -85,6 +85,18 @@ def test_page_follows_datasets_and_retries_with_the_token(
         assert shown.strip() == failed.error.strip()
         assert "(did you mean 'date.txt'?)" in shown
 
+        # filter and sort, on the page itself
+        browser.find_element("id", "filter").send_keys("did you mean")
+        wait_for(lambda: js(browser, "return [...document.querySelectorAll('#datasets tbody tr')]"
+                                     ".map((tr) => tr.dataset.state)") == ["failed"], timeout=5)  # fmt: skip
+        js(browser, "const f = document.querySelector('#filter'); f.value = ''; f.dispatchEvent(new Event('input'))")
+        js(browser, "document.querySelector('#datasets th[data-sort=name]').click()")
+        names = js(browser, "return [...document.querySelectorAll('#datasets td.name')].map((td) => td.textContent)")
+        assert names == ["scan-slow", "scan-typo"]
+        js(browser, "document.querySelector('#datasets th[data-sort=name]').click()")
+        names = js(browser, "return [...document.querySelectorAll('#datasets td.name')].map((td) => td.textContent)")
+        assert names == ["scan-typo", "scan-slow"]
+
         # fix the drop folder's job.yaml (editing the dataset itself would make it a new run),
         # open the dataset, Retry: the page asks for the token (a wrong one is refused)
         (drop / "job.yaml").write_text(yaml.safe_dump({**TEMPLATE, "inputs": {"input_file": "*.txt"}}))

@@ -108,3 +108,13 @@ def test_demo_and_init_from_the_wheel_in_a_fresh_venv(tmp_path: Path, wheel: Pat
     assert config.is_file() and (elsewhere / "drop").is_dir() and (elsewhere / "results").is_dir()
     assert "doctor:" in init.stdout and not [line for line in init.stdout.splitlines() if line.startswith("FAIL")]
     assert server.api_key not in init.stdout + init.stderr + config.read_text()
+
+    # the rest of the README's path, still from the wheel: the service file, then status
+    unit_dir = tmp_path / "units"
+    unit = subprocess.run([exe, "install-service", "--user", "--output-dir", str(unit_dir)],
+                          capture_output=True, text=True, env=env, cwd=elsewhere, timeout=60)  # fmt: skip
+    assert unit.returncode == 0, unit.stderr
+    text = (unit_dir / "vip-agent.service").read_text()
+    assert f"{exe} watch --config {config}" in text
+    status = subprocess.run([exe, "status"], capture_output=True, text=True, env=env, cwd=elsewhere, timeout=60)
+    assert status.returncode == 0 and "done" in status.stdout  # the demo's datasets, from the per-user journal

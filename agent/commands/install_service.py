@@ -18,6 +18,7 @@ from pathlib import Path
 
 from agent import service
 from agent.errors import AgentError, ConfigError
+from agent.paths import default_config_path
 
 EXIT_OK, EXIT_EXISTS, EXIT_USAGE = 0, 1, 2
 
@@ -51,8 +52,7 @@ def default_config(launchd: bool, user_mode: bool) -> Path:
     """Where the service's agent.yaml lives by default: the one ``vip-agent watch``
     reads without ``--config`` for a user service, a system-wide one otherwise."""
     if user_mode:
-        xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-        return Path(xdg) / "vip-agent" / "agent.yaml"
+        return default_config_path()
     if launchd:
         return Path("/Library/Application Support/vip-agent/agent.yaml")
     return Path(service.SYSTEM_CONFIG)
@@ -127,14 +127,14 @@ def main(args: argparse.Namespace) -> int:
             rw_paths = [service.SYSTEM_DATA_ROOT, service.SYSTEM_STATE]
 
     if launchd:
-        home = Path.home()
         spec = service.ServiceSpec(
             command=command,
             config=str(config_path),
             read_write_paths=rw_paths,
             user_mode=user_mode,
             service_user=args.run_as or os.environ.get("SUDO_USER") or getpass.getuser(),
-            log_dir=str(home / "Library" / "Logs" / "vip-agent") if user_mode else "/Library/Logs/vip-agent",
+            # launchd means macOS: its per-user log folder (platformdirs' user_log_dir there)
+            log_dir=str(Path.home() / "Library" / "Logs" / "vip-agent") if user_mode else "/Library/Logs/vip-agent",
             working_dir=str(config_path.parent),
         )
         data = service.render_launchd_plist(spec)

@@ -18,7 +18,7 @@ from agent.commands import add_state_args
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "name", metavar="NAME|#ID", help="dataset name, or #ID as `vip-agent status` shows it"
+        "name", metavar="NAME|#ID", help="dataset name, or its id from `vip-agent status` (3, or '#3' quoted: a shell drops #...)"
     )
     add_state_args(parser)
     parser.add_argument(

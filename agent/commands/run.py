@@ -24,6 +24,7 @@ from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.journal import Dataset, Journal
 from agent.leftovers import left_on_vip
 from agent.paths import DEFAULT_SERVER, default_state_dir
+from agent.progress import TerminalProgress, human_size
 from agent.runner import (
     DEFAULT_POLL_MAX,
     DEFAULT_POLL_MIN,
@@ -31,7 +32,6 @@ from agent.runner import (
     Runner,
     StepOutcome,
     admit,
-    human_size,
 )
 from agent.vip.client import VipClient
 from agent.watch.after import update_error_report
@@ -108,38 +108,6 @@ def template_for(path: Path, explicit: Path | None) -> Path | None:
     return candidate.resolve() if candidate.is_file() else None
 
 
-class Progress:
-    """Transfer progress: a live line on a terminal, a line per 10 % otherwise."""
-
-    def __init__(self, journal: Journal, stream: Any = sys.stderr) -> None:
-        self.journal = journal
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._last: dict[tuple[int, str], float] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, dataset_id: int, kind: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        key = (dataset_id, kind)
-        with self._lock:
-            pct = 100.0 * done / total if total else 100.0
-            if self.tty:
-                if now - self._last.get(key, 0) >= 0.2 or done >= total:
-                    self._last[key] = now
-                    bar = "#" * int(pct / 5)
-                    end = "\n" if done >= total else ""
-                    self.stream.write(
-                        f"\r{kind:>8} [{bar:<20}] {pct:5.1f}% {human_size(done):>9}{end}"
-                    )
-                    self.stream.flush()
-            else:
-                step = int(pct // 10)
-                if step > self._last.get(key, -1):
-                    self._last[key] = step
-                    print(f"{kind}: {pct:.0f}% ({human_size(done)} of {human_size(total)})",
-                          file=self.stream, flush=True)
-
-
 def print_events(journal: Journal, dataset_id: int, after: int, stream: Any = sys.stderr) -> int:
     """Print the dataset's journal events newer than ``after``; returns the last id."""
     for ev in journal.events(dataset_id):
@@ -213,7 +181,8 @@ def main(args: argparse.Namespace) -> int:
         )
     stop = threading.Event()
     poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
-    runner = Runner(journal, lambda _url: client, stop_event=stop, progress=Progress(journal),
+    bars = TerminalProgress(sys.stderr)  # one bar per transfer on a terminal
+    runner = Runner(journal, lambda _url: client, stop_event=stop, progress=bars,
                     poll_min=poll_min, poll_max=max(poll_min, poll_max or DEFAULT_POLL_MAX))
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -255,6 +224,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return EXIT_STOPPED
     finally:
+        bars.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return report(journal, journal.get(dataset_id), path)

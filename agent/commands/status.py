@@ -45,7 +45,14 @@ def progress_text(rec: dict[str, Any]) -> str:
     if p.get("kind") in ("upload", "download") and state in ("uploading", "downloading"):
         total = p.get("total") or 0
         done = p.get("done") or 0
-        return f"{100 * done / total:.0f}% of {_size(total)}" if total else ""
+        if not total:
+            return ""
+        text = f"{100 * done / total:.0f}% of {_size(total)}"
+        if p.get("rate"):
+            text += f", {_size(float(p['rate']))}/s"
+        if p.get("eta") is not None and done < total:
+            text += f", {_age(float(p['eta']))} left"
+        return text
     statuses = list((rec.get("execution_status") or {}).values())
     if statuses and state in ("running", "queued", "downloading", "cleaning"):
         ended = sum(1 for s in statuses if s not in ("Running", "Ready", "Initializing", None))
@@ -166,7 +173,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "names",
         nargs="*",
         metavar="NAME|#ID",
-        help="one dataset: show it in detail; several: only these in the table",
+        help="one dataset (name, or id: 3 or '#3' quoted): show it in detail; several: only these",
     )
 
 

@@ -76,6 +76,8 @@ class Candidates:
         self.drop = drop
         self.root = drop.path
         self._own = [p for p in drop.own_folders() if self.root in p.parents]
+        #: top-level names holding one of the agent's own folders
+        self._own_tops = {p.relative_to(self.root).parts[0] for p in self._own}
 
     def _own_folder(self, top: Path) -> bool:
         return any(top == p or top in p.parents for p in self._own)
@@ -107,7 +109,7 @@ class Candidates:
             return False
         if name.endswith(".ERROR.txt"):  # the error report of a one-file dataset
             return False
-        if self._own_folder(self.root / name):
+        if name in self._own_tops:
             return False
         if self.drop.datasets == "files":
             if not fnmatch.fnmatchcase(name, self.drop.pattern):
@@ -221,7 +223,7 @@ class DatasetPollEmitter(EventEmitter):
         st = os.stat(path, follow_symlinks=False)
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _look(self, emit: bool) -> None:
+    def _look(self, emit: bool, deep: bool = True) -> None:
         root = os.fsdecode(self.watch.path)
         st = os.stat(root)
         top = (st.st_ino, st.st_mtime_ns)
@@ -232,7 +234,7 @@ class DatasetPollEmitter(EventEmitter):
             gone_cls = DirDeletedEvent if self._folders else FileDeletedEvent
             for name in sorted(names - self._names):
                 path = os.path.join(root, name)
-                if not self._settled(name):
+                if deep and not self._settled(name):
                     # before the event: a change right after it must not be missed
                     with contextlib.suppress(OSError):
                         self._inside[name] = self._signature(path)
@@ -243,6 +245,8 @@ class DatasetPollEmitter(EventEmitter):
                 if emit:
                     self.queue_event(gone_cls(os.path.join(root, name)))
             self._names = names
+        if not deep:
+            return
         changed_cls = DirModifiedEvent if self._folders else FileModifiedEvent
         for name in sorted(self._names):
             if self._settled(name):
@@ -259,8 +263,9 @@ class DatasetPollEmitter(EventEmitter):
                 self.queue_event(changed_cls(path))
 
     def on_thread_start(self) -> None:
+        # the listing only: the agent's catch-up scan looks into every dataset right after
         with contextlib.suppress(OSError):
-            self._look(emit=False)
+            self._look(emit=False, deep=False)
 
     def queue_events(self, timeout: float) -> None:
         if self.stopped_event.wait(timeout):

@@ -50,6 +50,11 @@ class StatusSource(Protocol):
         """Exactly the list ``vip-agent status --json`` prints."""
         ...
 
+    def recent(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+        """Every unfinished dataset and the ``limit`` most recent others (``datasets()``'s
+        records), and the counts by state of all datasets per drop folder (``"*"``: all)."""
+        ...
+
     def dataset(self, dataset_id: int) -> dict[str, Any]:
         """One dataset in detail (events, executions, outputs, logs); KeyError if unknown."""
         ...
@@ -158,11 +163,14 @@ class StatusServer:
         read_token: bool = False,
         allowed_hosts: Iterable[str] = (),
         poll_ms: int = 1000,
+        page_limit: int = 300,
     ) -> None:
         self.source = source
         self.state = Path(state)
         self.read_token = read_token
         self.poll_ms = poll_ms
+        #: finished datasets the page shows (the most recent; unfinished ones always)
+        self.page_limit = page_limit
         self.token = ensure_token(self.state)
         self.rates = Rates()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -216,10 +224,13 @@ class StatusServer:
         return parts.scheme == "http" and parts.netloc.lower() in self.allowed
 
     def state_json(self) -> dict[str, Any]:
-        datasets = self.source.datasets()
+        # the page polls this every second: bounded work however long the journal's history
+        datasets, counts = self.source.recent(self.page_limit)
         return {
             "health": self.source.health(),
             "datasets": datasets,
+            "counts": counts,
+            "limit": self.page_limit,
             "live": self.rates.update(datasets),
             "poll_ms": self.poll_ms,
             "read_token": self.read_token,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.health import Health
-from agent.journal import Journal
+from agent.journal import PUBLIC_STATE, Journal
 from agent.timeline import segments
 
 #: bytes of each execution log shown on the page (its end)
@@ -40,6 +40,26 @@ class JournalSource:
         from agent.queries import list_records
 
         return list_records(self.journal)
+
+    def recent(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+        from agent.queries import record
+
+        rows = self.journal.datasets(
+            where="finished IS NULL OR id IN (SELECT id FROM datasets WHERE finished IS NOT NULL"
+            " ORDER BY id DESC LIMIT ?)",
+            params=(limit,),
+        )
+        counts: dict[str, dict[str, int]] = {"*": {}}
+        sql = (
+            "SELECT drop_dir, stage, paused IS NOT NULL AND finished IS NULL AS p, COUNT(*) AS n"
+            " FROM datasets GROUP BY drop_dir, stage, p"
+        )
+        for r in self.journal._db().execute(sql):
+            state = "paused" if r["p"] else PUBLIC_STATE.get(r["stage"], r["stage"])
+            for key in {"*", r["drop_dir"] or ""}:
+                counts.setdefault(key, {})
+                counts[key][state] = counts[key].get(state, 0) + int(r["n"])
+        return [record(self.journal, d) for d in rows], counts
 
     def dataset(self, dataset_id: int) -> dict[str, Any]:
         from agent.queries import detail

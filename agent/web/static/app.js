@@ -159,7 +159,7 @@ function counts(list) {
   return c;
 }
 function renderSummary() {
-  const c = counts(S.data.datasets);
+  const c = (S.data.counts && S.data.counts["*"]) || counts(S.data.datasets);
   const parts = STATE_ORDER.filter((s) => c[s]).map((s) => h("span", { class: "count s-" + s, "data-state": s }, `${c[s]} ${s}`));
   $("#summary").replaceChildren(...parts);
 }
@@ -190,8 +190,7 @@ function renderHealth() {
 }
 function renderDrops() {
   const rows = S.data.health.drops.map((d) => {
-    const mine = S.data.datasets.filter((x) => x.path && (x.path === d.path || x.path.startsWith(d.path + "/")));
-    const c = counts(mine);
+    const c = (S.data.counts && S.data.counts[d.path]) || {};
     const chips = STATE_ORDER.filter((s) => c[s]).map((s) => h("span", { class: "count s-" + s }, `${c[s]} ${s}`));
     return h("tr", {}, h("td", { class: "path", text: d.path }), h("td", { text: d.server.replace(/^https?:\/\//, "") }),
       h("td", {}, h("span", { class: "obs o-" + d.observer.replace(/\s/g, "-"), text: d.observer })),
@@ -256,7 +255,10 @@ function renderDatasets() {
     h("td", { class: "error" }, d.error ? h("pre", { text: d.error }) : "")));
   fill($("#datasets tbody"), rows);
   $("#empty").hidden = all.length > 0;
-  $("#shown").textContent = list.length === all.length ? `${all.length} datasets` : `${list.length} of ${all.length}`;
+  const total = Object.values((S.data.counts && S.data.counts["*"]) || {}).reduce((a, b) => a + b, 0);
+  let shown = list.length === all.length ? `${all.length} datasets` : `${list.length} of ${all.length}`;
+  if (total > all.length) shown += ` (every unfinished one and the ${S.data.limit} most recent others, of ${total}; \`vip-agent status\` lists all)`;
+  $("#shown").textContent = shown;
   for (const th of document.querySelectorAll("#datasets th[data-sort]")) {
     th.dataset.dir = th.dataset.sort === key ? (dir > 0 ? "asc" : "desc") : "";
   }
@@ -391,7 +393,13 @@ function init() {
     if (then) then(); else poll();
   });
   $("#token-forget").addEventListener("click", () => { setToken(""); $("#token-dialog").close(); toast("Token forgotten"); });
-  window.addEventListener("hashchange", () => { S.detail = null; poll(); window.scrollTo(0, 0); });
+  window.addEventListener("hashchange", () => {
+    S.detail = null;
+    $("#d-name").textContent = "loading…";
+    $("#d-error").hidden = true;
+    for (const b of document.querySelectorAll("#actions button")) b.disabled = true;
+    poll(); window.scrollTo(0, 0);
+  });
   poll();
 }
 document.addEventListener("DOMContentLoaded", init);

@@ -1,0 +1,203 @@
+"""Transfer progress people can read: rate and ETA, log lines for the service, bars on a terminal.
+
+:class:`ProgressTracker` is the runner's: it measures each dataset's upload or
+download (bytes per second over the last seconds, time left) and says when the
+journal (``STATUS.json``, ``vip-agent status``) and the service log deserve an
+update. :class:`TerminalProgress` draws one ``tqdm`` bar per transfer for
+``vip-agent run`` on a terminal, and a line per 10 % otherwise.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+#: rate = bytes moved over this many past seconds (a mean since the start would hide a stall)
+RATE_WINDOW = 10.0
+#: the journal's progress (STATUS.json, `vip-agent status`) at most this often
+JOURNAL_EVERY = 1.0
+#: STATUS.json rewritten at most this often during a transfer
+STATUS_EVERY = 5.0
+#: the service log: a line each time another LOG_EVERY_PCT % is done, or LOG_EVERY_S seconds passed
+LOG_EVERY_PCT = 25
+LOG_EVERY_S = 30.0
+
+
+def human_size(n: float) -> str:
+    """Bytes as a short human-readable size (``1.5 MB``)."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def human_duration(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def describe(kind: str, done: int, total: int, rate: float | None, eta: float | None) -> str:
+    """``upload 40% (400.0 MB of 1.0 GB) at 55.0 MB/s, 11 s left``."""
+    pct = 100.0 * done / total if total else 100.0
+    text = f"{kind} {pct:.0f}% ({human_size(done)} of {human_size(total)})"
+    if rate:
+        text += f" at {human_size(rate)}/s"
+    if done >= total:
+        return text + ", complete"
+    if eta is not None:
+        text += f", {human_duration(eta)} left"
+    return text
+
+
+@dataclass
+class _Transfer:
+    total: int
+    started: float
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+    done: int = 0
+    journal_at: float = 0.0
+    status_at: float = 0.0
+    logged_at: float = 0.0
+    logged_step: int = 0
+
+    def rate(self, now: float) -> float | None:
+        if not self.samples:
+            return None
+        t0, d0 = self.samples[0]
+        if now - t0 < 0.05:
+            t0, d0 = self.started, 0
+        span = now - t0
+        return (self.done - d0) / span if span > 0 else None
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one progress report calls for."""
+
+    kind: str
+    done: int
+    total: int
+    rate: float | None
+    eta: float | None
+    journal: bool  # write the journal's progress now
+    status: bool  # rewrite STATUS.json now
+    log: str | None  # a service log line, if one is due
+
+    def as_progress(self) -> dict[str, Any]:
+        """The journal's ``progress`` (STATUS.json, ``status --json``)."""
+        out: dict[str, Any] = {"kind": self.kind, "done": self.done, "total": self.total}
+        if self.rate is not None:
+            out["rate"] = round(self.rate, 1)
+        if self.eta is not None:
+            out["eta"] = round(self.eta, 1)
+        return out
+
+
+class ProgressTracker:
+    """Rate, ETA and update pacing for every running transfer (thread-safe)."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._transfers: dict[tuple[int, str], _Transfer] = {}
+
+    def update(self, dataset_id: int, kind: str, done: int, total: int) -> Update:
+        now = self._clock()
+        key = (dataset_id, kind)
+        with self._lock:
+            t = self._transfers.get(key)
+            if t is None or t.total != total or done < t.done:  # a new transfer (or a resumed one)
+                t = self._transfers[key] = _Transfer(total=total, started=now)
+            t.done = done
+            t.samples.append((now, done))
+            while len(t.samples) > 1 and now - t.samples[0][0] > RATE_WINDOW:
+                t.samples.popleft()
+            rate = t.rate(now)
+            left = max(0, total - done)
+            eta = left / rate if rate else None
+            finished = done >= total
+            journal = finished or now - t.journal_at >= JOURNAL_EVERY
+            if journal:
+                t.journal_at = now
+            status = finished or now - t.status_at >= STATUS_EVERY
+            if status:
+                t.status_at = now
+            step = int(100 * done / total) // LOG_EVERY_PCT if total else 0
+            log_due = finished or (
+                (step > t.logged_step and now - t.logged_at >= 1.0) or now - t.logged_at >= LOG_EVERY_S
+            )
+            if t.logged_at == 0.0 and not finished:
+                log_due = False  # the first report starts the clock, it says nothing yet
+                t.logged_at = now
+            if log_due:
+                t.logged_at, t.logged_step = now, step
+            if finished:  # the closing line gives the mean rate of the whole transfer
+                self._transfers.pop(key, None)
+                elapsed = now - t.started
+                rate = done / elapsed if elapsed > 0 else rate
+        line = describe(kind, done, total, rate, eta) if log_due else None
+        return Update(kind, done, total, rate, eta, journal, status, line)
+
+
+class TerminalProgress:
+    """``vip-agent run``'s progress: a tqdm bar per transfer on a terminal, else a line per 10 %."""
+
+    BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{rate_fmt}, ETA {remaining}]"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._bars: dict[tuple[int, str], Any] = {}
+        self._tracker = ProgressTracker()
+        self._steps: dict[tuple[int, str], int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, dataset_id: int, kind: str, done: int, total: int) -> None:
+        key = (dataset_id, kind)
+        with self._lock:
+            if self.tty:
+                self._bar(key, kind, done, total)
+                return
+            update = self._tracker.update(dataset_id, kind, done, total)
+            step = int(10 * done / total) if total else 10
+            if step > self._steps.get(key, -1) or done >= total:
+                self._steps[key] = step
+                print(describe(kind, done, total, update.rate, update.eta), file=self.stream, flush=True)
+            if done >= total:
+                self._steps.pop(key, None)
+
+    def _bar(self, key: tuple[int, str], kind: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self._bars.get(key)
+        if bar is None or bar.total != total or done < bar.n:
+            if bar is not None:
+                bar.close()
+            size = shutil.get_terminal_size((80, 20))
+            bar = self._bars[key] = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=kind,
+                file=self.stream, bar_format=self.BAR, mininterval=0.2, leave=True,
+                # $COLUMNS/$LINES, else the terminal's size; 80x20 when it says 0 (a bare pty;
+                # tqdm hides bars below a 0-line screen)
+                ncols=size.columns or 80, nrows=size.lines or 20,
+            )  # fmt: skip
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self._bars[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for bar in self._bars.values():
+                bar.close()
+            self._bars.clear()
