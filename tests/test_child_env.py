@@ -89,6 +89,10 @@ def test_no_child_inherits_the_key(tmp_path: Path, vip_server: LocalVip) -> None
     (drop / "job.yaml").write_text(yaml.safe_dump({"pipeline": "FileStats/1.0", "inputs": {"input_file": "a.txt"}}))
     write_dataset(drop / "d1", {"a.txt": "x\n"})
     environs: dict[int, bytes] = {}
+
+    def state_journal() -> Journal:
+        return Journal.in_state_dir(tmp_path / "state")
+
     for args in (["doctor", "--server", vip_server.url],
                  ["watch", str(drop), "--server", vip_server.url, "--output", str(tmp_path / "out"),
                   "--state", str(tmp_path / "state"), "--settle", "0.2"]):  # fmt: skip
@@ -98,8 +102,7 @@ def test_no_child_inherits_the_key(tmp_path: Path, vip_server: LocalVip) -> None
         watcher = Descendants(proc.pid)
         try:
             if args[0] == "watch":
-                journal = Journal.in_state_dir(tmp_path / "state")
-                wait_for(lambda: any(d.stage == "done" for d in journal.datasets()), timeout=60)
+                wait_for(lambda: any(d.stage == "done" for d in state_journal().datasets()), timeout=60)
                 proc.terminate()
             proc.wait(timeout=60)
         finally:
