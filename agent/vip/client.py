@@ -315,6 +315,9 @@ class _GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
 
 
+_GUARDED_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+
 class _Adapter(HTTPAdapter):
     """HTTPAdapter sending request bodies in larger blocks (fewer syscalls on big uploads),
     over connections that the deadline watchdog can cut."""
@@ -322,9 +325,13 @@ class _Adapter(HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("blocksize", _SEND_BLOCK)
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _GuardedHTTPPool, "https": _GuardedHTTPSPool,
-        }
+        self.poolmanager.pool_classes_by_scheme = _GUARDED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS pools have their own classes
+            manager.pool_classes_by_scheme = _GUARDED_POOLS  # deadlines through a proxy too
+        return manager
 
 
 class _NotSent(TransientError):
