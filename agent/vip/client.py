@@ -1,6 +1,6 @@
 """HTTP client for VIP's REST API (CARMIN dialect as VIP implements it).
 
-See /work/shared/vip-rest-api.md for the server behaviour this client copes with. The client
+See docs/vip-rest.md (VIP-portal 4.x behaviour) and docs/server-behaviour.md for what this client copes with. The client
 knows HTTP, paths, transfers, pipelines and executions; it knows nothing about datasets.
 
 Thread safety: one :class:`VipClient` may be shared by several worker threads. It holds one
