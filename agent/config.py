@@ -138,6 +138,8 @@ class DropConfig:
     keep_remote: bool = False
     notify: tuple[NotifyRule, ...] = ()
     disk_low: int = DEFAULT_DISK_LOW
+    #: seconds an execution may read ``Unknown`` before it is killed (None: the runner's default)
+    unknown_limit: float | None = None
     #: polling of a running execution: first interval and ceiling, seconds (None: defaults)
     poll_min: float | None = None
     poll_max: float | None = None
@@ -189,7 +191,7 @@ _DROP_KEYS = (
     "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
     "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "poll",
     "transfer_parallelism", "notify", "disk_low", "max_runs", "max_jobs",
-    "extract_max_ratio", "extract_max_member_ratio",
+    "extract_max_ratio", "extract_max_member_ratio", "unknown_limit",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -495,6 +497,7 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
         keep_remote=r.flag("keep_remote", False),
         notify=_notify(r),
         disk_low=_size(r, "disk_low", DEFAULT_DISK_LOW),
+        unknown_limit=r.seconds("unknown_limit", 0) or None,
         transfer_parallelism=(
             r.whole("transfer_parallelism", 1, maximum=64) if r.has("transfer_parallelism") else None
         ),

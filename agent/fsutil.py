@@ -23,7 +23,9 @@ def fsync_dir(folder: Path) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    # one temporary file per writer: two threads rewriting the same file (a transfer's
+    # progress and the end of its step both rewrite STATUS.json) never share one
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

@@ -725,8 +725,9 @@ class Journal:
         """How many executions the journal believes are running (on one server)."""
         sql = (
             "SELECT COUNT(*) FROM executions e JOIN datasets d ON d.id = e.dataset_id"
-            " WHERE e.vip_id IS NOT NULL"
-            " AND e.status IN ('Initializing', 'Running', 'Ready', 'Unknown')"
+            # anything not known to have ended may still run (Unknown, odd words included)
+            " WHERE e.vip_id IS NOT NULL AND (e.status IS NULL OR e.status NOT IN"
+            " ('Finished', 'InitializationFailed', 'ExecutionFailed', 'Killed', 'Lost'))"
         )
         params: tuple[Any, ...] = ()
         if server is not None:

@@ -13,7 +13,9 @@ announces, so a crash at any instant resumes at the right place:
 - mirror: downloads go to ``<file>.part`` and are renamed when complete; a local
   file of the expected size that the journal has not marked yet is adopted;
 - extract: archives are replaced by a folder atomically (see ``agent.extract``);
-- cleanup: deletes are idempotent and polled until gone.
+- cleanup: deletes are idempotent and polled until gone, and start only once every
+  execution of the dataset is known to have ended on the server (a VIP label that says
+  so, or the execution is gone); ``Unknown`` and unrecognised labels count as running.
 
 The runner never sleeps on the network: waiting is returned as ``retry_after``.
 """
@@ -26,7 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -48,8 +50,10 @@ from agent.vip.errors import (
     SourceChanged,
     TooLargeError,
     TransientError,
+    UnsafePathError,
     VipError,
 )
+from agent.vip.models import ENDED_STATUSES, check_server_path, status_kind
 
 log = logging.getLogger("vip_agent.runner")
 
@@ -67,9 +71,15 @@ STAGE_POOL: dict[str, str] = {
 
 STATUS_FILE = "STATUS.json"
 LOGS_DIR = "logs"
-TERMINAL_STATUSES = frozenset({"Finished", "ExecutionFailed", "Killed", "Lost"})
-#: consecutive ``Unknown`` answers before an execution is given up (VIP blips)
-UNKNOWN_LIMIT = 5
+#: statuses after which nothing of an execution runs on the server: VIP's four "ended"
+#: labels, and "Lost" (the agent's word for an execution the server no longer has)
+TERMINAL_STATUSES = ENDED_STATUSES | {"Lost"}
+#: how long an execution may read ``Unknown`` before the agent kills it (seconds)
+UNKNOWN_LIMIT = 6 * 3600.0
+#: while VIP has not confirmed a kill, it is sent again this often (seconds)
+KILL_REPEAT = 300.0
+#: how long ``vip-agent run`` keeps retrying a failing server before giving up (seconds)
+GIVE_UP_AFTER = 4 * 3600.0
 #: how long a remote delete may take before it is reported
 DELETE_DEADLINE = 600.0
 #: polling of a running execution: first interval, then a tenth of its running time, up to max
@@ -145,6 +155,10 @@ class Interrupted(AgentError):
     """The agent is stopping; the step was abandoned at a resumable point."""
 
 
+class GaveUp(AgentError):
+    """The server kept failing for longer than ``give_up_after``; the dataset is resumable."""
+
+
 @dataclass(frozen=True)
 class StepOutcome:
     """Where a dataset stands after a step, and when to call ``step`` again."""
@@ -162,9 +176,17 @@ class _Memo:
     """Per-dataset, in-memory counters (lost on restart, which is fine)."""
 
     transient_failures: int = 0
-    unknown_polls: int = 0
     delete_started: float | None = None
     delete_polls: int = 0
+    #: since when the server has kept failing (None while it answers)
+    failing_since: float | None = None
+    #: per execution key: when it started reading Unknown, when it was last killed
+    unknown_since: dict[str, float] = field(default_factory=dict)
+    kill_sent: dict[str, float] = field(default_factory=dict)
+    #: execution keys whose unrecognised status word was already reported
+    strange_reported: set[str] = field(default_factory=set)
+    #: a message for the dataset's error field, written after the step
+    notice: str | None = None
 
 
 ClientFactory = Callable[[str], VipClient]
@@ -219,6 +241,8 @@ class Runner:
         retry_base: float = 5.0,
         capacity_wait: float = 15.0,
         tuning_for: Callable[[Dataset], Tuning] | None = None,
+        unknown_limit: float = UNKNOWN_LIMIT,
+        give_up_after: float | None = None,
     ) -> None:
         self.journal = journal
         self.client_for = client_for
@@ -234,6 +258,10 @@ class Runner:
         self.capacity_wait = capacity_wait
         #: per-dataset settings (the drop folder's ``poll`` and ``transfer_parallelism``)
         self.tuning_for = tuning_for
+        #: how long an execution may read ``Unknown`` before it is killed
+        self.unknown_limit = unknown_limit
+        #: stop retrying a failing server after this many seconds (None: never; ``watch``)
+        self.give_up_after = give_up_after
         self._memos: dict[int, _Memo] = {}
         self._tracker = ProgressTracker()
         self._lock = threading.Lock()
@@ -245,6 +273,7 @@ class Runner:
         if ds.final:
             return StepOutcome(ds.stage)
         memo = self._memo(dataset_id)
+        started = time.time()
         try:
             if ds.cancel_requested:
                 outcome = self._cancel(ds)
@@ -254,20 +283,29 @@ class Runner:
                     return StepOutcome(ds.stage, 1.0)  # waiting: the watcher admits it
                 outcome = handler(ds)
             memo.transient_failures = 0
-            if ds.error and not outcome.final:
+            if memo.failing_since is not None:
+                self.journal.event(
+                    dataset_id,
+                    f"VIP answers again (it failed for {_duration(time.time() - memo.failing_since)})",
+                )
+                memo.failing_since = None
+            notice, memo.notice = memo.notice, None
+            if notice and not outcome.final:
+                self.journal.update(dataset_id, error=notice, error_detail=None)
+            elif ds.error and not outcome.final:
                 self.journal.update(dataset_id, error=None, error_detail=None)
         except (AuthError, Interrupted):
             raise
-        except (TransientError, CapacityError) as err:
+        except CapacityError as err:
             memo.transient_failures += 1
-            delay = min(self.retry_base * 2 ** (memo.transient_failures - 1), 300.0)
-            if isinstance(err, CapacityError):
-                delay = max(delay, self.capacity_wait)
+            delay = max(self._backoff(memo), self.capacity_wait)
             self.journal.event(
                 dataset_id, f"{err.message}; retrying in {delay:.0f} s", level="warning"
             )
             self.journal.update(dataset_id, error=err.message, error_detail=err.detail)
             outcome = StepOutcome(ds.stage, delay)
+        except TransientError as err:
+            outcome = self._server_failing(ds, memo, err, started)
         except OSError as err:
             outcome = self._local_failure(ds, err)
         except ValidationError as err:
@@ -282,6 +320,46 @@ class Runner:
         if outcome.final:
             self._memos.pop(dataset_id, None)
         return outcome
+
+    def _backoff(self, memo: _Memo) -> float:
+        return float(min(self.retry_base * 2 ** (memo.transient_failures - 1), 300.0))
+
+    def _server_failing(
+        self, ds: Dataset, memo: _Memo, err: TransientError, started: float
+    ) -> StepOutcome:
+        """Wait and retry; said once in the events, kept current in the dataset's error."""
+        memo.transient_failures += 1
+        delay = self._backoff(memo)
+        now = time.time()
+        if memo.failing_since is None:
+            memo.failing_since = started  # the failing step began then
+            give_up = (
+                f"; giving up after {_duration(self.give_up_after)}"
+                if self.give_up_after is not None else "; waiting for it as long as it takes"
+            )
+            self.journal.event(
+                ds.id, f"VIP at {ds.server} is unreachable or failing ({err.message}); "
+                f"retrying with backoff{give_up}",
+                level="warning",
+            )
+        since = memo.failing_since
+        if self.give_up_after is not None and now - since >= self.give_up_after:
+            message = (
+                f"gave up: VIP at {ds.server} unreachable since {_clock(since)} "
+                f"({_duration(now - since)}; last error: {err.message}). Nothing is lost: run the "
+                "same command again to resume where it stopped"
+            )
+            self.journal.update(ds.id, error=message, error_detail=err.detail)
+            self.journal.event(ds.id, message, level="error")
+            self._write_status(ds.id)
+            raise GaveUp(message, err.detail)
+        self.journal.update(
+            ds.id,
+            error=f"VIP unreachable since {_clock(since)}, next try at {_clock(now + delay)} "
+                  f"({err.message})",
+            error_detail=err.detail,
+        )
+        return StepOutcome(ds.stage, delay)
 
     def run(self, dataset_id: int, *, sleep: Callable[[float], bool] | None = None) -> StepOutcome:
         """Step a dataset to a final stage (for ``vip-agent run``)."""
@@ -500,33 +578,13 @@ class Runner:
     def _stage_monitor(self, ds: Dataset) -> StepOutcome:
         client = self.client_for(ds.server)
         memo = self._memo(ds.id)
-        executions = self.journal.executions(ds.id)
-        for e in executions:
+        for e in self.journal.executions(ds.id):
             if not e.vip_id or e.status in TERMINAL_STATUSES:
                 continue
-            try:
-                info = client.execution(e.vip_id)
-            except NotFoundError as err:
-                self.journal.update_execution(ds.id, e.key, status="Lost", ended=time.time())
-                self.journal.event(
-                    ds.id, f"execution {e.vip_id} vanished from the server ({err.message})",
-                    level="error",
-                )
-                continue
-            status = str(info.get("status"))
-            if status == "Unknown":
-                memo.unknown_polls += 1
-                if memo.unknown_polls < UNKNOWN_LIMIT:
-                    continue
-                status = "Lost"
-            else:
-                memo.unknown_polls = 0
-            fields: dict[str, Any] = {"status": status, "jobs": info.get("jobs") or {}}
-            if status in TERMINAL_STATUSES:
-                fields["ended"] = time.time()
-            if status != e.status:
-                self.journal.event(ds.id, f"execution {e.vip_id} ({e.key}): {status}")
-            self.journal.update_execution(ds.id, e.key, **fields)
+            info = self._poll_execution(ds, client, e)
+            if info is None:
+                continue  # gone from the server: recorded as Lost
+            self._observe(ds, client, memo, e, str(info["status"]), info.get("jobs") or {})
 
         executions = self.journal.executions(ds.id)
         pending = [e for e in executions if not e.vip_id]
@@ -540,6 +598,98 @@ class Runner:
             self.journal.set_stage(ds.id, "mirror", message="all executions ended")
             return StepOutcome("mirror")
         return StepOutcome("monitor", self._poll_interval(ds, executions))
+
+    def _poll_execution(self, ds: Dataset, client: VipClient, e: Any) -> dict[str, Any] | None:
+        """The execution's record, or None once it is certain the server no longer has it.
+
+        "Deleted" (8015) is certain: VIP only deletes ended executions. Any other "not
+        found" (8000 is VIP's catch-all code) is checked against the execution list first.
+        """
+        try:
+            info: dict[str, Any] = client.execution(e.vip_id)
+            return info
+        except NotFoundError as err:
+            if err.code != 8015:
+                listed = next((x for x in client.executions() if x.get("identifier") == e.vip_id), None)
+                if listed is not None and isinstance(listed.get("status"), str):
+                    return listed
+            self.journal.update_execution(ds.id, e.key, status="Lost", ended=time.time())
+            self.journal.event(
+                ds.id, f"execution {e.vip_id} vanished from the server ({err.message})",
+                level="error",
+            )
+            return None
+
+    def _observe(
+        self, ds: Dataset, client: VipClient, memo: _Memo, e: Any, status: str,
+        jobs: dict[str, Any],
+    ) -> None:
+        """Record what VIP says of one execution; kill one that reads Unknown for too long."""
+        now = time.time()
+        kind = status_kind(status)
+        fields: dict[str, Any] = {"status": status, "jobs": jobs}
+        limit = float(ds.options.get("unknown_limit") or self.unknown_limit)
+        if kind == "unknown":
+            since = memo.unknown_since.setdefault(e.key, now)
+            if e.status != status:
+                self.journal.event(
+                    ds.id,
+                    f"execution {e.vip_id} ({e.key}) reads Unknown: VIP lost track of it for now; "
+                    "it is treated as still running and its inputs stay on the server (it is "
+                    f"killed if this lasts {_duration(limit)})",
+                    level="warning",
+                )
+            if now - since >= limit:
+                self._kill_unknown(ds, client, memo, e, since, now, limit)
+            else:
+                memo.notice = (
+                    f"execution {e.vip_id} reads Unknown since {_clock(since)}; treated as "
+                    f"running (killed at {_clock(since + limit)} if it lasts)"
+                )
+        else:
+            memo.unknown_since.pop(e.key, None)
+        if kind == "strange" and e.key not in memo.strange_reported:
+            memo.strange_reported.add(e.key)
+            self.journal.event(
+                ds.id,
+                f"execution {e.vip_id} ({e.key}) reports the status {status[:80]!r}, which is not "
+                "one VIP defines; treating it as still running",
+                level="warning",
+            )
+        if kind == "ended":
+            fields["ended"] = now
+            if e.key in memo.kill_sent:
+                self.journal.event(ds.id, f"VIP confirms execution {e.vip_id} ended ({status})")
+        if status != e.status:
+            if kind != "unknown":
+                self.journal.event(ds.id, f"execution {e.vip_id} ({e.key}): {status}")
+        self.journal.update_execution(ds.id, e.key, **fields)
+
+    def _kill_unknown(
+        self, ds: Dataset, client: VipClient, memo: _Memo, e: Any, since: float, now: float,
+        limit: float,
+    ) -> None:
+        """Kill an execution stuck in Unknown; cleanup waits until VIP says it ended."""
+        last = memo.kill_sent.get(e.key)
+        if last is None or now - last >= KILL_REPEAT:
+            if last is None:
+                self.journal.event(
+                    ds.id,
+                    f"execution {e.vip_id} ({e.key}) has read Unknown since {_clock(since)} "
+                    f"(limit {_duration(limit)}): killing it; its inputs stay on the "
+                    "server until VIP confirms it ended",
+                    level="error",
+                )
+            try:
+                client.kill(e.vip_id)
+            except NotFoundError:
+                pass  # gone meanwhile: the next poll records it
+            memo.kill_sent[e.key] = now
+        memo.notice = (
+            f"execution {e.vip_id} read Unknown since {_clock(since)}; killed at "
+            f"{_clock(memo.kill_sent[e.key])}, waiting for VIP to confirm it ended before "
+            "cleaning up"
+        )
 
     def _stage_mirror(self, ds: Dataset) -> StepOutcome:
         client = self.client_for(ds.server)
@@ -558,11 +708,16 @@ class Runner:
             for info in client.results(e.vip_id):
                 if not info.exists or info.is_dir:
                     continue
-                remote = PurePosixPath(info.path)
                 try:
-                    rel = remote.relative_to(outputs_root)
-                except ValueError:
-                    rel = PurePosixPath(e.key) / remote.name  # outside the session: keep apart
+                    remote = PurePosixPath(check_server_path(info.path, under=str(outputs_root)))
+                except UnsafePathError as err:
+                    raise AgentError(
+                        f"execution {e.vip_id} ({e.key}): {err.message}. Nothing was written "
+                        "for it; its outputs and inputs stay on the server (see them on the VIP "
+                        "portal, then `vip-agent cancel` or `retry`)",
+                        detail=err.detail,
+                    ) from None
+                rel = remote.relative_to(outputs_root)
                 local = _inside(out_dir, rel)
                 self.journal.add_output(
                     ds.id, remote=str(remote), exec_key=e.key, size=info.size, local=str(local)
@@ -670,8 +825,9 @@ class Runner:
                 if e.status in ("Finished", "Killed"):
                     try:
                         client.delete_execution(e.vip_id, delete_files=True)
+                        self._record_removed(ds.id, execution=e.vip_id)
                     except NotFoundError:
-                        pass  # already deleted (a crash after the call)
+                        self._record_removed(ds.id, execution=e.vip_id)  # deleted before a crash
                     except VipError as err:
                         self.journal.event(
                             ds.id, f"could not delete execution {e.vip_id}: {err.message}",
@@ -694,8 +850,10 @@ class Runner:
         for target in targets:
             if client.exists(target):
                 pending.append(target)
-            elif target in outputs:
+                continue
+            if target in outputs:
                 self.journal.update_output(ds.id, target, remote_deleted=1)
+            self._record_removed(ds.id, path=target)
         if not pending:
             memo.delete_started, memo.delete_polls = None, 0
             return None
@@ -716,13 +874,31 @@ class Runner:
         # VIP deletes asynchronously: look again soon, then every 2 s
         return min(0.25 * 2 ** (memo.delete_polls - 1), 2.0)
 
+    def _record_removed(
+        self, dataset_id: int, *, path: str | None = None, execution: str | None = None
+    ) -> None:
+        """Remember what cleanup removed from the server (for session_data.json)."""
+        options = dict(self.journal.get(dataset_id).options or {})
+        removed = dict(options.get("removed") or {})
+        for key, value in (("paths", path), ("executions", execution)):
+            if value is not None and value not in removed.get(key, []):
+                removed[key] = [*removed.get(key, []), value]
+        removed["time"] = time.time()
+        options["removed"] = removed
+        self.journal.update(dataset_id, options=options)
+
     # -- helpers -----------------------------------------------------------------
     def _finish(self, ds: Dataset, *, kept_remote: bool) -> StepOutcome:
         problems = []
+        killed = self._memo(ds.id).kill_sent
         for e in self.journal.executions(ds.id):
             if e.status != "Finished":
+                why = (
+                    " (killed by vip-agent: VIP reported it Unknown for longer than the limit)"
+                    if e.key in killed and not ds.cancel_requested else ""
+                )
                 problems.append(
-                    f"execution {e.name} ({e.vip_id}) ended {e.status}; its logs are in "
+                    f"execution {e.name} ({e.vip_id}) ended {e.status}{why}; its logs are in "
                     f"{Path(ds.output_dir or '.') / LOGS_DIR / e.key}"
                 )
             else:
@@ -832,15 +1008,39 @@ class Runner:
         return self.journal.running_executions(server) < cap
 
     def _cancel(self, ds: Dataset) -> StepOutcome:
+        """Kill the executions; clean the server only once VIP confirms they all ended."""
         client = self.client_for(ds.server)
+        memo = self._memo(ds.id)
+        waiting = []
         for e in self.journal.executions(ds.id):
-            if e.vip_id and e.status not in TERMINAL_STATUSES:
+            if not e.vip_id or e.status in TERMINAL_STATUSES:
+                continue
+            now = time.time()
+            last = memo.kill_sent.get(e.key)
+            if last is None or now - last >= KILL_REPEAT:
                 try:
                     client.kill(e.vip_id)
                 except NotFoundError:
-                    pass
-                self.journal.update_execution(ds.id, e.key, status="Killed", ended=time.time())
-                self.journal.event(ds.id, f"execution {e.vip_id} killed")
+                    pass  # gone: the poll below records it
+                memo.kill_sent[e.key] = now
+                if last is None:
+                    self.journal.event(ds.id, f"execution {e.vip_id} killed")
+            info = self._poll_execution(ds, client, e)
+            if info is None:
+                continue
+            status = str(info["status"])
+            ended = status_kind(status) == "ended"
+            self.journal.update_execution(
+                ds.id, e.key, status=status, **({"ended": now} if ended else {})
+            )
+            if not ended:
+                waiting.append(e.vip_id)
+        if waiting:
+            memo.notice = (
+                f"cancelling: waiting for VIP to confirm that {', '.join(waiting)} ended before "
+                "deleting anything"
+            )
+            return StepOutcome(ds.stage, 1.0)
         discard = bool(ds.options.get("discard"))  # cancel --discard of an incomplete dataset
         keep = bool(ds.options.get("keep_remote")) and not discard
         if not keep and ds.remote_root:
@@ -848,6 +1048,7 @@ class Runner:
                 if e.vip_id and not e.cleaned:
                     try:
                         client.delete_execution(e.vip_id, delete_files=True)
+                        self._record_removed(ds.id, execution=e.vip_id)
                     except VipError:
                         pass  # not deletable (failed) or already gone
                     self.journal.update_execution(ds.id, e.key, cleaned=1)
@@ -857,11 +1058,13 @@ class Runner:
                 except NotFoundError:
                     pass
                 return StepOutcome(ds.stage, 2.0)
+            self._record_removed(ds.id, path=ds.remote_root)
         write_session_data(self.journal, ds.id)
         if discard:
             remove_left_file(ds)
             # a request, not a setting: a later attempt must not inherit it
-            options = {k: v for k, v in ds.options.items() if k != "discard"}
+            fresh = self.journal.get(ds.id).options or {}
+            options = {k: v for k, v in fresh.items() if k != "discard"}
             self.journal.update(ds.id, options=options)
             message = "cancelled: the outputs left on VIP were deleted; the server is clean"
         else:
@@ -1054,3 +1257,22 @@ def _max_download(client: VipClient, *, refresh: bool = False) -> int | None:
         raise
     except VipError:
         return None
+
+
+def _clock(when: float) -> str:
+    """A local wall-clock time for messages (``14:03:07``, with the date if not today)."""
+    stamp = time.localtime(when)
+    if time.strftime("%Y-%m-%d", stamp) == time.strftime("%Y-%m-%d"):
+        return time.strftime("%H:%M:%S", stamp)
+    return time.strftime("%Y-%m-%d %H:%M:%S", stamp)
+
+
+def _duration(seconds: float | None) -> str:
+    """``45 s``, ``12 min``, ``3.5 h``."""
+    if seconds is None:
+        return "never"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -105,7 +105,10 @@ def check_incomplete(server: LocalVip, tmp_path: Path, name: str) -> tuple[str, 
         o["path"]: o["exists"] for w in session["workflows"].values() for o in w["outputs"]
     }
     assert listed[big.remote] is True
-    assert [p for p, exists in listed.items() if not exists]  # the small one is gone
+    # the small one is gone: its execution was deleted ("Removed", listing no outputs, so that
+    # VipSession does not ask VIP about it) and its file is among what cleanup removed
+    assert any(w["status"] == "Removed" and not w["outputs"] for w in session["workflows"].values())
+    assert any("/small-r1/" in p for p in session["removed_from_vip"]["paths"]), session
     return big.remote, out
 
 

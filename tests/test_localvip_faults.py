@@ -115,6 +115,16 @@ def test_unknown_blip(vip_api: VipApi, vip_server: LocalVip) -> None:
     vip_api.put(f"/executions/{ex['identifier']}/kill")
 
 
+def test_unknown_after_kill(vip_api: VipApi, vip_server: LocalVip) -> None:
+    ex = vip_api.launch("Sleep/1.0", {"duration": 5})
+    vip_server.faults = FaultSpec(unknown_after_kill=1.0, times=1)
+    url = f"/executions/{ex['identifier']}"
+    assert vip_api.get(url).json()["status"] == "Running"  # only killed executions blip
+    vip_api.put(url + "/kill")
+    assert vip_api.get(url).json()["status"] == "Unknown"
+    assert vip_api.get(url).json()["status"] == "Killed"
+
+
 def test_delete_delay_fault(vip_api: VipApi, vip_server: LocalVip) -> None:
     vip_server.faults = FaultSpec(delete_delay=0.3)
     vip_api.upload("/vip/Home/d.txt", b"d")

@@ -18,7 +18,7 @@ from typing import Any
 
 from agent import actions
 from agent import dataset as dataset_mod
-from agent.config import parse_poll
+from agent.config import parse_duration, parse_poll
 from agent.errors import ConfigError
 from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.journal import Dataset, Journal
@@ -28,6 +28,9 @@ from agent.progress import TerminalProgress, human_size
 from agent.runner import (
     DEFAULT_POLL_MAX,
     DEFAULT_POLL_MIN,
+    GIVE_UP_AFTER,
+    UNKNOWN_LIMIT,
+    GaveUp,
     Interrupted,
     Runner,
     StepOutcome,
@@ -39,6 +42,8 @@ from agent.watch.lock import AgentLock
 
 EXIT_DONE, EXIT_FAILED, EXIT_INVALID, EXIT_INCOMPLETE, EXIT_CANCELLED = 0, 1, 2, 3, 4
 EXIT_STOPPED = 130
+#: the server kept failing past --give-up-after; running the command again resumes
+EXIT_GAVE_UP = 75
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +73,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="polling of a running execution, seconds: the first interval, and "
                              f"the longest it grows to (default {DEFAULT_POLL_MIN:g}:"
                              f"{DEFAULT_POLL_MAX:g})")
+    parser.add_argument(
+        "--give-up-after", type=_duration, default=GIVE_UP_AFTER, metavar="DURATION",
+        help="stop (exit 75, resumable) when VIP has kept failing this long "
+             f"(seconds, or 30m, 4h; default {GIVE_UP_AFTER / 3600:g}h)",
+    )
+    parser.add_argument(
+        "--unknown-limit", type=_duration, default=UNKNOWN_LIMIT, metavar="DURATION",
+        help="kill an execution that reads Unknown this long, then clean up once VIP confirms "
+             f"it ended (default {UNKNOWN_LIMIT / 3600:g}h)",
+    )
+    parser.add_argument(
+        "--timeout", type=_duration, default=60.0, metavar="SECONDS",
+        help="read timeout of one VIP request; a request's overall deadline is 5 times this "
+             "(default 60)",
+    )
+
+
+def _duration(text: str) -> float:
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90, 30m, 4h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -132,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"dataset {path} has no files")
 
     credential = find_api_key(server)
-    client = VipClient(server, credential.key)
+    client = VipClient(server, credential.key, timeout=args.timeout)
 
     if args.dry_run:
         return dry_run(path, template, client, max_runs=args.max_runs, max_jobs=args.max_jobs)
@@ -183,7 +213,8 @@ def main(args: argparse.Namespace) -> int:
     poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
     bars = TerminalProgress(sys.stderr)  # one bar per transfer on a terminal
     runner = Runner(journal, lambda _url: client, stop_event=stop, progress=bars,
-                    poll_min=poll_min, poll_max=max(poll_min, poll_max or DEFAULT_POLL_MAX))
+                    poll_min=poll_min, poll_max=max(poll_min, poll_max or DEFAULT_POLL_MAX),
+                    unknown_limit=args.unknown_limit, give_up_after=args.give_up_after)
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
@@ -213,6 +244,10 @@ def main(args: argparse.Namespace) -> int:
                 raise Interrupted("stopped")
             if stop.is_set():
                 raise Interrupted("stopped")
+    except GaveUp as err:
+        print_events(journal, dataset_id, last)
+        print(f"vip-agent: {err.message}", file=sys.stderr)
+        return EXIT_GAVE_UP
     except (Interrupted, KeyboardInterrupt):
         print_events(journal, dataset_id, last)
         ds = journal.get(dataset_id)

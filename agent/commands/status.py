@@ -18,6 +18,7 @@ from typing import Any
 from agent import queries
 from agent.commands import add_state_args
 from agent.errors import one_line
+from agent.vip.models import ENDED_STATUSES
 
 
 def _age(seconds: float) -> str:
@@ -55,7 +56,8 @@ def progress_text(rec: dict[str, Any]) -> str:
         return text
     statuses = list((rec.get("execution_status") or {}).values())
     if statuses and state in ("running", "queued", "downloading", "cleaning"):
-        ended = sum(1 for s in statuses if s not in ("Running", "Ready", "Initializing", None))
+        # Unknown and words VIP does not define may still run: only an ended label counts
+        ended = sum(1 for s in statuses if s in ENDED_STATUSES or s == "Lost")
         return f"{ended}/{len(statuses)} executions ended"
     return ""
 

@@ -239,7 +239,7 @@ class Engine:
         return row
 
     def view(self, row: ExecRow, *, summary: bool = False, blip: bool = False) -> dict[str, Any]:
-        status = "Unknown" if blip and row.status == "Running" else row.status
+        status = "Unknown" if blip and row.status in ("Running", "Killed") else row.status
         if summary:
             inputs: dict[str, Any] = {}
             returned: dict[str, list[str]] | None = {}

@@ -9,7 +9,7 @@ so a test can say "the next GET on /rest/executions fails exactly once".
 
 Spec string (CLI ``--faults``): comma-separated ``key=value`` or bare flags, e.g.
 ``error_rate=0.1,drop_rate=0.05,latency=0.2,transfer_timeout=0.1,capacity=0.2,
-unknown_blip=0.3,delete_delay=2,legacy_dates,legacy_defaults,seed=1,
+unknown_blip=0.3,unknown_after_kill=0.5,delete_delay=2,legacy_dates,legacy_defaults,seed=1,
 match=^/rest/path/,methods=GET|PUT,times=3``. ``match`` cannot contain commas.
 """
 
@@ -23,7 +23,9 @@ from typing import Any
 
 from agent.errors import ConfigError
 
-_RATES = ("error_rate", "drop_rate", "transfer_timeout", "capacity", "unknown_blip")
+_RATES = (
+    "error_rate", "drop_rate", "transfer_timeout", "capacity", "unknown_blip", "unknown_after_kill",
+)
 
 
 @dataclass
@@ -44,8 +46,12 @@ class FaultSpec:
     transfer_land_delay: float = 0.3
     #: share of POST /executions refused with 2001 (user quota)
     capacity: float = 0.0
-    #: share of GET /executions/{id} on a Running execution reading ``Unknown``
+    #: share of GET /executions/{id} on a Running execution reading ``Unknown`` (the engine
+    #: lost track of it; it goes on running)
     unknown_blip: float = 0.0
+    #: share of GET /executions/{id} on a Killed execution reading ``Unknown`` (VIP's engine
+    #: can record a kill as Unknown)
+    unknown_after_kill: float = 0.0
     #: seconds a deleted path stays visible (max of this and the server's own)
     delete_delay: float = 0.0
     #: results timestamp folder in the legacy ``dd-MM-yyyy_HH:mm:ss`` format

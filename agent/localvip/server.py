@@ -5,7 +5,7 @@ Stdlib ``ThreadingHTTPServer`` speaking HTTP/1.1 with keep-alive. Request bodies
 ``<root>/.localvip/tmp`` and linked into place; downloads use ``sendfile``
 (falling back to 1 MiB chunks), so memory stays flat for multi-GB files.
 
-Deliberate differences from VIP (see /work/shared/vip-rest-api.md), made so the
+Deliberate differences from VIP (VIP-portal 4.x behaviour, see docs/vip-rest.md), made so the
 official ``vip-client`` 0.1.10 works end to end:
 
 * a trailing ``/`` on a ``/rest/path`` URL is ignored: the client's ``create_dir``
@@ -542,7 +542,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not rest:
             if method == "PUT":
                 return self._update(app, user, row)
-            blip = method == "GET" and app.faults.roll("unknown_blip", method, urlsplit(self.path).path)
+            path = urlsplit(self.path).path
+            knob = {"Running": "unknown_blip", "Killed": "unknown_after_kill"}.get(row.status)
+            blip = method == "GET" and knob is not None and app.faults.roll(knob, method, path)
             return self._json(engine.view(row, blip=blip))
         if rest == ["results"]:
             out = []

@@ -1,12 +1,22 @@
 """HTTP client for VIP's REST API (CARMIN dialect as VIP implements it).
 
-See /work/shared/vip-rest-api.md for the server behaviour this client copes with. The client
+See docs/vip-rest.md (VIP-portal 4.x behaviour) and docs/server-behaviour.md for what this client copes with. The client
 knows HTTP, paths, transfers, pipelines and executions; it knows nothing about datasets.
 
 Thread safety: one :class:`VipClient` may be shared by several worker threads. It holds one
 ``requests.Session`` whose connection pool (``pool`` connections per host) is thread-safe in
 urllib3; the client never mutates the session after construction and VIP sets no cookies, so
 concurrent calls do not interfere. The only shared state (the cached transfer limit) is locked.
+
+Deadlines: every request has a connect timeout, a read timeout (per socket read) and an
+overall deadline enforced by a watchdog thread that shuts the socket down, so a server that
+drip-feeds bytes or never finishes its answer cannot hold a caller forever. Transfers have no
+overall deadline but a minimum-progress rule: at least ``transfer_min_bytes`` every
+``transfer_window`` seconds, else the transfer is abandoned (and retried).
+
+Strict answers: a 2xx whose body is a VIP error object, or is not what the endpoint returns,
+raises a typed error (:class:`ProtocolError` unless the code says more) with the raw answer in
+its ``detail``.
 
 Security: the API key is attached by a ``requests`` auth hook as the ``apikey`` header. It is
 never put in a URL, a log line, an exception, or ``repr``. Redirects are not followed, since
@@ -16,12 +26,15 @@ never put in a URL, a log line, an exception, or ``repr``. Redirects are not fol
 from __future__ import annotations
 
 import builtins
+import heapq
 import http.client
+import itertools
 import json
 import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -42,16 +55,19 @@ from agent.vip.errors import (
     ApiError,
     AuthError,
     CapacityError,
+    DeadlineExceeded,
     DeleteTimeout,
     EmptyFileError,
     InvalidNameError,
     LaunchUncertain,
     NotFoundError,
+    ProtocolError,
     SizeMismatch,
     SourceChanged,
     TooLargeError,
     TransferTimeout,
     TransientError,
+    UnsafePathError,
     VipError,
 )
 from agent.vip.models import PathInfo, start_seconds
@@ -75,6 +91,7 @@ _NOT_FOUND_CODES = frozenset({8007, 8015})
 _ACCESS_CODE = 8013
 _DELETED_CODE = 8015
 _BACKOFF_CAP = 60.0
+_RAW_MAX = 2000  # characters of a wrong answer kept in an error's detail
 #: names VIP stores unchanged: printable ASCII without spaces (VIP turns spaces into "_"
 #: and drops non-ASCII, without telling the client the new name)
 _SAFE_NAME = re.compile(r"[\x21-\x7e]+")
@@ -109,11 +126,11 @@ def _encode_pipeline_segment(segment: str) -> str:
 def _norm_remote(path: str) -> str:
     """Check and normalise a remote path: absolute, no dot segments, no trailing slash."""
     if not isinstance(path, str) or not path.startswith("/"):
-        raise ValueError(f"VIP paths are absolute (start with /vip/): {path!r}")
+        raise UnsafePathError(f"VIP paths are absolute (start with /vip/): {path!r}")
     trimmed = path.rstrip("/") or "/"
     # urllib3 would resolve dot segments in the URL and address another path
     if any(seg in (".", "..") for seg in trimmed.split("/")):
-        raise ValueError(f"VIP paths cannot contain '.' or '..' segments: {path!r}")
+        raise UnsafePathError(f"VIP paths cannot contain '.' or '..' segments: {path!r}")
     return trimmed
 
 
@@ -154,12 +171,167 @@ class _ApiKeyAuth(AuthBase):
         return "<apikey hidden>"
 
 
+class _Guard:
+    """Deadline of one HTTP exchange, watched by :data:`_WATCHDOG`.
+
+    ``deadline``: seconds for the whole exchange. ``window``/``min_bytes``: the exchange must
+    move at least ``min_bytes`` (reported through :meth:`progress`) in every ``window``
+    seconds. On expiry the connection's socket is shut down, which wakes a blocked read or
+    write with an error; ``expired`` then says why.
+    """
+
+    def __init__(
+        self, *, deadline: float | None = None, window: float | None = None, min_bytes: int = 0
+    ) -> None:
+        now = time.monotonic()
+        self.deadline = deadline
+        self.window = window
+        self.min_bytes = min_bytes
+        self._hard = now + deadline if deadline else None
+        self._window_end = now + window if window else None
+        self._moved = 0
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self.closed = False
+        #: why the exchange was cut ("deadline" or "stalled"), None while it is fine
+        self.expired: str | None = None
+        first = self._next()
+        if first is not None:
+            _WATCHDOG.add(self, first)
+
+    def _next(self) -> float | None:
+        times = [t for t in (self._hard, self._window_end) if t is not None]
+        return min(times) if times else None
+
+    def attach(self, conn: Any) -> None:
+        with self._lock:
+            self._conn = conn
+        if self.expired:
+            self._shut()
+
+    def progress(self, count: int) -> None:
+        with self._lock:
+            self._moved += count
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _shut(self) -> bool:
+        with self._lock:
+            sock = getattr(self._conn, "sock", None)
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
+
+    def check(self, now: float) -> float | None:
+        """Called by the watchdog when due: the next time to check, or None when done."""
+        if self.closed:
+            return None
+        if self.expired is None:
+            if self._hard is not None and now >= self._hard:
+                self.expired = "deadline"
+            elif self._window_end is not None and now >= self._window_end:
+                with self._lock:
+                    moved, self._moved = self._moved, 0
+                if moved < self.min_bytes:
+                    self.expired = "stalled"
+                else:
+                    self._window_end = now + (self.window or 0)
+        if self.expired is not None:
+            # a socket still being opened is shut as soon as it exists
+            return None if self._shut() else now + 0.2
+        return self._next()
+
+
+class _Watchdog:
+    """One daemon thread that enforces every :class:`_Guard`'s deadline."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _Guard]] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, guard: _Guard, when: float) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), guard))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="vip-client-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                when, _, guard = self._heap[0]
+                now = time.monotonic()
+                if when > now:
+                    self._cond.wait(when - now)
+                    continue
+                heapq.heappop(self._heap)
+            if guard.closed:
+                continue
+            following = guard.check(now)
+            if following is not None:
+                self.add(guard, following)
+
+
+_WATCHDOG = _Watchdog()
+#: the guard of the request being sent by this thread (read by the connection classes)
+_CURRENT = threading.local()
+
+
+def _attach_current(conn: Any) -> None:
+    guard = getattr(_CURRENT, "guard", None)
+    if guard is not None:
+        guard.attach(conn)
+
+
+class _GuardedHTTPConnection(urllib3.connection.HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach_current(self)
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPSConnection(urllib3.connection.HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach_current(self)
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+_GUARDED_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+
 class _Adapter(HTTPAdapter):
-    """HTTPAdapter sending request bodies in larger blocks (fewer syscalls on big uploads)."""
+    """HTTPAdapter sending request bodies in larger blocks (fewer syscalls on big uploads),
+    over connections that the deadline watchdog can cut."""
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("blocksize", _SEND_BLOCK)
         super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _GUARDED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS pools have their own classes
+            manager.pool_classes_by_scheme = _GUARDED_POOLS  # deadlines through a proxy too
+        return manager
 
 
 class _NotSent(TransientError):
@@ -182,6 +354,8 @@ class _UploadBody:
         self._size = size
         self._progress = progress
         self.sent = 0
+        #: the transfer's progress guard (set by the sender)
+        self.guard: _Guard | None = None
 
     def __len__(self) -> int:
         return self._size
@@ -199,6 +373,8 @@ class _UploadBody:
                 f"({self.sent:,} of {self._size:,} bytes read)",
             )
         self.sent += len(data)
+        if self.guard is not None:
+            self.guard.progress(len(data))
         if self._progress is not None:
             self._progress(len(data))
         return data
@@ -218,6 +394,11 @@ class VipClient:
     ``http://127.0.0.1:43127``); the REST root is ``base_url + "/rest/"``. Idempotent calls are
     retried ``retries`` times on :class:`TransientError` with exponential backoff starting at
     ``backoff`` seconds plus jitter; ``POST /executions`` never is.
+
+    Time limits: ``connect_timeout`` (default ``min(timeout, 15)``) to open a connection,
+    ``timeout`` for each socket read, ``deadline`` (default ``5 * timeout``) for a whole
+    request and its answer; transfers instead must move ``transfer_min_bytes`` every
+    ``transfer_window`` seconds (default ``2 * timeout``).
     """
 
     def __init__(
@@ -231,12 +412,20 @@ class VipClient:
         pool: int = 16,
         user_agent: str = "vip-agent",
         transfer_grace: float = 60.0,
+        connect_timeout: float | None = None,
+        deadline: float | None = None,
+        transfer_window: float | None = None,
+        transfer_min_bytes: int = 64 << 10,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"the VIP URL must start with http:// or https://: {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self._rest = self.base_url + "/rest"
         self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout or min(self.timeout, 15.0))
+        self.deadline = float(deadline or 5 * self.timeout)
+        self.transfer_window = float(transfer_window or 2 * self.timeout)
+        self.transfer_min_bytes = max(0, int(transfer_min_bytes))
         self.retries = max(0, int(retries))
         self.backoff = max(0.0, float(backoff))
         #: after a transfer timeout, how long to watch for the upload landing before re-sending
@@ -299,10 +488,55 @@ class VipClient:
         stream: bool = False,
         on_8000: type[VipError] = ApiError,
         what: str = "",
+        guard: _Guard | None = None,
     ) -> requests.Response:
-        """One HTTP exchange; returns a 2xx response or raises a typed error."""
+        """One HTTP exchange; returns a 2xx response or raises a typed error.
+
+        Without ``guard`` the exchange gets the overall deadline and the body is read before
+        returning. A streamed response comes with the caller's guard still running.
+        """
+        own = guard is None
+        if guard is None:
+            guard = _Guard(deadline=self.deadline)
+        try:
+            return self._send_guarded(
+                method, rest_path, guard, params=params, data=data, json_body=json_body,
+                headers=headers, stream=stream, on_8000=on_8000, what=what,
+            )
+        finally:
+            if own:
+                guard.close()
+
+    def _expired(self, guard: _Guard, where: str, exc: BaseException) -> DeadlineExceeded:
+        if guard.expired == "stalled":
+            message = (
+                f"the transfer with VIP at {self.base_url} moved less than "
+                f"{guard.min_bytes:,} bytes in {guard.window:g} s; abandoned"
+            )
+        else:
+            message = (
+                f"VIP at {self.base_url} did not finish answering within "
+                f"{guard.deadline:g} s (overall deadline of a request)"
+            )
+        return DeadlineExceeded(message, detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"))
+
+    def _send_guarded(
+        self,
+        method: str,
+        rest_path: str,
+        guard: _Guard,
+        *,
+        params: Mapping[str, str] | None,
+        data: Any,
+        json_body: Any,
+        headers: Mapping[str, str] | None,
+        stream: bool,
+        on_8000: type[VipError],
+        what: str,
+    ) -> requests.Response:
         url = self._rest + rest_path
         where = f"{method} /rest{rest_path}"
+        _CURRENT.guard = guard
         try:
             resp = self._session.request(
                 method,
@@ -313,40 +547,23 @@ class VipClient:
                 headers=dict(headers) if headers else None,
                 # always stream: error bodies are read with a bound (proxy pages can be big)
                 stream=True,
-                timeout=(min(self.timeout, 15.0), self.timeout),
+                timeout=(self.connect_timeout, self.timeout),
                 allow_redirects=False,
             )
-        except requests.exceptions.ConnectTimeout as exc:
-            raise _NotSent(
-                f"could not reach VIP at {self.base_url} (connection timed out)",
-                detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
-            ) from None
-        except requests.exceptions.ConnectionError as exc:
-            cause = exc.args[0] if exc.args else None
-            reason = getattr(cause, "reason", cause)
-            never_sent = isinstance(reason, urllib3.exceptions.NewConnectionError)
-            cls: type[TransientError] = _NotSent if never_sent else TransientError
-            raise cls(
-                f"could not reach VIP at {self.base_url} (connection "
-                + ("refused)" if never_sent else "lost)"),
-                detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
-            ) from None
-        except requests.exceptions.Timeout as exc:
-            raise TransientError(
-                f"VIP at {self.base_url} did not answer within {self.timeout:g} s",
-                detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
-            ) from None
         except requests.exceptions.RequestException as exc:
-            raise TransientError(
-                f"talking to VIP at {self.base_url} failed",
-                detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
-            ) from None
+            if guard.expired:
+                raise self._expired(guard, where, exc) from None
+            raise self._network_error(exc, where) from None
+        finally:
+            _CURRENT.guard = None
         if 200 <= resp.status_code < 300:
             if not stream:
                 try:
                     _ = resp.content  # read now, so a dropped connection is a TransientError
                 except requests.exceptions.RequestException as exc:
                     resp.close()
+                    if guard.expired:
+                        raise self._expired(guard, where, exc) from None
                     raise TransientError(
                         f"the connection to VIP at {self.base_url} broke during the answer",
                         detail=self._scrub(f"{where}: {type(exc).__name__}: {exc}"),
@@ -357,6 +574,29 @@ class VipClient:
             self._raise_for(resp, where, on_8000, what)
         finally:
             resp.close()
+
+    def _network_error(self, exc: requests.exceptions.RequestException, where: str) -> VipError:
+        """The typed error for a request that got no HTTP answer."""
+        detail = self._scrub(f"{where}: {type(exc).__name__}: {exc}")
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return _NotSent(
+                f"could not reach VIP at {self.base_url} (connection timed out)", detail=detail
+            )
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            cause = exc.args[0] if exc.args else None
+            reason = getattr(cause, "reason", cause)
+            never_sent = isinstance(reason, urllib3.exceptions.NewConnectionError)
+            cls: type[TransientError] = _NotSent if never_sent else TransientError
+            return cls(
+                f"could not reach VIP at {self.base_url} (connection "
+                + ("refused)" if never_sent else "lost)"),
+                detail=detail,
+            )
+        if isinstance(exc, requests.exceptions.Timeout):
+            return TransientError(
+                f"VIP at {self.base_url} did not answer within {self.timeout:g} s", detail=detail
+            )
+        return TransientError(f"talking to VIP at {self.base_url} failed", detail=detail)
 
     def _raise_for(
         self, resp: requests.Response, where: str, on_8000: type[VipError], what: str
@@ -459,8 +699,13 @@ class VipClient:
         retry: bool = True,
         **kwargs: Any,
     ) -> requests.Response:
-        """`_send` with retries on TransientError (only for idempotent calls)."""
+        """`_send` with retries on TransientError (only for idempotent calls).
+
+        No retry starts once ``deadline`` seconds have passed since the first attempt, so a
+        call against a dead server ends in bounded time, retries included.
+        """
         attempt = 0
+        started = time.monotonic()
         while True:
             try:
                 return self._send(method, rest_path, **kwargs)
@@ -468,6 +713,8 @@ class VipClient:
                 if not retry or attempt >= self.retries:
                     raise
                 delay = self._delay(attempt)
+                if time.monotonic() + delay - started > self.deadline:
+                    raise
                 log.info(
                     "VIP %s %s failed (%s); retry %d/%d in %.1f s",
                     method, rest_path.split("?")[0], exc.message, attempt + 1, self.retries, delay,
@@ -475,22 +722,84 @@ class VipClient:
                 time.sleep(delay)
                 attempt += 1
 
-    def _json(self, method: str, rest_path: str, **kwargs: Any) -> Any:
+    def _raw(self, resp: requests.Response) -> str:
+        """The start of an answer, for an error's detail (never the key)."""
+        return self._scrub(resp.content[:_RAW_MAX].decode("utf-8", "replace"))
+
+    def _json(
+        self,
+        method: str,
+        rest_path: str,
+        *,
+        shape: Callable[[Any], bool] | None = None,
+        expected: str = "",
+        **kwargs: Any,
+    ) -> Any:
+        """``_call`` and parse its JSON strictly: an error object or a body ``shape`` refuses
+        (described by ``expected``) is an error, whatever the HTTP status said."""
         resp = self._call(method, rest_path, **kwargs)
+        where = f"{method} /rest{rest_path}"
         try:
-            return resp.json()
+            body = resp.json()
         except ValueError:
-            raise TransientError(
-                f"VIP sent an unreadable answer to {method} /rest{rest_path}",
-                detail=self._scrub(resp.text[:200]),
+            raise ProtocolError(
+                f"VIP sent an unreadable answer (not JSON) to {where}",
+                detail=f"HTTP {resp.status_code}, answer: {self._raw(resp)!r}",
                 http_status=resp.status_code,
             ) from None
+        if _is_error_object(body):
+            raise self._error_in_success(resp, body, where, kwargs.get("what") or where)
+        if shape is not None and not shape(body):
+            raise ProtocolError(
+                f"VIP's answer to {where} is not {expected or 'what this request returns'}",
+                detail=f"HTTP {resp.status_code}, answer: {self._raw(resp)!r}",
+                http_status=resp.status_code,
+            )
+        return body
+
+    def _error_in_success(
+        self, resp: requests.Response, body: dict[str, Any], where: str, subject: str
+    ) -> VipError:
+        """The typed error for a 2xx answer that carries a VIP error object."""
+        try:
+            code: int | None = int(body["errorCode"])
+        except (TypeError, ValueError):
+            code = None
+        server_msg = self._scrub(str(body.get("errorMessage") or ""))
+        kw: dict[str, Any] = {
+            "detail": f"{where}: HTTP {resp.status_code} with an error body: {self._raw(resp)!r}",
+            "code": code,
+            "http_status": resp.status_code,
+        }
+        if code in _AUTH_CODES:
+            return AuthError(
+                f"VIP refused the API key ({server_msg or code}); run `vip-agent login`", **kw
+            )
+        if code in _CAPACITY_CODES:
+            return CapacityError(
+                "VIP is already running the maximum number of executions; "
+                "the launch will be retried later",
+                **kw,
+            )
+        if code in _NOT_FOUND_CODES:
+            return NotFoundError(f"{subject} does not exist on VIP ({server_msg})", **kw)
+        if code == _ACCESS_CODE:
+            return AccessDeniedError(f"VIP refused access to {subject} ({server_msg})", **kw)
+        return ProtocolError(
+            f"VIP answered {subject} with an error inside a success answer "
+            f"(HTTP {resp.status_code}, errorCode {body.get('errorCode')!r}: {server_msg}); "
+            "treating it as a failure of the server",
+            **kw,
+        )
 
     # ------------------------------------------------------------------ platform
 
     def platform(self) -> dict[str, Any]:
         """``GET /platform``: platform properties (limits, error codes)."""
-        result: dict[str, Any] = self._json("GET", "/platform", what="the platform description")
+        result: dict[str, Any] = self._json(
+            "GET", "/platform", what="the platform description",
+            shape=_is_dict, expected="a platform description (a JSON object)",
+        )
         return result
 
     def max_transfer_size(self, *, refresh: bool = False) -> int | None:
@@ -519,23 +828,30 @@ class VipClient:
     def exists(self, path: str) -> bool:
         """Whether ``path`` exists (8013 on a forbidden path raises AccessDeniedError)."""
         path = _norm_remote(path)
-        body = self._json("GET", self._path(path), params={"action": "exists"}, what=path)
-        return bool(body.get("exists")) if isinstance(body, dict) else False
+        body = self._json(
+            "GET", self._path(path), params={"action": "exists"}, what=path,
+            shape=lambda b: isinstance(b, dict) and isinstance(b.get("exists"), bool),
+            expected='{"exists": true|false}',
+        )
+        return bool(body["exists"])
 
     def properties(self, path: str) -> PathInfo:
         """Properties of ``path``; a missing path gives ``exists=False`` (no error)."""
         path = _norm_remote(path)
-        body = self._json("GET", self._path(path), params={"action": "properties"}, what=path)
-        return PathInfo.from_json(body if isinstance(body, dict) else {}, fallback_path=path)
+        body = self._json(
+            "GET", self._path(path), params={"action": "properties"}, what=path,
+            shape=_is_dict, expected="path properties (a JSON object)",
+        )
+        return PathInfo.from_json(body, fallback_path=path)
 
     def list(self, path: str) -> list[PathInfo]:
         """Entries of folder ``path`` (unordered); NotFoundError if missing or a file."""
         path = _norm_remote(path)
         body = self._json(
             "GET", self._path(path), params={"action": "list"}, on_8000=NotFoundError,
-            what=f"folder {path}",
+            what=f"folder {path}", shape=_is_list_of_dicts, expected="a list of path properties",
         )
-        return [PathInfo.from_json(item) for item in body or [] if isinstance(item, dict)]
+        return [PathInfo.from_json(item) for item in body]
 
     def mkdir(self, path: str) -> None:
         """Create folder ``path`` (empty PUT); its parent must exist. An existing folder is fine."""
@@ -608,15 +924,24 @@ class VipClient:
         """
         with open(local, "rb") as handle:
             body = _UploadBody(handle, size, progress)
-            self._send(
-                "PUT",
-                self._path(remote),
-                data=body,
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                on_8000=TransferTimeout,
-                what=f"upload of {local.name} to {remote}",
-            )
+            body.guard = guard = self._transfer_guard()
+            try:
+                self._send(
+                    "PUT",
+                    self._path(remote),
+                    data=body,
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                    on_8000=TransferTimeout,
+                    what=f"upload of {local.name} to {remote}",
+                    guard=guard,
+                )
+            finally:
+                guard.close()
             return body.sent == size
+
+    def _transfer_guard(self) -> _Guard:
+        """A transfer has no overall deadline, only the minimum-progress rule."""
+        return _Guard(window=self.transfer_window, min_bytes=self.transfer_min_bytes)
 
     def _landed(self, remote: str, size: int) -> str:
         """State of an upload target: 'ok' (right size), 'missing' or 'wrong'."""
@@ -795,6 +1120,24 @@ class VipClient:
     def _get_file(
         self, remote: str, part: Path, expected_size: int | None, progress: Progress | None
     ) -> int:
+        guard = self._transfer_guard()
+        try:
+            return self._get_guarded(remote, part, expected_size, progress, guard)
+        except TransientError as exc:
+            if guard.expired and not isinstance(exc, DeadlineExceeded):
+                raise self._expired(guard, f"download of {remote}", exc) from None
+            raise
+        finally:
+            guard.close()
+
+    def _get_guarded(
+        self,
+        remote: str,
+        part: Path,
+        expected_size: int | None,
+        progress: Progress | None,
+        guard: _Guard,
+    ) -> int:
         resp = self._send(
             "GET",
             self._path(remote),
@@ -803,6 +1146,7 @@ class VipClient:
             stream=True,
             on_8000=TransferTimeout,
             what=f"download of {remote}",
+            guard=guard,
         )
         with resp:
             if resp.status_code != 200:
@@ -818,19 +1162,26 @@ class VipClient:
                     http_status=200,
                 )
             count = 0
+
+            def moved(n: int) -> None:
+                guard.progress(n)
+                if progress is not None:
+                    progress(n)
+
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             sync = StreamingSync(fd)
             try:
                 if length is not None and length >= _DIRECT_READ_MIN:
-                    count = self._read_direct(resp, fd, sync, remote, progress)
+                    count = self._read_direct(resp, fd, sync, remote, moved)
                 else:
                     try:
-                        for chunk in resp.iter_content(_CHUNK):
+                        for chunk in _body_chunks(resp, guard):
                             _write_all(fd, chunk)
                             count += len(chunk)
                             if progress is not None:
                                 progress(len(chunk))
-                    except requests.exceptions.RequestException as exc:
+                    except (requests.exceptions.RequestException,
+                            http.client.HTTPException, urllib3.exceptions.HTTPError) as exc:
                         raise TransientError(
                             f"the download of {remote} was interrupted after {count:,} bytes",
                             detail=self._scrub(f"{type(exc).__name__}: {exc}"),
@@ -889,13 +1240,17 @@ class VipClient:
 
     def pipelines(self) -> builtins.list[dict[str, Any]]:
         """Pipelines this account can run."""
-        body = self._json("GET", "/pipelines", what="the pipeline list")
-        return [p for p in body or [] if isinstance(p, dict)]
+        body = self._json(
+            "GET", "/pipelines", what="the pipeline list",
+            shape=_is_list_of_dicts, expected="a list of pipelines",
+        )
+        return list(body)
 
     def pipeline(self, identifier: str) -> dict[str, Any]:
         """Description of pipeline ``name/version``; NotFoundError (8007) if unknown."""
         body: dict[str, Any] = self._json(
-            "GET", "/pipelines/" + encode_pipeline_id(identifier), what=f"pipeline {identifier}"
+            "GET", "/pipelines/" + encode_pipeline_id(identifier), what=f"pipeline {identifier}",
+            shape=_is_pipeline, expected="a pipeline description (identifier, parameters)",
         )
         return body
 
@@ -904,6 +1259,7 @@ class VipClient:
         body: dict[str, Any] = self._json(
             "GET", "/pipelines/" + encode_pipeline_id(identifier),
             params={"format": "boutiques"}, what=f"pipeline {identifier}",
+            shape=_is_dict, expected="a Boutiques descriptor (a JSON object)",
         )
         return body
 
@@ -951,28 +1307,40 @@ class VipClient:
                     detail=exc.detail, code=exc.code, http_status=exc.http_status,
                 ) from None
         try:
-            result: dict[str, Any] = resp.json()
+            result = resp.json()
         except ValueError:
-            raise LaunchUncertain(
-                f"VIP accepted the launch of '{name}' but its answer is unreadable",
-                detail=self._scrub(resp.text[:200]), http_status=resp.status_code,
-            ) from None
-        return result
+            result = None
+        if _is_error_object(result):
+            assert isinstance(result, dict)
+            error = self._error_in_success(resp, result, "POST /rest/executions", f"the launch of '{name}'")
+            if isinstance(error, (AuthError, CapacityError)):
+                raise error  # refused before anything was created
+        elif _is_execution(result):
+            assert isinstance(result, dict)
+            return result
+        raise LaunchUncertain(
+            f"VIP answered the launch of '{name}' with something that is not an execution; "
+            "looking for it before launching again",
+            detail=f"HTTP {resp.status_code}, answer: {self._raw(resp)!r}",
+            http_status=resp.status_code,
+        )
 
     def execution(self, execution_id: str) -> dict[str, Any]:
         """Full execution record; NotFoundError if unknown (8000) or deleted (8015)."""
         body: dict[str, Any] = self._json(
             "GET", self._exec_path(execution_id), on_8000=NotFoundError,
             what=f"execution {execution_id}",
+            shape=_is_execution, expected="an execution (identifier and status)",
         )
         return body
 
     def executions(self, limit: int = 500) -> builtins.list[dict[str, Any]]:
         """Execution summaries, newest first (``inputValues``/``returnedFiles``/``jobs`` empty)."""
         body = self._json(
-            "GET", "/executions", params={"limit": str(limit)}, what="the execution list"
+            "GET", "/executions", params={"limit": str(limit)}, what="the execution list",
+            shape=_is_list_of_dicts, expected="a list of executions",
         )
-        return [e for e in body or [] if isinstance(e, dict)]
+        return list(body)
 
     def find_execution(self, name: str) -> dict[str, Any] | None:
         """Newest execution summary named exactly ``name``, or None."""
@@ -987,8 +1355,9 @@ class VipClient:
         body = self._json(
             "GET", self._exec_path(execution_id) + "/results", on_8000=NotFoundError,
             what=f"execution {execution_id}",
+            shape=_is_list_of_dicts, expected="a list of output path properties",
         )
-        return [PathInfo.from_json(item) for item in body or [] if isinstance(item, dict)]
+        return [PathInfo.from_json(item) for item in body]
 
     def _log(self, execution_id: str, job: str | None, stream: str) -> str:
         rest = self._exec_path(execution_id)
@@ -1028,3 +1397,53 @@ class VipClient:
         except NotFoundError as exc:
             if exc.code != _DELETED_CODE:
                 raise
+
+
+def _body_chunks(resp: requests.Response, guard: _Guard) -> Any:
+    """The body as it arrives (no waiting for a full chunk), reported to ``guard``."""
+    raw = resp.raw
+    while True:
+        chunk = raw.read1(_CHUNK)
+        if not chunk:
+            return
+        guard.progress(len(chunk))
+        yield chunk
+
+
+# -- expected answer shapes (strict reader) ----------------------------------------------
+
+
+def _is_error_object(body: Any) -> bool:
+    """VIP's error body: ``errorCode`` set, and not a record that merely has the field
+    (executions carry ``"errorCode": null``)."""
+    return (
+        isinstance(body, dict)
+        and body.get("errorCode") is not None
+        and "identifier" not in body
+        and "path" not in body
+    )
+
+
+def _is_dict(body: Any) -> bool:
+    return isinstance(body, dict)
+
+
+def _is_list_of_dicts(body: Any) -> bool:
+    return isinstance(body, list) and all(isinstance(item, dict) for item in body)
+
+
+def _is_pipeline(body: Any) -> bool:
+    return (
+        isinstance(body, dict)
+        and isinstance(body.get("identifier") or body.get("name"), str)
+        and isinstance(body.get("parameters"), list)
+    )
+
+
+def _is_execution(body: Any) -> bool:
+    return (
+        isinstance(body, dict)
+        and isinstance(body.get("identifier"), str)
+        and bool(body["identifier"])
+        and isinstance(body.get("status"), str)
+    )

@@ -10,6 +10,10 @@ Callers decide on the class, never on message text:
 * :class:`TransferTimeout`: a transfer answered 400 8000, which may be VIP's 45 s transfer
   timeout (the upload can still land); the client cannot tell, the caller checks.
 * :class:`ApiError`: any other coded error (``.code``).
+* :class:`ProtocolError`: a 2xx answer that is an error object or not what the endpoint
+  returns (a broken server or proxy); transient, the raw answer is in ``detail``.
+* :class:`UnsafePathError`: a path that is relative, has ``.``/``..`` segments or lies outside
+  the folder it must be in; never retried.
 
 No message or detail ever contains the API key: the key only travels in a request header, and
 errors are built from the method, the URL path and the server's answer.
@@ -70,6 +74,14 @@ class LaunchUncertain(TransientError):
     """
 
 
+class ProtocolError(TransientError):
+    """VIP answered 2xx with an error object or with something this endpoint never returns."""
+
+
+class DeadlineExceeded(TransientError):
+    """A request passed its overall deadline, or a transfer moved too few bytes in a window."""
+
+
 class DeleteTimeout(TransientError):
     """A deleted path was still visible after the wait (VIP deletes asynchronously)."""
 
@@ -104,3 +116,10 @@ class EmptyFileError(VipError):
 
 class InvalidNameError(VipError):
     """A remote name VIP would silently rename (spaces, non-ASCII): refused before sending."""
+
+
+class UnsafePathError(VipError, ValueError):
+    """A VIP path is relative, has ``.``/``..`` segments, or is outside its expected folder.
+
+    Also a ``ValueError``: a bad path given by a caller is a programming error.
+    """

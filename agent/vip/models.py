@@ -3,10 +3,67 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
+
+from agent.vip.errors import UnsafePathError
 
 #: a timestamp above this is in milliseconds (1e11 s is the year 5138)
 _MS_THRESHOLD = 1e11
+
+
+#: VIP's eight REST status labels, by what they mean for a client
+ACTIVE_STATUSES = frozenset({"Initializing", "Ready", "Running"})
+#: the execution ended: nothing of it runs on the server any more
+ENDED_STATUSES = frozenset({"Finished", "InitializationFailed", "ExecutionFailed", "Killed"})
+#: the engine lost track of it, or it is being killed: it may still run
+UNKNOWN_STATUS = "Unknown"
+KNOWN_STATUSES = ACTIVE_STATUSES | ENDED_STATUSES | {UNKNOWN_STATUS}
+
+
+def status_kind(status: str) -> str:
+    """``"active"``, ``"ended"``, ``"unknown"`` (the ``Unknown`` label) or ``"strange"``.
+
+    A word that is not one of VIP's eight labels is ``"strange"``: callers treat it as still
+    running, since only a label that says so proves an execution ended.
+    """
+    if status in ENDED_STATUSES:
+        return "ended"
+    if status in ACTIVE_STATUSES:
+        return "active"
+    if status == UNKNOWN_STATUS:
+        return "unknown"
+    return "strange"
+
+
+def check_server_path(path: Any, under: str | None = None) -> str:
+    """A path received from VIP, checked: absolute, no ``.``/``..``/empty segments, and
+    strictly below ``under`` when given. Returns it without a trailing ``/``.
+
+    Raises :class:`UnsafePathError` with a message saying what is wrong.
+    """
+    if not isinstance(path, str) or not path:
+        raise UnsafePathError(f"VIP returned {path!r} where a file path was expected")
+    if "\x00" in path or not path.startswith("/"):
+        raise UnsafePathError(
+            f"VIP returned the path {path!r}, which is not absolute; refusing to use it",
+            detail=f"path={path!r}",
+        )
+    segments = path.rstrip("/").split("/")[1:]
+    if any(seg in ("", ".", "..") for seg in segments):
+        raise UnsafePathError(
+            f"VIP returned the path {path!r}, which has empty, '.' or '..' parts; refusing to use it",
+            detail=f"path={path!r}",
+        )
+    clean = "/" + "/".join(segments)
+    if under is not None:
+        base = PurePosixPath(under.rstrip("/") or "/")
+        if base == PurePosixPath(clean) or base not in PurePosixPath(clean).parents:
+            raise UnsafePathError(
+                f"VIP returned the path {path!r}, which is not inside {base}; refusing to use it",
+                detail=f"path={path!r} expected under {base}",
+            )
+    return clean
 
 
 def to_seconds(value: Any) -> float | None:

@@ -90,6 +90,8 @@ class DropFolder:
             "extract_max_ratio": self.drop.limits.extract_max_ratio,
             "extract_max_member_ratio": self.drop.limits.extract_max_member_ratio,
         }
+        if self.drop.unknown_limit:
+            opts["unknown_limit"] = self.drop.unknown_limit
         if self.drop.readiness.rule == "marker":
             opts["marker"] = self.drop.readiness.marker  # not an input
         return opts
