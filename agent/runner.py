@@ -890,10 +890,15 @@ class Runner:
     # -- helpers -----------------------------------------------------------------
     def _finish(self, ds: Dataset, *, kept_remote: bool) -> StepOutcome:
         problems = []
+        killed = self._memo(ds.id).kill_sent
         for e in self.journal.executions(ds.id):
             if e.status != "Finished":
+                why = (
+                    " (killed by vip-agent: VIP reported it Unknown for longer than the limit)"
+                    if e.key in killed and not ds.cancel_requested else ""
+                )
                 problems.append(
-                    f"execution {e.name} ({e.vip_id}) ended {e.status}; its logs are in "
+                    f"execution {e.name} ({e.vip_id}) ended {e.status}{why}; its logs are in "
                     f"{Path(ds.output_dir or '.') / LOGS_DIR / e.key}"
                 )
             else:

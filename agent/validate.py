@@ -4,7 +4,7 @@
 on, before a byte is sent. :func:`resolve_inputs` turns a job's input values
 into concrete values per variant: local files (found by path or glob inside the
 dataset, uploaded once) and texts (passed as they are). The rules mirror what
-the VIP server accepts (see docs/job-yaml.md and the VIP REST notes §3.4, §4.1).
+the VIP server accepts (see docs/job-yaml.md and docs/vip-rest.md).
 """
 
 from __future__ import annotations

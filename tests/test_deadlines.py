@@ -14,6 +14,7 @@ import pytest
 from agenthelpers import run_agent, write_dataset
 from hostilevip import HostileVip
 
+from agent.localvip import LocalVip
 from agent.vip.client import VipClient
 from agent.vip.errors import DeadlineExceeded, TransientError
 
@@ -86,3 +87,58 @@ def test_run_gives_up_on_a_dead_server_and_says_how_to_resume(
     assert "gave up" in result.stderr and "run the same command again" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - began < 30
+
+
+def test_a_stuck_server_never_holds_back_datasets_of_another(
+    tmp_path: Path, hostile: HostileVip, vip_server: LocalVip, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two drop folders, two servers: one drip-feeds every answer, the other is healthy."""
+    from dataclasses import replace
+
+    import yaml
+    from agenthelpers import wait_for
+
+    from agent.config import config_from_args
+    from agent.daemon import WatchService
+    from agent.journal import Dataset, Journal
+
+    monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
+    hostile.add("GET", "", "drip", interval=0.1, size=10_000, max_bytes=600)
+    job = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.txt"}}
+    drops = []
+    for name, url in (("stuck", hostile.url), ("fine", vip_server.url)):
+        drop = tmp_path / name
+        drop.mkdir()
+        (drop / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
+        config = config_from_args(
+            drop, server=url, output=tmp_path / f"out-{name}", state=tmp_path / "state", settle=0.3
+        )
+        drops.append(replace(config.drops[0], poll_interval=0.1))
+    service = WatchService(
+        replace(config, drops=tuple(drops)),
+        debounce=0.05,
+        runner_options={"poll_min": 0.05, "poll_max": 0.3, "retry_base": 0.2},
+        scheduler_options={"poll_journal": 0.2},
+        client_options={"retries": 1, "backoff": 0.1, "timeout": 0.5, "deadline": 1.0},
+        grace=1.0,
+    )
+    began = time.monotonic()
+    service.start()
+    try:
+        write_dataset(tmp_path / "stuck" / "s-1", {"data.txt": "s\n"})
+        write_dataset(tmp_path / "fine" / "f-1", {"data.txt": "f\n"})
+        journal = Journal.in_state_dir(tmp_path / "state")
+
+        def by_name() -> dict[str, Dataset]:
+            return {d.name: d for d in journal.datasets()}
+
+        wait_for(lambda: getattr(by_name().get("f-1"), "stage", None) == "done", timeout=30,
+                 what="the healthy server's dataset done")  # fmt: skip
+        assert time.monotonic() - began < 30
+        stuck = wait_for(
+            lambda: (d := by_name().get("s-1")) is not None and "unreachable since" in (d.error or "")
+            and d, timeout=15, what="the stuck dataset says it waits",
+        )  # fmt: skip
+        assert not stuck.final
+    finally:
+        service.stop()

@@ -85,3 +85,18 @@ def test_readme_starts_with_the_two_commands_then_the_lab_path_in_order() -> Non
     where = [text.find(s, text.find("## From an empty machine")) for s in steps]
     assert -1 not in where and where == sorted(where), dict(zip(steps, where, strict=True))
     assert "pip install --upgrade" in text  # and how to upgrade without losing state
+
+
+def test_nothing_points_outside_the_repository() -> None:
+    """Docs, code and comments cite docs/ of this repository, never a file beside the checkout."""
+    outside = re.compile(r"\.\./shared|/work/shared|vip-rest-api\.md|prior-art\.md")
+    offenders = []
+    for path in [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("agent/**/*.md"),
+                 *REPO.glob("agent/**/*.py"), *REPO.glob("benchmarks/*.py"),
+                 *REPO.glob("tests/*.py"), *REPO.glob("systemd/**/*.service")]:  # fmt: skip
+        if path.name == "test_docs.py":
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if outside.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -1,4 +1,4 @@
-"""LocalVip: authentication, platform, error model and /rest/path (VIP doc §1-3, §10)."""
+"""LocalVip: authentication, platform, error model and /rest/path (docs/vip-rest.md: keys, errors, files)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LocalVip: /rest/executions and /rest/pipelines (VIP doc §4-6, §10)."""
+"""LocalVip: /rest/executions and /rest/pipelines (docs/vip-rest.md: executions, pipelines)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from typing import Any
 from agent import queries
 from agent.commands import add_state_args
 from agent.errors import one_line
+from agent.vip.models import ENDED_STATUSES
 
 
 def _age(seconds: float) -> str:
@@ -55,7 +56,8 @@ def progress_text(rec: dict[str, Any]) -> str:
         return text
     statuses = list((rec.get("execution_status") or {}).values())
     if statuses and state in ("running", "queued", "downloading", "cleaning"):
-        ended = sum(1 for s in statuses if s not in ("Running", "Ready", "Initializing", None))
+        # Unknown and words VIP does not define may still run: only an ended label counts
+        ended = sum(1 for s in statuses if s in ENDED_STATUSES or s == "Lost")
         return f"{ended}/{len(statuses)} executions ended"
     return ""
 
@@ -198,6 +200,10 @@ def main(args: argparse.Namespace) -> int:
     pid = queries.agent_pid(state)
     agent = f"running (pid {pid})" if pid else "running" if pid == 0 else "NOT running"
     print(f"agent: {agent}    state: {state}")
+    for drop in journal.drop_states() if journal is not None and pid is not None else []:
+        if drop.state != "watching":
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.since))
+            print(f"drop folder {drop.path}: {drop.state.upper()} since {since}: {drop.message}")
     if not records:
         print("no datasets yet")
         return 0

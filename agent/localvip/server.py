@@ -5,7 +5,7 @@ Stdlib ``ThreadingHTTPServer`` speaking HTTP/1.1 with keep-alive. Request bodies
 ``<root>/.localvip/tmp`` and linked into place; downloads use ``sendfile``
 (falling back to 1 MiB chunks), so memory stays flat for multi-GB files.
 
-Deliberate differences from VIP (see /work/shared/vip-rest-api.md), made so the
+Deliberate differences from VIP (VIP-portal 4.x behaviour, see docs/vip-rest.md), made so the
 official ``vip-client`` 0.1.10 works end to end:
 
 * a trailing ``/`` on a ``/rest/path`` URL is ignored: the client's ``create_dir``

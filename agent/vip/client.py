@@ -1,6 +1,6 @@
 """HTTP client for VIP's REST API (CARMIN dialect as VIP implements it).
 
-See /work/shared/vip-rest-api.md for the server behaviour this client copes with. The client
+See docs/vip-rest.md (VIP-portal 4.x behaviour) and docs/server-behaviour.md for what this client copes with. The client
 knows HTTP, paths, transfers, pipelines and executions; it knows nothing about datasets.
 
 Thread safety: one :class:`VipClient` may be shared by several worker threads. It holds one
@@ -379,6 +379,9 @@ class _GuardedHTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = _GuardedHTTPSConnection
 
 
+_GUARDED_POOLS = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+
 class _Adapter(HTTPAdapter):
     """HTTPAdapter sending request bodies in larger blocks (file bodies with ``sendfile``),
     over connections that the deadline watchdog can cut."""
@@ -386,9 +389,13 @@ class _Adapter(HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("blocksize", _SEND_BLOCK)
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": _GuardedHTTPPool, "https": _GuardedHTTPSPool,
-        }
+        self.poolmanager.pool_classes_by_scheme = _GUARDED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # SOCKS pools have their own classes
+            manager.pool_classes_by_scheme = _GUARDED_POOLS  # deadlines through a proxy too
+        return manager
 
 
 class _NotSent(TransientError):

@@ -153,6 +153,8 @@ class DropFolder:
         path = self.path_of(key)
         now = self.clock()
         self.settled.pop(key, None)
+        if not self.root.is_dir():
+            return None  # the drop folder itself is gone: its datasets wait (agent.watch.presence)
         snap = take_snapshot(path, self.drop)
         rows = self.journal.find(path=str(path))
         waiting = [r for r in rows if r.stage == "waiting"]
