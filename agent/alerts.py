@@ -124,7 +124,9 @@ def find_smtp_password(settings: EmailSettings, env: Mapping[str, str] | None = 
 
     if not settings.user:
         return None
-    environ = os.environ if env is None else env
+    from agent.credentials import environ as secret_environ
+
+    environ = secret_environ() if env is None else env
     cred_dir = environ.get("CREDENTIALS_DIRECTORY")
     if cred_dir and (Path(cred_dir) / SMTP_CREDENTIAL).exists():
         return _read_secret_file(Path(cred_dir) / SMTP_CREDENTIAL, check_owner=False)

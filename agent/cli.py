@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
+from agent.credentials import seal_secrets
 from agent.errors import AgentError
 
 #: command name -> (module, one-line help)
@@ -58,6 +59,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the program itself (not a caller passing arguments, e.g. a test)
+        seal_secrets()  # no child process, of any kind, can inherit the API key from here on
     try:
         code = _run(list(sys.argv[1:] if argv is None else argv))
         sys.stdout.flush()  # a closed pipe shows up here, not at exit where it cannot be caught

@@ -133,6 +133,30 @@ def redact(text: str, *secrets: str) -> str:
     return text
 
 
+#: secret variables taken out of ``os.environ`` by :func:`seal_secrets` (read via :func:`environ`)
+_SEALED: dict[str, str] = {}
+
+
+def _is_secret_name(name: str) -> bool:
+    return name in (ENV_VAR, "VIP_APIKEY", "VIP_KEY") or bool(_SECRET_NAME.search(name))
+
+
+def seal_secrets() -> None:
+    """Move every secret variable (the API key, passwords, tokens) out of ``os.environ``.
+
+    Called first thing by the CLI: from then on no child process of any kind (a library
+    lookup that runs ``ldconfig``/``gcc``, a keyring helper, a notification command)
+    can inherit the key, whoever starts it. The agent reads them with :func:`environ`.
+    """
+    for name in [n for n in os.environ if _is_secret_name(n)]:
+        _SEALED[name] = os.environ.pop(name)
+
+
+def environ() -> dict[str, str]:
+    """``os.environ`` with the secret variables :func:`seal_secrets` took out of it."""
+    return {**_SEALED, **os.environ}
+
+
 def scrub_env(env: Mapping[str, str] | None = None, *, secrets: Iterable[str] = ()) -> dict[str, str]:
     """A copy of ``env`` (default ``os.environ``) fit for a child process: no
     API key variables, no systemd credential or notify variables, nothing named
@@ -355,10 +379,10 @@ def find_api_key(
     A key file that is named but unsafe or unreadable is an error, not a skip:
     the operator asked for it.
     """
-    environ = os.environ if env is None else env
+    source = environ() if env is None else env
     tried: list[str] = []
 
-    cred_dir = environ.get("CREDENTIALS_DIRECTORY")
+    cred_dir = source.get("CREDENTIALS_DIRECTORY")
     if cred_dir:
         path = Path(cred_dir) / SYSTEMD_CREDENTIAL
         if path.exists():
@@ -373,7 +397,7 @@ def find_api_key(
         return Credential(_read_secret_file(path, check_owner=True), f"key file {path}")
     tried.append("key file: none named in the configuration (key_file:)")
 
-    value = environ.get(ENV_VAR, "").strip()
+    value = source.get(ENV_VAR, "").strip()
     if value:
         return Credential(value, f"environment {ENV_VAR}")
     tried.append(f"environment {ENV_VAR}: not set")

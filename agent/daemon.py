@@ -37,6 +37,7 @@ from agent.watch.after import finish
 from agent.watch.detect import DeadlineQueue, DropEventHandler, start_observer
 from agent.watch.drop import DropFolder
 from agent.watch.lock import AgentLock
+from agent.watch.presence import MISSING, PRESENCE_INTERVAL, WATCHING, Presence
 
 log = logging.getLogger("vip_agent.watch")
 
@@ -155,6 +156,8 @@ class WatchService:
         self.native_factory = native_factory
         self.drops: dict[str, DropFolder] = {}
         self.observers: dict[str, tuple[Any, str]] = {}
+        #: drop folder -> whether it is still the folder watched (see agent.watch.presence)
+        self.presence: dict[str, Presence] = {}
         self.journal: Journal | None = None
         self.scheduler: Scheduler | None = None
         self._thread: threading.Thread | None = None
@@ -228,6 +231,7 @@ class WatchService:
         )
         self._check_keys()
         self.scheduler.start()
+        self.journal.clear_drop_states()
         for d in self.config.drops:
             self._watch(d)
         self._thread = threading.Thread(target=self._loop, name="vip-agent-watch", daemon=True)
@@ -276,7 +280,7 @@ class WatchService:
             self.queue.touch(("check", key, name), self.debounce, MAX_DEBOUNCE)
 
         handler = DropEventHandler(folder.candidates, notify)
-        kwargs: dict[str, Any] = {"settled": folder.is_settled}
+        kwargs: dict[str, Any] = {"settled": folder.settled_names}
         if self.native_factory:
             kwargs["native_factory"] = self.native_factory
         observer, kind = start_observer(d, handler, log, **kwargs)
@@ -297,6 +301,10 @@ class WatchService:
         self.oversight.rescanned(key)
         if d.rescan_interval > 0:
             self.queue.at(("rescan", key), time.monotonic() + d.rescan_interval)
+        if key not in self.presence:
+            self.presence[key] = Presence(d.path)
+            self.queue.at(("presence", key), time.monotonic() + PRESENCE_INTERVAL)
+        self.journal.set_drop_state(key, WATCHING, f"{kind} events")
         log.info(
             "watching %s (%s events, %s, rule %s%s): %d dataset(s) present",
             d.path, kind, "one dataset per " + ("folder" if d.datasets == "folders" else f"file {d.pattern}"),
@@ -314,6 +322,35 @@ class WatchService:
                 observer.join(timeout=2)
         self.observers.clear()
         self.drops.clear()
+        self.presence.clear()
+
+    def _unwatch(self, key: str) -> None:
+        """Stop watching one drop folder (its datasets are not looked at until it is back)."""
+        observer, _ = self.observers.pop(key, (None, ""))
+        self.drops.pop(key, None)
+        if observer is not None:
+            with contextlib.suppress(Exception):
+                observer.stop()
+                observer.join(timeout=2)
+
+    def _look_at_drop(self, key: str) -> None:
+        """Notice a drop folder that disappeared, came back or was replaced (logged once)."""
+        presence = self.presence.get(key)
+        drop = self.config.drop_for(key)
+        if presence is None or drop is None:
+            return
+        change = presence.look()
+        if change is not None:
+            assert self.journal is not None
+            if change.state == MISSING:
+                log.error("%s", change.message)
+                self._unwatch(key)
+            else:
+                log.warning("%s", change.message)
+                self._unwatch(key)
+                self._watch(drop)
+            self.journal.set_drop_state(key, change.state, change.message)
+        self.queue.at(("presence", key), time.monotonic() + PRESENCE_INTERVAL)
 
     def stop(self) -> None:
         """Stop taking work and shut down (returns within about ``grace`` seconds)."""
@@ -321,6 +358,9 @@ class WatchService:
         self.queue.wake()
         self.oversight.stop()
         self._unwatch_all()
+        if self.journal is not None:
+            with contextlib.suppress(Exception):
+                self.journal.clear_drop_states()  # nothing watches them any more
         if self.scheduler is not None:
             self.scheduler.stop(self.grace)
         if self._thread is not None:
@@ -354,7 +394,12 @@ class WatchService:
             if d.path.is_dir():
                 self._watch(d)
             else:
-                log.error("the drop folder %s does not exist; not watching it", d.path)
+                log.error("the drop folder %s does not exist; watching it as soon as it does", d.path)
+                key = str(d.path)
+                self.presence[key] = Presence(d.path)
+                self.queue.at(("presence", key), time.monotonic() + PRESENCE_INTERVAL)
+                if self.journal is not None:
+                    self.journal.set_drop_state(key, MISSING, f"the drop folder {d.path} does not exist")
         if self.scheduler is not None:
             self.scheduler.probe_now()
         log.info("configuration reloaded: %d drop folder(s)", len(config.drops))
@@ -397,6 +442,8 @@ class WatchService:
                     self.queue.at(("check", key, name), time.monotonic())
             self.oversight.rescanned(key)
             self.queue.at(("rescan", key), time.monotonic() + folder.drop.rescan_interval)
+        elif kind == "presence":
+            self._look_at_drop(item[1])
         elif kind == "final":
             _, dataset_id, _stage = item
             self._after(dataset_id)

@@ -226,6 +226,10 @@ MIGRATIONS: list[Migration] = [
     Migration(2, "outputs.remote_deleted: a mirrored output already deleted on VIP", (
         "ALTER TABLE outputs ADD COLUMN remote_deleted INTEGER NOT NULL DEFAULT 0",
     )),
+    Migration(3, "drops: what the running agent sees of each drop folder", (
+        "CREATE TABLE IF NOT EXISTS drops (path TEXT PRIMARY KEY, state TEXT NOT NULL,"
+        " message TEXT, since REAL NOT NULL)",
+    )),
 ]
 #: the schema version this code writes; a journal above it is refused
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -336,6 +340,16 @@ class Event:
     level: str
     stage: str | None
     message: str
+
+
+@dataclass
+class DropState:
+    """What the running agent sees of one drop folder (``watching``, ``missing``)."""
+
+    path: str
+    state: str
+    message: str | None
+    since: float
 
 
 @dataclass
@@ -757,6 +771,27 @@ class Journal:
                 f"UPDATE outputs SET {cols} WHERE dataset_id=? AND remote=?",
                 (*fields.values(), dataset_id, remote),
             )
+
+    # -- drop folders ----------------------------------------------------------
+    def set_drop_state(self, path: str, state: str, message: str | None = None) -> None:
+        """Record what the agent sees of a drop folder (kept while it stays the same)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO drops (path, state, message, since) VALUES (?,?,?,?)"
+                " ON CONFLICT (path) DO UPDATE SET message=excluded.message,"
+                " since=CASE WHEN drops.state = excluded.state THEN drops.since ELSE excluded.since END,"
+                " state=excluded.state",
+                (path, state, message, time.time()),
+            )
+
+    def clear_drop_states(self) -> None:
+        """Forget every drop folder (the agent stops watching)."""
+        with self._write() as db:
+            db.execute("DELETE FROM drops")
+
+    def drop_states(self) -> list[DropState]:
+        rows = self._db().execute("SELECT * FROM drops ORDER BY path")
+        return [DropState(**dict(r)) for r in rows]
 
     # -- helpers ---------------------------------------------------------------
     @staticmethod

@@ -467,11 +467,11 @@ class Runner:
             if len(todo) < len(files):
                 # resuming: files that reached VIP before the crash are not sent again
                 todo = self._adopt(ds, client, todo, folders)
-            for folder in folders:
-                client.makedirs(folder)
         if todo:
             total = sum(f.size for f in todo)
             self.journal.event(ds.id, f"uploading {len(todo)} file(s), {human_size(total)}")
+            for folder in folders:
+                client.makedirs(folder)
             self._send_files(ds, client, root, todo, verify=False)
         # one listing per folder proves every size (and catches a file VIP lost)
         wrong = self._unverified(client, files)

@@ -30,6 +30,7 @@ from agent.credentials import (
     read_keyring,
     redact,
 )
+from agent.credentials import environ as secret_environ
 from agent.errors import AgentError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -173,6 +174,26 @@ def check_folders(report: Report, roles: list[tuple[str, Path]]) -> None:
                        f"give the agent's account write access (e.g. chgrp vip-data {path} && chmod g+rwxs {path})")
         else:
             report.add(OK, f"{role} {path}: exists, writable")
+
+
+def check_watched_drops(report: Report, state: Path) -> None:
+    """What a running agent sees of its drop folders (one that disappeared under it)."""
+    from agent.journal import JOURNAL_NAME, Journal
+    from agent.watch.lock import AgentLock
+
+    if not (state / JOURNAL_NAME).is_file() or AgentLock(state).held_by_other() is None:
+        return
+    try:
+        drops = Journal(state / JOURNAL_NAME).drop_states()
+    except AgentError:
+        return
+    for drop in drops:
+        if drop.state == "watching":
+            report.add(OK, f"drop folder {drop.path}: watched by the running agent ({drop.message})")
+        else:
+            report.add(FAIL, f"drop folder {drop.path}: the running agent reports it {drop.state}: "
+                             f"{drop.message}", "put the folder back (or mount it): it is watched again "
+                                                "within seconds")  # fmt: skip
 
 
 def check_disk(report: Report, paths: Iterable[Path], min_free_bytes: float) -> None:
@@ -345,8 +366,7 @@ def check_key(
     except AgentError as err:
         fix = err.message
         system_key = Path(service.SYSTEM_KEY_FILE)
-        environ = os.environ if env is None else env
-        if not environ.get("CREDENTIALS_DIRECTORY") and system_key.exists():
+        if not (secret_environ() if env is None else env).get("CREDENTIALS_DIRECTORY") and system_key.exists():
             fix += "\n" + _SERVICE_KEY_HINT.format(
                 key=system_key, config=config_path or service.SYSTEM_CONFIG
             )
@@ -413,6 +433,7 @@ def diagnose(
         check_disk(report, [p for r, p in roles if r != "drop folder"] or [p for _r, p in roles],
                    min_free_gb * 1024**3)
         check_inotify(report, [p for r, p in roles if r == "drop folder"])
+        check_watched_drops(report, Path(config.state))
         for drop in config.drops:
             targets.append((normalise_server_url(drop.server), drop.key_file))
     check_observer(report, config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import subprocess
 import sys
 from pathlib import Path
 
@@ -185,14 +184,16 @@ def main(args: argparse.Namespace) -> int:
     if args.no_doctor:
         return 0
     print(f"\nvip-agent doctor --config {path}", flush=True)
-    doctor = subprocess.run(
-        [sys.executable, "-m", "agent", "doctor", "--config", str(path)], check=False
-    )
-    if doctor.returncode == 0:
+    # in this process, not a child: the API key never goes into a child's environment
+    from agent.cli import main as cli_main
+
+    sys.stdout.flush()
+    returncode = cli_main(["doctor", "--config", str(path)])
+    if returncode == 0:
         print(f"\nready: `vip-agent watch --config {path}` runs it now; "
               "`vip-agent install-service --user` makes it a service")  # fmt: skip
     else:
         print(
             f"\n{path} is written; fix what doctor reports above, then run `vip-agent doctor` again"
         )
-    return doctor.returncode
+    return returncode

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from agent.credentials import (
@@ -13,6 +12,7 @@ from agent.credentials import (
     delete_api_key,
     normalise_server_url,
 )
+from agent.credentials import environ as secret_environ
 from agent.errors import CredentialError
 
 EXIT_OK, EXIT_USAGE, EXIT_CREDENTIAL = 0, 2, 3
@@ -36,6 +36,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"Removed the API key for {server} from the OS keyring ({KEYRING_SERVICE}/{server}).")
     else:
         print(f"No API key was stored for {server} in the OS keyring; nothing to remove.")
-    if os.environ.get(ENV_VAR):
+    if secret_environ().get(ENV_VAR):
         print(f"note: {ENV_VAR} is still set in this environment and still provides a key.")
     return EXIT_OK

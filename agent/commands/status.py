@@ -200,6 +200,10 @@ def main(args: argparse.Namespace) -> int:
     pid = queries.agent_pid(state)
     agent = f"running (pid {pid})" if pid else "running" if pid == 0 else "NOT running"
     print(f"agent: {agent}    state: {state}")
+    for drop in journal.drop_states() if journal is not None and pid is not None else []:
+        if drop.state != "watching":
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.since))
+            print(f"drop folder {drop.path}: {drop.state.upper()} since {since}: {drop.message}")
     if not records:
         print("no datasets yet")
         return 0

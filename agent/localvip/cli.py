@@ -63,8 +63,10 @@ def main(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     keys = args.api_key or None
     generated = False
-    if not keys and os.environ.get("VIP_API_KEY"):
-        keys = [os.environ["VIP_API_KEY"].strip()]
+    from agent.credentials import environ  # VIP_API_KEY is taken out of os.environ at start
+
+    if not keys and environ().get("VIP_API_KEY"):
+        keys = [environ()["VIP_API_KEY"].strip()]
     if not keys:
         generated = True
     faults = FaultSpec.parse(args.faults) if args.faults else None
