@@ -940,9 +940,14 @@ class Runner:
         """Launch one planned execution, exactly once (idempotent across crashes)."""
         client = self.client_for(ds.server)
         job = ds.job or {}
-        existing = client.find_execution(e.name)
+        announce = f"launching {e.name}"
+        # the announcement is committed before any POST: without it no earlier attempt can
+        # have reached VIP, and the lookup (a listing of the account's executions) is saved
+        tried = self.journal.has_event(ds.id, announce)
+        existing = client.find_execution(e.name) if tried else None
         if existing is None:
-            self.journal.event(ds.id, f"launching {e.name}")
+            if not tried:
+                self.journal.event(ds.id, announce)
             try:
                 info = client.create_execution(
                     e.name, str(job.get("pipeline")), e.inputs,
