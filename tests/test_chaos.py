@@ -38,3 +38,21 @@ def test_temporaries_of_a_killed_writer_are_swept(tmp_path: Path) -> None:
     live.write_text("{")
     fsutil.write_atomic(target, "{}")
     assert target.read_text() == "{}" and not litter.exists() and live.exists()
+
+
+def test_a_download_that_keeps_timing_out_is_retried_later_not_failed(tmp_path: Path) -> None:
+    """Found by the chaos run with faults: 400 8000 on every try of a download made the
+    dataset fail; the file is there, so it is a transient error (the step is retried)."""
+    from agent.localvip import LocalVip
+    from agent.vip.client import VipClient
+    from agent.vip.errors import TransientError
+
+    with LocalVip(tmp_path / "vip") as server:
+        client = VipClient(server.url, server.api_key, retries=0)
+        source = tmp_path / "a.txt"
+        source.write_text("hello\n")
+        client.upload(source, "/vip/Home/a.txt")
+        server.faults = "transfer_timeout=1.0,methods=GET,match=^/rest/path/"
+        with pytest.raises(TransientError, match="a.txt"):
+            client.download("/vip/Home/a.txt", tmp_path / "back.txt", expected_size=6)
+        assert not (tmp_path / "back.txt").exists() and not (tmp_path / "back.txt.part").exists()
