@@ -280,7 +280,7 @@ class WatchService:
             self.queue.touch(("check", key, name), self.debounce, MAX_DEBOUNCE)
 
         handler = DropEventHandler(folder.candidates, notify)
-        kwargs: dict[str, Any] = {"settled": folder.is_settled}
+        kwargs: dict[str, Any] = {"settled": folder.settled_names}
         if self.native_factory:
             kwargs["native_factory"] = self.native_factory
         observer, kind = start_observer(d, handler, log, **kwargs)

@@ -648,6 +648,13 @@ class Journal:
                 (dataset_id, time.time(), level, stage, message),
             )
 
+    def has_event(self, dataset_id: int, message: str) -> bool:
+        """Whether the dataset's history holds an event with exactly this message."""
+        row = self._db().execute(
+            "SELECT 1 FROM events WHERE dataset_id=? AND message=? LIMIT 1", (dataset_id, message)
+        ).fetchone()
+        return row is not None
+
     def events(self, dataset_id: int | None = None, *, limit: int = 1000) -> list[Event]:
         if dataset_id is None:
             rows = self._db().execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))

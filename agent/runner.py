@@ -467,11 +467,11 @@ class Runner:
             if len(todo) < len(files):
                 # resuming: files that reached VIP before the crash are not sent again
                 todo = self._adopt(ds, client, todo, folders)
-            for folder in folders:
-                client.makedirs(folder)
         if todo:
             total = sum(f.size for f in todo)
             self.journal.event(ds.id, f"uploading {len(todo)} file(s), {human_size(total)}")
+            for folder in folders:
+                client.makedirs(folder)
             self._send_files(ds, client, root, todo, verify=False)
         # one listing per folder proves every size (and catches a file VIP lost)
         wrong = self._unverified(client, files)
@@ -940,9 +940,14 @@ class Runner:
         """Launch one planned execution, exactly once (idempotent across crashes)."""
         client = self.client_for(ds.server)
         job = ds.job or {}
-        existing = client.find_execution(e.name)
+        announce = f"launching {e.name}"
+        # the announcement is committed before any POST: without it no earlier attempt can
+        # have reached VIP, and the lookup (a listing of the account's executions) is saved
+        tried = self.journal.has_event(ds.id, announce)
+        existing = client.find_execution(e.name) if tried else None
         if existing is None:
-            self.journal.event(ds.id, f"launching {e.name}")
+            if not tried:
+                self.journal.event(ds.id, announce)
             try:
                 info = client.create_execution(
                     e.name, str(job.get("pipeline")), e.inputs,

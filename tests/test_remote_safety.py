@@ -328,3 +328,29 @@ def test_agent_yaml_unknown_limit_goes_with_each_dataset(tmp_path: Path) -> None
     assert drop.unknown_limit == 5400
     folder = DropFolder(drop, Journal.in_state_dir(tmp_path / "state"), on_ready=lambda _i: None)
     assert folder.options()["unknown_limit"] == 5400
+
+
+def test_strict_answers_keep_the_raw_answer_but_never_the_key(
+    vip_server: LocalVip, hostile: HostileVip
+) -> None:
+    from agent.vip.errors import CapacityError, LaunchUncertain
+
+    key = vip_server.api_key
+    client = VipClient(hostile.url, key, retries=0)
+    # a pipeline without parameters is not a pipeline description (it used to mean "no inputs")
+    hostile.add("GET", r"^/rest/pipelines/", "json", body={"identifier": "Sleep/1.0"}, times=1)
+    with pytest.raises(ProtocolError, match="not a pipeline description"):
+        client.pipeline("Sleep/1.0")
+    # a proxy echoing the request's key inside an error body: the detail keeps the answer, not the key
+    hostile.add("GET", r"^/rest/platform", "error_body", code=8000, message=f"bad {key}", times=1)
+    with pytest.raises(ProtocolError) as caught:
+        client.platform()
+    assert "<apikey>" in (caught.value.detail or "") and key not in str(caught.value.detail)
+    # a launch answered 200 + 2001 was refused; 200 + 8000 may have created it
+    hostile.add("POST", r"^/rest/executions$", "error_body", code=2001, times=1)
+    with pytest.raises(CapacityError):
+        client.create_execution("e2", SLEEP, {"duration": "0.1"}, "/vip/Home")
+    hostile.add("POST", r"^/rest/executions$", "error_body", code=8000, times=1)
+    with pytest.raises(LaunchUncertain):
+        client.create_execution("e3", SLEEP, {"duration": "0.1"}, "/vip/Home")
+    assert vip_server.state.query("SELECT id FROM executions") == []

@@ -171,3 +171,23 @@ def test_run_poll_option_is_checked(tmp_path: Path, vip_server: LocalVip) -> Non
                      "--state", str(tmp_path / "state"), "--output", str(tmp_path / "out"),
                      api_key=vip_server.api_key, cwd=tmp_path)
     assert good.returncode == 0, good.stderr
+
+
+def test_latency_fault_delays_requests_in_parallel(vip_server: LocalVip) -> None:
+    import threading
+
+    vip_server.faults = "latency=1.0"
+    client = VipClient(vip_server.url, vip_server.api_key)
+    start = threading.Barrier(4)
+
+    def ask() -> None:
+        start.wait()
+        client.exists("/vip/Home")
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # the threaded server held all four at once: a WAN's latency, not a queue
+    assert vip_server.stats.peak_in_flight == 4

@@ -205,12 +205,12 @@ class DatasetPollEmitter(EventEmitter):
         timeout: float = 1.0,
         event_filter: list[type[FileSystemEvent]] | None = None,
         accept: Callable[[str], bool] = lambda name: True,
-        settled: Callable[[str], bool] = lambda name: False,
+        settled: Callable[[], set[str]] = set,
         folders: bool = True,
     ) -> None:
         super().__init__(event_queue, watch, timeout=timeout, event_filter=event_filter)
         self._accept = accept
-        self._settled = settled
+        self._settled_names = settled
         self._folders = folders
         self._top: tuple[int, int] | None = None
         self._names: set[str] = set()
@@ -232,9 +232,10 @@ class DatasetPollEmitter(EventEmitter):
             names = {n for n in os.listdir(root) if self._accept(n)}
             event_cls = DirCreatedEvent if self._folders else FileCreatedEvent
             gone_cls = DirDeletedEvent if self._folders else FileDeletedEvent
+            settled = self._settled_names() if deep else set()
             for name in sorted(names - self._names):
                 path = os.path.join(root, name)
-                if deep and not self._settled(name):
+                if deep and name not in settled:
                     # before the event: a change right after it must not be missed
                     with contextlib.suppress(OSError):
                         self._inside[name] = self._signature(path)
@@ -248,10 +249,12 @@ class DatasetPollEmitter(EventEmitter):
         if not deep:
             return
         changed_cls = DirModifiedEvent if self._folders else FileModifiedEvent
-        for name in sorted(self._names):
-            if self._settled(name):
-                self._inside.pop(name, None)
-                continue
+        # one set difference, not a call per finished dataset: thousands of them cost nothing
+        active = self._names - self._settled_names()
+        for name in list(self._inside):
+            if name not in active:
+                del self._inside[name]
+        for name in sorted(active):
             path = os.path.join(root, name)
             try:
                 sig = self._signature(path)
@@ -281,7 +284,7 @@ class DatasetPollEmitter(EventEmitter):
 
 def _polling_observer(
     interval: float, drop: DropConfig, handler: FileSystemEventHandler,
-    settled: Callable[[str], bool],
+    settled: Callable[[], set[str]],
 ) -> BaseObserver:
     candidates = getattr(handler, "candidates", None)
     accept = candidates.accept if isinstance(candidates, Candidates) else (lambda name: True)
@@ -313,7 +316,7 @@ def start_observer(
     log: logging.Logger,
     *,
     native_factory: Callable[[], BaseObserver] = _native_observer,
-    settled: Callable[[str], bool] = lambda name: False,
+    settled: Callable[[], set[str]] = set,
 ) -> tuple[BaseObserver, str]:
     """Start watching ``drop.path``; returns the observer and ``"native"`` or ``"polling"``.
 

@@ -24,6 +24,9 @@ from agent.watch.readiness import History, file_stem, judge, take_snapshot
 
 log = logging.getLogger("vip_agent.watch")
 
+#: seconds by which file times may lag the clock that dated a run (coarse kernel timestamps)
+_TIME_MARGIN = 0.1
+
 
 class DropFolder:
     """Readiness and identity for the datasets of one drop folder."""
@@ -53,6 +56,10 @@ class DropFolder:
 
     def is_settled(self, name: str) -> bool:
         return name in self.settled
+
+    def settled_names(self) -> set[str]:
+        """A copy of the settled names (safe to call from the observer's thread)."""
+        return set(self.settled)
 
     def _settle(self, key: str) -> None:
         try:
@@ -131,7 +138,8 @@ class DropFolder:
                     st = os.stat(path)
                 except OSError:
                     st = None
-                if st is not None and max(st.st_mtime, st.st_ctime) <= updated:
+                # file times come from a coarse clock (a tick behind): keep a margin
+                if st is not None and max(st.st_mtime, st.st_ctime) < updated - _TIME_MARGIN:
                     self.histories.pop(name, None)
                     self.settled[name] = (st.st_ino, st.st_mtime_ns)
                     out[name] = None
