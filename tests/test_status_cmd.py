@@ -67,7 +67,14 @@ def test_status_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str
     lines = table.splitlines()
     assert lines[0].startswith("agent: NOT running")
     assert lines[1].split()[:3] == ["ID", "NAME", "STATE"]
-    row = {line.split()[1]: line for line in lines[2:] if line.startswith("#")}
+    # a row and the lines its wrapped error continues on (the terminal's width decides where)
+    row: dict[str, str] = {}
+    for line in lines[2:]:
+        if line.startswith("#"):
+            name = line.split()[1]
+            row[name] = line
+        else:
+            row[name] += " " + line.strip()
     assert all(row[name].startswith(f"#{ids[name]} ") for name in ids)
     assert "waiting for the marker file READY" in row["w"]
     assert "50% of 1 KB" in row["u"]
