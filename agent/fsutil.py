@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -28,6 +29,36 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+    if path not in _SWEPT:
+        _SWEPT.add(path)
+        _sweep_dead_writers(path)
+
+
+#: files whose temporaries of dead writers were removed by this process
+_SWEPT: set[Path] = set()
+
+
+def _sweep_dead_writers(path: Path) -> None:
+    """Remove ``.NAME.<pid>-<thread>.tmp`` left beside ``path`` by a process that died
+    (killed mid-write): litter in the user's folder otherwise."""
+    prefix = f".{path.name}."
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid_text = name[len(prefix):-len(".tmp")].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # a live writer
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # alive, another user's
+        with contextlib.suppress(OSError):
+            os.unlink(path.parent / name)
 
 
 class StreamingSync:

@@ -254,6 +254,9 @@ class Scheduler:
                 return "launch"
         return pool
 
+    def _launches_left(self, e: _Entry) -> bool:
+        return any(x.vip_id is None for x in self.journal.executions(e.id))
+
     def _limit(self, pool: str, e: _Entry) -> tuple[tuple[str, str], int]:
         if pool == "upload":
             return (pool, e.group), self.limits_for(e.group or None).max_uploads
@@ -288,8 +291,10 @@ class Scheduler:
             key, limit = self._limit(pool, e)
             if self._busy[key] >= limit:
                 continue
-            if pool == "launch" and e.stage == "launch":
-                # the runner decides (one authority); launch steps of a server run one at a time
+            if pool == "launch" and e.stage == "launch" and self._launches_left(e):
+                # the runner decides (one authority); launch steps of a server run one at a time.
+                # A dataset whose executions are all launched (a crash right after the launch)
+                # needs no slot: its own running execution must not block it
                 if e.server in full or not self.runner.slot_free(e.server):
                     full.add(e.server)
                     continue  # re-evaluated whenever a step ends

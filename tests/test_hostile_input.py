@@ -65,8 +65,7 @@ def _measured(args: list[str], cwd: Path) -> tuple[int, str, float, float]:
     return os.waitstatus_to_exitcode(status), err, seconds, usage.ru_maxrss / 1024
 
 
-@pytest.mark.parametrize("case", sorted(HOSTILE))
-@pytest.mark.parametrize("mode", ["--dry-run", "run"])
+@pytest.mark.parametrize(("case", "mode"), [(c, "--dry-run") for c in sorted(HOSTILE)] + [("alias-bomb", "run")])
 def test_hostile_job_yaml_is_exit_2_fast_and_small(tmp_path: Path, case: str, mode: str) -> None:
     text, words = HOSTILE[case]
     ds = write_dataset(tmp_path / case, {"a.txt": "x\n"})
@@ -176,3 +175,23 @@ def test_symlink_loop_under_watch_fails_that_dataset_only(tmp_path: Path, vip_se
     assert rows["bad"].stage == "failed" and "loop of symbolic links" in (rows["bad"].error or "")
     assert "loop of symbolic links" in (drop / "bad" / "ERROR.txt").read_text()
     assert "Traceback" not in err
+
+
+def test_alias_bomb_under_the_runner_fails_that_dataset_fast(tmp_path: Path) -> None:
+    """Under ``watch`` the bomb stuck the dataset in validating (914 MB): now it fails, named."""
+    from agent.journal import Journal
+    from agent.runner import Runner, admit
+
+    ds = write_dataset(tmp_path / "bomb", {"a.txt": "x\n"})
+    (ds / "job.yaml").write_text(HOSTILE["alias-bomb"][0], encoding="utf-8")
+    journal = Journal.in_state_dir(tmp_path / "state")
+    i = admit(journal, ds, server="http://127.0.0.1:9", output_root=tmp_path / "out",
+              fingerprint=dataset_mod.scan(ds).fingerprint, name="bomb")  # fmt: skip
+
+    def no_server(url: str) -> object:
+        raise AssertionError("the job file is refused before the server is asked")
+
+    start = time.monotonic()
+    outcome = Runner(journal, no_server).step(i)  # type: ignore[arg-type]
+    assert outcome.stage == "failed" and time.monotonic() - start < 5
+    assert "aliases" in (journal.get(i).error or "")

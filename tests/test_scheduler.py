@@ -214,3 +214,21 @@ def test_stop_abandons_long_transfer_quickly(journal: Journal) -> None:
     assert time.monotonic() - t0 < 2.0
     # journal consistent: both still at upload, resumable by the next start
     assert [journal.get(i).stage for i in ids] == ["upload", "upload"]
+
+
+def test_a_launched_execution_at_stage_launch_does_not_block_itself(journal: Journal) -> None:
+    """A crash after the launch but before the move to ``monitor``: with a cap of 1, the
+    dataset's own running execution must not keep it at ``launch`` forever (found by chaos)."""
+    (i,) = add(journal, 1)
+    journal.add_execution(i, key="default-r1", name=f"e{i}", variant="default", run=1, inputs={})
+    journal.update_execution(i, "default-r1", vip_id=f"x{i}", status="Running")
+    journal.set_stage(i, "upload")
+    journal.set_stage(i, "launch")
+    runner = FakeRunner(journal, cap=1)
+    runner._started[i] = time.monotonic()
+    s = Scheduler(journal, runner)
+    s.start()
+    try:
+        wait_for(lambda: journal.get(i).stage == "done", timeout=10)
+    finally:
+        s.stop()

@@ -1220,6 +1220,11 @@ class VipClient:
             except FileNotFoundError:
                 pass
         assert last is not None
+        if isinstance(last, TransferTimeout):
+            # the file is there and fits the limit (checked above): a download that keeps
+            # timing out is worth trying again later, never a failed dataset
+            raise TransientError(last.message, detail=last.detail, code=last.code,
+                                 http_status=last.http_status) from last  # fmt: skip
         raise last
 
     @staticmethod
