@@ -83,7 +83,9 @@ def test_no_child_inherits_the_key(tmp_path: Path, vip_server: LocalVip) -> None
     env = agent_env(key, PATH=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}", HOME=str(tmp_path))
     # the keyring's own backend discovery is what runs the library lookups (as for a user);
     # HOME is the test's folder, so no real keyring is read
-    env.pop("PYTHON_KEYRING_BACKEND", None)
+    for var in ("PYTHON_KEYRING_BACKEND", "CREDENTIALS_DIRECTORY", "STATE_DIRECTORY",
+                "CONFIGURATION_DIRECTORY", "XDG_CONFIG_HOME", "XDG_STATE_HOME"):  # fmt: skip
+        env.pop(var, None)
     drop = tmp_path / "drop"
     drop.mkdir()
     (drop / "job.yaml").write_text(yaml.safe_dump({"pipeline": "FileStats/1.0", "inputs": {"input_file": "a.txt"}}))
@@ -102,7 +104,8 @@ def test_no_child_inherits_the_key(tmp_path: Path, vip_server: LocalVip) -> None
         watcher = Descendants(proc.pid)
         try:
             if args[0] == "watch":
-                wait_for(lambda: any(d.stage == "done" for d in state_journal().datasets()), timeout=60)
+                wait_for(lambda: any(d.stage == "done" for d in state_journal().datasets()), timeout=120,
+                         what="the dataset done under watch")  # fmt: skip
                 proc.terminate()
             proc.wait(timeout=60)
         finally:
