@@ -377,7 +377,17 @@ def test_after_archive_or_delete(
     journal = journal_of(tmp_path)
     try:
         write_dataset(drop / "s1", {"data.txt": "keep me\n"})
-        wait_for(lambda: finished(journal, 1) and not (drop / "s1").exists(), timeout=30)
+        # the journal records the move (or the delete) right after it: wait for that record
+        wait_for(
+            lambda: finished(journal, 1)
+            and any(
+                "moved to the archive folder" in e.message
+                or "deleted from the drop folder" in e.message
+                for e in journal.events(journal.datasets()[0].id)
+            ),
+            timeout=30,
+        )
+        assert not (drop / "s1").exists()
     finally:
         service.stop()
     (ds,) = journal.datasets()

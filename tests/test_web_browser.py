@@ -44,6 +44,20 @@ def js(browser: Any, script: str) -> Any:
     return browser.execute_script(script)
 
 
+def act(browser: Any, element_id: str, action: str, *args: Any) -> None:
+    """Find the element and act on it, again if the page redrew it in between (live updates)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt() -> bool:
+        try:
+            getattr(browser.find_element("id", element_id), action)(*args)
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait_for(attempt, timeout=10, what=f"{action} on #{element_id}")
+
+
 def row_state(browser: Any, name: str) -> str | None:
     return js(browser, f"""
         const a = [...document.querySelectorAll('#datasets tbody tr')]
@@ -86,7 +100,7 @@ def test_page_follows_datasets_and_retries_with_the_token(
         assert "(did you mean 'date.txt'?)" in shown
 
         # filter and sort, on the page itself
-        browser.find_element("id", "filter").send_keys("did you mean")
+        act(browser, "filter", "send_keys", "did you mean")
         wait_for(lambda: js(browser, "return [...document.querySelectorAll('#datasets tbody tr')]"
                                      ".map((tr) => tr.dataset.state)") == ["failed"], timeout=5)  # fmt: skip
         js(browser, "const f = document.querySelector('#filter'); f.value = ''; f.dispatchEvent(new Event('input'))")
@@ -106,16 +120,16 @@ def test_page_follows_datasets_and_retries_with_the_token(
         wait_for(lambda: js(browser, "return !document.querySelector('#view-dataset').hidden"
                             " && document.querySelector('#d-name').textContent === 'scan-typo'"
                             " && !document.querySelector('#act-retry').disabled"), timeout=10)  # fmt: skip
-        browser.find_element("id", "act-retry").click()
+        act(browser, "act-retry", "click")
         wait_for(lambda: js(browser, "return document.querySelector('#token-dialog').open"), timeout=5)
-        browser.find_element("id", "token-input").send_keys("wrong-token")
-        browser.find_element("id", "token-save").click()
+        act(browser, "token-input", "send_keys", "wrong-token")
+        act(browser, "token-save", "click")
         wait_for(lambda: "refused" in js(browser, "return document.querySelector('#toast').textContent"),
                  timeout=10, what="wrong token refused")  # fmt: skip
         wait_for(lambda: js(browser, "return document.querySelector('#token-dialog').open"), timeout=5)
         assert journal.get(failed.id).attempts == 0
-        browser.find_element("id", "token-input").send_keys(page.token)
-        browser.find_element("id", "token-save").click()
+        act(browser, "token-input", "send_keys", page.token)
+        act(browser, "token-save", "click")
         wait_for(lambda: journal.get(failed.id).attempts == 1, timeout=10, what="retry recorded")
         wait_for(lambda: js(browser, "return document.querySelector('#d-state').dataset.state") == "done",
                  timeout=30, what="detail shows done")  # fmt: skip
