@@ -138,7 +138,9 @@ def render_detail(d: dict[str, Any], width: int = 100) -> str:
     out.append("stages:")
     for span in d.get("stages") or []:
         took = _duration(float(span["end"]) - float(span["start"])) if span.get("end") else "(now)"
-        out.append(f"  {_clock(span['start'])}  {span['state']:<12} {took}")
+        # mirror and extract are both "downloading" to a user: name the step where they differ
+        step = span["state"] if span["state"] == span["stage"] else f"{span['state']} ({span['stage']})"
+        out.append(f"  {_clock(span['start'])}  {step:<24} {took}")
     out.append("executions:" if d.get("runs") else "executions: none")
     for e in d.get("runs") or []:
         out.append(
