@@ -61,6 +61,14 @@ def find_dataset(journal: Journal, ref: str) -> Dataset:
     return rows[-1]
 
 
+def open_dataset(state: Path, ref: str) -> tuple[Journal, Dataset]:
+    """The journal in ``state`` and its dataset ``ref`` (a name or ``#ID``); NotFound otherwise."""
+    journal = open_journal(state)
+    if journal is None:
+        raise NotFound(f"no journal in {state}: nothing has run there yet")
+    return journal, find_dataset(journal, ref)
+
+
 def agent_pid(state: Path) -> int | None:
     """pid of the agent holding ``state`` (0 if unknown), None if no agent runs."""
     return AgentLock(state).held_by_other()

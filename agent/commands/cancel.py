@@ -36,10 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
-    journal = queries.open_journal(state)
-    if journal is None:
-        raise actions.CannotCancel(f"no journal in {state}: nothing has run there yet")
-    ds = queries.find_dataset(journal, args.name)
+    journal, ds = queries.open_dataset(state, args.name)
     result = actions.cancel(journal, ds, discard=args.discard)
     if result == "incomplete":
         print(

@@ -37,10 +37,7 @@ def _show(path: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
-    journal = queries.open_journal(state)
-    if journal is None:
-        raise queries.NotFound(f"no journal in {state}: nothing has run there yet")
-    ds = queries.find_dataset(journal, args.name)
+    journal, ds = queries.open_dataset(state, args.name)
     shown: set[str] = set()
     last_event = 0
     if args.follow:

@@ -19,10 +19,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
-    journal = queries.open_journal(state)
-    if journal is None:
-        raise actions.CannotRetry(f"no journal in {state}: nothing has run there yet")
-    ds = actions.rerun(journal, queries.find_dataset(journal, args.name))
+    journal, ds = queries.open_dataset(state, args.name)
+    ds = actions.rerun(journal, ds)
     pid = queries.agent_pid(state)
     then = (f"the running agent (pid {pid or '?'}) takes it within seconds" if pid is not None
             else "no agent is running: start `vip-agent watch` to run it")  # fmt: skip

@@ -29,10 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
-    journal = queries.open_journal(state)
-    if journal is None:
-        raise actions.CannotRetry(f"no journal in {state}: nothing has run there yet")
-    ds = queries.find_dataset(journal, args.name)
+    journal, ds = queries.open_dataset(state, args.name)
     if ds.stage == "incomplete" and not getattr(args, "again", False):
         return _fetch_left(journal, ds, state)
     ds = actions.rerun(journal, ds) if getattr(args, "again", False) else actions.retry(journal, ds)
