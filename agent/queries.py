@@ -13,6 +13,7 @@ from agent.config import default_config_path, default_state_dir, load_config
 from agent.errors import AgentError
 from agent.journal import JOURNAL_NAME, PUBLIC_STATE, Dataset, Journal
 from agent.runner import LOGS_DIR, status_record
+from agent.timeline import all_segments
 from agent.watch.lock import AgentLock
 
 
@@ -101,17 +102,11 @@ def stage_timeline(journal: Journal, ds: Dataset) -> list[dict[str, Any]]:
     A stage that comes back (a retry) is a new entry; ``end`` is when the next stage
     began, or the dataset's end for the last one (None while it is still there).
     """
-    spans: list[dict[str, Any]] = []
-    for ev in journal.events(ds.id, limit=100_000):
-        if ev.stage is None or ev.stage not in PUBLIC_STATE:
-            continue
-        if spans and spans[-1]["stage"] == ev.stage:
-            continue
-        if spans:
-            spans[-1]["end"] = ev.time
-        spans.append(
-            {"stage": ev.stage, "state": PUBLIC_STATE[ev.stage], "start": ev.time, "end": None}
-        )
+    events = (e for e in journal.events(ds.id, limit=100_000) if e.stage in PUBLIC_STATE)
+    spans = [
+        {"stage": seg.stage, "state": PUBLIC_STATE[seg.stage], "start": seg.start, "end": seg.end}
+        for seg in all_segments(events)
+    ]
     if spans and ds.final and spans[-1]["stage"] == ds.stage:
         spans[-1]["end"] = ds.finished or spans[-1]["start"]
     return spans

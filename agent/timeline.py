@@ -62,22 +62,31 @@ class Segment:
         return {"stage": self.stage, "phase": self.phase, "start": self.start, "end": self.end}
 
 
+def all_segments(events: Iterable[EventLike]) -> list[Segment]:
+    """Every stage the events went through, final ones and earlier attempts included.
+
+    A segment ends when the next one begins; the last one is still open (``end`` None).
+    """
+    out: list[Segment] = []
+    for ev in events:
+        if ev.stage is None or (out and out[-1].stage == ev.stage):
+            continue
+        if out:
+            out[-1].end = ev.time
+        out.append(Segment(ev.stage, ev.time, None))
+    return out
+
+
 def segments(events: Iterable[EventLike]) -> list[Segment]:
     """The stages of the latest attempt, in order; a final stage closes the last one."""
-    out: list[Segment] = []
-    current: str | None = None
-    for ev in events:
-        stage = ev.stage
-        if stage is None or stage == current:
-            continue
-        if current in FINAL_STAGES and stage not in FINAL_STAGES:
-            out = []  # a new attempt
-        if out and out[-1].end is None:
-            out[-1].end = ev.time
-        current = stage
-        if stage not in FINAL_STAGES:
-            out.append(Segment(stage, ev.time, None))
-    return out
+    segs = all_segments(events)
+    # a return from a final stage to an earlier one starts a new attempt
+    start = max(
+        (i for i in range(1, len(segs))
+         if segs[i - 1].stage in FINAL_STAGES and segs[i].stage not in FINAL_STAGES),
+        default=0,
+    )  # fmt: skip
+    return [seg for seg in segs[start:] if seg.stage not in FINAL_STAGES]
 
 
 def final_from(events: Iterable[EventLike]) -> str | None:
