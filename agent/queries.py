@@ -75,6 +75,14 @@ def agent_pid(state: Path) -> int | None:
     return AgentLock(state).held_by_other()
 
 
+def who_takes_it(state: Path, alone: str = "start `vip-agent watch` to run it") -> str:
+    """What happens next to a dataset queued again: the running agent takes it, or ``alone``."""
+    pid = agent_pid(state)
+    if pid is not None:
+        return f"the running agent (pid {pid or '?'}) takes it within seconds"
+    return f"no agent is running: {alone}"
+
+
 def record(journal: Journal, ds: Dataset) -> dict[str, Any]:
     """One entry of ``vip-agent status --json``: STATUS.json's fields plus ``id`` and ``attempts``."""
     rec = status_record(journal, ds)

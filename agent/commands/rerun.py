@@ -21,8 +21,6 @@ def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
     journal, ds = queries.open_dataset(state, args.name)
     ds = actions.rerun(journal, ds)
-    pid = queries.agent_pid(state)
-    then = (f"the running agent (pid {pid or '?'}) takes it within seconds" if pid is not None
-            else "no agent is running: start `vip-agent watch` to run it")  # fmt: skip
-    print(f"#{ds.id} {ds.name}: queued again (attempt {ds.attempts + 1}); {then}")
+    print(f"#{ds.id} {ds.name}: queued again (attempt {ds.attempts + 1}); "
+          f"{queries.who_takes_it(state)}")
     return 0

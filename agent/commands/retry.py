@@ -33,14 +33,8 @@ def main(args: argparse.Namespace) -> int:
     if ds.stage == "incomplete" and not getattr(args, "again", False):
         return _fetch_left(journal, ds, state)
     ds = actions.rerun(journal, ds) if getattr(args, "again", False) else actions.retry(journal, ds)
-    pid = queries.agent_pid(state)
-    who = f"#{ds.id} {ds.name}"
-    if pid is not None:
-        print(f"{who}: queued again (attempt {ds.attempts + 1}); the running agent "
-              f"(pid {pid or '?'}) takes it within seconds")  # fmt: skip
-    else:
-        print(f"{who}: queued again (attempt {ds.attempts + 1}); no agent is running: "
-              "start `vip-agent watch` to run it")  # fmt: skip
+    print(f"#{ds.id} {ds.name}: queued again (attempt {ds.attempts + 1}); "
+          f"{queries.who_takes_it(state)}")
     return 0
 
 
@@ -48,11 +42,8 @@ def _fetch_left(journal: Journal, ds: Dataset, state: Path) -> int:
     """An incomplete dataset: only what was left on VIP is fetched."""
     count = len(left_on_vip(journal, ds.id))
     ds = actions.retry(journal, ds)
-    what = f"#{ds.id} {ds.name}: queued to fetch the {count} output file(s) left on VIP"
-    pid = queries.agent_pid(state)
-    if pid is not None:
-        print(f"{what}; the running agent (pid {pid or '?'}) takes it within seconds")
-    else:
-        print(f"{what}; no agent is running: `vip-agent run {ds.path}` fetches them now "
-              "(or start `vip-agent watch`)")  # fmt: skip
+    then = queries.who_takes_it(
+        state, f"`vip-agent run {ds.path}` fetches them now (or start `vip-agent watch`)"
+    )
+    print(f"#{ds.id} {ds.name}: queued to fetch the {count} output file(s) left on VIP; {then}")
     return 0
