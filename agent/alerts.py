@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -118,46 +117,26 @@ def command_env(alert: Alert, base: Mapping[str, str] | None = None) -> dict[str
 
 
 def find_smtp_password(settings: EmailSettings, env: Mapping[str, str] | None = None) -> str | None:
-    """The SMTP password, looked for like the API key: systemd credential, a 0600 file,
-    ``VIP_AGENT_SMTP_PASSWORD``, the OS keyring (``vip-agent-smtp`` / ``user@host``)."""
-    from agent.credentials import _read_secret_file
+    """The SMTP password, looked for like the API key (:func:`agent.credentials.find_secret`):
+    systemd credential, a 0600 ``password_file``, ``VIP_AGENT_SMTP_PASSWORD``, the OS keyring
+    (``vip-agent-smtp`` / ``user@host``)."""
+    from agent.credentials import SecretNotFound, find_secret
 
     if not settings.user:
         return None
-    from agent.credentials import environ as secret_environ
-
-    environ = secret_environ() if env is None else env
-    cred_dir = environ.get("CREDENTIALS_DIRECTORY")
-    if cred_dir and (Path(cred_dir) / SMTP_CREDENTIAL).exists():
-        return _read_secret_file(Path(cred_dir) / SMTP_CREDENTIAL, check_owner=False)
-    if settings.password_file is not None:
-        return _read_secret_file(settings.password_file, check_owner=True)
-    value = environ.get(SMTP_ENV, "").strip()
-    if value:
-        return value
-    stored = _keyring_password(f"{settings.user}@{settings.host}")
-    if stored:
-        return stored
-    raise CredentialError(
-        f"no SMTP password for {settings.user}@{settings.host}: give it as the systemd credential "
-        f"{SMTP_CREDENTIAL}, a chmod 600 file named by password_file:, {SMTP_ENV}, or the keyring "
-        f"entry {SMTP_KEYRING}/{settings.user}@{settings.host}"
-    )
-
-
-def _keyring_password(user: str) -> str | None:
-    """The keyring entry ``vip-agent-smtp``/``user``, or None (no keyring, no entry)."""
-    import keyring
-
-    from agent.credentials import _call_with_timeout, keyring_problem
-
     try:
-        if _call_with_timeout(keyring_problem, "looking for a keyring backend", None) is not None:
-            return None
-        value = _call_with_timeout(lambda: keyring.get_password(SMTP_KEYRING, user), "reading", None)
-    except Exception:  # an unusable keyring is the same as no entry here
-        return None
-    return value.strip() if value and value.strip() else None
+        return find_secret(
+            credential=SMTP_CREDENTIAL, env_var=SMTP_ENV, keyring_service=SMTP_KEYRING,
+            keyring_user=f"{settings.user}@{settings.host}", key_file=settings.password_file,
+            file_key="password_file", env=env,
+        ).key  # fmt: skip
+    except SecretNotFound as missing:
+        raise CredentialError(
+            f"no SMTP password for {settings.user}@{settings.host}: give it as the systemd credential "
+            f"{SMTP_CREDENTIAL}, a chmod 600 file named by password_file:, {SMTP_ENV}, or the keyring "
+            f"entry {SMTP_KEYRING}/{settings.user}@{settings.host}",
+            detail=missing.detail,
+        ) from None
 
 
 class Alerts:

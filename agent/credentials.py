@@ -244,22 +244,26 @@ def _keyring_failure(exc: BaseException, what: str, *secrets: str) -> KeyringUna
     return KeyringUnavailable(f"the OS keyring failed while {what}.\n" + _HEADLESS_HELP, detail=detail)
 
 
-def read_keyring(server_url: str, *, timeout: float | None = None) -> str | None:
-    """The key stored for ``server_url``, or None. Raises :class:`KeyringUnavailable`."""
+def read_secret(service: str, user: str, *, timeout: float | None = None) -> str | None:
+    """The keyring entry ``service``/``user``, or None. Raises :class:`KeyringUnavailable`."""
     import keyring
     import keyring.errors
 
     _require_keyring(timeout)
-    user = normalise_server_url(server_url)
     try:
         value = _call_with_timeout(
-            lambda: keyring.get_password(KEYRING_SERVICE, user), "reading the key", timeout
+            lambda: keyring.get_password(service, user), "reading the key", timeout
         )
     except KeyringUnavailable:
         raise
     except Exception as exc:  # any backend failure (D-Bus, files) means: unavailable
         raise _keyring_failure(exc, "reading the key") from None
     return value.strip() if value and value.strip() else None
+
+
+def read_keyring(server_url: str, *, timeout: float | None = None) -> str | None:
+    """The key stored for ``server_url``, or None. Raises :class:`KeyringUnavailable`."""
+    return read_secret(KEYRING_SERVICE, normalise_server_url(server_url), timeout=timeout)
 
 
 def store_api_key(server_url: str, key: str, *, timeout: float | None = None) -> str:
@@ -365,6 +369,75 @@ def _read_secret_file(path: Path, *, check_owner: bool) -> str:
 # --------------------------------------------------------------------------- lookup
 
 
+class SecretNotFound(CredentialError):
+    """No source held the secret; ``tried`` says what each source answered."""
+
+    def __init__(self, tried: list[str], keyring_trouble: KeyringUnavailable | None) -> None:
+        super().__init__("not found: " + "; ".join(tried), detail="; ".join(tried))
+        self.tried = tried
+        self.keyring_trouble = keyring_trouble
+
+
+def find_secret(
+    *,
+    credential: str,
+    env_var: str,
+    keyring_service: str,
+    keyring_user: str,
+    key_file: Path | None = None,
+    file_key: str = "key_file",
+    env: Mapping[str, str] | None = None,
+    use_keyring: bool = True,
+    keyring_timeout: float | None = None,
+) -> Credential:
+    """A secret from the first source that has it, in the order every secret of the agent uses.
+
+    The systemd credential ``credential``, then ``key_file`` (named in the configuration
+    as ``file_key``; 0600 and owned by the user), then ``env_var``, then the keyring
+    entry ``keyring_service``/``keyring_user``. Raises :class:`SecretNotFound`.
+    A file that is named but unsafe or unreadable is an error, not a skip: the
+    operator asked for it.
+    """
+    source = environ() if env is None else env
+    tried: list[str] = []
+
+    cred_dir = source.get("CREDENTIALS_DIRECTORY")
+    if cred_dir:
+        path = Path(cred_dir) / credential
+        if path.exists():
+            # systemd owns this file and its mode; no ownership check
+            return Credential(_read_secret_file(path, check_owner=False), f"systemd credential {credential}")
+        tried.append(f"systemd credential {credential}: not in {cred_dir}")
+    else:
+        tried.append(f"systemd credential {credential}: not running with credentials")
+
+    if key_file is not None:
+        path = Path(key_file).expanduser()
+        return Credential(_read_secret_file(path, check_owner=True), f"key file {path}")
+    tried.append(f"key file: none named in the configuration ({file_key}:)")
+
+    value = source.get(env_var, "").strip()
+    if value:
+        return Credential(value, f"environment {env_var}")
+    tried.append(f"environment {env_var}: not set")
+
+    keyring_trouble: KeyringUnavailable | None = None
+    if use_keyring:
+        entry = f"keyring {keyring_service}/{keyring_user}"
+        try:
+            stored = read_secret(keyring_service, keyring_user, timeout=keyring_timeout)
+        except KeyringUnavailable as exc:
+            keyring_trouble = exc
+            tried.append(f"{entry}: {exc.detail or 'unavailable'}")
+        else:
+            if stored:
+                return Credential(stored, entry)
+            tried.append(f"{entry}: no entry")
+    else:
+        tried.append("keyring: not used here")
+    raise SecretNotFound(tried, keyring_trouble)
+
+
 def find_api_key(
     server_url: str,
     *,
@@ -373,62 +446,29 @@ def find_api_key(
     use_keyring: bool = True,
     keyring_timeout: float | None = None,
 ) -> Credential:
-    """The API key for ``server_url`` from the first source that has one.
+    """The API key for ``server_url`` from the first source that has one (:func:`find_secret`).
 
     Raises :class:`~agent.errors.CredentialError` listing every source tried.
-    A key file that is named but unsafe or unreadable is an error, not a skip:
-    the operator asked for it.
     """
-    source = environ() if env is None else env
-    tried: list[str] = []
-
-    cred_dir = source.get("CREDENTIALS_DIRECTORY")
-    if cred_dir:
-        path = Path(cred_dir) / SYSTEMD_CREDENTIAL
-        if path.exists():
-            # systemd owns this file and its mode; no ownership check
-            return Credential(_read_secret_file(path, check_owner=False), f"systemd credential {SYSTEMD_CREDENTIAL}")
-        tried.append(f"systemd credential {SYSTEMD_CREDENTIAL}: not in {cred_dir}")
-    else:
-        tried.append(f"systemd credential {SYSTEMD_CREDENTIAL}: not running with credentials")
-
-    if key_file is not None:
-        path = Path(key_file).expanduser()
-        return Credential(_read_secret_file(path, check_owner=True), f"key file {path}")
-    tried.append("key file: none named in the configuration (key_file:)")
-
-    value = source.get(ENV_VAR, "").strip()
-    if value:
-        return Credential(value, f"environment {ENV_VAR}")
-    tried.append(f"environment {ENV_VAR}: not set")
-
-    keyring_trouble: KeyringUnavailable | None = None
-    if use_keyring:
-        user = normalise_server_url(server_url)
-        try:
-            stored = read_keyring(server_url, timeout=keyring_timeout)
-        except KeyringUnavailable as exc:
-            keyring_trouble = exc
-            tried.append(f"keyring {KEYRING_SERVICE}/{user}: {exc.detail or 'unavailable'}")
+    server = normalise_server_url(server_url)
+    try:
+        return find_secret(
+            credential=SYSTEMD_CREDENTIAL, env_var=ENV_VAR, keyring_service=KEYRING_SERVICE,
+            keyring_user=server, key_file=key_file, env=env, use_keyring=use_keyring,
+            keyring_timeout=keyring_timeout,
+        )  # fmt: skip
+    except SecretNotFound as missing:
+        listing = "".join(f"\n  - {t}" for t in missing.tried)
+        if missing.keyring_trouble is not None:
+            todo = missing.keyring_trouble.message
         else:
-            if stored:
-                return Credential(stored, f"keyring {KEYRING_SERVICE}/{user}")
-            tried.append(f"keyring {KEYRING_SERVICE}/{user}: no entry")
-    else:
-        tried.append("keyring: not used here")
-
-    listing = "".join(f"\n  - {t}" for t in tried)
-    if keyring_trouble is not None:
-        todo = keyring_trouble.message
-    else:
-        todo = (
-            f"Run `vip-agent login --server {normalise_server_url(server_url)}` to store a key in the "
-            f"OS keyring, or set {ENV_VAR}, or name a key file (chmod 600) with key_file: in agent.yaml."
-        )
-    raise CredentialError(
-        f"no API key found for {normalise_server_url(server_url)}. Tried:{listing}\n{todo}",
-        detail="; ".join(tried),
-    )
+            todo = (
+                f"Run `vip-agent login --server {server}` to store a key in the OS keyring, "
+                f"or set {ENV_VAR}, or name a key file (chmod 600) with key_file: in agent.yaml."
+            )
+        raise CredentialError(
+            f"no API key found for {server}. Tried:{listing}\n{todo}", detail=missing.detail
+        ) from None
 
 
 def verify_key(server: str, key: str, *, timeout: float = 20) -> None:
