@@ -127,7 +127,8 @@ def log_files(ds: Dataset) -> list[str]:
     folder = Path(ds.output_dir) / LOGS_DIR
     if not folder.is_dir():
         return []
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file())
+    # a name starting with "." is a log still being written (write_atomic's temporary file)
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def detail(journal: Journal, ds: Dataset) -> dict[str, Any]:

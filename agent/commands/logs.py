@@ -28,11 +28,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
 
 
-def _show(path: str) -> None:
+def _show(path: str) -> bool:
+    """Print one log file; False if it is gone (a retry replaced the folder meanwhile)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return False
     print(f"==> {path} <==")
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
     sys.stdout.flush()
+    return True
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,9 +57,8 @@ def main(args: argparse.Namespace) -> int:
                     print(f"{stamp} {level}{ev.message}", flush=True)
                     last_event = ev.id
         for path in queries.log_files(ds):
-            if path not in shown:
+            if path not in shown and _show(path):
                 shown.add(path)
-                _show(path)
         if not args.follow or ds.final:
             break
         time.sleep(args.interval)
