@@ -165,8 +165,15 @@ def small_files(tmp: Path, args: argparse.Namespace, files: int, latency: float,
     payload = os.urandom(4096)
     for i in range(files):
         (data / f"f{i:05d}.dat").write_bytes(payload[:4000] + i.to_bytes(4, "big") + payload[4004:])
-    template = base / "job.yaml"
-    template.write_text("pipeline: ConcatFiles/1.0\ninputs:\n  files: '*.dat'\n")
+    # one VIP folder per round: the session name is deterministic (name + fingerprint), and
+    # a round uploading into the previous round's files would time VIP's "already exists"
+    # answers instead of uploads (VipSession gets a new session name per round too)
+    def template(rnd: int) -> Path:
+        path = base / f"job-{rnd}.yaml"
+        path.write_text(f"pipeline: ConcatFiles/1.0\nvip_root: /vip/Home/bench-{rnd}\n"
+                        "inputs:\n  files: '*.dat'\n")
+        return path
+
     faults = f"latency={latency:g}" if latency else ""
     times: dict[str, list[float]] = {"vip-agent": [], "vipsession": []}
     with LocalServer(base / "server", faults=faults) as server:
@@ -175,7 +182,7 @@ def small_files(tmp: Path, args: argparse.Namespace, files: int, latency: float,
                 if client == "vip-agent":
                     job = {"url": server.url, "key": server.api_key, "dataset": str(data),
                            "state": str(base / f"state-{rnd}"), "output": str(base / "out"),
-                           "template": str(template)}
+                           "template": str(template(rnd))}
                     out, _ = worker("agent-upload-stage", job)
                 else:
                     job = {"url": server.url, "key": server.api_key, "input_dir": str(data),

@@ -9,7 +9,13 @@ answers a broken or malicious server could give:
 * ``transform``: the upstream answer, its JSON passed through a function first (a nonsense
   or ``InitializationFailed`` status, relative or ``..`` result paths);
 * ``drip``: headers announcing ``size`` bytes, then one byte every ``interval`` seconds;
-* ``hang``: reads the request and never answers (until the server stops or ``max_wait``).
+* ``hang``: reads the request and never answers (until the server stops or ``max_wait``);
+* ``close``: reads the request and closes the connection without a word (what a client sees
+  when a server drops an idle keep-alive connection just as a request goes out);
+* ``answer_then_close``: the upstream answer, then the connection closed without a
+  ``Connection: close`` header (a server whose keep-alive timeout ends before the next request).
+
+``tls=(cert, key)`` serves HTTPS with that certificate instead of HTTP.
 
 Drips and hangs are bounded in time so a failing test never hangs the suite. The agent's
 real client talks to it over real sockets: only the answers are fake, never the client.
@@ -20,10 +26,13 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,6 +71,10 @@ class HostileVip:
     seen: list[tuple[str, str]] = field(default_factory=list)
     #: called with (method, path) before a request is answered (to check invariants then)
     before: Callable[[str, str], None] | None = None
+    #: (certificate, key) files: serve HTTPS
+    tls: tuple[Path, Path] | None = None
+    #: connections accepted so far
+    connections: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -86,7 +99,8 @@ class HostileVip:
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self) -> HostileVip:
         hostile = self
@@ -97,6 +111,11 @@ class HostileVip:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
+            def setup(self) -> None:
+                with hostile._lock:
+                    hostile.connections += 1
+                super().setup()
+
             def do_GET(self) -> None:
                 hostile._handle(self)
 
@@ -104,6 +123,10 @@ class HostileVip:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, name="hostile-vip", daemon=True).start()
         return self
 
@@ -145,6 +168,13 @@ class HostileVip:
         elif rule.action == "drip":
             self._drip(h, rule)
             return
+        elif rule.action == "close":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        elif rule.action == "answer_then_close":
+            status, ctype, data = self._forward(h, body)
+            h.close_connection = True
         elif rule.action == "hang":
             self._stopping.wait(rule.max_wait)
             h.close_connection = True

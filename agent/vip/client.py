@@ -35,6 +35,8 @@ import os
 import random
 import re
 import socket
+import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -71,6 +73,7 @@ from agent.vip.errors import (
     VipError,
 )
 from agent.vip.models import PathInfo, start_seconds
+from agent.vip.smallput import NotConnected, SmallPut
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,21 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0] or "/"
+
+
+def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind ``exc`` (requests nests it deep), if any."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return item
+        todo += [item.__cause__, item.__context__, getattr(item, "reason", None), *item.args]
+    return None
 
 
 def _check_name(remote: str) -> None:
@@ -328,7 +346,10 @@ class _Watchdog:
                     target=self._run, name="vip-client-deadlines", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            # the thread sleeps until the earliest time: wake it only when that changed
+            # (not once per request: thousands of small uploads would keep waking it)
+            if self._heap[0][2] is guard:
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:
@@ -524,6 +545,12 @@ class VipClient:
         adapter = _Adapter(pool_connections=4, pool_maxsize=max(1, pool), max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        # files below the sendfile size go through a lighter transport (same pool size,
+        # timeouts, CA bundle and deadline guard; see agent/vip/smallput.py for why)
+        self._small = SmallPut(
+            self._rest, connect_timeout=self.connect_timeout, timeout=self.timeout,
+            verify=self._session.verify, pool=max(1, pool), answer_max=_ERROR_BODY_MAX,
+        )
         self._lock = threading.Lock()
         self._max_transfer: int | None = None
         self._max_transfer_known = False
@@ -536,6 +563,7 @@ class VipClient:
     def close(self) -> None:
         """Close pooled connections."""
         self._session.close()
+        self._small.close()
 
     def __enter__(self) -> VipClient:
         return self
@@ -691,6 +719,9 @@ class VipClient:
     def _network_error(self, exc: requests.exceptions.RequestException, where: str) -> VipError:
         """The typed error for a request that got no HTTP answer."""
         detail = self._scrub(f"{where}: {type(exc).__name__}: {exc}")
+        cert_error = _cert_error(exc)
+        if cert_error is not None:
+            return self._untrusted(cert_error, detail)
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             return _NotSent(
                 f"could not reach VIP at {self.base_url} (connection timed out)", detail=detail
@@ -711,19 +742,33 @@ class VipClient:
             )
         return TransientError(f"talking to VIP at {self.base_url} failed", detail=detail)
 
+    def _untrusted(self, err: ssl.SSLCertVerificationError, detail: str) -> TransientError:
+        return TransientError(
+            f"the TLS certificate of VIP at {self.base_url} is not trusted "
+            f"({err.verify_message or err.reason}); if a proxy or a private CA signs it, "
+            "set REQUESTS_CA_BUNDLE to that CA's certificate file",
+            detail=detail,
+        )
+
     def _raise_for(
         self, resp: requests.Response, where: str, on_8000: type[VipError], what: str
     ) -> NoReturn:
         """Turn a non-2xx response into a typed error (code first, status second)."""
-        status = resp.status_code
-        code: int | None = None
-        server_msg = ""
-        snippet = ""
         try:
             raw = resp.raw.read(_ERROR_BODY_MAX, decode_content=True) if resp.raw else b""
         except Exception:  # a dropped connection while reading an error body
             raw = b""
-        ctype = resp.headers.get("Content-Type", "")
+        self._raise_answer(resp.status_code, resp.headers, raw, where, on_8000, what)
+
+    def _raise_answer(
+        self, status: int, headers: Any, raw: bytes, where: str, on_8000: type[VipError], what: str
+    ) -> NoReturn:
+        """The typed error for a non-2xx answer: ``headers`` has a case-insensitive ``get``,
+        ``raw`` is the start of the body."""
+        code: int | None = None
+        server_msg = ""
+        snippet = ""
+        ctype = headers.get("Content-Type", "") or ""
         if raw and "json" in ctype.lower():
             try:
                 body = json.loads(raw.decode("utf-8", "replace"))
@@ -766,7 +811,7 @@ class VipClient:
                 **kw,
             )
         if 300 <= status < 400:
-            target = resp.headers.get("Location", "?")
+            target = headers.get("Location", "?")
             raise ApiError(
                 f"VIP redirected the request to {target}; set the VIP URL to that address",
                 **kw,
@@ -1035,6 +1080,8 @@ class VipClient:
         callers that must know the file did not change compare its size and mtime before
         and after, which is what a changed file shows.
         """
+        if size < _SENDFILE_MIN and not self._session.proxies:
+            return self._put_small(local, remote, size, progress)
         with open(local, "rb") as handle:
             body = _UploadBody(handle, size, progress, zero_copy=size >= _SENDFILE_MIN)
             body.guard = guard = self._transfer_guard()
@@ -1051,6 +1098,56 @@ class VipClient:
             finally:
                 guard.close()
             return body.sent == size
+
+    def _put_small(self, local: Path, remote: str, size: int, progress: Progress | None) -> bool:
+        """:meth:`_put_file` for a file smaller than ``_SENDFILE_MIN``: read whole, sent with its
+        head in one piece over the light transport; same errors as the ``requests`` path."""
+        with open(local, "rb") as handle:
+            data = handle.read(size)  # never more than planned, if the file grew meanwhile
+        if len(data) < size:
+            raise SourceChanged(
+                f"{local} shrank while it was being sent ({len(data):,} of {size:,} bytes read)",
+            )
+        if progress is not None:
+            progress(size)  # may raise to abandon the transfer before it starts
+        rest_path = self._path(remote)
+        where = f"PUT /rest{rest_path}"
+        headers = {
+            "User-Agent": str(self._session.headers.get("User-Agent", "vip-agent")),
+            "Content-Type": "application/octet-stream",
+        }
+        if self._auth.key:
+            headers["apikey"] = self._auth.key
+        guard = self._transfer_guard()
+        guard.progress(size)
+        try:
+            answer = self._small.put(rest_path, data, headers, on_connection=guard.attach)
+        except NotConnected as exc:
+            timed_out = isinstance(exc.__cause__, TimeoutError)
+            raise _NotSent(
+                f"could not reach VIP at {self.base_url} (connection "
+                + ("timed out)" if timed_out else "refused)"),
+                detail=self._scrub(f"{where}: {type(exc.__cause__).__name__}: {exc}"),
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            if guard.expired:
+                raise self._expired(guard, where, exc) from None
+            detail = self._scrub(f"{where}: {type(exc).__name__}: {exc}")
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                raise self._untrusted(exc, detail) from None
+            if isinstance(exc, TimeoutError):
+                raise TransientError(
+                    f"VIP at {self.base_url} did not answer within {self.timeout:g} s", detail=detail
+                ) from None
+            raise TransientError(
+                f"could not reach VIP at {self.base_url} (connection lost)", detail=detail
+            ) from None
+        finally:
+            guard.close()
+        if 200 <= answer.status < 300:
+            return True
+        self._raise_answer(answer.status, answer.headers, answer.body, where, TransferTimeout,
+                           f"upload of {local.name} to {remote}")
 
     def _transfer_guard(self) -> _Guard:
         """A transfer has no overall deadline, only the minimum-progress rule."""
@@ -1098,9 +1195,10 @@ class VipClient:
         local = Path(local)
         remote = _norm_remote(remote)
         _check_name(remote)
-        size = local.stat().st_size
-        if not local.is_file():
+        st = local.stat()
+        if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"not a regular file: {local}")
+        size = st.st_size
         if size == 0:
             raise EmptyFileError(
                 f"{local.name} is empty (0 bytes): VIP cannot store empty files "
