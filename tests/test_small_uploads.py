@@ -183,3 +183,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_ended_transfers_do_not_pile_up_in_the_deadline_watchdog() -> None:
+    # each transfer's progress guard is due minutes later; a 20,000-file dataset used to keep
+    # 20,000 of them (and their locks) alive in the watchdog's heap until then
+    from agent.vip.client import _WATCHDOG, _Guard
+
+    before = len(_WATCHDOG._heap)
+    for _ in range(2000):
+        _Guard(window=600).close()
+    assert len(_WATCHDOG._heap) - before < 600
+    live = _Guard(window=600)  # a live guard stays watched
+    for _ in range(600):
+        _Guard(window=600).close()
+    assert any(item[2] is live for item in _WATCHDOG._heap)
+    live.close()

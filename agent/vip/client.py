@@ -296,7 +296,9 @@ class _Guard:
             self._moved += count
 
     def close(self) -> None:
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            _WATCHDOG.closed_one()
 
     def _shut(self) -> bool:
         with self._lock:
@@ -337,6 +339,18 @@ class _Watchdog:
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        self._closed = 0  # guards closed but still in the heap
+
+    def closed_one(self) -> None:
+        """A guard ended before its time: drop the dead ones once they are most of the heap
+        (a transfer's guard is due minutes later; thousands of small uploads would keep
+        thousands of them alive)."""
+        with self._cond:
+            self._closed += 1
+            if self._closed > 256 and self._closed * 2 > len(self._heap):
+                self._heap = [item for item in self._heap if not item[2].closed]
+                heapq.heapify(self._heap)
+                self._closed = 0
 
     def add(self, guard: _Guard, when: float) -> None:
         with self._cond:
@@ -362,8 +376,9 @@ class _Watchdog:
                     self._cond.wait(when - now)
                     continue
                 heapq.heappop(self._heap)
-            if guard.closed:
-                continue
+                if guard.closed:
+                    self._closed = max(0, self._closed - 1)
+                    continue
             following = guard.check(now)
             if following is not None:
                 self.add(guard, following)
