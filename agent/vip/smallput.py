@@ -51,26 +51,25 @@ class Answer:
     body: bytes
 
 
-class _Connection(http.client.HTTPConnection):
-    """Connect with ``connect_timeout``, then read and write with ``timeout``."""
+class _Timeouts:
+    """Connect with the constructor's timeout (``connect_timeout``), then read and write
+    with ``read_timeout``; no Nagle delay on the small writes."""
 
+    sock: Any
     read_timeout: float = 60.0
-    used = False
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(self.read_timeout)
 
 
-class _TLSConnection(http.client.HTTPSConnection):
-    read_timeout: float = 60.0
-    used = False
+class _Connection(_Timeouts, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(self.read_timeout)
+
+class _TLSConnection(_Timeouts, http.client.HTTPSConnection):
+    pass
 
 
 def _dropped(sock: socket.socket | None) -> bool:
