@@ -27,6 +27,7 @@ import logging
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -114,6 +115,24 @@ class _InputChanged(AgentError):
 
 def _remote_parent(f: Any) -> str:
     return str(PurePosixPath(f.remote or "").parent)
+
+
+def _on_grid(step: float, key: int, now: float) -> float:
+    """Seconds to the next point of a grid of ``step`` seconds whose offset depends on ``key``
+    (a dataset), never less than half a step.
+
+    Polls on a fixed grid of their own are ``step`` apart on average, like a plain interval,
+    but datasets polled often do not poll in step with each other (no bursts of status
+    requests), nor in step with their executions' launches: a pipeline lasting a multiple of
+    ``step`` would otherwise end just after a poll every time and wait a whole step to be
+    noticed.
+    """
+    # a hash, not an arithmetic spread: consecutive datasets would keep a constant offset
+    phase = (zlib.crc32(str(key).encode()) % 1000) / 1000 * step
+    following = phase + (int((now - phase) // step) + 1) * step
+    if following - now < step / 2:
+        following += step
+    return following - now
 
 
 def _check_unchanged(local: Path, f: Any, *, during: bool = False) -> None:
@@ -996,7 +1015,8 @@ class Runner:
         interval = min(max(low, elapsed / 10), high)
         if interval > BUSY_POLL and self._launches_waiting(ds, executions):
             running = max(1, self.journal.running_executions(ds.server))
-            interval = min(interval, max(BUSY_POLL, running / MAX_POLL_RATE))
+            busy = max(BUSY_POLL, running / MAX_POLL_RATE)
+            interval = min(interval, _on_grid(busy, ds.id, time.time()))
         return interval
 
     def _launches_waiting(self, ds: Dataset, executions: list[Any]) -> bool:

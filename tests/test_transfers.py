@@ -156,9 +156,27 @@ def test_running_execution_is_polled_fast_while_launches_wait(
                       fingerprint=dataset_mod.scan(second).fingerprint, name="second")
     while runner.step(second_id).stage != "launch":  # validated and uploaded: waits to launch
         pass
-    assert runner.step(first_id).retry_after == BUSY_POLL
+    assert BUSY_POLL / 2 <= runner.step(first_id).retry_after <= 1.5 * BUSY_POLL
     journal.set_stage(second_id, "cancelled")  # nothing waits any more
     assert runner.step(first_id).retry_after == 60.0
+
+
+def test_busy_polls_keep_their_rate_but_each_dataset_has_its_own_phase() -> None:
+    from agent.runner import _on_grid
+
+    step = 0.5
+    for key in (1, 2, 3, 17):
+        now, polls = 1000.0, []
+        for _ in range(200):
+            wait = _on_grid(step, key, now)
+            assert step / 2 <= wait < 1.5 * step  # never two polls in a row
+            now += wait + 0.01  # the step itself takes a moment
+            polls.append(now)
+        rate = (len(polls) - 1) / (polls[-1] - polls[0])
+        assert 1 / step * 0.97 <= rate <= 1 / step + 1e-9  # the ceiling holds on average
+    # datasets polled at the same moment ask at different instants afterwards
+    phases = {round((1000.0 + _on_grid(step, key, 1000.0)) % step, 3) for key in range(1, 21)}
+    assert len(phases) >= 15
 
 
 def test_run_poll_option_is_checked(tmp_path: Path, vip_server: LocalVip) -> None:
