@@ -73,6 +73,9 @@ TRANSITIONS: dict[Stage, frozenset[Stage]] = {
 ACTIVE_STAGES_SQL = "(" + ",".join(
     f"'{s.value}'" for s in Stage if s not in FINAL_STAGES and s is not Stage.WAITING
 ) + ")"
+#: SQL condition of the datasets a scheduler must hold: in progress, or asked to cancel
+#: (indexed: the scheduler looks for them every few seconds, among every dataset ever run)
+LIVE_SQL = f"stage IN {ACTIVE_STAGES_SQL} OR cancel_requested=1"
 #: for SQL: ``stage NOT IN {FINAL_SQL}``
 FINAL_SQL = "(" + ",".join(f"'{s.value}'" for s in sorted(FINAL_STAGES)) + ")"
 #: final stages a dataset may be retried (or run again) from
@@ -229,6 +232,13 @@ MIGRATIONS: list[Migration] = [
     Migration(3, "drops: what the running agent sees of each drop folder", (
         "CREATE TABLE IF NOT EXISTS drops (path TEXT PRIMARY KEY, state TEXT NOT NULL,"
         " message TEXT, since REAL NOT NULL)",
+    )),
+    Migration(4, "indexes of the datasets in progress (looked for every 2 s by the scheduler)", (
+        # without them that look scans every dataset ever run: 3.5 ms per look at 10,000,
+        # most of an idle agent's CPU
+        "CREATE INDEX IF NOT EXISTS datasets_stage ON datasets(stage)",
+        "CREATE INDEX IF NOT EXISTS datasets_cancel ON datasets(cancel_requested)"
+        " WHERE cancel_requested = 1",
     )),
 ]
 #: the schema version this code writes; a journal above it is refused

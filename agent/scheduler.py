@@ -35,7 +35,14 @@ from typing import Any, Protocol
 
 from agent.config import Limits
 from agent.errors import CredentialError
-from agent.journal import ACTIVE_STAGES_SQL, FINAL_STAGES, PUBLIC_STATE, Dataset, Journal
+from agent.journal import (
+    ACTIVE_STAGES_SQL,
+    FINAL_STAGES,
+    LIVE_SQL,
+    PUBLIC_STATE,
+    Dataset,
+    Journal,
+)
 from agent.runner import STAGE_POOL, Interrupted
 
 log = logging.getLogger("vip_agent.scheduler")
@@ -237,9 +244,7 @@ class Scheduler:
     def _poll_journal(self) -> None:
         """Pick up datasets other processes changed: ``retry`` (stage validate), ``cancel``."""
         tracked = self.tracked()
-        for ds in self.journal.datasets(
-            where=f"stage IN {ACTIVE_STAGES_SQL} OR cancel_requested=1"
-        ):
+        for ds in self.journal.datasets(where=LIVE_SQL):
             if ds.id not in tracked:
                 if not ds.final and self.submit(ds):
                     log.info("%s: picked up from the journal (stage %s)", ds.name, ds.stage)
