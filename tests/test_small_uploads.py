@@ -170,8 +170,10 @@ def test_small_files_over_https_are_verified_against_the_ca_bundle(
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
         with VipClient(tls_front.url, vip_server.api_key) as client:
             client.makedirs(FOLDER)  # through requests, same CA bundle
+            before = tls_front.connections
             for f in files[:3]:
                 assert client.upload(f, f"{FOLDER}/{f.name}", verify=False)
+            assert tls_front.connections - before == 1  # one TLS handshake, then kept alive
             assert client.sizes(FOLDER) == {f.name: f.stat().st_size for f in files[:3]}
     for f in files[:3]:
         assert stored(vip_server, f.name) == f.read_bytes()
