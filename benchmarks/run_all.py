@@ -43,6 +43,7 @@ from _common import (
     proc_status_kib,
     run_measured,
     say,
+    server_storage,
     workdir,
 )
 
@@ -107,7 +108,8 @@ def transfers(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[
     source = make_file(tmp / "big.bin", size)
     samples: list[dict[str, Any]] = []
     clients = ["vip-agent", "curl"]
-    with LocalServer(tmp / "server", max_download=size + 1) as server:
+    with server_storage("transfer-server", 3 * size) as storage, \
+            LocalServer(storage / "server", max_download=size + 1) as server:
         from agent.vip.client import VipClient
 
         header = private_file(tmp / "curl-headers", f"apikey: {server.api_key}\n")
