@@ -240,6 +240,10 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX IF NOT EXISTS datasets_cancel ON datasets(cancel_requested)"
         " WHERE cancel_requested = 1",
     )),
+    Migration(5, "index of the finished executions by end (how long a pipeline runs)", (
+        "CREATE INDEX IF NOT EXISTS executions_finished ON executions(ended)"
+        " WHERE status = 'Finished'",
+    )),
 ]
 #: the schema version this code writes; a journal above it is refused
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -751,6 +755,24 @@ class Journal:
             sql += " AND d.server = ?"
             params = (server,)
         return int(self._db().execute(sql, params).fetchone()[0])
+
+    def run_times(self, server: str, limit: int = 200) -> list[tuple[str, float]]:
+        """``(pipeline, seconds)`` from launch to the end being seen, of the ``limit`` latest
+        executions that finished on ``server`` (newest first)."""
+        rows = self._db().execute(
+            "SELECT d.job, e.launched, e.ended FROM executions e"
+            " JOIN datasets d ON d.id = e.dataset_id"
+            " WHERE e.status = 'Finished' AND d.server = ?"
+            " AND e.launched IS NOT NULL AND e.ended IS NOT NULL"
+            " ORDER BY e.ended DESC LIMIT ?",
+            (server, limit),
+        )
+        out = []
+        for job, launched, ended in rows:
+            pipeline = (_decode("job", job) or {}).get("pipeline")
+            if isinstance(pipeline, str):
+                out.append((pipeline, float(ended) - float(launched)))
+        return out
 
     def waiting_launches(self, server: str) -> int:
         """Datasets of ``server`` with an execution planned but not launched (waiting for a slot)."""

@@ -90,6 +90,11 @@ DEFAULT_POLL_MAX = 120.0
 BUSY_POLL = 0.5
 #: ... but never more status requests per second than this to one server
 MAX_POLL_RATE = 2.0
+#: ... and only from shortly before the shortest run seen of the same pipeline on that
+#: server (its latest runs, once there are this many), not for hours before a long run ends
+HISTORY_MIN_RUNS = 3
+HISTORY_RUNS = 50
+HISTORY_TTL = 30.0  # seconds a server's run times are kept before the journal is asked again
 #: parallel connections per dataset transfer: on a WAN each small file costs a round trip,
 #: so several must be in flight; VIP's own client uses up to 10 for downloads
 DEFAULT_PARALLELISM = 8
@@ -284,6 +289,8 @@ class Runner:
         self._memos: dict[int, _Memo] = {}
         self._tracker = ProgressTracker()
         self._lock = threading.Lock()
+        #: per server: (when to ask the journal again, run times per pipeline)
+        self._run_times: dict[str, tuple[float, dict[str, list[float]]]] = {}
 
     # -- public ------------------------------------------------------------------
     def step(self, dataset_id: int) -> StepOutcome:
@@ -1016,8 +1023,41 @@ class Runner:
         if interval > BUSY_POLL and self._launches_waiting(ds, executions):
             running = max(1, self.journal.running_executions(ds.server))
             busy = max(BUSY_POLL, running / MAX_POLL_RATE)
-            interval = min(interval, _on_grid(busy, ds.id, time.time()))
+            quiet = self._quiet_for(ds, executions, busy)
+            if quiet > busy:
+                # no end expected yet: the usual interval, but look again when one may come
+                interval = min(interval, quiet)
+            else:
+                interval = min(interval, _on_grid(busy, ds.id, time.time()))
         return interval
+
+    def _quiet_for(self, ds: Dataset, executions: list[Any], busy: float) -> float:
+        """Seconds before this dataset's running executions may end, judging by the shortest
+        run of their pipeline seen on this server (less one busy interval, since an end is seen
+        up to one poll late); 0 when no history says so."""
+        pipeline = str((ds.job or {}).get("pipeline") or "")
+        shortest = self._shortest_run(ds.server, pipeline)
+        starts = [e.launched for e in executions
+                  if e.vip_id and e.launched and e.status not in TERMINAL_STATUSES]
+        if shortest is None or not starts:
+            return 0.0
+        return max(0.0, min(starts) + shortest - busy - time.time())
+
+    def _shortest_run(self, server: str, pipeline: str) -> float | None:
+        """The shortest launch-to-end time among the latest runs of ``pipeline`` on ``server``;
+        None until there are :data:`HISTORY_MIN_RUNS`. Cached :data:`HISTORY_TTL` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._run_times.get(server)
+        if cached is None or cached[0] < now:
+            by_pipeline: dict[str, list[float]] = {}
+            for name, seconds in self.journal.run_times(server, limit=4 * HISTORY_RUNS):
+                by_pipeline.setdefault(name, []).append(seconds)
+            cached = (now + HISTORY_TTL, by_pipeline)
+            with self._lock:
+                self._run_times[server] = cached
+        runs = cached[1].get(pipeline, [])[:HISTORY_RUNS]
+        return min(runs) if len(runs) >= HISTORY_MIN_RUNS else None
 
     def _launches_waiting(self, ds: Dataset, executions: list[Any]) -> bool:
         if any(not e.vip_id for e in executions):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,55 @@ def test_running_execution_is_polled_fast_while_launches_wait(
     assert BUSY_POLL / 2 <= runner.step(first_id).retry_after <= 1.5 * BUSY_POLL
     journal.set_stage(second_id, "cancelled")  # nothing waits any more
     assert runner.step(first_id).retry_after == 60.0
+
+
+def test_busy_polls_start_shortly_before_the_shortest_run_seen(
+    tmp_path: Path, vip_server: LocalVip
+) -> None:
+    # a 6-hour pipeline behind a full cap: asked every 0.5 s for 6 hours is not needed once
+    # the journal knows how long its runs take on this server
+    from agent.runner import BUSY_POLL
+
+    job = {"pipeline": "Sleep/1.0", "inputs": {"duration": 30}}
+    first = write_dataset(tmp_path / "drop" / "first", {"x.txt": "x\n"}, job)
+    journal, first_id, runner = _runner(tmp_path, vip_server, first)
+    while runner.step(first_id).stage != "monitor":
+        pass
+    second = write_dataset(tmp_path / "drop" / "second", {"y.txt": "y\n"}, job)
+    second_id = admit(journal, second, server=vip_server.url, output_root=tmp_path / "out",
+                      fingerprint=dataset_mod.scan(second).fingerprint, name="second")
+    while runner.step(second_id).stage != "launch":  # waits for the running slot
+        pass
+
+    def fresh() -> Runner:  # a runner caches run times for a while: ask a new one
+        return Runner(journal, runner.client_for, poll_min=5.0, poll_max=60.0)
+
+    (e,) = journal.executions(first_id)
+    journal.update_execution(first_id, e.key, launched=time.time() - 600)
+    assert fresh().step(first_id).retry_after <= 1.5 * BUSY_POLL  # no history: asked often
+    # three earlier runs of the pipeline on this server (one elsewhere, one of another
+    # pipeline, one that failed fast: none of those count)
+    now = time.time()
+    for i, (pipeline, server, status, hours) in enumerate([
+        ("Sleep/1.0", vip_server.url, "Finished", 1.0), ("Sleep/1.0", vip_server.url, "Finished", 2.0),
+        ("Sleep/1.0", vip_server.url, "Finished", 1.5), ("Sleep/1.0", "http://other", "Finished", 0.1),
+        ("FileStats/1.0", vip_server.url, "Finished", 0.1), ("Sleep/1.0", vip_server.url, "ExecutionFailed", 0.1),
+    ]):  # fmt: skip
+        past = write_dataset(tmp_path / "drop" / f"past{i}", {"z.txt": f"{i}\n"}, job)
+        pid = admit(journal, past, server=server, output_root=tmp_path / "out",
+                    fingerprint=dataset_mod.scan(past).fingerprint, name=f"past{i}")
+        journal.update(pid, job={"pipeline": pipeline}, stage="done")
+        journal.add_execution(pid, key="r1", name=f"past{i}", variant="", run=1, inputs={})
+        journal.update_execution(pid, "r1", status=status, launched=now - 9 * 3600,
+                                 ended=now - 9 * 3600 + hours * 3600)
+    # running for 10 minutes, its runs take at least an hour: the usual interval (60 s max)
+    assert fresh().step(first_id).retry_after == 60.0
+    # 10 s before the shortest run's end (less one busy interval): looks again then
+    journal.update_execution(first_id, e.key, launched=time.time() - 3590)
+    assert 9.0 <= fresh().step(first_id).retry_after <= 9.6
+    # at the shortest run's length: asked often again
+    journal.update_execution(first_id, e.key, launched=time.time() - 3600)
+    assert fresh().step(first_id).retry_after <= 1.5 * BUSY_POLL
 
 
 def test_busy_polls_keep_their_rate_but_each_dataset_has_its_own_phase() -> None:
