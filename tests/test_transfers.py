@@ -135,28 +135,42 @@ def test_crash_resends_at_most_the_uncommitted_group(tmp_path: Path, vip_server:
     assert joined.read_text() == "".join(files[k] for k in sorted(files))
 
 
+SLEEP_JOB = {"pipeline": "Sleep/1.0", "inputs": {"duration": 30}}
+
+
+def _running(tmp_path: Path, vip_server: LocalVip) -> tuple[Journal, int, Runner]:
+    """A dataset whose Sleep execution runs (stepped up to ``monitor``)."""
+    first = write_dataset(tmp_path / "drop" / "first", {"x.txt": "x\n"}, SLEEP_JOB)
+    journal, first_id, runner = _runner(tmp_path, vip_server, first)
+    while runner.step(first_id).stage != "monitor":
+        pass
+    return journal, first_id, runner
+
+
+def _waiting(tmp_path: Path, vip_server: LocalVip, journal: Journal, runner: Runner) -> int:
+    """A second dataset, validated and uploaded, waiting for the running slot."""
+    second = write_dataset(tmp_path / "drop" / "second", {"y.txt": "y\n"}, SLEEP_JOB)
+    second_id = admit(journal, second, server=vip_server.url, output_root=tmp_path / "out",
+                      fingerprint=dataset_mod.scan(second).fingerprint, name="second")
+    while runner.step(second_id).stage != "launch":
+        pass
+    return second_id
+
+
 def test_running_execution_is_polled_fast_while_launches_wait(
     tmp_path: Path, vip_server: LocalVip
 ) -> None:
     from agent.runner import BUSY_POLL
 
-    job = {"pipeline": "Sleep/1.0", "inputs": {"duration": 30}}
-    first = write_dataset(tmp_path / "drop" / "first", {"x.txt": "x\n"}, job)
-    journal, first_id, runner = _runner(tmp_path, vip_server, first)
+    journal, first_id, runner = _running(tmp_path, vip_server)
     runner.poll_min, runner.poll_max = 5.0, 60.0
-    while (outcome := runner.step(first_id)).stage != "monitor":
-        pass
-    assert outcome.retry_after == 5.0  # short at first
+    assert runner.step(first_id).retry_after == 5.0  # short at first
     # it has run for 10 minutes: polls have grown to the maximum
     (e,) = journal.executions(first_id)
     journal.update_execution(first_id, e.key, launched=e.launched - 600)
     assert runner.step(first_id).retry_after == 60.0
     # another dataset now waits for the running slot: the running one is checked often
-    second = write_dataset(tmp_path / "drop" / "second", {"y.txt": "y\n"}, job)
-    second_id = admit(journal, second, server=vip_server.url, output_root=tmp_path / "out",
-                      fingerprint=dataset_mod.scan(second).fingerprint, name="second")
-    while runner.step(second_id).stage != "launch":  # validated and uploaded: waits to launch
-        pass
+    second_id = _waiting(tmp_path, vip_server, journal, runner)
     assert BUSY_POLL / 2 <= runner.step(first_id).retry_after <= 1.5 * BUSY_POLL
     journal.set_stage(second_id, "cancelled")  # nothing waits any more
     assert runner.step(first_id).retry_after == 60.0
@@ -169,16 +183,8 @@ def test_busy_polls_start_shortly_before_the_shortest_run_seen(
     # the journal knows how long its runs take on this server
     from agent.runner import BUSY_POLL
 
-    job = {"pipeline": "Sleep/1.0", "inputs": {"duration": 30}}
-    first = write_dataset(tmp_path / "drop" / "first", {"x.txt": "x\n"}, job)
-    journal, first_id, runner = _runner(tmp_path, vip_server, first)
-    while runner.step(first_id).stage != "monitor":
-        pass
-    second = write_dataset(tmp_path / "drop" / "second", {"y.txt": "y\n"}, job)
-    second_id = admit(journal, second, server=vip_server.url, output_root=tmp_path / "out",
-                      fingerprint=dataset_mod.scan(second).fingerprint, name="second")
-    while runner.step(second_id).stage != "launch":  # waits for the running slot
-        pass
+    journal, first_id, runner = _running(tmp_path, vip_server)
+    _waiting(tmp_path, vip_server, journal, runner)
 
     def fresh() -> Runner:  # a runner caches run times for a while: ask a new one
         return Runner(journal, runner.client_for, poll_min=5.0, poll_max=60.0)
@@ -194,7 +200,7 @@ def test_busy_polls_start_shortly_before_the_shortest_run_seen(
         ("Sleep/1.0", vip_server.url, "Finished", 1.5), ("Sleep/1.0", "http://other", "Finished", 0.1),
         ("FileStats/1.0", vip_server.url, "Finished", 0.1), ("Sleep/1.0", vip_server.url, "ExecutionFailed", 0.1),
     ]):  # fmt: skip
-        past = write_dataset(tmp_path / "drop" / f"past{i}", {"z.txt": f"{i}\n"}, job)
+        past = write_dataset(tmp_path / "drop" / f"past{i}", {"z.txt": f"{i}\n"}, SLEEP_JOB)
         pid = admit(journal, past, server=server, output_root=tmp_path / "out",
                     fingerprint=dataset_mod.scan(past).fingerprint, name=f"past{i}")
         journal.update(pid, job={"pipeline": pipeline}, stage="done")
