@@ -44,9 +44,9 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def workdir(prefix: str) -> Iterator[Path]:
-    """A private temp folder (0700) under the system temp dir, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix=f"vip-agent-bench-{prefix}-"))
+def workdir(prefix: str, parent: Path | None = None) -> Iterator[Path]:
+    """A private temp folder (0700) under ``parent`` (the system temp dir), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=f"vip-agent-bench-{prefix}-", dir=parent))
     try:
         yield path
     finally:
@@ -67,11 +67,8 @@ def server_storage(prefix: str, need: int) -> Iterator[Path]:
         in_memory = shm.is_dir() and shutil.disk_usage(shm).free > need
     except OSError:
         in_memory = False
-    path = Path(tempfile.mkdtemp(prefix=f"vip-agent-bench-{prefix}-", dir=shm if in_memory else None))
-    try:
+    with workdir(prefix, shm if in_memory else None) as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_file(path: Path, size: int, seed: int = 1) -> Path:

@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import keyring.backend
 import keyring.errors
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +80,20 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
         time.sleep(interval)
+
+
+@contextmanager
+def tmpfs(folder: Path, options: str, unavailable: str) -> Iterator[Path]:
+    """A real tmpfs mounted on ``folder`` with ``options`` (needs root and mount rights: the
+    test is skipped with ``unavailable`` otherwise); unmounted afterwards."""
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(unavailable)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def tree(root: Path) -> dict[str, bytes]:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agenthelpers import run_agent, write_dataset
+from agenthelpers import run_agent, tmpfs, write_dataset
 
 from agent import journal as journal_mod
 from agent.journal import (
@@ -194,14 +193,8 @@ def read_only_folder(tmp_path: Path) -> Iterator[Path]:
         yield folder
         folder.chmod(0o755)
         return
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                          capture_output=True)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    try:
+    with tmpfs(folder, "ro,size=1m", "cannot mount a read-only tmpfs here"):
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_read_only_or_impossible_state_folder_is_exit_2(tmp_path: Path, read_only_folder: Path) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agenthelpers import run_agent, write_dataset
+from agenthelpers import run_agent, tmpfs, write_dataset
 
 from agent import dataset as dataset_mod
 from agent.journal import Journal
@@ -99,14 +99,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MB filesystem (tmpfs). Needs root and mount rights: skipped otherwise."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root): full-disk test not run")
-    try:
+    with tmpfs(mount, "size=1m", "cannot mount a small tmpfs here (needs root): full-disk test not run"):
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_waits_and_resumes_without_losing_anything(

@@ -182,9 +182,12 @@ class _ApiKeyAuth(AuthBase):
     def __init__(self, key: str) -> None:
         self.key = key
 
+    def header(self) -> dict[str, str]:
+        """The header carrying the key (none for an empty key: VIP then answers 8003, not 8002)."""
+        return {"apikey": self.key} if self.key else {}
+
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        if self.key:  # an empty key is no key: VIP then answers 8003 rather than 8002
-            request.headers["apikey"] = self.key
+        request.headers.update(self.header())
         return request
 
     def __repr__(self) -> str:
@@ -731,29 +734,34 @@ class VipClient:
             cert=None, proxies={},
         )
 
-    def _network_error(self, exc: requests.exceptions.RequestException, where: str) -> VipError:
-        """The typed error for a request that got no HTTP answer."""
+    def _network_error(self, exc: BaseException, where: str) -> VipError:
+        """The typed error for a request that got no HTTP answer, from either transport
+        (a ``requests`` exception, or the ``OSError``/``http.client`` one of ``SmallPut``)."""
         detail = self._scrub(f"{where}: {type(exc).__name__}: {exc}")
         cert_error = _cert_error(exc)
         if cert_error is not None:
             return self._untrusted(cert_error, detail)
+        not_sent: str | None = None  # why the request never reached the server
         if isinstance(exc, requests.exceptions.ConnectTimeout):
-            return _NotSent(
-                f"could not reach VIP at {self.base_url} (connection timed out)", detail=detail
-            )
-        if isinstance(exc, requests.exceptions.ConnectionError):
+            not_sent = "timed out"
+        elif isinstance(exc, NotConnected):
+            not_sent = "timed out" if isinstance(exc.__cause__, TimeoutError) else "refused"
+        elif isinstance(exc, requests.exceptions.ConnectionError):
             cause = exc.args[0] if exc.args else None
             reason = getattr(cause, "reason", cause)
-            never_sent = isinstance(reason, urllib3.exceptions.NewConnectionError)
-            cls: type[TransientError] = _NotSent if never_sent else TransientError
-            return cls(
-                f"could not reach VIP at {self.base_url} (connection "
-                + ("refused)" if never_sent else "lost)"),
-                detail=detail,
+            if isinstance(reason, urllib3.exceptions.NewConnectionError):
+                not_sent = "refused"
+        if not_sent is not None:
+            return _NotSent(
+                f"could not reach VIP at {self.base_url} (connection {not_sent})", detail=detail
             )
-        if isinstance(exc, requests.exceptions.Timeout):
+        if isinstance(exc, (requests.exceptions.Timeout, TimeoutError)):
             return TransientError(
                 f"VIP at {self.base_url} did not answer within {self.timeout:g} s", detail=detail
+            )
+        if isinstance(exc, (requests.exceptions.ConnectionError, OSError, http.client.HTTPException)):
+            return TransientError(
+                f"could not reach VIP at {self.base_url} (connection lost)", detail=detail
             )
         return TransientError(f"talking to VIP at {self.base_url} failed", detail=detail)
 
@@ -1130,33 +1138,16 @@ class VipClient:
         headers = {
             "User-Agent": str(self._session.headers.get("User-Agent", "vip-agent")),
             "Content-Type": "application/octet-stream",
+            **self._auth.header(),
         }
-        if self._auth.key:
-            headers["apikey"] = self._auth.key
         guard = self._transfer_guard()
         guard.progress(size)
         try:
             answer = self._small.put(rest_path, data, headers, on_connection=guard.attach)
-        except NotConnected as exc:
-            timed_out = isinstance(exc.__cause__, TimeoutError)
-            raise _NotSent(
-                f"could not reach VIP at {self.base_url} (connection "
-                + ("timed out)" if timed_out else "refused)"),
-                detail=self._scrub(f"{where}: {type(exc.__cause__).__name__}: {exc}"),
-            ) from None
         except (OSError, http.client.HTTPException) as exc:
             if guard.expired:
                 raise self._expired(guard, where, exc) from None
-            detail = self._scrub(f"{where}: {type(exc).__name__}: {exc}")
-            if isinstance(exc, ssl.SSLCertVerificationError):
-                raise self._untrusted(exc, detail) from None
-            if isinstance(exc, TimeoutError):
-                raise TransientError(
-                    f"VIP at {self.base_url} did not answer within {self.timeout:g} s", detail=detail
-                ) from None
-            raise TransientError(
-                f"could not reach VIP at {self.base_url} (connection lost)", detail=detail
-            ) from None
+            raise self._network_error(exc, where) from None
         finally:
             guard.close()
         if 200 <= answer.status < 300:
