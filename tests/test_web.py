@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import stat
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -328,3 +331,57 @@ def test_page_state_is_bounded_however_long_the_history(tmp_path: Path) -> None:
     assert counts["*"] == {"done": 6, "validating": 1} and counts["/drop"] == counts["*"]
     full = {r["id"]: r for r in source.datasets()}
     assert all(full[r["id"]] == r for r in records) and len(full) == 7 and busy in full
+
+
+class _Errors(logging.Handler):
+    """Every record at WARNING or above that reaches the agent's loggers."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_clients_gone_early_and_bad_requests_are_no_errors(
+    served: tuple[Page, Journal], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A browser tab closed mid-answer is routine (no ERROR, no traceback); malformed
+    requests get a 4xx with a reason, never a 500."""
+    page, _ = served
+    errors = _Errors()
+    logger = logging.getLogger("vip_agent.web")
+    logger.addHandler(errors)
+    port = int(page.url.rsplit(":", 1)[1].strip("/"))
+    try:
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(f"GET /api/datasets HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            # close with a reset at once: the server's answer meets a closed connection
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        for path, code in (
+            ("/api/timeline?limit=abc", 400), ("/api/timeline?limit=-3", 400),
+            ("/api/timeline?limit=5", 200), ("/api/datasets/" + "9" * 40, 404),
+            ("/api/datasets/99999999999999999999", 404),
+        ):  # fmt: skip
+            r = page.get(path)
+            assert r.status_code == code, (path, r.status_code, r.text)
+            if code == 400:
+                assert "limit" in r.json()["error"]
+        r = page.post("/api/datasets/" + "9" * 40 + "/retry", token=page.token)
+        assert r.status_code == 404
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("POST", "/api/datasets/1/retry")
+        conn.putheader("Content-Length", "abc")
+        conn.putheader("Authorization", f"Bearer {page.token}")
+        conn.endheaders()
+        answer = conn.getresponse()
+        assert answer.status == 400 and b"Content-Length" in answer.read()
+        conn.close()
+        assert page.get("/api/datasets").status_code == 200  # still serving
+    finally:
+        logger.removeHandler(errors)
+    assert [r.getMessage() for r in errors.records] == []
+    assert "Traceback" not in capfd.readouterr().err

@@ -39,8 +39,40 @@ STATIC = {
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
-_DATASET = re.compile(r"^/api/datasets/(\d+)$")
-_ACTION = re.compile(r"^/api/datasets/(\d+)/([a-z]+)$")
+# at most 18 digits: a longer id is no dataset (404), never an integer SQLite cannot hold
+_DATASET = re.compile(r"^/api/datasets/(\d{1,18})$")
+_ACTION = re.compile(r"^/api/datasets/(\d{1,18})/([a-z]+)$")
+#: a client that goes away mid-answer: nothing to report above DEBUG (a closed browser tab)
+_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+
+class BadRequest(Exception):
+    """A request the page cannot answer as asked (400, with this message)."""
+
+
+def _limit(query: str, default: int = 30, most: int = 200) -> int:
+    """``?limit=N`` as an integer in 1..most; BadRequest when it is not a whole number."""
+    values = parse_qs(query).get("limit")
+    if not values:
+        return default
+    text = values[0].strip()
+    if not text.isdigit() or len(text) > 9:
+        raise BadRequest(f"limit must be a whole number from 1 to {most}, not {text[:40]!r}")
+    return max(1, min(int(text), most))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client gone mid-request is routine (DEBUG); anything else is one ERROR line."""
+        import sys
+
+        err = sys.exc_info()[1]
+        if isinstance(err, _GONE):
+            log.debug("status page: client %s went away: %s", client_address[0], err)
+            return
+        log.error("status page: error serving %s", client_address[0], exc_info=True)
 
 
 class StatusSource(Protocol):
@@ -174,7 +206,7 @@ class StatusServer:
         self.token = ensure_token(self.state)
         self.rates = Rates()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_cls = type("_Server", (ThreadingHTTPServer,), {"address_family": family})
+        server_cls = type("_Server", (_Server,), {"address_family": family})
         self.httpd: ThreadingHTTPServer = server_cls((host, port), _handler(self))
         self.httpd.daemon_threads = True
         self.host = host
@@ -234,6 +266,7 @@ class StatusServer:
             "live": self.rates.update(datasets),
             "poll_ms": self.poll_ms,
             "read_token": self.read_token,
+            "token_path": str(self.state / TOKEN_FILE),
         }
 
 
@@ -324,9 +357,7 @@ def _handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
                 elif path == "/api/health":
                     self._json(200, server.source.health())
                 elif path == "/api/timeline":
-                    query = parse_qs(urlsplit(self.path).query)
-                    limit = int((query.get("limit") or ["30"])[0])
-                    self._json(200, server.source.timeline(max(1, min(limit, 200))))
+                    self._json(200, server.source.timeline(_limit(urlsplit(self.path).query)))
                 elif m := _DATASET.match(path):
                     try:
                         self._json(200, server.source.dataset(int(m.group(1))))
@@ -338,12 +369,21 @@ def _handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
                     self._send(200, server.source.metrics(), CONTENT_TYPE)
                 else:
                     self._error(404, "no such page")
+            except BadRequest as err:
+                self._error(400, str(err))
+            except _GONE:
+                raise  # the server's handle_error: a DEBUG line, no traceback
             except Exception:
                 log.exception("status page: error answering %s", path)
                 self._error(500, "internal error (see the agent's log)")
 
         def do_POST(self) -> None:  # noqa: N802 - stdlib name
-            length = int(self.headers.get("Content-Length") or 0)
+            text = (self.headers.get("Content-Length") or "0").strip()
+            if not text.isdigit():
+                self.close_connection = True  # where the body ends is unknown: no keep-alive
+                self._error(400, "Content-Length must be a number of bytes")
+                return
+            length = int(text)
             if length > 65536:
                 self._error(413, "request too large")
                 return
@@ -363,6 +403,8 @@ def _handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
             except AgentError as err:
                 self._error(409, err.message)
                 return
+            except _GONE:
+                raise
             except Exception:
                 log.exception("status page: %s of #%s failed", m.group(2), m.group(1))
                 self._error(500, "internal error (see the agent's log)")

@@ -118,6 +118,7 @@ async function poll() {
   try {
     const data = await getJSON("/api/state");
     S.data = data;
+    if (data.token_path) $("#token-path").textContent = data.token_path;
     setConn(true);
     if (S.tick % 3 === 0) S.timeline = await getJSON("/api/timeline?limit=30");
     S.tick++;
