@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from agent import yamlread
+from agent.bandwidth import BandwidthConfig, parse_bandwidth
 from agent.errors import ConfigError
 from agent.extract import MAX_MEMBER_RATIO, MAX_RATIO
 from agent.jobfile import MAX_JOBS, MAX_RUNS
@@ -145,6 +145,8 @@ class DropConfig:
     poll_max: float | None = None
     #: parallel connections per dataset transfer (None: the runner's default)
     transfer_parallelism: int | None = None
+    #: ``bandwidth:`` limits of this drop folder's server (agent.bandwidth; None: none)
+    bandwidth: BandwidthConfig | None = None
 
     @property
     def template(self) -> Path:
@@ -191,7 +193,7 @@ _DROP_KEYS = (
     "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
     "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "poll",
     "transfer_parallelism", "notify", "disk_low", "max_runs", "max_jobs",
-    "extract_max_ratio", "extract_max_member_ratio", "unknown_limit",
+    "extract_max_ratio", "extract_max_member_ratio", "unknown_limit", "bandwidth",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -221,7 +223,7 @@ class _Reader:
         if value is None:
             raise self.error(key, "is required")
         if not isinstance(value, str) or not value.strip():
-            raise self.error(key, f"must be a non-empty text, not {value!r}")
+            raise self.error(key, f"must be a non-empty text, not {value!r}{yamlread.text_hint(value)}")
         if choices and value not in choices:
             raise self.error(key, f"must be one of {', '.join(choices)}, not {value!r}")
         return value.strip()
@@ -254,9 +256,10 @@ class _Reader:
 
     def flag(self, key: str, default: bool) -> bool:
         value = self.data.get(key, default)
-        if not isinstance(value, bool):
+        flag = yamlread.as_flag(value)  # yes/no/on/off are words YAML 1.2 leaves as text
+        if flag is None:
             raise self.error(key, f"must be true or false, not {value!r}")
-        return value
+        return flag
 
     def mapping(self, key: str) -> Mapping[str, Any]:
         value = self.data.get(key) or {}
@@ -313,6 +316,8 @@ def parse_listen(value: Any) -> tuple[str, int]:
 
 
 def _http(data: Any, source: str, base: Path) -> HttpSettings | None:
+    if isinstance(data, str) and yamlread.as_flag(data) is not None:
+        data = yamlread.as_flag(data)  # http: on / off
     if data is None or data is False:
         return None
     if data is True:
@@ -501,6 +506,7 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
         transfer_parallelism=(
             r.whole("transfer_parallelism", 1, maximum=64) if r.has("transfer_parallelism") else None
         ),
+        bandwidth=parse_bandwidth(r.data.get("bandwidth"), r.error),
         **_poll(r),
     )
     if path in (output, archive_dir, failed_dir):
@@ -564,18 +570,8 @@ def parse_config(data: Any, *, source: str = "agent.yaml", base: Path | None = N
 def load_config(path: str | Path, *, settle: float | None = None) -> AgentConfig:
     """Read ``agent.yaml``; relative paths in it are relative to the file's folder."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such configuration file", detail="file") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the configuration file", detail=str(err)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}", detail=str(err)) from None
+    # the reader job files use too: bounded, duplicate keys refused, no YAML 1.1 guessing
+    data = yamlread.load(path, "configuration file")
     config = parse_config(data, source=str(path), base=path.parent.resolve(), settle=settle)
     return replace(config, source=path.resolve())
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from agent import yamlread
 from agent.dataset import JOB_FILE, scan
 from agent.errors import ConfigError
 
@@ -47,13 +48,10 @@ KEYS: dict[str, str] = {
 }
 VARIANT_KEYS: frozenset[str] = frozenset({"inputs"})
 
-#: a job file larger than this is refused unread (a job is a few lines; 256 KiB lists ~10,000
-#: files: longer lists are what globs are for)
-MAX_JOB_BYTES = 256 << 10
-#: deepest nesting of lists and mappings accepted (a job needs 4: variants.v.inputs.x: [...])
-MAX_DEPTH = 32
-#: most values a job file may hold once its ``*aliases`` are expanded (alias bombs stop here)
-MAX_NODES = 100_000
+#: the bounds of :mod:`agent.yamlread`, which reads job files and agent.yaml alike
+MAX_JOB_BYTES = yamlread.MAX_BYTES
+MAX_DEPTH = yamlread.MAX_DEPTH
+MAX_NODES = yamlread.MAX_NODES
 #: default most ``runs`` of one dataset (``max_runs`` in agent.yaml, ``run --max-runs``)
 MAX_RUNS = 100
 #: default most jobs one dataset may create on VIP, all variants and runs together
@@ -256,41 +254,6 @@ class _Doc:
         return f"{self.path}, line {line}" if line else str(self.path)
 
 
-_HINTS: tuple[tuple[str, str], ...] = (
-    ("found character '\\t'", "tabs cannot indent YAML; use spaces"),
-    (
-        "mapping values are not allowed",
-        "a ':' appears where YAML does not expect one; "
-        "check the indentation, or put the value in quotes",
-    ),
-    ("could not find expected ':'", "a line is missing ':' after its key, or is indented wrongly"),
-    ("found undefined alias", "an '*alias' refers to an '&anchor' that is not defined"),
-    ("found unexpected end of stream", "a quote or bracket is not closed"),
-    ("found unknown escape character", "a backslash inside double quotes; use single quotes"),
-    ("did not find expected key", "the indentation is inconsistent"),
-    ("expected <block end>", "the indentation is inconsistent"),
-)
-
-
-def _yaml_problem(path: Path, err: yaml.YAMLError) -> ConfigError:
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err)
-    context = getattr(err, "context", None)
-    cmark = getattr(err, "context_mark", None)
-    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-    hint = next((h for key, h in _HINTS if key in problem), None)
-    words = f"{problem}" + (f" ({context})" if context else "")
-    if cmark is not None and (mark is None or cmark.line != mark.line):
-        # the construct that is broken often starts earlier than where YAML noticed
-        words += f"; it starts on line {cmark.line + 1}"
-        if hint:
-            hint += f" (it starts on line {cmark.line + 1})"
-    msg = f"{where}: this is not valid YAML: {hint or words}"
-    if hint:
-        msg += f" [YAML says: {words}]"
-    return ConfigError(msg, detail=str(err))
-
-
 def _text(node: yaml.Node, constructor: yaml.constructor.SafeConstructor, raw: bool) -> Any:
     """Plain data from a node; ``raw`` keeps scalars as written (None for null)."""
     if isinstance(node, yaml.MappingNode):
@@ -305,92 +268,9 @@ def _text(node: yaml.Node, constructor: yaml.constructor.SafeConstructor, raw: b
     return constructor.construct_object(node, deep=True)
 
 
-def _read_bounded(path: Path) -> str:
-    """The text of a job file, refusing one above :data:`MAX_JOB_BYTES` without reading it all."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_JOB_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read the job file: {err.strerror}", str(err)) from err
-    except ValueError as err:  # a NUL in the path
-        raise ConfigError(f"{path!r}: not a usable file name ({err})") from err
-    if len(raw) > MAX_JOB_BYTES:
-        raise ConfigError(
-            f"{path}: the job file is larger than {MAX_JOB_BYTES // 1024} KiB; a job file holds "
-            "settings, not data (use globs such as '*.nii' for long file lists)"
-        )
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: the file is not UTF-8 text; save it as UTF-8", str(err)) from err
-
-
-def _line(ev: yaml.Event) -> int:
-    return ev.start_mark.line + 1 if ev.start_mark is not None else 0
-
-
-def _check_shape(path: Path, text: str) -> None:
-    """Refuse, from the event stream (no tree built), a document too deep or whose aliases
-    expand beyond :data:`MAX_NODES` values, or that refers to itself."""
-    fast = getattr(yaml, "CSafeLoader", None)
-    if fast is not None:
-        # libyaml, when present, reads the events 20 times faster; on a syntax error the
-        # pure-Python reader reads it again, for the wording the hints know
-        try:
-            _walk_events(path, text, fast)
-            return
-        except yaml.YAMLError:
-            pass
-    try:
-        _walk_events(path, text, yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        raise _yaml_problem(path, err) from err
-
-
-def _walk_events(path: Path, text: str, loader: Any) -> None:
-    sizes: dict[str, int] = {}
-    open_: list[tuple[str | None, int]] = []  # collections being read: (anchor, count at start)
-    total = 0
-    for ev in yaml.parse(text, Loader=loader):
-        if isinstance(ev, yaml.AliasEvent):
-            if any(anchor == ev.anchor for anchor, _ in open_):
-                raise ConfigError(
-                    f"{path}, line {_line(ev)}: '*{ev.anchor}' refers to the "
-                    "value that contains it; a job file cannot refer to itself"
-                )
-            total += sizes.get(str(ev.anchor), 1)
-        elif isinstance(ev, yaml.ScalarEvent):
-            total += 1
-            if ev.anchor:
-                sizes[ev.anchor] = 1
-        elif isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            total += 1
-            open_.append((ev.anchor, total))
-            if len(open_) > MAX_DEPTH:
-                raise ConfigError(
-                    f"{path}, line {_line(ev)}: lists and mappings are nested "
-                    f"more than {MAX_DEPTH} deep; a job file needs a few levels at most"
-                )
-        elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            anchor, start = open_.pop()
-            if anchor:
-                sizes[anchor] = total - start + 1
-        if total > MAX_NODES:
-            raise ConfigError(
-                f"{path}, line {_line(ev)}: the job file holds more than "
-                f"{MAX_NODES:,} values once its '*aliases' are expanded (an alias bomb?); "
-                "write the values out, or use fewer aliases"
-            )
-
-
 def _parse(path: Path) -> _Doc:
     """Read one job file into plain data and key lines, or raise ConfigError."""
-    text = _read_bounded(path)
-    _check_shape(path, text)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        raise _yaml_problem(path, err) from err
+    root = yamlread.compose(path, "job file")
     if root is None:
         raise ConfigError(
             f"{path}: the job file is empty; it needs at least 'pipeline' and 'inputs'"
@@ -400,7 +280,7 @@ def _parse(path: Path) -> _Doc:
             f"{path}, line {root.start_mark.line + 1}: a job file must be a mapping of keys "
             "(pipeline:, inputs:, ...), not a list or a single value"
         )
-    constructor = yaml.constructor.SafeConstructor()
+    constructor = yamlread.constructor()
     lines: dict[tuple[str, ...], int] = {}
     problems: list[str] = []
 
@@ -449,7 +329,7 @@ def _parse(path: Path) -> _Doc:
     try:
         data = walk(root, (), False)
     except yaml.YAMLError as err:  # constructor errors (bad timestamps, ...)
-        raise _yaml_problem(path, err) from err
+        raise yamlread.yaml_problem(path, err) from err
     if problems:
         raise ConfigError("\n".join(problems) if len(problems) == 1 else _listing(problems))
     return _Doc(path, data, lines)
@@ -500,7 +380,10 @@ def _check_doc(doc: _Doc, problems: list[str]) -> None:
             )
     for key in ("pipeline", "name", "output_dir", "vip_root"):
         if key in d and d[key] is not None and not isinstance(d[key], str):
-            problems.append(f"{doc.where(key)}: '{key}' must be text ({KEYS[key]})")
+            problems.append(
+                f"{doc.where(key)}: '{key}' must be text ({KEYS[key]})"
+                + yamlread.text_hint(d[key])
+            )
     if isinstance(d.get("pipeline"), str) and "/" not in d["pipeline"]:
         problems.append(
             f"{doc.where('pipeline')}: pipeline '{d['pipeline']}' must be NAME/VERSION, e.g. LCModel/0.2 "
@@ -520,8 +403,12 @@ def _check_doc(doc: _Doc, problems: list[str]) -> None:
                 f"{doc.where('runs')}: runs must be a whole number of at least 1, not {r!r}"
             )
     for key in ("extract", "cleanup"):
-        if key in d and d[key] is not None and not isinstance(d[key], bool):
-            problems.append(f"{doc.where(key)}: '{key}' must be true or false, not {d[key]!r}")
+        if key in d and d[key] is not None:
+            flag = yamlread.as_flag(d[key])  # yes/no/on/off are accepted where a flag is meant
+            if flag is None:
+                problems.append(f"{doc.where(key)}: '{key}' must be true or false, not {d[key]!r}")
+            else:
+                d[key] = flag
     if "inputs" in d and d["inputs"] is not None:
         _check_inputs(doc, d["inputs"], ("inputs",), problems)
     if "variants" in d and d["variants"] is not None:

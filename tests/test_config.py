@@ -112,7 +112,7 @@ def test_one_clear_error_naming_file_and_key(tmp_path: Path, text: str, key: str
 
 def test_yaml_syntax_error_gives_line(tmp_path: Path) -> None:
     path = write(tmp_path, "drops:\n  - path: d\n   output: [\n")
-    with pytest.raises(ConfigError, match=r"not valid YAML at line \d"):
+    with pytest.raises(ConfigError, match=r"line 3, column \d+: this is not valid YAML: the indentation"):
         load_config(path)
 
 
