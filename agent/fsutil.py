@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -23,42 +24,60 @@ def fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename: readers see the old or the new file."""
+    """Replace ``path`` with ``text`` in one rename: readers see the old or the new file.
+
+    A write that fails (a full disk) removes its temporary file before raising, and the
+    next write beside ``path`` sweeps any temporary file of ours a dead or failed writer
+    left there: nothing hidden stays in the user's output folder.
+    """
     # one temporary file per writer: two threads rewriting the same file (a transfer's
     # progress and the end of its step both rewrite STATUS.json) never share one
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    if path not in _SWEPT:
-        _SWEPT.add(path)
-        _sweep_dead_writers(path)
-
-
-#: files whose temporaries of dead writers were removed by this process
-_SWEPT: set[Path] = set()
-
-
-def _sweep_dead_writers(path: Path) -> None:
-    """Remove ``.NAME.<pid>-<thread>.tmp`` left beside ``path`` by a process that died
-    (killed mid-write): litter in the user's folder otherwise."""
-    prefix = f".{path.name}."
     try:
-        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(".tmp")]
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _SWEPT.discard(path.parent)  # sweep again at the next write, once the disk has room
+        raise
+    if path.parent not in _SWEPT:
+        _SWEPT.add(path.parent)
+        _sweep_leftovers(path.parent)
+
+
+#: folders this process already swept (one listing per folder, not one per write)
+_SWEPT: set[Path] = set()
+#: ``.NAME.<pid>-<thread id>.tmp``: write_atomic's temporary files, and only those
+_TMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<tid>\d+)\.tmp$")
+
+
+def _sweep_leftovers(folder: Path) -> None:
+    """Remove :func:`write_atomic` temporaries in ``folder`` that no live write owns: a
+    process that died mid-write, or a write of this process that could not clean up."""
+    try:
+        names = os.listdir(folder)
     except OSError:
         return
+    live = {f"{os.getpid()}-{t.ident}" for t in threading.enumerate()}
     for name in names:
-        pid_text = name[len(prefix):-len(".tmp")].split("-", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        m = _TMP_NAME.match(name)
+        if m is None:
             continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # a live writer
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue  # alive, another user's
+        pid = int(m.group("pid"))
+        if pid == os.getpid():
+            if f"{pid}-{m.group('tid')}" in live:
+                continue  # a thread of ours may be writing it right now
+        else:
+            try:
+                os.kill(pid, 0)
+                continue  # a live writer
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue  # alive, another user's
         with contextlib.suppress(OSError):
-            os.unlink(path.parent / name)
+            os.unlink(folder / name)
 
 
 class StreamingSync:

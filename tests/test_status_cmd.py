@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -206,3 +209,46 @@ def test_rerun_done_dataset_through_cli(tmp_path: Path) -> None:
     assert result.returncode == 0 and journal.get(gid).attempts == 2
     result = run_agent("rerun", "#999", "--state", str(state), api_key="k", cwd=tmp_path)
     assert result.returncode == 1 and "no dataset with id #999" in result.stderr
+
+
+def test_a_failed_status_write_leaves_no_hidden_file(tmp_path: Path) -> None:
+    """Issue 17 #22: a disk-full episode leaves no ``.STATUS.json.<pid>-<tid>.tmp`` (nor a
+    log's) in the output folder: the failed write removes its own, the next one sweeps
+    what a dead writer or a failed one of ours left."""
+    import errno
+    import threading
+
+    from agenthelpers import tmpfs
+
+    from agent.fsutil import write_atomic
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with tmpfs(folder, "size=64k", "needs root to mount a small tmpfs (a real full disk)"):
+        status = folder / "STATUS.json"
+        write_atomic(status, "{}")
+        (folder / "logs").mkdir()
+        filler = folder / "filler"
+        with pytest.raises(OSError) as caught:
+            filler.write_bytes(b"x" * 200_000)
+        assert caught.value.errno == errno.ENOSPC
+        with pytest.raises(OSError):
+            write_atomic(status, "y" * 100_000)
+        with pytest.raises(OSError):
+            write_atomic(folder / "logs" / "job0.stdout.txt", "z" * 100_000)
+        assert sorted(p.name for p in folder.rglob(".*")) == []
+        assert status.read_text() == "{}"  # the old file stays whole
+        # leftovers of our naming: a dead process's, and one of a thread of ours that is gone
+        gone = threading.Thread(target=lambda: None)
+        gone.start()
+        gone.join()
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        filler.unlink()
+        (folder / f".STATUS.json.{dead}-1.tmp").write_text("old")
+        (folder / "logs" / f".job0.stdout.txt.{os.getpid()}-{gone.ident}.tmp").write_text("old")
+        (folder / ".keep.me.tmp").write_text("not ours")
+        write_atomic(status, '{"state": "done"}')
+        write_atomic(folder / "logs" / "job0.stdout.txt", "out\n")
+        assert sorted(p.name for p in folder.rglob(".*")) == [".keep.me.tmp"]
+        assert status.read_text() == '{"state": "done"}'
