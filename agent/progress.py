@@ -4,7 +4,9 @@
 download (bytes per second over the last seconds, time left) and says when the
 journal (``STATUS.json``, ``vip-agent status``) and the service log deserve an
 update. :class:`TerminalProgress` draws one ``tqdm`` bar per transfer for
-``vip-agent run`` on a terminal, and a line per 10 % otherwise.
+``vip-agent run`` on a terminal, and a line per 10 % otherwise. :class:`Rewindable`
+lets the VIP client take back the bytes of a failed attempt before it retries, so no
+figure ever passes 100 %.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +51,7 @@ def human_duration(seconds: float) -> str:
 
 def describe(kind: str, done: int, total: int, rate: float | None, eta: float | None) -> str:
     """``upload 40% (400.0 MB of 1.0 GB) at 55.0 MB/s, 11 s left``."""
+    done = min(done, total) if total else done  # never "250% (525 B of 210 B)"
     pct = 100.0 * done / total if total else 100.0
     text = f"{kind} {pct:.0f}% ({human_size(done)} of {human_size(total)})"
     if rate:
@@ -57,6 +61,36 @@ def describe(kind: str, done: int, total: int, rate: float | None, eta: float | 
     if eta is not None:
         text += f", {human_duration(eta)} left"
     return text
+
+
+class Rewindable:
+    """A transfer's progress callback that can take back what a failed attempt reported.
+
+    The client reports bytes as they move; when it sends or fetches a file again after a
+    failure, :meth:`rewind` reports minus what was counted so far, so the caller's total
+    (a bar, ``STATUS.json``) goes back instead of running past 100 %.
+    """
+
+    def __init__(self, progress: Callable[[int], None] | None) -> None:
+        self._progress = progress
+        self.count = 0
+
+    def __call__(self, n: int) -> None:
+        if self._progress is not None:
+            self._progress(n)  # may raise to abandon the transfer: then n was not counted
+        self.count += n
+
+    def rewind(self) -> None:
+        """Report minus everything counted (the next attempt starts from zero)."""
+        if self.count:
+            n, self.count = self.count, 0
+            if self._progress is not None:
+                self._progress(-n)
+
+    def complete(self, size: int) -> None:
+        """The file is whole (found complete on the server): count up to ``size``."""
+        if self.count < size:
+            self(size - self.count)
 
 
 @dataclass
@@ -92,6 +126,7 @@ class Update:
     journal: bool  # write the journal's progress now
     status: bool  # rewrite STATUS.json now
     log: str | None  # a service log line, if one is due
+    stale: bool = False  # a late report of a transfer that has ended: nothing to do
 
     def as_progress(self) -> dict[str, Any]:
         """The journal's ``progress`` (STATUS.json, ``status --json``)."""
@@ -104,25 +139,45 @@ class Update:
 
 
 class ProgressTracker:
-    """Rate, ETA and update pacing for every running transfer (thread-safe)."""
+    """Rate, ETA and update pacing for every running transfer (thread-safe).
+
+    ``done`` may go back: a retried file is taken back (:class:`Rewindable`), and the same
+    transfer goes on (the rate restarts, the total stays). Reports of a transfer that has
+    just ended, arriving late from another thread, are marked ``stale`` and change nothing.
+    """
+
+    #: seconds after a transfer's end during which a lower report of it is a late one
+    LATE = 2.0
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._transfers: dict[tuple[int, str], _Transfer] = {}
+        self._ended: dict[tuple[int, str], tuple[int, float]] = {}
 
     def update(self, dataset_id: int, kind: str, done: int, total: int) -> Update:
         now = self._clock()
         key = (dataset_id, kind)
         with self._lock:
             t = self._transfers.get(key)
-            if t is None or t.total != total or done < t.done:  # a new transfer (or a resumed one)
+            ended = self._ended.get(key)
+            if t is None and ended is not None:
+                if ended[0] == total and done < total and now - ended[1] < self.LATE:
+                    # another thread's report, overtaken by the one that finished the transfer
+                    return Update(kind, total, total, None, None, False, False, None, stale=True)
+                del self._ended[key]
+            if t is None or t.total != total:  # a new transfer
                 t = self._transfers[key] = _Transfer(total=total, started=now)
+            elif done < t.done:  # a retry took bytes back: same transfer, the rate restarts
+                t.samples.clear()
+            done = max(0, min(done, total)) if total else max(0, done)
             t.done = done
             t.samples.append((now, done))
             while len(t.samples) > 1 and now - t.samples[0][0] > RATE_WINDOW:
                 t.samples.popleft()
             rate = t.rate(now)
+            if rate is not None and rate <= 0:
+                rate = None
             left = max(0, total - done)
             eta = left / rate if rate else None
             finished = done >= total
@@ -140,61 +195,115 @@ class ProgressTracker:
                 log_due = False  # the first report starts the clock, it says nothing yet
                 t.logged_at = now
             if log_due:
-                t.logged_at, t.logged_step = now, step
+                t.logged_at, t.logged_step = now, max(step, t.logged_step)
             if finished:  # the closing line gives the mean rate of the whole transfer
                 self._transfers.pop(key, None)
+                self._ended[key] = (total, now)
                 elapsed = now - t.started
                 rate = done / elapsed if elapsed > 0 else rate
         line = describe(kind, done, total, rate, eta) if log_due else None
         return Update(kind, done, total, rate, eta, journal, status, line)
 
 
+def current(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's ``progress`` if it still describes what the dataset is doing, else None.
+
+    A transfer's figures belong to its own state (an upload's to ``uploading``, a
+    download's to ``downloading``): once the dataset moved on (or ended) they are history,
+    and ``STATUS.json``, ``vip-agent status`` and the page must not show them as current.
+    """
+    p = record.get("progress")
+    if not isinstance(p, dict):
+        return None
+    kind, state = p.get("kind"), record.get("state")
+    if kind in ("upload", "download"):
+        return p if state == f"{kind}ing" else None
+    if kind == "waiting":
+        return p if state in ("waiting", "paused", "queued") else None
+    return None if record.get("finished") else p
+
+
 class TerminalProgress:
-    """``vip-agent run``'s progress: a tqdm bar per transfer on a terminal, else a line per 10 %."""
+    """``vip-agent run``'s progress: one bar per transfer stage on a terminal, else a line per 10 %.
 
-    BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{rate_fmt}, ETA {remaining}]"
+    A retried file takes its bytes back (the bar goes back; its total stays); the rate and
+    time left come from :class:`ProgressTracker` (tqdm's own would count a rewind as speed).
+    ``before_bar`` is called before a bar is drawn (``run`` prints the events that led to it
+    there, so they come above the bar instead of after it).
+    """
 
-    def __init__(self, stream: Any) -> None:
+    BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{postfix}]"
+
+    def __init__(self, stream: Any, before_bar: Callable[[], None] | None = None) -> None:
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.before_bar = before_bar
         self._bars: dict[tuple[int, str], Any] = {}
         self._tracker = ProgressTracker()
         self._steps: dict[tuple[int, str], int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def __call__(self, dataset_id: int, kind: str, done: int, total: int) -> None:
         key = (dataset_id, kind)
         with self._lock:
-            if self.tty:
-                self._bar(key, kind, done, total)
-                return
             update = self._tracker.update(dataset_id, kind, done, total)
-            step = int(10 * done / total) if total else 10
-            if step > self._steps.get(key, -1) or done >= total:
+            if update.stale:
+                return
+            if self.tty:
+                self._bar(key, update)
+                return
+            step = int(10 * update.done / total) if total else 10
+            if step > self._steps.get(key, -1) or update.done >= total:
                 self._steps[key] = step
-                print(describe(kind, done, total, update.rate, update.eta), file=self.stream, flush=True)
-            if done >= total:
+                print(describe(kind, update.done, total, update.rate, update.eta), file=self.stream, flush=True)
+            if update.done >= total:
                 self._steps.pop(key, None)
 
-    def _bar(self, key: tuple[int, str], kind: str, done: int, total: int) -> None:
+    @staticmethod
+    def _postfix(update: Update) -> str:
+        rate = f"{human_size(update.rate)}/s" if update.rate else "? B/s"
+        if update.done >= update.total:
+            return f"{rate}, done"
+        eta = human_duration(update.eta) if update.eta is not None else "?"
+        return f"{rate}, ETA {eta}"
+
+    def _bar(self, key: tuple[int, str], update: Update) -> None:
         from tqdm import tqdm
 
         bar = self._bars.get(key)
-        if bar is None or bar.total != total or done < bar.n:
-            if bar is not None:
-                bar.close()
+        if bar is not None and bar.total != update.total:
+            bar.close()  # another transfer of the stage (files sent again after the check)
+            bar = None
+        if bar is None:
+            if self.before_bar is not None:
+                self.before_bar()
             size = shutil.get_terminal_size((80, 20))
             bar = self._bars[key] = tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=kind,
+                total=update.total, unit="B", unit_scale=True, unit_divisor=1000, desc=update.kind,
                 file=self.stream, bar_format=self.BAR, mininterval=0.2, leave=True,
                 # $COLUMNS/$LINES, else the terminal's size; 80x20 when it says 0 (a bare pty;
                 # tqdm hides bars below a 0-line screen)
                 ncols=size.columns or 80, nrows=size.lines or 20,
             )  # fmt: skip
-        bar.update(done - bar.n)
-        if done >= total:
+        bar.postfix = self._postfix(update)
+        if update.done >= bar.n:
+            bar.update(update.done - bar.n)
+        else:  # a retry took bytes back: redraw at once, tqdm's update() only counts up
+            bar.n = bar.last_print_n = update.done
+            bar.refresh()
+        if update.done >= update.total:
             bar.close()
             del self._bars[key]
+
+    def write(self, text: str) -> None:
+        """A line above the bars (they are redrawn below it)."""
+        with self._lock:
+            if self._bars:
+                from tqdm import tqdm
+
+                tqdm.write(text, file=self.stream)
+            else:
+                print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
         with self._lock:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agent.config import default_config_path, default_state_dir, load_config
+from agent import settings
 from agent.errors import AgentError
 from agent.journal import JOURNAL_NAME, PUBLIC_STATE, Dataset, Journal
+from agent.progress import current as current_progress
 from agent.runner import LOGS_DIR, status_record
 from agent.timeline import all_segments
 from agent.watch.lock import AgentLock
@@ -24,14 +25,9 @@ class NotFound(AgentError):
 
 
 def state_dir(state: Path | str | None = None, config: Path | str | None = None) -> Path:
-    """``state``, else the ``state`` of ``config`` (or of the default agent.yaml), else the default."""
-    if state:
-        return Path(state).expanduser().resolve()
-    if config is None and default_config_path().is_file():
-        config = default_config_path()
-    if config is not None:
-        return load_config(Path(config)).state
-    return default_state_dir()
+    """``state``, else ``VIP_AGENT_STATE``, else the ``state`` of ``config`` (or of the
+    per-user agent.yaml), else the default: :func:`agent.settings.state_dir`."""
+    return settings.state_dir(state, config)
 
 
 def open_journal(state: Path) -> Journal | None:
@@ -87,6 +83,7 @@ def record(journal: Journal, ds: Dataset) -> dict[str, Any]:
     """One entry of ``vip-agent status --json``: STATUS.json's fields plus ``id`` and ``attempts``."""
     rec = status_record(journal, ds)
     rec = {"id": ds.id, **rec, "attempts": ds.attempts}
+    rec["progress"] = current_progress(rec)  # an upload's figures are history once it downloads
     if ds.paused and not ds.final and not rec.get("error"):
         rec["error"] = ds.paused
     return rec

@@ -252,3 +252,44 @@ def test_a_failed_status_write_leaves_no_hidden_file(tmp_path: Path) -> None:
         write_atomic(folder / "logs" / "job0.stdout.txt", "out\n")
         assert sorted(p.name for p in folder.rglob(".*")) == [".keep.me.tmp"]
         assert status.read_text() == '{"state": "done"}'
+
+
+def test_status_shows_only_current_figures(tmp_path: Path) -> None:
+    """Issue 17 #5 and #7: an upload's figures are not shown while downloading nor after the
+    end; a transfer nobody moves (no agent) says it is stopped, without rate or time left;
+    the ERROR column breaks a long path at a '/', never mid-word."""
+    state = tmp_path / "state"
+    journal = Journal.in_state_dir(state)
+    ids: dict[str, int] = {}
+    long_dir = "/data/" + "/".join(f"instrument-{i:02d}-acquisitions" for i in range(4))
+    for name, stage, fields in (
+        ("up", "upload", {"progress": {"kind": "upload", "done": 78_000_000, "total": 300_000_000,
+                                        "rate": 20_000_000.0, "eta": 14.0}}),
+        ("dl", "mirror", {"progress": {"kind": "upload", "done": 300_000_000, "total": 300_000_000,
+                                        "rate": 77_000_000.0}}),
+        ("fin", "done", {"progress": {"kind": "download", "done": 349, "total": 698}}),
+        ("bad", "failed", {"error": f"could not write {long_dir}/STATUS.json: No space left on device"}),
+    ):  # fmt: skip
+        ids[name] = journal.add_dataset(
+            name=name, path=f"/drop/{name}", server="http://127.0.0.1:9", output_root="/out",
+            fingerprint=f"fp-{name}", drop_dir="/drop", stage=stage,
+        )  # fmt: skip
+        journal.update(ids[name], **fields)
+    with journal._db() as db:  # the agent stopped a minute ago: nothing was updated since
+        db.execute("UPDATE datasets SET updated = updated - 60 WHERE id = ?", (ids["up"],))
+    done = run_agent("status", "--state", str(state), api_key="unused", cwd=tmp_path, COLUMNS="100")
+    assert done.returncode == 0, done.stderr
+    table = done.stdout
+    rows = {line.split()[1]: line for line in table.splitlines() if line.startswith("#")}
+    assert "stopped at 26% of 300 MB: no agent" in rows["up"], table
+    assert "left" not in rows["up"] and "/s" not in rows["up"], table
+    assert "100% of" not in rows["dl"] and "77 MB/s" not in table, table
+    assert "349" not in table and "50%" not in rows["fin"], table
+    # the error wraps at spaces, and its path (longer than the column) at '/' only
+    error_lines = [line.strip() for line in table.splitlines() if line.startswith("    ")]
+    assert "".join(p for p in error_lines if p.startswith("/")) == f"{long_dir}/STATUS.json:", error_lines
+    assert error_lines[0] == "could not write" and error_lines[-1] == "No space left on device", error_lines
+    records = {r["name"]: r for r in json.loads(run_agent(
+        "status", "--json", "--state", str(state), api_key="unused", cwd=tmp_path).stdout)}  # fmt: skip
+    assert records["fin"]["progress"] is None and records["dl"]["progress"] is None
+    assert records["up"]["progress"]["done"] == 78_000_000

@@ -18,6 +18,7 @@ from typing import Any
 from agent import queries
 from agent.commands import add_state_args
 from agent.errors import one_line
+from agent.progress import current
 from agent.vip.models import ENDED_STATUSES
 
 
@@ -37,18 +38,32 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def progress_text(rec: dict[str, Any]) -> str:
-    """A short progress column: transfer percentage, execution states, waiting reason."""
-    p = rec.get("progress") or {}
+#: a transfer whose figures have not moved for this long is not running (they move every second)
+STALE_AFTER = 15.0
+
+
+def progress_text(rec: dict[str, Any], agent_running: bool | None = None, now: float | None = None) -> str:
+    """A short progress column: transfer percentage, execution states, waiting reason.
+
+    Only figures that describe the dataset's current state are shown (an upload's once it
+    downloads are history). A transfer nobody moves any more (no agent holds the state
+    folder, ``agent_running`` False) says it is stopped, without a rate or a time left.
+    """
+    p = current(rec) or {}
     state = rec["state"]
     if p.get("kind") == "waiting" and state in ("waiting", "paused"):
         return str(p.get("reason", ""))
-    if p.get("kind") in ("upload", "download") and state in ("uploading", "downloading"):
+    if p.get("kind") in ("upload", "download"):
         total = p.get("total") or 0
-        done = p.get("done") or 0
+        done = min(p.get("done") or 0, total)
         if not total:
             return ""
         text = f"{100 * done / total:.0f}% of {_size(total)}"
+        quiet = (now if now is not None else time.time()) - float(rec.get("updated") or 0)
+        if quiet >= STALE_AFTER and agent_running is False:
+            return f"stopped at {text}: no agent"  # no rate, no time left: nothing moves
+        if quiet >= STALE_AFTER:
+            return f"{text}, no progress for {_age(quiet)}"
         if p.get("rate"):
             text += f", {_size(float(p['rate']))}/s"
         if p.get("eta") is not None and done < total:
@@ -62,14 +77,17 @@ def progress_text(rec: dict[str, Any]) -> str:
     return ""
 
 
-def render_table(records: list[dict[str, Any]], width: int = 120) -> str:
-    """One row per dataset; the error, last, wraps under its column instead of being cut."""
+def render_table(
+    records: list[dict[str, Any]], width: int = 120, agent_running: bool | None = None
+) -> str:
+    """One row per dataset; the error, last, wraps under its column instead of being cut
+    (at spaces: a path is broken only when it is longer than the column)."""
     now = time.time()
     headers = ("ID", "NAME", "STATE", "PROGRESS", "AGE", "EXECUTIONS", "ERROR")
     rows = []
     for r in records:
         rows.append((
-            f"#{r['id']}", str(r["name"]), str(r["state"]), progress_text(r),
+            f"#{r['id']}", str(r["name"]), str(r["state"]), progress_text(r, agent_running, now),
             _age(now - float(r["created"])), ",".join(r.get("executions") or []) or "-",
             one_line(r.get("error")),
         ))  # fmt: skip
@@ -89,11 +107,7 @@ def render_table(records: list[dict[str, Any]], width: int = 120) -> str:
         ]
         head = "  ".join(c.ljust(widths[i]) for i, c in enumerate(cells))
         error = row[-1]
-        chunks = (
-            textwrap.wrap(error, room, break_long_words=True, break_on_hyphens=False)
-            if error
-            else []
-        )
+        chunks = _wrap(error, room) if error else []
         if indent == 4 and row is not headers:
             lines.append(head.rstrip())
             lines += [" " * indent + c for c in chunks]
@@ -103,6 +117,20 @@ def render_table(records: list[dict[str, Any]], width: int = 120) -> str:
         )
         lines += [" " * indent + c for c in chunks[1:]]
     return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Lines of at most ``width`` characters, broken at spaces; a word (a path) longer than
+    the width is broken at a ``/`` where it can be, mid-word only as a last resort."""
+    out: list[str] = []
+    for line in textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False):
+        while len(line) > width:
+            cut = line.rfind("/", 1, width)
+            cut = cut if cut > width // 3 else width
+            out.append(line[:cut])
+            line = line[cut:]
+        out.append(line)
+    return out
 
 
 def _clock(t: float | None) -> str:
@@ -115,21 +143,21 @@ def _duration(seconds: float) -> str:
     return _age(seconds)
 
 
-def render_detail(d: dict[str, Any], width: int = 100) -> str:
+def render_detail(d: dict[str, Any], width: int = 100, agent_running: bool | None = None) -> str:
     """``vip-agent status NAME``: one dataset, every stage with its time, executions, outputs, logs."""
     wrap = max(40, width - 12)
     out = [f"#{d['id']} {d['name']}: {d['state']} (attempt {int(d.get('attempts') or 0) + 1})"]
 
     def field(label: str, value: Any) -> None:
         text = str(value) if value not in (None, "") else "-"
-        chunks = textwrap.wrap(text, wrap, break_long_words=True, break_on_hyphens=False) or ["-"]
+        chunks = _wrap(text, wrap) or ["-"]
         out.append(f"  {label + ':' if label else '':<10}{chunks[0]}")
         out.extend(" " * 12 + c for c in chunks[1:])
 
     field("dataset", d.get("path"))
     field("server", d.get("server"))
     field("output", d.get("output"))
-    progress = progress_text(d)
+    progress = progress_text(d, agent_running)
     if progress:
         field("progress", progress)
     if d.get("error"):
@@ -192,7 +220,8 @@ def main(args: argparse.Namespace) -> int:
             json.dump(info, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            print(render_detail(info, shutil.get_terminal_size((100, 20)).columns))
+            running = queries.agent_pid(state) is not None
+            print(render_detail(info, shutil.get_terminal_size((100, 20)).columns, running))
         return 0
     records = queries.list_records(journal, args.names)
     if args.json:
@@ -209,5 +238,5 @@ def main(args: argparse.Namespace) -> int:
     if not records:
         print("no datasets yet")
         return 0
-    print(render_table(records, shutil.get_terminal_size((120, 20)).columns))
+    print(render_table(records, shutil.get_terminal_size((120, 20)).columns, pid is not None))
     return 0
