@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from agent.errors import CredentialError
 from agent.paths import DEFAULT_SERVER
+from agent.vip.urls import normalise_server
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -106,22 +106,9 @@ class Credential:
 
 
 def normalise_server_url(url: str) -> str:
-    """The server URL as a keyring username: lower-case scheme and host, no
-    default port, no trailing slash or ``/rest`` suffix."""
-    raw = url.strip()
-    if "://" not in raw:
-        raw = "https://" + raw
-    parts = urlsplit(raw)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    port = parts.port
-    netloc = host if port is None or (scheme, port) in (("http", 80), ("https", 443)) else f"{host}:{port}"
-    path = parts.path.rstrip("/")
-    if path.endswith("/rest"):
-        path = path[: -len("/rest")]
-    return urlunsplit((scheme, netloc, path, "", ""))
+    """The server URL as a keyring username: :func:`agent.vip.urls.normalise_server` (one
+    canonical portal URL; a string that is no server URL is a ConfigError)."""
+    return normalise_server(url)
 
 
 def redact(text: str, *secrets: str) -> str:
@@ -474,9 +461,9 @@ def find_api_key(
 def verify_key(server: str, key: str, *, timeout: float = 20) -> None:
     """One authenticated request; raises ``AuthError`` when VIP refuses the key,
     another ``VipError`` when the server cannot tell (outage, network)."""
-    from agent.vip.client import VipClient
+    from agent.backend import open_backend
 
-    client = VipClient(server, key, timeout=timeout, retries=1, backoff=0.5)
+    client = open_backend(server, key, timeout=timeout, retries=1, backoff=0.5)
     try:
         client.check_key()
     finally:

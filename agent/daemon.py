@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.config import AgentConfig, DropConfig, Limits, load_config
 from agent.errors import AgentError, ConfigError, CredentialError
-from agent.journal import Journal
+from agent.journal import Journal, JournalWriteError
 from agent.logs import RedactFilter
 from agent.runner import Tuning
 from agent.scheduler import Scheduler
@@ -57,7 +57,8 @@ class MissingKey(AuthError):
 
 
 class ClientProvider:
-    """``client_for(server)`` for the runner: one VipClient per server, key re-read on demand.
+    """``client_for(server)`` for the runner: one backend (``agent.backend.open_backend``) per
+    server, key re-read on demand.
 
     The key is looked up with ``agent.credentials.find_api_key`` (systemd
     credential, key file, ``VIP_API_KEY``, keyring); only its source is logged.
@@ -80,8 +81,8 @@ class ClientProvider:
         self._sources: dict[str, str] = {}
 
     def _load(self, server: str) -> Any:
+        from agent.backend import open_backend
         from agent.credentials import find_api_key
-        from agent.vip.client import VipClient
 
         try:
             cred = find_api_key(server, key_file=self.key_files.get(server))
@@ -96,7 +97,7 @@ class ClientProvider:
         if self._sources.get(server) != cred.source or current is not None:
             log.info("API key for %s: from %s", server, cred.source)
         self._sources[server] = cred.source
-        client = VipClient(server, cred.key, **self.client_options)
+        client = open_backend(server, cred.key, **self.client_options)
         self._clients[server] = (cred.key, client)
         return client
 
@@ -163,6 +164,9 @@ class WatchService:
         self._thread: threading.Thread | None = None
         self._beat = time.monotonic()
         self._status = ""
+        #: the DICOM node (``dicom:`` in agent.yaml), started with the service
+        self.dicom: Any = None
+        self._wake: socket.socket | None = None  # run()'s self-pipe (see _journal_lost)
         from agent.oversight import Oversight
 
         #: health, alerts, metrics and the status page (``http:``)
@@ -212,6 +216,7 @@ class WatchService:
                 f"{self.config.state}; stop it first, or give this one another --state"
             )
         self.journal = Journal.in_state_dir(self.config.state)
+        self.journal.check_integrity()  # a damaged journal: one line and exit, never a crash later
         log.info("state folder %s", self.config.state)
         runner = Runner(
             self.journal,
@@ -227,6 +232,7 @@ class WatchService:
             probe=self._probe,
             on_final=self._on_final,
             stop_event=self.stop_event,
+            on_lost=self._journal_lost,
             **self.scheduler_options,
         )
         self._check_keys()
@@ -237,6 +243,20 @@ class WatchService:
         self._thread = threading.Thread(target=self._loop, name="vip-agent-watch", daemon=True)
         self._thread.start()
         self.oversight.start()
+        self._start_dicom()
+
+    def _start_dicom(self) -> None:
+        """Start the DICOM node when ``dicom:`` is configured (its datasets land in drop folders)."""
+        if self.config.dicom is None:
+            return
+        from agent.dicom.node import DicomNode
+
+        assert self.journal is not None
+        markers = {d.path: d.readiness.marker if d.readiness.rule == "marker" else None
+                   for d in self.config.drops}  # fmt: skip
+        self.dicom = DicomNode(self.config.dicom, self.config.state, self.journal.path, markers=markers,
+                               on_dataset=lambda drop, name: self.queue.soon(("check", str(drop), name)))  # fmt: skip
+        self.dicom.start()
 
     def _check_keys(self) -> None:
         """Say at start-up whether each server accepts its key (never fatal when refused)."""
@@ -356,6 +376,9 @@ class WatchService:
         """Stop taking work and shut down (returns within about ``grace`` seconds)."""
         self.stop_event.set()
         self.queue.wake()
+        if self.dicom is not None:
+            self.dicom.stop()  # no new object is acknowledged once the service stops
+            self.dicom = None
         self.oversight.stop()
         self._unwatch_all()
         if self.journal is not None:
@@ -417,6 +440,11 @@ class WatchService:
                     return
                 try:
                     self._handle(item)
+                except JournalWriteError as err:  # said once by the scheduler; looked at again
+                    if self.scheduler is not None:
+                        self.scheduler.journal_trouble(err)
+                    if isinstance(item, tuple) and item[0] in ("check", "final"):
+                        self.queue.at(item, time.monotonic() + 5.0)
                 except Exception:  # one broken dataset must not stop the watcher
                     log.exception("error while handling %s", item)
 
@@ -447,6 +475,15 @@ class WatchService:
         elif kind == "final":
             _, dataset_id, _stage = item
             self._after(dataset_id)
+
+    def _journal_lost(self, why: str) -> None:
+        """The scheduler found the journal deleted or replaced: stop the service (exit 1)."""
+        self.stop_event.set()
+        self.queue.wake()
+        wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"\0")
 
     def _on_final(self, dataset_id: int, stage: str) -> None:
         self.queue.soon(("final", dataset_id, stage))
@@ -495,6 +532,7 @@ class WatchService:
         previous: dict[signal.Signals, Any] = {}
         wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
         old_fd = signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        self._wake = wsock  # the journal lost under us wakes the main thread too
         for sig in wanted:
             previous[sig] = signal.signal(sig, lambda s, f: None)  # the byte on the socket is the message
         try:
@@ -511,6 +549,8 @@ class WatchService:
                 if signal.SIGTERM in signals or signal.SIGINT in signals:
                     log.info("stopping on %s", "SIGTERM" if signal.SIGTERM in signals else "SIGINT")
                     break
+                if self.scheduler is not None and self.scheduler.lost is not None:
+                    break  # said once by the scheduler
                 if hasattr(signal, "SIGHUP") and signal.SIGHUP in signals:
                     if notifier is not None:
                         notifier.reloading()
@@ -528,6 +568,7 @@ class WatchService:
             signal.set_wakeup_fd(old_fd)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            self._wake = None
             rsock.close()
             wsock.close()
-        return 0
+        return 1 if self.scheduler is not None and self.scheduler.lost is not None else 0

@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from agent import settings
 from agent.bundled import examples_dir
 from agent.errors import AgentError
 from agent.journal import Journal
-from agent.paths import default_state_dir
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,10 +42,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from agent.backend import open_backend
     from agent.config import config_from_args
     from agent.daemon import AlreadyRunning, WatchService
     from agent.localvip import LocalVip
-    from agent.vip.client import VipClient
 
     source = args.examples or examples_dir() / "drop"
     work = (args.workdir / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     key = secrets.token_urlsafe(24)
     with LocalVip(storage, api_keys=[key]) as server:
         say(f"embedded VIP server at {server.url} (storage {storage})")
-        client = VipClient(server.url, key)
+        client = open_backend(server.url, key)
 
         def service_for(state: Path) -> WatchService:
             config = config_from_args(drop, server=server.url, output=outputs, state=state,
@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
             return WatchService(config, client_for=lambda _url: client,
                                 runner_options={"poll_min": 0.2, "poll_max": 2.0})
 
-        state = args.state or default_state_dir()
+        state = settings.state_dir(args.state)  # --state, VIP_AGENT_STATE, agent.yaml's, default
         service = service_for(state)
         try:
             service.start()

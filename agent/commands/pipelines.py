@@ -15,9 +15,11 @@ import re
 import sys
 import textwrap
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from agent.paths import DEFAULT_SERVER
+from agent.settings import resolve as resolve_settings
 from agent.validate import closest_pipelines, has_default
 
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 2, 2
@@ -33,8 +35,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="part of a pipeline identifier or name (case-insensitive), or a glob like 'LCModel/*'",
     )
     parser.add_argument(
-        "--server", default=DEFAULT_SERVER, help=f"VIP portal URL (default {DEFAULT_SERVER})"
-    )
+        "--server", default=None,
+        help="VIP portal URL (default: VIP_AGENT_SERVER, else agent.yaml's server, else "
+             f"{DEFAULT_SERVER})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="agent.yaml giving the server and its key_file (default: the per-user agent.yaml, "
+             "when there is one)",
+    )  # fmt: skip
     out = parser.add_mutually_exclusive_group()
     out.add_argument(
         "--job-yaml",
@@ -223,18 +232,20 @@ def job_yaml_skeleton(pipeline: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- command
 
 
-def _api_key(server: str) -> str:
+def _api_key(server: str, key_file: Path | None) -> str:
     from agent.credentials import find_api_key
 
-    return find_api_key(server).key
+    return find_api_key(server, key_file=key_file).key
 
 
 def main(args: argparse.Namespace) -> int:
-    from agent.vip.client import VipClient
+    from agent.backend import open_backend
     from agent.vip.errors import NotFoundError
 
-    server = str(args.server).rstrip("/")
-    with VipClient(server, _api_key(server), retries=2) as client:
+    settings = resolve_settings(config=args.config, server=args.server)
+    server = settings.server
+    with open_backend(server, _api_key(server, settings.key_file), retries=2) as backend:
+        client = backend.client
         listing = client.pipelines()
         matches = match_pipelines(listing, args.pattern)
         pattern = args.pattern or ""

@@ -3,27 +3,33 @@
 Exit status: 0 done (last stdout line: the output folder), 1 failed, 2 invalid (nothing
 launched, or a refused option), 3 incomplete (outputs left on VIP; the output folder is
 printed too), 4 cancelled (``vip-agent cancel`` from another shell), 130 stopped by
-SIGINT/SIGTERM (resumable: run the same command again).
+SIGINT/SIGTERM (resumable: run the same command again), 75 not run here: the running
+service has it (or would take it: it is in one of its drop folders, or in progress in the
+journal) or another ``vip-agent run`` drives it, said in one line naming that process's pid
+(also 75: VIP kept failing past ``--give-up-after``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent import actions
 from agent import dataset as dataset_mod
+from agent.backend import open_backend
 from agent.config import parse_duration, parse_poll
 from agent.errors import ConfigError
 from agent.jobfile import MAX_JOBS, MAX_RUNS
-from agent.journal import Dataset, Journal
+from agent.journal import LEASE_BEAT, Dataset, Journal, Owner
 from agent.leftovers import left_on_vip
-from agent.paths import DEFAULT_SERVER, default_state_dir
+from agent.paths import DEFAULT_SERVER
 from agent.progress import TerminalProgress, human_size
 from agent.runner import (
     DEFAULT_POLL_MAX,
@@ -33,9 +39,10 @@ from agent.runner import (
     GaveUp,
     Interrupted,
     Runner,
-    StepOutcome,
     admit,
 )
+from agent.settings import dataset_server
+from agent.settings import resolve as resolve_settings
 from agent.vip.client import VipClient
 from agent.watch.after import update_error_report
 from agent.watch.lock import AgentLock
@@ -44,20 +51,30 @@ EXIT_DONE, EXIT_FAILED, EXIT_INVALID, EXIT_INCOMPLETE, EXIT_CANCELLED = 0, 1, 2,
 EXIT_STOPPED = 130
 #: the server kept failing past --give-up-after; running the command again resumes
 EXIT_GAVE_UP = 75
+#: another live process drives the dataset (the running service, another run): not run twice
+EXIT_BUSY = 75
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="dataset folder (or one acquisition file)")
     parser.add_argument(
         "--server", default=None,
-        help=f"VIP portal URL; /rest/ is appended (default {DEFAULT_SERVER})",
+        help="VIP portal URL (host, host:port or https://host; /rest is added). Default: "
+             "VIP_AGENT_SERVER, else agent.yaml's server for this dataset's drop folder, "
+             f"else {DEFAULT_SERVER}",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="agent.yaml giving the server, key_file and state folder (default: the per-user "
+             "agent.yaml, when there is one)",
     )
     parser.add_argument(
         "--output", type=Path, default=None,
         help="folder that receives <dataset>/ with the mirrored outputs "
              "(default: the job's output_dir, else ./vip_outputs)",
     )
-    parser.add_argument("--state", type=Path, default=None, help="state folder (journal)")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="state folder (journal); default: VIP_AGENT_STATE, else agent.yaml's")
     parser.add_argument("--job", type=Path, default=None,
                         help="template job.yaml (default: job.yaml beside the dataset)")
     parser.add_argument("--keep-remote", action="store_true",
@@ -138,15 +155,38 @@ def template_for(path: Path, explicit: Path | None) -> Path | None:
     return candidate.resolve() if candidate.is_file() else None
 
 
-def print_events(journal: Journal, dataset_id: int, after: int, stream: Any = sys.stderr) -> int:
+def print_events(
+    journal: Journal, dataset_id: int, after: int, stream: Any = sys.stderr,
+    write: Callable[[str], None] | None = None,
+) -> int:  # fmt: skip
     """Print the dataset's journal events newer than ``after``; returns the last id."""
     for ev in journal.events(dataset_id):
         if ev.id > after:
             stamp = time.strftime("%H:%M:%S", time.localtime(ev.time))
             level = "" if ev.level == "info" else f"{ev.level.upper()}: "
-            print(f"{stamp} {level}{ev.message}", file=stream, flush=True)
+            line = f"{stamp} {level}{ev.message}"
+            if write is not None:
+                write(line)
+            else:
+                print(line, file=stream, flush=True)
             after = ev.id
     return after
+
+
+class EventPrinter:
+    """The dataset's new events, printed from the main loop and, through the progress
+    bars' ``before_bar``, just before a transfer's bar appears (above it, not after it)."""
+
+    def __init__(self, journal: Journal, dataset_id: int) -> None:
+        self.journal, self.dataset_id = journal, dataset_id
+        self.last = 0
+        self.bars: TerminalProgress | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            write = self.bars.write if self.bars is not None else None
+            self.last = print_events(self.journal, self.dataset_id, self.last, write=write)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -155,22 +195,34 @@ def main(args: argparse.Namespace) -> int:
     path: Path = args.dataset.resolve()
     if not path.exists():
         raise ConfigError(f"dataset {args.dataset} does not exist")
-    server = (args.server or DEFAULT_SERVER).rstrip("/")
+    # agent.yaml (--config, else the per-user one), then the environment, then the flags
+    settings = resolve_settings(config=args.config, server=args.server, state=args.state,
+                                dataset=path)  # fmt: skip
+    server = settings.server
     template = template_for(path, args.job)
     root, scan = dataset_identity(path)
     if not scan.files:
         raise ConfigError(f"dataset {path} has no files")
 
-    credential = find_api_key(server)
-    client = VipClient(server, credential.key, timeout=args.timeout)
+    state = settings.state
+    existing: list[Dataset] = []
+    if not args.dry_run:
+        journal = Journal.in_state_dir(state)
+        existing = [d for d in journal.find(path=str(path), fingerprint=scan.fingerprint)]
+    if existing:
+        # a dataset's server is fixed by its journal record: its files, executions and
+        # leftovers are there, whatever --server says now
+        server = dataset_server(existing[-1].server)
+        if args.server and settings.server != server:
+            print(f"vip-agent: {existing[-1].name} was started on {server} and continues there "
+                  f"(--server {settings.server} is not used for it)", file=sys.stderr)  # fmt: skip
+    credential = find_api_key(server, key_file=settings.key_file_for(server))
+    client = open_backend(server, credential.key, timeout=args.timeout).client
 
     if args.dry_run:
         return dry_run(path, template, client, max_runs=args.max_runs, max_jobs=args.max_jobs)
 
-    state = args.state or default_state_dir()
-    journal = Journal.in_state_dir(state)
     output_root = (args.output or Path("vip_outputs")).resolve()
-    existing = [d for d in journal.find(path=str(path), fingerprint=scan.fingerprint)]
     options = {"keep_remote": args.keep_remote, "output_override": args.output is not None,
                "max_runs": args.max_runs, "max_jobs": args.max_jobs}  # fmt: skip
     if existing:
@@ -183,6 +235,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"already done: outputs in {ds.output_dir}", file=sys.stderr)
         print(ds.output_dir)
         return EXIT_DONE
+    # one owner per dataset: what the running service has or would take is its own, and this
+    # run drives a dataset only under its journal lease (a dataset recorded below is leased
+    # to it in the same write, so the service never picks it up meanwhile)
+    owner = Owner.this_process("run")
+    journal.owner = owner
+    refusal = not_ours(journal, state, path, existing[-1] if existing else None, owner)
+    if refusal:
+        print(f"vip-agent: {refusal}", file=sys.stderr)
+        return EXIT_BUSY
     if existing and existing[-1].stage == "incomplete":
         ds = existing[-1]
         dataset_id = ds.id
@@ -211,7 +272,9 @@ def main(args: argparse.Namespace) -> int:
         )
     stop = threading.Event()
     poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
-    bars = TerminalProgress(sys.stderr)  # one bar per transfer on a terminal
+    events = EventPrinter(journal, dataset_id)
+    # one bar per transfer on a terminal, below the events that announce it
+    bars = events.bars = TerminalProgress(sys.stderr, before_bar=events)
     runner = Runner(journal, lambda _url: client, stop_event=stop, progress=bars,
                     poll_min=poll_min, poll_max=max(poll_min, poll_max or DEFAULT_POLL_MAX),
                     unknown_limit=args.unknown_limit, give_up_after=args.give_up_after)
@@ -221,23 +284,15 @@ def main(args: argparse.Namespace) -> int:
 
     # SIGINT too: transfers then stop at a chunk boundary instead of finishing first
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    last = 0
-    lock = AgentLock(state)
+    beating = threading.Event()
+    threading.Thread(target=heartbeat, args=(journal, owner, beating), daemon=True,
+                     name="vip-agent lease").start()  # fmt: skip
     try:
         while True:
-            if journal.get(dataset_id).cancel_requested:
-                # `vip-agent cancel` from another shell: whoever holds the state folder's lock
-                # does the cancel step, so two processes never kill and delete at once
-                if lock.acquire():
-                    try:
-                        outcome = runner.step(dataset_id)
-                    finally:
-                        lock.release()
-                else:
-                    outcome = StepOutcome(journal.get(dataset_id).stage, 0.5)
-            else:
-                outcome = runner.step(dataset_id)
-            last = print_events(journal, dataset_id, last)
+            # a `vip-agent cancel` from another shell is done here too: this run holds the
+            # dataset's lease, so no other process kills or deletes at the same time
+            outcome = runner.step(dataset_id)
+            events()
             if outcome.final:
                 break
             if outcome.retry_after and wait(stop, outcome.retry_after, journal, dataset_id):
@@ -245,11 +300,11 @@ def main(args: argparse.Namespace) -> int:
             if stop.is_set():
                 raise Interrupted("stopped")
     except GaveUp as err:
-        print_events(journal, dataset_id, last)
+        events()
         print(f"vip-agent: {err.message}", file=sys.stderr)
         return EXIT_GAVE_UP
     except (Interrupted, KeyboardInterrupt):
-        print_events(journal, dataset_id, last)
+        events()
         ds = journal.get(dataset_id)
         print(
             f"vip-agent: {ds.name} stopped at stage {ds.stage} (not cancelled: what runs on VIP "
@@ -259,10 +314,47 @@ def main(args: argparse.Namespace) -> int:
         )
         return EXIT_STOPPED
     finally:
+        beating.set()
+        with contextlib.suppress(Exception):  # a dead owner's lease is taken over anyway
+            journal.release_lease(dataset_id, owner)
         bars.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return report(journal, journal.get(dataset_id), path)
+
+
+def heartbeat(journal: Journal, owner: Owner, stop: threading.Event) -> None:
+    """Renew this run's lease until ``stop`` (an owner on another host counts by its beats)."""
+    while not stop.wait(LEASE_BEAT):
+        with contextlib.suppress(Exception):
+            journal.renew_leases(owner)
+
+
+def not_ours(
+    journal: Journal, state: Path, path: Path, ds: Dataset | None, owner: Owner
+) -> str | None:
+    """Why this run must not drive the dataset (one line), or None once it holds its lease.
+
+    Refused: a dataset in a drop folder of the running service, or one the journal has in
+    progress while the service runs (the service takes both), or one another live process
+    holds the lease of. A dead owner's lease (exited, killed) is taken over.
+    """
+    name = ds.name if ds is not None else (path.stem if path.is_file() else path.name)
+    follow = f"follow it with `vip-agent status {name}` or `vip-agent logs {name} --follow`"
+    pid = AgentLock(state).held_by_other()
+    if pid is not None:
+        service = f"the running service (vip-agent watch, pid {pid or '?'})"
+        for drop in journal.drop_states():
+            if Path(drop.path) == path or Path(drop.path) in path.parents:
+                return (f"{name} is in the drop folder {drop.path} of {service}, which runs it; "
+                        f"not run twice: {follow}")  # fmt: skip
+        if ds is not None and not ds.final and ds.stage != "waiting":
+            return f"{name} is being run by {service} (stage {ds.stage}); not run twice: {follow}"
+    if ds is not None:
+        held = journal.take_lease(ds.id, owner)
+        if held is not None:
+            return f"{name} is being run by {held.owner.describe()}; not run twice: {follow}"
+    return None
 
 
 def wait(stop: threading.Event, seconds: float, journal: Journal, dataset_id: int) -> bool:
