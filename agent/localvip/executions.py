@@ -21,6 +21,7 @@ marked ``ERROR`` (exit message says why) and their execution is finalised
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -37,7 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.localvip.codes import ApiFailure
+from agent.localvip.codes import EXEC_NAME_VALID_CHARS, ApiFailure, coded
+from agent.localvip.faults import JOB_STATUSES
 from agent.localvip.pipelines import Pipeline, build_command, output_paths
 from agent.localvip.state import ExecRow, State
 from agent.localvip.storage import Storage
@@ -123,8 +125,13 @@ class Engine:
         *,
         capacity_fault: bool = False,
         legacy_dates: bool = False,
+        refusal: Callable[[], ApiFailure | None] | None = None,
     ) -> str:
-        """Validate a POST /executions body in VIP's order; start its jobs."""
+        """Validate a POST /executions body in VIP's order; start its jobs.
+
+        ``refusal`` is asked, once the launch passed every check, whether the engine
+        refuses it (an ApiFailure to raise, or None).
+        """
         if not isinstance(body, dict):
             raise ApiFailure(8000, "An error has been encountered on the VIP API", suffix=False)
         for key in ("name", "pipelineIdentifier", "inputValues"):
@@ -150,7 +157,7 @@ class Engine:
         if body.get("resultsLocation") is not None:
             inputs["results-directory"] = [java_str(body["resultsLocation"])]
         if not NAME_VALID.fullmatch(name):
-            raise ApiFailure(8019, f"The execution name '{name[:200]}' contains invalid characters")
+            raise coded(8019, f"Authorized characters are {EXEC_NAME_VALID_CHARS}")
         pipeline = self.resolve_pipeline(ident, user)
         for spec in pipeline.descriptor.get("inputs", []):
             pid = spec.get("id")
@@ -160,17 +167,14 @@ class Engine:
             if default is not None:
                 inputs[pid] = [java_str(default)]
             elif not spec.get("optional", False):
-                raise ApiFailure(8018, f"The input {pid} is required and has no default value")
+                raise coded(8018, pid)
         inputs.setdefault("results-directory", ["/vip/Home"])
         with self._launch_lock:  # WorkflowBusiness.launch is synchronized
             if self.state.running() >= self.max_platform_running:
-                raise ApiFailure(2000, "Max number of running executions reached on the platform.")
+                raise coded(2000)
             mine = self.state.running(user)
             if capacity_fault or mine >= self.max_running:
-                raise ApiFailure(
-                    2001,
-                    f"Max number of running executions reached.You already have {mine} running executions.",
-                )
+                raise coded(2001, mine)
             # ACL on file inputs and the results directory (missing files fail later)
             for pid, values in inputs.items():
                 if pid == "results-directory" or pipeline.is_file_input(pid):
@@ -184,6 +188,9 @@ class Engine:
                                 raise ApiFailure(8000, f"Permission denied on '{res.vip_path}'")
                         elif pid == "results-directory":
                             raise ApiFailure(8000, f"Invalid results directory '{v}'")
+            refused = refusal() if refusal is not None else None
+            if refused is not None:
+                raise refused
             exec_id = self._new_id()
             results_dir = self.storage.resolve(folder, inputs["results-directory"][0]).vip_path
             suffix = pipeline.custom.get("vip:resultsDirectorySuffix")
@@ -212,10 +219,10 @@ class Engine:
 
     def resolve_pipeline(self, ident: str, user: str) -> Pipeline:
         if "/" not in ident:
-            raise ApiFailure(8005, f"The pipeline identifier {ident} is not valid")
+            raise coded(8005, ident)
         pipeline = self.pipelines().get(ident)
         if pipeline is None:
-            raise ApiFailure(8007, f"The pipeline {ident} does not exist or cannot be used")
+            raise coded(8007, ident)
         if not pipeline.allowed(user):
             raise ApiFailure(8008, f"Not allowed to access pipeline {ident}")
         return pipeline
@@ -235,10 +242,12 @@ class Engine:
         if row.user != user:
             raise ApiFailure(8000, "Permission denied")
         if row.deleted:
-            raise ApiFailure(8015, "No execution available with this id")
+            raise coded(8015, exec_id)
         return row
 
-    def view(self, row: ExecRow, *, summary: bool = False, blip: bool = False) -> dict[str, Any]:
+    def view(self, row: ExecRow, *, summary: bool = False, blip: bool = False,
+             statuses: float = 0.0) -> dict[str, Any]:
+        """VIP's execution JSON; ``statuses``: share of jobs shown with GASW's other statuses."""
         status = "Unknown" if blip and row.status in ("Running", "Killed") else row.status
         if summary:
             inputs: dict[str, Any] = {}
@@ -254,7 +263,10 @@ class Engine:
             else:
                 returned = {} if row.status in ("Finished", "Killed") else None
             jobs = {
-                str(j.job): {"status": j.status, "exitCode": j.exit_code, "exitMessage": j.exit_message}
+                str(j.job): {
+                    "status": gasw_status(row.id, j.job, j.status, statuses),
+                    "exitCode": j.exit_code, "exitMessage": j.exit_message,
+                }
                 for j in self.state.jobs(row.id)
             }
         return {
@@ -436,6 +448,24 @@ class Engine:
                 return  # already Killed
             ok = any(j.status == "COMPLETED" for j in jobs)
             self.state.set_status(exec_id, "Finished" if ok else "ExecutionFailed", only_if="Running")
+
+
+def gasw_status(exec_id: str, job: int, status: str, rate: float) -> str:
+    """The status VIP shows for a job: its latest GASW task's.
+
+    With ``rate`` > 0, that share of jobs (chosen by a hash of execution and job, so a job
+    keeps its answer) reads another status of the same outcome: a completed job whose
+    replica was cancelled reads ``CANCELLED_REPLICA``, a running one ``STALLED``,
+    ``RESCHEDULE`` or ``REPLICATE``... (``faults.JOB_STATUSES``).
+    """
+    options = JOB_STATUSES.get(status)
+    if rate <= 0 or not options:
+        return status
+    digest = hashlib.sha256(f"{exec_id}/{job}".encode()).digest()
+    if int.from_bytes(digest[:4], "big") / 2**32 >= rate:
+        return status
+    others = options[:-1]  # the last one is the plain status
+    return others[digest[4] % len(others)]
 
 
 def expand_jobs(pipeline: Pipeline, inputs: dict[str, list[str]]) -> list[dict[str, list[str]]]:

@@ -12,8 +12,13 @@ official ``vip-client`` 0.1.10 works end to end:
   sends ``PUT /rest/path/vip/Home/dir/``;
 * ``PUT /rest/platform`` (the client's key check) behaves like GET, as VIP's
   method-less mapping does; a valid key therefore gets 200 + platform JSON;
-* only ``/vip/Home`` and ``/vip/Trash`` exist (no groups); API key *i* belongs
-  to user *i* (``user@localvip``, ``user2@localvip``...), all with one password.
+* ``/vip/Home``, ``/vip/Trash`` and the group folders given at start exist; API key *i*
+  belongs to user *i* (``user@localvip``, ``user2@localvip``...), all with one password.
+
+The ``production`` profile (``LocalVip(profile="production")``, docs/localvip.md) adds
+VIP's slowness and strictness: staged transfers under a platform-wide cap, slow
+``/results``, engine refusals, an http->"https" redirect listener, late landings, GASW
+job statuses, a configurable listing cap.
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
-from agent.localvip.codes import GENERIC, ApiFailure, generic, platform_errors
+from agent.localvip.codes import (
+    EXEC_NAME_VALID_CHARS,
+    GENERIC,
+    ApiFailure,
+    coded,
+    generic,
+    platform_errors,
+    uncoded,
+)
 from agent.localvip.executions import Engine
 from agent.localvip.faults import FaultSpec
 from agent.localvip.pipelines import Pipeline, load_pipelines
@@ -160,6 +173,40 @@ class RequestStats:
         with self._lock:
             self.counts.clear()
             self.peak_in_flight = self.in_flight
+
+
+class TransferGate:
+    """The platform-wide pool of storage transfers (GRIDA's upload and download pools).
+
+    ``limit`` is read at each acquire (0 = no cap), so a test may change the fault while
+    the server runs. ``peak`` is the most transfers staged at once, ``timeouts`` how many
+    transfers waited longer than allowed.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.active = 0
+        self.peak = 0
+        self.timeouts = 0
+
+    def acquire(self, limit: int, wait: float | None) -> bool:
+        """Take a slot within ``wait`` seconds (None: however long it takes)."""
+        deadline = None if wait is None else time.monotonic() + wait
+        with self._cond:
+            while limit > 0 and self.active >= limit:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self.timeouts += 1
+                    return False
+                self._cond.wait(left)
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self.active -= 1
+            self._cond.notify()
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -420,6 +467,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiFailure(8000, f"The file '{res.vip_path}' is too big to be downloaded directly")
         if app.faults.roll("transfer_timeout", method, urlsplit(self.path).path):
             raise ApiFailure(8000, f"Transfer of '{res.vip_path}' timed out")
+        if method != "HEAD":
+            # storage copies the file to the portal first (a staged operation), then it is sent
+            app.stage_transfer(method, urlsplit(self.path).path)
         with open(local, "rb") as f:
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
@@ -457,17 +507,37 @@ class _Handler(BaseHTTPRequestHandler):
             if n == 0:
                 storage.mkdir(target, res.vip_path)
                 return self._send(201, b"", None)
-            if app.faults.roll("transfer_timeout", "PUT", urlsplit(self.path).path):
-                # VIP answers 400 after 45 s while GRIDA still lands the file
-                landing: Path = tmp
+            url_path = urlsplit(self.path).path
+            if app.faults.roll("late_landing", "PUT", url_path):
+                # the storage upload failed and was rescheduled: VIP gives up after its wait
+                # (400 8000), the file lands later, even into a folder deleted meanwhile
+                landing_late: Path = tmp
                 tmp = None
-                timer = threading.Timer(app.faults.transfer_land_delay, _land_quietly,
-                                        args=(storage, landing, target, res.vip_path))
-                timer.daemon = True
-                timer.start()
-                raise ApiFailure(8000, f"Transfer of '{res.vip_path}' timed out")
-            storage.land(tmp, target, res.vip_path)
-            tmp = None
+                app.land_late(landing_late, target, res.vip_path)
+                time.sleep(app.faults.transfer_wait)
+                raise uncoded()
+            if not app.transfers.acquire(app.faults.platform_transfers, app.faults.transfer_wait):
+                # no storage slot within VIP's wait: the timeout answer, while the queued
+                # storage operation still runs when a slot frees (and lands the file)
+                queued: Path = tmp
+                tmp = None
+                app.land_when_free(queued, target, res.vip_path)
+                raise uncoded()
+            try:
+                app.sleep_staging("PUT", url_path)
+                if app.faults.roll("transfer_timeout", "PUT", url_path):
+                    # VIP answers 400 after 45 s while GRIDA still lands the file
+                    landing: Path = tmp
+                    tmp = None
+                    timer = threading.Timer(app.faults.transfer_land_delay, _land_quietly,
+                                            args=(storage, landing, target, res.vip_path))
+                    timer.daemon = True
+                    timer.start()
+                    raise ApiFailure(8000, f"Transfer of '{res.vip_path}' timed out")
+                storage.land(tmp, target, res.vip_path)
+                tmp = None
+            finally:
+                app.transfers.release()
         finally:
             if tmp is not None and tmp.exists():
                 tmp.unlink()
@@ -517,17 +587,20 @@ class _Handler(BaseHTTPRequestHandler):
                 body = self._json_body()
                 capacity = app.faults.roll("capacity", method, "/rest/executions")
                 exec_id = engine.create(user.email, user.folder, body, capacity_fault=capacity,
-                                        legacy_dates=app.faults.legacy_dates)
+                                        legacy_dates=app.faults.legacy_dates, refusal=app.engine_refusal)
                 return self._json(engine.view(engine.owned(exec_id, user.email)))
             if method not in ("GET", "HEAD"):
                 raise generic(405)
             if "offset" in query or "studyIdentifier" in query:
                 raise ApiFailure(8000, "offset and studyIdentifier are not supported")
+            cap = app.list_limit()
             try:
-                limit = int(query.get("limit", [str(MAX_LIST_LIMIT)])[0])
+                limit = int(query.get("limit", [str(cap)])[0])
             except ValueError:
                 raise generic(400) from None
-            if limit > MAX_LIST_LIMIT:
+            if limit > cap:
+                if app.faults.list_limit is not None:
+                    raise uncoded()  # VIP: ApiException("limit parameter too high"), no code
                 raise ApiFailure(8000, f"The limit cannot exceed {MAX_LIST_LIMIT}")
             rows = app.state.executions(user.email, max(limit, 0))
             return self._json([engine.view(r, summary=True) for r in rows])
@@ -536,7 +609,7 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[0] == "examples":
             if len(parts) == 1:
                 return self._json([])
-            raise ApiFailure(8016, "Not an example execution")
+            raise coded(8016, parts[1])
         row = engine.owned(parts[0], user.email)
         rest = parts[1:]
         if not rest:
@@ -545,10 +618,14 @@ class _Handler(BaseHTTPRequestHandler):
             path = urlsplit(self.path).path
             knob = {"Running": "unknown_blip", "Killed": "unknown_after_kill"}.get(row.status)
             blip = method == "GET" and knob is not None and app.faults.roll(knob, method, path)
-            return self._json(engine.view(row, blip=blip))
+            return self._json(engine.view(row, blip=blip, statuses=app.faults.job_statuses))
         if rest == ["results"]:
             out = []
-            for _out_id, path in app.state.outputs(row.id):
+            outputs = app.state.outputs(row.id)
+            delay = app.faults.results_delay
+            if delay > 0 and outputs and app.faults.targets(method, urlsplit(self.path).path):
+                time.sleep(delay * len(outputs))  # about two storage calls per output file
+            for _out_id, path in outputs:
                 try:
                     out.append(app.storage.properties(app.storage.resolve(user.folder, path)))
                 except ApiFailure:
@@ -581,7 +658,7 @@ class _Handler(BaseHTTPRequestHandler):
         if rest == ["play"]:
             if method != "PUT":
                 raise generic(405)
-            raise ApiFailure(8001, "The action is not implemented yet : playExecution")
+            raise coded(8001, "playExecution")
         if rest == ["delete"]:
             if method != "PUT":
                 raise generic(405)
@@ -606,16 +683,20 @@ class _Handler(BaseHTTPRequestHandler):
 
         name = str(body["name"])
         if not NAME_VALID.fullmatch(name):
-            raise ApiFailure(8019, f"The execution name '{name[:200]}' contains invalid characters")
+            raise coded(8019, f"Authorized characters are {EXEC_NAME_VALID_CHARS}")
         app.state.rename(row.id, name)
         self._json(app.engine.view(app.engine.owned(row.id, user.email)))
 
 
-def _land_quietly(storage: Storage, tmp: Path, target: Path, vip_path: str) -> None:
+def _land_quietly(storage: Storage, tmp: Path, target: Path, vip_path: str, *,
+                  make_parents: bool = False) -> None:
     try:
-        storage.land(tmp, target, vip_path)
+        storage.land(tmp, target, vip_path, make_parents=make_parents)
+        log.info("localvip: %s landed late", vip_path)
     except Exception as err:
         log.info("localvip: late landing of %s failed: %s", vip_path, err)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _copy_to_socket(f: Any, sock: socket.socket, wfile: Any, count: int) -> None:
@@ -668,7 +749,11 @@ class LocalVip:
         max_platform_running: int = 35,
         max_parallel_jobs: int = 4,
         kill_grace: float = 2.0,
+        profile: str = "ideal",
+        groups: dict[str, list[str]] | None = None,
     ) -> None:
+        FaultSpec.for_profile(profile)  # unknown profile: ConfigError now, not at start
+        self.profile = profile
         self.root = Path(root).resolve()
         self.host = host
         self.port = port
@@ -682,6 +767,10 @@ class LocalVip:
             folder = email.replace("@", "_").replace(".", "_")
             self.users.append(User(email, folder, key))
         self._by_key = {u.key: u for u in self.users}
+        #: group name -> member folders (``/vip/<name> (group)``)
+        self.groups: dict[str, list[str]] = {}
+        for gname, members in (groups or {}).items():
+            self.groups[gname] = [self._member_folder(m, gname) for m in members]
         self._password = password
         self.pipelines_dir = Path(pipelines_dir) if pipelines_dir else None
         self.max_running = max_running
@@ -694,7 +783,10 @@ class LocalVip:
         self.max_platform_running = max_platform_running
         self.max_parallel_jobs = max_parallel_jobs
         self.kill_grace = kill_grace
-        self._faults = _as_faults(faults)
+        self._faults = _as_faults(faults, profile)
+        #: the platform-wide pool of staged transfers (``platform_transfers``)
+        self.transfers = TransferGate()
+        self._redirect: _RedirectServer | None = None
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._pipes: dict[str, Pipeline] = {}
@@ -717,7 +809,20 @@ class LocalVip:
 
     @faults.setter
     def faults(self, value: FaultSpec | str | None) -> None:
-        self._faults = _as_faults(value)
+        """A FaultSpec as is; a spec string or None over this server's profile defaults."""
+        self._faults = _as_faults(value, self.profile)
+
+    @property
+    def redirect_url(self) -> str | None:
+        """``http://host:port`` of the listener answering 301 to :attr:`url` (``redirect_port``)."""
+        if self._redirect is None:
+            return None
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{host}:{self._redirect.server_address[1]}"
+
+    def group_dir(self, name: str) -> Path:
+        """Local folder behind ``/vip/<name> (group)`` (for tests)."""
+        return self.root / ".localvip" / "groups" / name
 
     @property
     def url(self) -> str:
@@ -740,6 +845,8 @@ class LocalVip:
         for u in self.users:
             self.state.set_user(u.email, u.folder, u.key)
             self.storage.home(u.folder)
+        for gname, folders in self.groups.items():
+            self.storage.add_group(gname, folders)
         self.reload_pipelines()
         self.engine = Engine(
             self.state, self.storage, lambda: self._pipes, private / "work",
@@ -753,13 +860,23 @@ class LocalVip:
             name="localvip-http", daemon=True,
         )
         self._thread.start()
-        log.info("localvip: serving %s (root %s)", self.url, self.root)
+        if self._faults.redirect_port is not None:
+            self._redirect = _RedirectServer((self.host, self._faults.redirect_port), self.url)
+            threading.Thread(
+                target=self._redirect.serve_forever, kwargs={"poll_interval": 0.05},
+                name="localvip-redirect", daemon=True,
+            ).start()
+        log.info("localvip: serving %s (root %s, profile %s)", self.url, self.root, self.profile)
         return self
 
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
+        redirect, self._redirect = self._redirect, None
+        if redirect is not None:
+            redirect.shutdown()
+            redirect.server_close()
         httpd.shutdown()
         httpd.server_close()
         with httpd.conns_lock:
@@ -810,6 +927,64 @@ class LocalVip:
     def effective_delete_delay(self) -> float:
         return max(self.delete_delay, self._faults.delete_delay)
 
+    def list_limit(self) -> int:
+        """Largest ``limit`` of GET /executions (VIP's configured default, 500)."""
+        cap = self._faults.list_limit
+        return MAX_LIST_LIMIT if cap is None else cap
+
+    def engine_refusal(self) -> ApiFailure | None:
+        """A launch refusal drawn for ``launch_refusal``, or None."""
+        faults = self._faults
+        if not faults.roll("launch_refusal", "POST", "/rest/executions"):
+            return None
+        code, text = faults.refusal()
+        log.info("localvip: engine refuses a launch (%d)", code)
+        return ApiFailure(code, text)
+
+    def sleep_staging(self, method: str, path: str) -> None:
+        """The storage operation's own time (``staging_delay``)."""
+        delay = self._faults.staging_delay
+        if delay > 0 and self._faults.targets(method, path):
+            time.sleep(delay)
+
+    def stage_transfer(self, method: str, path: str) -> None:
+        """A download's storage operation: a platform slot within VIP's wait, then its time."""
+        faults = self._faults
+        if not self.transfers.acquire(faults.platform_transfers, faults.transfer_wait):
+            raise uncoded()  # VIP: "Aborting operation : too long", no code: the generic 8000
+        try:
+            self.sleep_staging(method, path)
+        finally:
+            self.transfers.release()
+
+    def land_late(self, tmp: Path, target: Path, vip_path: str) -> None:
+        """Land ``tmp`` after VIP's wait plus ``late_landing_delay``, recreating its folder."""
+        after = self._faults.transfer_wait + self._faults.late_landing_delay
+        timer = threading.Timer(after, _land_quietly, args=(self.storage, tmp, target, vip_path),
+                                kwargs={"make_parents": True})
+        timer.daemon = True
+        timer.start()
+
+    def land_when_free(self, tmp: Path, target: Path, vip_path: str) -> None:
+        """A storage upload still queued when VIP gave up: it runs once a slot frees."""
+        def run() -> None:
+            self.transfers.acquire(self._faults.platform_transfers, None)
+            try:
+                self.sleep_staging("PUT", "/rest/path" + vip_path)
+                _land_quietly(self.storage, tmp, target, vip_path, make_parents=True)
+            finally:
+                self.transfers.release()
+
+        threading.Thread(target=run, name="localvip-queued-upload", daemon=True).start()
+
+    def _member_folder(self, member: str, group: str) -> str:
+        for u in self.users:
+            if member in (u.email, u.email.partition("@")[0]):
+                return u.folder
+        raise ValueError(
+            f"group '{group}': no user '{member}' (users: {', '.join(u.email for u in self.users)})"
+        )
+
     def platform(self) -> dict[str, Any]:
         errors = platform_errors()
         return {
@@ -818,7 +993,7 @@ class LocalVip:
             "email": "localvip@localhost",
             "supportedTransferProtocols": ["https"],
             "supportedModules": ["Processing", "Data"],
-            "defaultLimitListExecutions": MAX_LIST_LIMIT,
+            "defaultLimitListExecutions": self.list_limit(),
             "unsupportedMethods": ["playExecution"],
             "supportedAPIVersion": "0.3",
             "maxSizeDirectTransfer": self.max_download,
@@ -831,9 +1006,47 @@ class LocalVip:
         }
 
 
-def _as_faults(value: FaultSpec | str | None) -> FaultSpec:
+def _as_faults(value: FaultSpec | str | None, profile: str = "ideal") -> FaultSpec:
     if value is None:
-        return FaultSpec()
+        return FaultSpec.for_profile(profile)
     if isinstance(value, str):
-        return FaultSpec.parse(value)
+        return FaultSpec.parse(value, profile)
     return value
+
+
+class _RedirectHandler(BaseHTTPRequestHandler):
+    """Answers every request 301 to the same path on the real address (as VIP's front
+    server sends http to https); the body, if any, is not read."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "localvip-redirect"
+    sys_version = ""
+    server: _RedirectServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("localvip redirect %s: " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        body = (
+            b"<html><head><title>301 Moved Permanently</title></head><body>"
+            b"<center><h1>301 Moved Permanently</h1></center></body></html>"
+        )
+        self.send_response(301)
+        self.send_header("Location", self.server.target + self.path)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_GET
+
+
+class _RedirectServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], target: str) -> None:
+        self.target = target
+        super().__init__(addr, _RedirectHandler)

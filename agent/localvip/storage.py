@@ -1,8 +1,10 @@
 """User storage: the ``/vip`` namespace mapped onto a real folder tree.
 
 ``/vip/Home`` of a user is ``<root>/<user folder>``; ``/vip/Trash`` is
-``<root>/.localvip/trash/<user folder>``. Everything else under ``/vip`` (groups,
-``/vip/Users``...) is forbidden (8013), as for a user in no group.
+``<root>/.localvip/trash/<user folder>``. A group folder ``/vip/<NAME> (group)`` is
+``<root>/.localvip/groups/<NAME>``, readable and writable by its members only (VIP's
+``LFCPermissionBusiness``); its top cannot be written or deleted. Everything else under
+``/vip`` (other groups, ``/vip/Users``...) is forbidden (8013).
 
 Deletes are asynchronous like VIP's: with a visibility delay the entry stays
 visible to ``exists``/``list`` until a timer removes it; with no delay the delete
@@ -22,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.localvip.codes import ApiFailure
+from agent.localvip.codes import ApiFailure, coded
 
 log = logging.getLogger("agent.localvip")
 
 
 def forbidden(path: str) -> ApiFailure:
-    return ApiFailure(8013, f"Unauthorized data access to '{path}'")
+    return coded(8013, path)
 
 
 def clean_filename(name: str) -> str:
@@ -59,8 +61,10 @@ class Resolved:
     vip_path: str
     #: None for ``/vip`` itself
     local: Path | None
-    #: True for ``/vip``, ``/vip/Home``, ``/vip/Trash`` (read-only roots)
+    #: True for ``/vip``, ``/vip/Home``, ``/vip/Trash``, ``/vip/<NAME> (group)`` (read-only roots)
     is_root: bool
+    #: the requesting user's folder (``/vip`` lists that user's groups)
+    folder: str = ""
 
 
 def properties_missing(path: str) -> dict[str, Any]:
@@ -91,6 +95,24 @@ class Storage:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self._pending: dict[Path, threading.Timer] = {}
         self._pending_lock = threading.Lock()
+        #: group name -> folders of its members
+        self.groups: dict[str, frozenset[str]] = {}
+
+    # -- groups ------------------------------------------------------------------
+    def add_group(self, name: str, member_folders: list[str]) -> Path:
+        """Create ``/vip/<name> (group)`` for these members; its local folder."""
+        if not name or "/" in name or name in (".", "..") or name != name.strip():
+            raise ValueError(f"invalid group name {name!r}")
+        self.groups[name] = frozenset(member_folders)
+        local = self.group_dir(name)
+        local.mkdir(parents=True, exist_ok=True)
+        return local
+
+    def group_dir(self, name: str) -> Path:
+        return self.private / "groups" / name
+
+    def user_groups(self, folder: str) -> list[str]:
+        return sorted(g for g, members in self.groups.items() if folder in members)
 
     # -- namespace ---------------------------------------------------------------
     def home(self, folder: str) -> Path:
@@ -107,13 +129,22 @@ class Storage:
         """Resolve ``raw`` for the user owning ``folder``; 8013 when forbidden."""
         path = normalize(raw)
         if path == "/vip":
-            return Resolved(path, None, True)
+            return Resolved(path, None, True, folder)
         for top, base in (("/vip/Home", self.home), ("/vip/Trash", self.trash)):
             if path == top:
-                return Resolved(path, base(folder), True)
+                return Resolved(path, base(folder), True, folder)
             if path.startswith(top + "/"):
                 rel = path[len(top) + 1 :]
-                return Resolved(path, base(folder).joinpath(*rel.split("/")), False)
+                return Resolved(path, base(folder).joinpath(*rel.split("/")), False, folder)
+        if self.groups and path.startswith("/vip/"):
+            top_name, _, rel = path[len("/vip/"):].partition("/")
+            if top_name.endswith(" (group)"):
+                group = top_name[: -len(" (group)")]
+                if folder in self.groups.get(group, ()):
+                    local = self.group_dir(group)
+                    if not rel:
+                        return Resolved(path, local, True, folder)
+                    return Resolved(path, local.joinpath(*rel.split("/")), False, folder)
         raise forbidden(path)
 
     def to_vip(self, folder: str, local: Path) -> str:
@@ -122,7 +153,8 @@ class Storage:
         return "/vip/Home" + ("/" + rel.as_posix() if rel.parts else "")
 
     # -- reads ---------------------------------------------------------------------
-    def root_entries(self) -> list[dict[str, Any]]:
+    def root_entries(self, folder: str = "") -> list[dict[str, Any]]:
+        tops = ["/vip/Home", "/vip/Trash"] + [f"/vip/{g} (group)" for g in self.user_groups(folder)]
         return [
             {
                 "path": p,
@@ -133,7 +165,7 @@ class Storage:
                 "executionId": None,
                 "mimeType": "text/directory",
             }
-            for p in ("/vip/Home", "/vip/Trash")
+            for p in tops
         ]
 
     def properties(self, res: Resolved) -> dict[str, Any]:
@@ -143,7 +175,7 @@ class Storage:
                 "lastModificationDate": None,
                 "isDirectory": True,
                 "exists": True,
-                "size": len(self.root_entries()),
+                "size": len(self.root_entries(res.folder)),
                 "executionId": None,
                 "mimeType": "text/directory",
             }
@@ -180,7 +212,7 @@ class Storage:
 
     def list(self, res: Resolved) -> list[dict[str, Any]]:
         if res.local is None:
-            return self.root_entries()
+            return self.root_entries(res.folder)
         if not res.local.is_dir():
             raise ApiFailure(8000, f"The path '{res.vip_path}' does not exist or is not a directory")
         out: list[dict[str, Any]] = []
@@ -228,8 +260,14 @@ class Storage:
         except OSError as err:
             raise ApiFailure(8000, f"Cannot create directory '{vip_path}': {err.strerror}") from None
 
-    def land(self, tmp: Path, target: Path, vip_path: str) -> None:
-        """Move an uploaded temp file into place, never overwriting."""
+    def land(self, tmp: Path, target: Path, vip_path: str, *, make_parents: bool = False) -> None:
+        """Move an uploaded temp file into place, never overwriting.
+
+        ``make_parents``: recreate missing folders first, as a storage operation that was
+        queued before its folder was deleted does when it finally runs (a late landing).
+        """
+        if make_parents:
+            target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(tmp, target)
         except FileExistsError:
