@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from agent.errors import AgentError, CredentialError
-from agent.journal import RETRYABLE_STAGES, Dataset, Journal
+from agent.journal import RETRYABLE_STAGES, Dataset, Journal, Owner
 from agent.leftovers import left_on_vip
 from agent.watch.after import error_file
 from agent.watch.readiness import current_fingerprint
@@ -140,6 +140,9 @@ def cancel_here(
     from agent.vip.errors import AuthError
 
     ds = journal.get(dataset_id)
+    owner = Owner.this_process("cancel")
+    if journal.take_lease(dataset_id, owner) is not None:
+        return wait_final(journal, dataset_id, timeout)  # a live `vip-agent run` cancels it
     provider = ClientProvider({ds.server: key_file})
     stop = threading.Event()
     runner = Runner(journal, provider, stop_event=stop)
@@ -157,4 +160,6 @@ def cancel_here(
             "the agent finishes it when it runs with a working key",
             detail=err.detail,
         ) from None
+    finally:
+        journal.release_lease(dataset_id, owner)
     return None

@@ -8,11 +8,14 @@ same file at once. No API key is ever written here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -104,6 +107,137 @@ class IllegalTransition(RuntimeError):
 
 class JournalError(StateFolderError):
     """The journal cannot be opened (folder missing or read-only) or is from a newer release."""
+
+
+class JournalWriteError(JournalError):
+    """The journal cannot be written now (disk full, folder read-only, I/O error).
+
+    Nothing was written. The agent waits and tries again: it recovers by itself once the
+    state folder is writable again.
+    """
+
+
+class JournalLost(JournalError):
+    """The journal file was deleted, replaced or damaged under a running agent."""
+
+
+#: seconds a lease lives without a heartbeat: how long an owner on another host (or one
+#: whose start cannot be checked) counts as alive after its last sign of life
+LEASE_TTL = 60.0
+#: how often a live owner renews its leases
+LEASE_BEAT = 10.0
+
+_HOST = socket.gethostname()
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+_BOOT = _boot_id()
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (Linux), else None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[-1].split()
+
+
+def process_start(pid: int) -> str | None:
+    """What tells this process from a later one given the same pid: boot id and start time
+    (Linux); None where the system does not say (the owner's heartbeat is then relied on)."""
+    fields = _proc_stat(pid)
+    if fields is None or len(fields) < 20:
+        return None
+    return f"{_BOOT}:{fields[19]}"  # field 22 of stat: start time in clock ticks since boot
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (a zombie is dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: alive
+    except OSError:
+        return False
+    fields = _proc_stat(pid)
+    return not (fields and fields[0] in ("Z", "X"))
+
+
+_ROLES = {"service": "the running service (vip-agent watch", "run": "vip-agent run (",
+          "cancel": "vip-agent cancel ("}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A process that drives datasets: who it is, told apart from a later one with its pid."""
+
+    role: str  # service | run | cancel
+    pid: int
+    host: str
+    started: str | None
+    token: str
+
+    @classmethod
+    def this_process(cls, role: str) -> Owner:
+        pid = os.getpid()
+        return cls(role, pid, _HOST, process_start(pid), uuid.uuid4().hex)
+
+    def describe(self) -> str:
+        """``the running service (vip-agent watch, pid 123)``, ``vip-agent run (pid 9 on pc2)``."""
+        head = _ROLES.get(self.role, f"vip-agent {self.role} (")
+        sep = ", " if head.endswith("watch") else ""
+        where = f" on {self.host}" if self.host != _HOST else ""
+        return f"{head}{sep}pid {self.pid}{where})"
+
+    def alive(self, expires: float, now: float | None = None) -> bool:
+        """Whether this owner still lives, as far as this machine can tell.
+
+        On this host: its pid exists and (where the system says) was started when the owner
+        recorded it, so a reused pid is not mistaken for it; a SIGKILLed owner is dead at
+        once. On another host (or without a start time here): until its heartbeat expires.
+        """
+        now = time.time() if now is None else now
+        if self.host == _HOST:
+            if not pid_alive(self.pid):
+                return False
+            current = process_start(self.pid)
+            if self.started and current is not None:
+                return current == self.started
+        return expires > now
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A dataset's owner and the last sign of life it gave."""
+
+    dataset_id: int
+    owner: Owner
+    beat: float
+    expires: float
+
+    def alive(self, now: float | None = None) -> bool:
+        return self.owner.alive(self.expires, now)
+
+
+#: sqlite3 messages of a journal that cannot be written now (nothing the agent did wrong)
+_WRITE_FAILURES = (
+    ("disk is full", "the disk holding it is full"),
+    ("readonly", "it is read-only"),
+    ("read-only", "it is read-only"),
+    ("disk i/o error", "the disk reports an I/O error"),
+    ("unable to open", "it cannot be opened (deleted, or its folder is gone)"),
+)
 
 
 def check_transition(old: str, new: str) -> None:
@@ -244,9 +378,21 @@ MIGRATIONS: list[Migration] = [
         "CREATE INDEX IF NOT EXISTS executions_finished ON executions(ended)"
         " WHERE status = 'Finished'",
     )),
+    Migration(6, "meta (journal id, agent id) and leases (one owner per dataset)", (
+        # the journal's own identity (a file replaced under a running agent is noticed) and
+        # the agent id of this state folder (folded into remote session names)
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('journal_id', lower(hex(randomblob(16))))",
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('agent_id', lower(hex(randomblob(4))))",
+        # the one process driving each dataset; a dead owner's lease is taken over
+        "CREATE TABLE IF NOT EXISTS leases (dataset_id INTEGER PRIMARY KEY, token TEXT NOT NULL,"
+        " role TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL, started TEXT,"
+        " beat REAL NOT NULL, expires REAL NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS leases_token ON leases(token)",
+    )),
 ]
 #: the schema version this code writes; a journal above it is refused
-SCHEMA_VERSION = MIGRATIONS[-1].version
+SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
 
 _JSON_COLUMNS = frozenset({"options", "job", "progress", "inputs", "jobs"})
 
@@ -372,12 +518,18 @@ class Journal:
 
     path: Path
     _local: threading.local = field(default_factory=threading.local, repr=False)
+    #: the process driving the datasets this handle records (``vip-agent run``): a dataset it
+    #: adds is leased to it in the same transaction, so no service takes it meanwhile
+    owner: Owner | None = None
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._migrate()
+            st = os.stat(self.path)
+            #: what this handle opened: (device, inode) and the id stored inside
+            self.identity = (st.st_dev, st.st_ino, self.meta("journal_id") or "")
         except sqlite3.Error as err:
             self.close()
             raise self._unusable(err) from None
@@ -451,19 +603,150 @@ class Journal:
             # FULL: a committed step survives power loss, not only a crash
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=30000")
+            # no memory-mapped reads: a file truncated under us must be an error, not SIGBUS
+            db.execute("PRAGMA mmap_size=0")
             self._local.db = db
         return db
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as err:
+            raise self._write_error(err) from None
+
+    def _write_error(self, err: sqlite3.OperationalError) -> Exception:
+        """A typed :class:`JournalWriteError` for a journal that cannot be written now."""
+        text = str(err).lower()
+        for words, why in _WRITE_FAILURES:
+            if words in text:
+                return JournalWriteError(
+                    f"cannot write the journal {self.path}: {why}. Nothing is lost; the agent "
+                    "waits and goes on by itself once the state folder is writable again",
+                    detail=str(err),
+                )
+        return err  # locked past the busy timeout, a bug: not a disk problem
+
+    # -- identity and integrity ----------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        """A value of the ``meta`` table (``journal_id``, ``agent_id``)."""
+        row = self._db().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    @property
+    def journal_id(self) -> str:
+        """The id stored inside this journal when it was created (a copy keeps it)."""
+        return self.identity[2]
+
+    def agent_id(self) -> str:
+        """The id of the agent of this state folder (8 hex digits, made once with the journal)."""
+        return self.meta("agent_id") or "0" * 8
+
+    def check_integrity(self) -> None:
+        """Raise :class:`JournalLost` unless SQLite's ``quick_check`` finds the file sound."""
+        try:
+            rows = [str(r[0]) for r in self._db().execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as err:
+            rows = [str(err)]
+        if rows != ["ok"]:
+            raise JournalLost(
+                f"the journal {self.path} is damaged ({rows[0]}); restore a backup of it "
+                "(docs/operations.md: Restoring the journal) or move it aside to start afresh",
+                detail="; ".join(rows),
+            )
+
+    def changed_under_us(self) -> str | None:
+        """Why the file at :attr:`path` is no longer the journal this handle opened, or None.
+
+        Deleted, replaced by another file (another inode, or another id inside), or
+        truncated: the agent must stop rather than go on against a file nobody sees.
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the journal {self.path} was deleted while the agent was running"
+        except OSError as err:
+            return f"the journal {self.path} cannot be looked at any more ({err.strerror or err})"
+        if (st.st_dev, st.st_ino) != self.identity[:2]:
+            return f"the journal {self.path} was replaced by another file while the agent was running"
+        if st.st_size < 512:
+            return f"the journal {self.path} was emptied ({st.st_size} bytes) while the agent was running"
+        try:
+            other = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+            try:
+                row = other.execute("SELECT value FROM meta WHERE key='journal_id'").fetchone()
+            finally:
+                other.close()
+        except sqlite3.Error as err:
+            return f"the journal {self.path} was damaged while the agent was running ({err})"
+        if row is None or str(row[0]) != self.journal_id:
+            return f"the journal {self.path} was overwritten by another journal while the agent was running"
+        return None
+
+    # -- leases: one owner per dataset -------------------------------------------------
+    @staticmethod
+    def _lease(row: sqlite3.Row) -> Lease:
+        owner = Owner(row["role"], int(row["pid"]), row["host"], row["started"], row["token"])
+        return Lease(int(row["dataset_id"]), owner, float(row["beat"]), float(row["expires"]))
+
+    def _insert_lease(self, db: sqlite3.Connection, dataset_id: int, owner: Owner, now: float) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO leases (dataset_id, token, role, pid, host, started, beat,"
+            " expires) VALUES (?,?,?,?,?,?,?,?)",
+            (dataset_id, owner.token, owner.role, owner.pid, owner.host, owner.started, now,
+             now + LEASE_TTL),
+        )  # fmt: skip
+
+    def lease(self, dataset_id: int) -> Lease | None:
+        """The dataset's lease as recorded (its owner may be dead: see :meth:`Lease.alive`)."""
+        row = self._db().execute("SELECT * FROM leases WHERE dataset_id=?", (dataset_id,)).fetchone()
+        return self._lease(row) if row else None
+
+    def take_lease(self, dataset_id: int, owner: Owner) -> Lease | None:
+        """Make ``owner`` the dataset's one driver; returns None when it is (now) the owner,
+        else the lease of the live process that owns it (nothing written).
+
+        A lease whose owner is dead (exited, SIGKILLed, its pid reused, its heartbeat
+        expired) is taken over. One transaction: two processes never both win.
+        """
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT * FROM leases WHERE dataset_id=?", (dataset_id,)).fetchone()
+            if row is not None and row["token"] != owner.token:
+                held = self._lease(row)
+                if held.alive(now):
+                    return held
+            self._insert_lease(db, dataset_id, owner, now)
+        return None
+
+    def holds_lease(self, dataset_id: int, owner: Owner) -> bool:
+        row = self._db().execute(
+            "SELECT 1 FROM leases WHERE dataset_id=? AND token=?", (dataset_id, owner.token)
+        ).fetchone()
+        return row is not None
+
+    def renew_leases(self, owner: Owner) -> int:
+        """The owner's heartbeat: push back the expiry of all its leases; how many it holds."""
+        now = time.time()
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE leases SET beat=?, expires=? WHERE token=?", (now, now + LEASE_TTL, owner.token)
+            )
+        return int(cur.rowcount)
+
+    def release_lease(self, dataset_id: int, owner: Owner) -> None:
+        """Give a dataset up (only if ``owner`` holds it)."""
+        with self._write() as db:
+            db.execute("DELETE FROM leases WHERE dataset_id=? AND token=?", (dataset_id, owner.token))
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -517,6 +800,8 @@ class Journal:
                 "INSERT INTO events (dataset_id, time, level, stage, message) VALUES (?,?,?,?,?)",
                 (dataset_id, now, "info", stage, f"dataset {name} recorded"),
             )
+            if self.owner is not None:
+                self._insert_lease(db, dataset_id, self.owner, now)
         return dataset_id
 
     def get(self, dataset_id: int) -> Dataset:

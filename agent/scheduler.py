@@ -16,6 +16,12 @@ thread (a step is one bounded slice of a stage, see ``agent.runner``). Limits:
 * An :class:`~agent.vip.errors.AuthError` pauses every dataset of that server
   (journal ``paused``), is logged once, and is probed with backoff until the key
   works again (:meth:`Scheduler.probe_now` on SIGHUP).
+* One owner per dataset: a dataset is tracked only once its journal lease is taken
+  (:meth:`agent.journal.Journal.take_lease`); a dataset a live ``vip-agent run`` drives is
+  left alone, and taken when that process is gone. Leases are renewed every
+  ``LEASE_BEAT`` seconds and released when a dataset ends.
+* The journal itself: a write that fails (disk full, read-only) is said once and retried;
+  the file deleted, replaced or emptied under the agent stops it (``on_lost``).
 
 Stopping: :meth:`stop` stops dispatching and sets the runner's stop event;
 steps check it between chunks and raise ``Interrupted``. Step threads are
@@ -38,10 +44,13 @@ from agent.errors import CredentialError
 from agent.journal import (
     ACTIVE_STAGES_SQL,
     FINAL_STAGES,
+    LEASE_BEAT,
     LIVE_SQL,
     PUBLIC_STATE,
     Dataset,
     Journal,
+    JournalWriteError,
+    Owner,
 )
 from agent.runner import STAGE_POOL, Interrupted
 
@@ -97,6 +106,8 @@ class Scheduler:
         auth_retry: tuple[float, float] = (30.0, 600.0),
         poll_journal: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        owner: Owner | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.journal = journal
         self.runner = runner
@@ -119,6 +130,16 @@ class Scheduler:
         #: what happened, for tests and the status line: counts of steps per pool
         self.stats: Counter[str] = Counter()
         self.max_in_flight: Counter[str] = Counter()
+        #: this process as the owner of the datasets it drives (journal leases)
+        self.owner = owner or Owner.this_process("service")
+        self.on_lost = on_lost
+        #: why the journal was given up (deleted/replaced under us), once it was
+        self.lost: str | None = None
+        self._next_beat = 0.0
+        #: datasets seen owned by another live process: id -> that owner's token (said once)
+        self._others: dict[int, str] = {}
+        #: the journal write failure being reported (said once, and when it is over)
+        self._write_trouble: str | None = None
 
     # -- public --------------------------------------------------------------------
     def start(self) -> None:
@@ -146,10 +167,10 @@ class Scheduler:
         """Track every dataset the journal has between ``validate`` and a final stage."""
         n = 0
         for ds in self.journal.datasets(where=f"stage IN {ACTIVE_STAGES_SQL}"):
-            if ds.paused:
-                self.journal.update(ds.id, paused=None)  # re-checked by the next step
             if self.submit(ds):
                 n += 1
+                if ds.paused and ds.server not in self.paused_servers():
+                    self.journal.update(ds.id, paused=None)  # re-checked by the next step
         if n:
             log.info("resuming %d unfinished dataset(s) from the journal", n)
         return n
@@ -159,6 +180,11 @@ class Scheduler:
         if isinstance(ds, int):
             ds = self.journal.get(ds)
         if ds.stage in FINAL_STAGES or ds.stage == "waiting":
+            return False
+        with self._cond:
+            if ds.id in self._entries:
+                return False
+        if not self._take(ds):
             return False
         with self._cond:
             if ds.id in self._entries:
@@ -173,6 +199,29 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
         return True
+
+    def _take(self, ds: Dataset) -> bool:
+        """Take the dataset's lease; False (said once) while another live process drives it."""
+        held = self.journal.take_lease(ds.id, self.owner)
+        if held is None:
+            self._others.pop(ds.id, None)
+            return True
+        if self._others.get(ds.id) != held.owner.token:
+            self._others[ds.id] = held.owner.token
+            log.info("%s: driven by %s; left to it", ds.name, held.owner.describe())
+        return False
+
+    def journal_trouble(self, err: BaseException | None) -> None:
+        """Say a journal write failure once (and once when writes work again)."""
+        if err is None:
+            if self._write_trouble is not None:
+                self._write_trouble = None
+                log.warning("the journal %s can be written again; going on", self.journal.path)
+            return
+        text = str(err)
+        if self._write_trouble is None:
+            log.error("%s", text)
+        self._write_trouble = text
 
     def wake(self, dataset_id: int) -> None:
         """Step a dataset now if it is waiting on a timer (e.g. a cancel request)."""
@@ -230,8 +279,17 @@ class Scheduler:
             now = self.clock()
             if now >= self._next_poll:
                 self._next_poll = now + self.poll_journal
+                lost = self.journal.changed_under_us()
+                if lost is not None:
+                    self._lose_journal(lost)
+                    break
                 try:
+                    if now >= self._next_beat:
+                        self._next_beat = now + LEASE_BEAT
+                        self.journal.renew_leases(self.owner)
                     self._poll_journal()
+                except JournalWriteError as err:
+                    self.journal_trouble(err)
                 except Exception:  # never let a journal hiccup kill the dispatcher
                     log.exception("could not read the journal; trying again shortly")
             with self._cond:
@@ -240,6 +298,20 @@ class Scheduler:
                 wait = self._dispatch(self.clock())
                 wait = min(wait, max(0.0, self._next_poll - self.clock()))
                 self._cond.wait(timeout=wait)
+
+    def _lose_journal(self, why: str) -> None:
+        """Stop at once: going on would write to a file nobody sees (and re-run work later)."""
+        self.lost = why
+        log.error(
+            "%s; stopping. Restart the agent: it starts a new journal (or restore a backup), "
+            "and a dataset whose outputs are already mirrored is recorded as done, not run again",
+            why,
+        )
+        self.stop_event.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self.on_lost is not None:
+            self.on_lost(why)
 
     def _poll_journal(self) -> None:
         """Pick up datasets other processes changed: ``retry`` (stage validate), ``cancel``."""
@@ -328,10 +400,13 @@ class Scheduler:
 
         outcome: Any = None
         error: BaseException | None = None
+        trouble: JournalWriteError | None = None
         try:
             outcome = self.runner.step(e.id)
         except (AuthError, CredentialError) as err:
             error = err
+        except JournalWriteError as err:  # disk full, read-only: said once, retried
+            trouble = err
         except Interrupted:
             pass
         except Exception as err:  # a bug in a step must not stop the agent
@@ -340,6 +415,13 @@ class Scheduler:
         finally:
             with self._cond:
                 self._busy[key] -= 1
+        self.journal_trouble(trouble)
+        if trouble is not None:
+            with self._cond:
+                if not self.stop_event.is_set():
+                    e.state, e.due = "timer", self.clock() + 5.0
+                self._cond.notify_all()
+            return
         final_stage = None
         pause_reason = None
         with self._cond:
@@ -367,6 +449,11 @@ class Scheduler:
             if final_stage is not None:
                 self._entries.pop(e.id, None)
             self._cond.notify_all()
+        if final_stage is not None:
+            try:
+                self.journal.release_lease(e.id, self.owner)
+            except JournalWriteError:
+                pass  # a stale lease of a final dataset harms nobody: taken over when needed
         if pause_reason is not None:
             self.journal.update(e.id, paused=pause_reason)
         if final_stage == "failed" and error is not None and e.unexpected >= MAX_UNEXPECTED:
