@@ -390,6 +390,12 @@ MIGRATIONS: list[Migration] = [
         " beat REAL NOT NULL, expires REAL NOT NULL)",
         "CREATE INDEX IF NOT EXISTS leases_token ON leases(token)",
     )),
+    Migration(7, "pauses: what a user paused (the agent, a drop folder, a dataset), by whom, when", (
+        # scope 'all' (target ''), 'drop' (the drop folder's path) or 'dataset' (its id);
+        # kept across restarts until `vip-agent resume` (agent/pause.py)
+        "CREATE TABLE IF NOT EXISTS pauses (scope TEXT NOT NULL, target TEXT NOT NULL,"
+        " by TEXT NOT NULL, via TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY (scope, target))",
+    )),
 ]
 #: the schema version this code writes; a journal above it is refused
 SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
