@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from agent import __version__
 from agent.credentials import seal_secrets
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 
 #: command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -84,7 +84,8 @@ def _run(argv: list[str]) -> int:
         return int(args._module.main(args) or 0)
     except AgentError as err:
         print(f"vip-agent: {err}", file=sys.stderr)
-        if err.detail:
+        # a configuration error's detail is the key its message already names ("file")
+        if err.detail and not isinstance(err, ConfigError) and err.detail not in err.message:
             print(f"  detail: {err.detail}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -389,7 +389,8 @@ class WatchService:
         if self._thread is not None:
             self._thread.join(timeout=2)
         self.lock.release()
-        log.info("stopped")
+        if getattr(self, "_said_ready", False):
+            log.info("stopped")
 
     def reload(self, config: AgentConfig | None = None) -> None:
         """Apply a new configuration (SIGHUP): drop folders, rules, limits, keys."""
@@ -540,6 +541,7 @@ class WatchService:
             if notifier is not None:
                 notifier.ready(self.status_line())
             log.info("ready")
+            self._said_ready = True  # "stopped" is said only after "ready" (never before a start-up error)
             while True:
                 ready, _, _ = select.select([rsock], [], [], 5.0)
                 signals: set[int] = set()

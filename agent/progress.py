@@ -241,11 +241,12 @@ class TerminalProgress:
         self._bars: dict[tuple[int, str], Any] = {}
         self._tracker = ProgressTracker()
         self._steps: dict[tuple[int, str], int] = {}
-        self._lock = threading.RLock()
+        #: held while drawing; ``before_bar`` runs under it (take it to print between bars)
+        self.lock = threading.RLock()
 
     def __call__(self, dataset_id: int, kind: str, done: int, total: int) -> None:
         key = (dataset_id, kind)
-        with self._lock:
+        with self.lock:
             update = self._tracker.update(dataset_id, kind, done, total)
             if update.stale:
                 return
@@ -253,6 +254,8 @@ class TerminalProgress:
                 self._bar(key, update)
                 return
             step = int(10 * update.done / total) if total else 10
+            if key not in self._steps and self.before_bar is not None:
+                self.before_bar()  # the events announcing the transfer come first
             if step > self._steps.get(key, -1) or update.done >= total:
                 self._steps[key] = step
                 print(describe(kind, update.done, total, update.rate, update.eta), file=self.stream, flush=True)
@@ -297,7 +300,7 @@ class TerminalProgress:
 
     def write(self, text: str) -> None:
         """A line above the bars (they are redrawn below it)."""
-        with self._lock:
+        with self.lock:
             if self._bars:
                 from tqdm import tqdm
 
@@ -306,7 +309,7 @@ class TerminalProgress:
                 print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
-        with self._lock:
+        with self.lock:
             for bar in self._bars.values():
                 bar.close()
             self._bars.clear()

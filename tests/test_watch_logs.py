@@ -5,7 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+from agenthelpers import agent_env, run_agent, wait_for, write_dataset
+
+from agent.localvip import LocalVip
 from agent.logs import get_logger, setup_logging
 
 KEY = "s3cr3t-api-key-value"
@@ -38,3 +46,51 @@ def test_json_format() -> None:
     doc = json.loads(stream.getvalue())
     assert doc["message"] == "dataset s1 done" and doc["level"] == "info"
     assert doc["logger"] == "vip_agent.watch" and doc["dataset"] == "s1" and doc["note"] == "***"
+
+
+BROKEN_JOB = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.txt"}}
+
+
+def test_each_failure_is_said_once(tmp_path: Path, vip_server: LocalVip) -> None:
+    """Issue 17 #7: a failure is one ERROR line in the service log and one error on `run`'s
+    terminal; "stopped" is never logged before a start-up error; a configuration error
+    prints no stray "detail:" line."""
+    drop = tmp_path / "drop"
+    write_dataset(drop / "broken", {"date.txt": "typo\n"}, BROKEN_JOB)
+    # `run`: the error once (as the dataset's last event), then where it is saved
+    done = run_agent("run", str(drop / "broken"), "--server", vip_server.url, "--state",
+                     str(tmp_path / "state-run"), "--output", str(tmp_path / "out-run"),
+                     api_key=vip_server.api_key, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("is not in the dataset folder") == 1, done.stderr
+    assert "ERROR.txt" in done.stderr.splitlines()[-1], done.stderr
+    # `watch`: one line for the failure, at ERROR
+    log_file = tmp_path / "watch.log"
+    with log_file.open("w") as log_fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "watch", str(drop), "--server", vip_server.url,
+             "--output", str(tmp_path / "out"), "--state", str(tmp_path / "state"), "--settle", "0.2"],
+            stdout=subprocess.DEVNULL, stderr=log_fh, env=agent_env(vip_server.api_key), cwd=tmp_path,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: "broken failed" in log_file.read_text(), timeout=30, what="the failure logged")
+            wait_for(lambda: (drop / "broken" / "ERROR.txt").exists(), timeout=30, what="ERROR.txt")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
+    lines = [line for line in log_file.read_text().splitlines() if "broken failed" in line]
+    assert len(lines) == 1 and " ERROR " in lines[0], lines
+    assert log_file.read_text().splitlines()[-1].endswith("INFO    stopped")
+    # a start-up error: the page's port is taken
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_agent("watch", str(drop), "--server", vip_server.url, "--output", str(tmp_path / "out"),
+                         "--state", str(tmp_path / "state2"), "--http", f"127.0.0.1:{port}",
+                         api_key=vip_server.api_key, cwd=tmp_path)  # fmt: skip
+    assert done.returncode != 0 and "Address already in use" in done.stderr, done.stderr
+    assert "stopped" not in done.stderr and "detail:" not in done.stderr, done.stderr
+    done = run_agent("watch", "--config", "missing.yaml", api_key="unused", cwd=tmp_path)
+    assert done.returncode == 2 and "missing.yaml" in done.stderr, done.stderr
+    assert "detail" not in done.stderr, done.stderr

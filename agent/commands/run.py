@@ -184,7 +184,8 @@ class EventPrinter:
         self._lock = threading.Lock()
 
     def __call__(self) -> None:
-        with self._lock:
+        # the bars' lock when there are bars: a transfer thread calls this holding it
+        with self.bars.lock if self.bars is not None else self._lock:
             write = self.bars.write if self.bars is not None else None
             self.last = print_events(self.journal, self.dataset_id, self.last, write=write)
 
@@ -368,7 +369,7 @@ def wait(stop: threading.Event, seconds: float, journal: Journal, dataset_id: in
 
 def report(journal: Journal, ds: Dataset, path: Path) -> int:
     """Say how the dataset ended (``ERROR.txt`` as ``watch`` writes it); the exit status."""
-    update_error_report(ds, journal, path, again=f"vip-agent run {path}")
+    report_file = update_error_report(ds, journal, path, again=f"vip-agent run {path}")
     if ds.stage == "done":
         print(ds.output_dir)
         return EXIT_DONE
@@ -379,7 +380,14 @@ def report(journal: Journal, ds: Dataset, path: Path) -> int:
     if ds.stage == "cancelled":
         print(f"vip-agent: {ds.name} cancelled", file=sys.stderr)
         return EXIT_CANCELLED
-    print(f"vip-agent: {ds.name} failed: {ds.error}", file=sys.stderr)
+    # the error itself was just printed as the dataset's last event: not a second time
+    said = any(ev.level == "error" and ev.message.strip() == (ds.error or "").strip()
+               for ev in journal.events(ds.id)[-3:])  # fmt: skip
+    where = f" (saved in {report_file})" if report_file else ""
+    if said:
+        print(f"vip-agent: {ds.name} failed: see the error above{where}", file=sys.stderr)
+    else:
+        print(f"vip-agent: {ds.name} failed: {ds.error}{where}", file=sys.stderr)
     launched = any(e.vip_id for e in journal.executions(ds.id))
     return EXIT_FAILED if launched else EXIT_INVALID
 

@@ -164,7 +164,8 @@ def finish(ds: Dataset, drop: DropConfig, journal: Journal) -> Path | None:
     report = update_error_report(ds, journal, path)
     if ds.stage == "failed":
         first = one_line(ds.error) or "unknown error"
-        log.info("%s failed: %s (see %s)", ds.name, first, report)
+        # the ERROR line is the oversight's (one per failure); this one is for debugging
+        log.debug("%s failed: %s (see %s)", ds.name, first, report)
         if drop.failed_dir is not None and path.parent == drop.path:
             return _move_any(ds, path, drop.failed_dir, journal, "failed")
         return path
