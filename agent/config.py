@@ -23,6 +23,7 @@ from agent.extract import MAX_MEMBER_RATIO, MAX_RATIO
 from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.paths import default_config_path as default_config_path  # re-exported
 from agent.paths import default_state_dir
+from agent.vip.urls import normalise_server
 
 #: the public VIP portal, used when a drop folder names no server
 DEFAULT_SERVER = "https://vip.creatis.insa-lyon.fr"
@@ -444,9 +445,10 @@ def _poll(r: _Reader) -> dict[str, float | None]:
 
 def _server(r: _Reader, default: str | None) -> str:
     server = r.text("server", default)
-    if not re.match(r"^https?://[^/\s]+", server):
-        raise r.error("server", f"must be the portal URL, e.g. {DEFAULT_SERVER}, not {server!r}")
-    return server.rstrip("/")
+    try:
+        return normalise_server(server)  # one spelling: the journal and the keyring compare it
+    except ConfigError as err:
+        raise r.error("server", f"must be the portal URL, e.g. {DEFAULT_SERVER}: {err.message}") from None
 
 
 def _drop(r: _Reader, settle: float | None) -> DropConfig:
