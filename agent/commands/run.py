@@ -342,6 +342,9 @@ def not_ours(
     """
     name = ds.name if ds is not None else (path.stem if path.is_file() else path.name)
     follow = f"follow it with `vip-agent status {name}` or `vip-agent logs {name} --follow`"
+    lease = journal.lease(ds.id) if ds is not None else None
+    if lease is not None and lease.owner.token != owner.token and lease.alive():
+        return f"{name} is being run by {lease.owner.describe()}; not run twice: {follow}"
     pid = AgentLock(state).held_by_other()
     if pid is not None:
         service = f"the running service (vip-agent watch, pid {pid or '?'})"
