@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -177,6 +178,7 @@ def test_platform_transfer_cap_then_timeout_and_the_queued_upload_lands(prod: Lo
     assert codes == [201, 201, 400, 400, 400]
     assert all(r.json() == {"errorCode": 8000, "errorMessage": GENERIC_8000} for r in answers if r.status_code == 400)
     assert prod.transfers.peak == 2 and prod.transfers.timeouts == 3
+    assert prod.stats.counts["transfer wait timeout"] == 3
     # the storage operations VIP gave up on still run when slots free: every file lands
     wait_for(lambda: all((prod.home() / f"f{i}.txt").is_file() for i in range(5)), timeout=20,
              what="queued uploads land")
@@ -250,6 +252,7 @@ def test_launch_refusals_mixed_and_by_code(prod: LocalVip) -> None:
         2004: {"Error launching execution, contact admins! (Error code 2004)"},
     }
     assert api.get("/executions/count").text == "0"  # nothing was created
+    assert prod.stats_snapshot()["counts"]["launch refused"] == 40
     _err(_launch(api, "Nope/1", {}), 8007)  # validation comes first
     prod.faults = "launch_refusal=1,launch_refusal_code=2003"
     assert all(_err(_launch(api, "Sleep/1.0", {"duration": 0}), 2003) for _ in range(5))
@@ -359,7 +362,7 @@ def test_cli_profile_groups_and_faults(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "agent", "local-server", "--root", str(tmp_path / "root"), "--profile", "production",
          "--groups", "lab:user", "--groups", "imaging team:user@localvip",
-         "--faults", "staging_delay=0.2,launch_refusal=0,list_limit=7"],
+         "--faults", "staging_delay=0.2,launch_refusal=0,list_limit=7", "--stats", str(tmp_path / "stats.json")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
@@ -382,6 +385,10 @@ def test_cli_profile_groups_and_faults(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["profile"] == "production" and stats["counts"]["upload"] == 1
+    assert stats["transfers"] == {"peak": 1, "timeouts": 0}
+    assert stats["total"] >= 3 and stats["peak_requests_per_second"] >= 1
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -68,6 +68,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(default 15000000)")
     parser.add_argument("--delete-delay", type=float, default=0.0, metavar="S",
                         help="seconds a deleted path stays visible (VIP deletes asynchronously; default 0)")
+    parser.add_argument("--stats", type=Path, default=None, metavar="FILE",
+                        help="write request statistics (counts, peak requests per second, staged "
+                        "transfers' peak and timeouts) to FILE as JSON when the server stops")
     parser.add_argument("--log-level", default="WARNING", help="server log level on stderr (default WARNING)")
 
 
@@ -94,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         )
         server.start()
     except (OSError, ValueError) as err:
-        raise ConfigError("the local VIP server could not start", detail=str(err)) from None
+        raise ConfigError(f"the local VIP server could not start: {err}", detail=str(err)) from None
     if server.redirect_url:
         print(f"localvip: {server.redirect_url} redirects (301) to {server.url}", file=sys.stderr, flush=True)
     stop = threading.Event()
@@ -112,7 +115,20 @@ def main(args: argparse.Namespace) -> int:
             pass
     finally:
         server.stop()
+        if args.stats is not None:
+            _write_stats(args.stats, server.stats_snapshot())
     return 0
+
+
+def _write_stats(path: Path, data: dict[str, object]) -> None:
+    import json
+
+    from agent.fsutil import write_atomic
+
+    try:
+        write_atomic(path, json.dumps(data, indent=1) + "\n")
+    except OSError as err:
+        print(f"localvip: could not write the statistics to {path}: {err}", file=sys.stderr)
 
 
 def parse_groups(specs: list[str]) -> dict[str, list[str]]:

@@ -146,8 +146,10 @@ class RequestStats:
     """What the server was asked, for tests and benchmarks (bounded: counts, not a log).
 
     ``counts`` maps a request kind (``upload``, ``mkdir``, ``properties``, ``list``,
-    ``exists``, ``content``, ``delete``, ``GET /executions``...) to how many were received;
-    ``peak_in_flight`` is the most requests handled at the same time.
+    ``exists``, ``content``, ``delete``, ``GET /executions``...) to how many were received,
+    and production events (``launch refused``, ``late landing``, ``transfer wait timeout``)
+    to how many happened; ``peak_in_flight`` is the most requests handled at the same time;
+    ``total`` every request, ``per_second`` requests by start second (the last hour).
     """
 
     def __init__(self) -> None:
@@ -155,11 +157,28 @@ class RequestStats:
         self.counts: Counter[str] = Counter()
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.total = 0
+        self.per_second: Counter[int] = Counter()
 
     def enter(self) -> None:
+        second = int(time.time())
         with self._lock:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            self.total += 1
+            self.per_second[second] += 1
+            if len(self.per_second) > 3600:
+                del self.per_second[min(self.per_second)]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything above as JSON-ready data (``--stats FILE`` writes it at exit)."""
+        with self._lock:
+            return {
+                "total": self.total, "counts": dict(self.counts),
+                "peak_in_flight": self.peak_in_flight,
+                "peak_requests_per_second": max(self.per_second.values(), default=0),
+                "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
+            }
 
     def leave(self) -> None:
         with self._lock:
@@ -173,6 +192,8 @@ class RequestStats:
         with self._lock:
             self.counts.clear()
             self.peak_in_flight = self.in_flight
+            self.total = 0
+            self.per_second.clear()
 
 
 class TransferGate:
@@ -513,6 +534,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # (400 8000), the file lands later, even into a folder deleted meanwhile
                 landing_late: Path = tmp
                 tmp = None
+                app.stats.count("late landing")
                 app.land_late(landing_late, target, res.vip_path)
                 time.sleep(app.faults.transfer_wait)
                 raise uncoded()
@@ -521,6 +543,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # storage operation still runs when a slot frees (and lands the file)
                 queued: Path = tmp
                 tmp = None
+                app.stats.count("transfer wait timeout")
                 app.land_when_free(queued, target, res.vip_path)
                 raise uncoded()
             try:
@@ -927,6 +950,13 @@ class LocalVip:
     def effective_delete_delay(self) -> float:
         return max(self.delete_delay, self._faults.delete_delay)
 
+    def stats_snapshot(self) -> dict[str, Any]:
+        """Request statistics plus the staged-transfer pool's (``--stats FILE``)."""
+        return {
+            **self.stats.snapshot(), "profile": self.profile,
+            "transfers": {"peak": self.transfers.peak, "timeouts": self.transfers.timeouts},
+        }
+
     def list_limit(self) -> int:
         """Largest ``limit`` of GET /executions (VIP's configured default, 500)."""
         cap = self._faults.list_limit
@@ -939,6 +969,7 @@ class LocalVip:
             return None
         code, text = faults.refusal()
         log.info("localvip: engine refuses a launch (%d)", code)
+        self.stats.count("launch refused")
         return ApiFailure(code, text)
 
     def sleep_staging(self, method: str, path: str) -> None:
@@ -951,6 +982,7 @@ class LocalVip:
         """A download's storage operation: a platform slot within VIP's wait, then its time."""
         faults = self._faults
         if not self.transfers.acquire(faults.platform_transfers, faults.transfer_wait):
+            self.stats.count("transfer wait timeout")
             raise uncoded()  # VIP: "Aborting operation : too long", no code: the generic 8000
         try:
             self.sleep_staging(method, path)
