@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import os
 import sys
@@ -42,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: exit status of an error the agent did not expect (a bug): EX_SOFTWARE of sysexits.h
+EXIT_UNEXPECTED = 70
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vip-agent",
@@ -54,8 +59,46 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only == name:
             module = importlib.import_module(module_name)
             module.configure(p)
-            p.set_defaults(_module=module)
+            p.set_defaults(_module=module, _subparser=p)
     return parser
+
+
+def _near(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_command(parser: argparse.ArgumentParser, word: str) -> int:
+    parser.print_usage(sys.stderr)
+    print(f"vip-agent: unknown command {word!r}{_near(word, list(COMMANDS))}; commands: "
+          f"{', '.join(COMMANDS)} (`vip-agent --help` says what each does)", file=sys.stderr)  # fmt: skip
+    return 2
+
+
+def _unknown_arguments(sub: argparse.ArgumentParser, extras: list[str]) -> int:
+    """The command's own usage and a did-you-mean for a mistyped option (``status --jsno``)."""
+    options = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    hints = [f"{x}{_near(x.split('=')[0], options) if x.startswith('--') else ''}" for x in extras]
+    try:
+        sub.error(f"unrecognized arguments: {' '.join(hints)}")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 2
+    return 2  # pragma: no cover - error() always exits
+
+
+def _unexpected(err: BaseException) -> int:
+    """One line for an error no code path expected (a bug), never a traceback, never the key."""
+    from agent.credentials import environ, redact
+
+    text = redact(f"{type(err).__name__}: {err}", *(v for k, v in environ().items() if "KEY" in k))
+    print(f"vip-agent: unexpected error: {' '.join(text.split())[:500]} (this is a bug; please "
+          "report it with the command you ran. VIP_AGENT_DEBUG=1 shows where it happened)",
+          file=sys.stderr)  # fmt: skip
+    if os.environ.get("VIP_AGENT_DEBUG"):
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)
+    return EXIT_UNEXPECTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,8 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(only=command if command in COMMANDS else None)
+    if command is not None and command not in COMMANDS and argv.index(command) == 0:
+        return _unknown_command(parser, command)
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras and getattr(args, "_subparser", None) is not None:
+            return _unknown_arguments(args._subparser, extras)
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     except SystemExit as done:  # --help, --version, usage errors
         sys.stdout.flush()
         return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
@@ -90,6 +139,10 @@ def _run(argv: list[str]) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except (BrokenPipeError, SystemExit):
+        raise  # main() handles a closed pipe; a command may exit on purpose
+    except Exception as err:  # noqa: BLE001 - the last net: one line and an exit code
+        return _unexpected(err)
 
 
 def _closed_pipe() -> int:

@@ -111,12 +111,21 @@ def normalise_server_url(url: str) -> str:
     return normalise_server(url)
 
 
+#: a secret at least this long is replaced wherever it appears; a shorter one (a test key
+#: such as "x") only where it stands alone, or "/rest/executions" would become "/r***st/..."
+REDACT_ANYWHERE = 8
+
+
 def redact(text: str, *secrets: str) -> str:
     """``text`` with every occurrence of each secret replaced (defence in depth
     for messages built from third-party exception text)."""
     for secret in secrets:
-        if secret:
+        if not secret:
+            continue
+        if len(secret) >= REDACT_ANYWHERE:
             text = text.replace(secret, "***")
+        else:
+            text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", "***", text)
     return text
 
 

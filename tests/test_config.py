@@ -84,7 +84,7 @@ drops:
          "drops[0].readiness.rule", "settle, marker, manifest"),
         ("drops: [{path: d, output: o, max_running: 0}]", "drops[0].max_running", ">= 1"),
         ("drops: [{path: d, output: o, poll_interval: soon}]", "drops[0].poll_interval", "duration"),
-        ("drops: [{path: d, output: o, server: vip.example.org}]", "drops[0].server", "portal URL"),
+        ("drops: [{path: d, output: o, server: notaurl}]", "drops[0].server", "portal URL"),
         ("drops: [{path: d, output: o, datasets: files, readiness: {rule: manifest}}]",
          "drops[0].readiness.rule", "datasets: folders"),
         ("drops: []", "drops", "at least one"),

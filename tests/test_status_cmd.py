@@ -89,10 +89,15 @@ def test_status_json_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_status_without_journal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_json(capsys, "--state", str(tmp_path / "none")) == []
-    assert cli(["status", "--state", str(tmp_path / "none")]) == 0
-    assert "no datasets yet" in capsys.readouterr().out
+    # a --state folder without a journal is a typo more often than not (issue 17 item 11)
+    assert cli(["status", "--json", "--state", str(tmp_path / "none")]) == 1
+    assert cli(["status", "--state", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert f"the state folder {tmp_path / 'none'} does not exist: nothing has run there" in err
     assert not (tmp_path / "none").exists()  # status never creates state
+    (tmp_path / "empty").mkdir()
+    assert cli(["status", "--state", str(tmp_path / "empty")]) == 1
+    assert "holds no journal" in capsys.readouterr().err
 
 
 def test_retry_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

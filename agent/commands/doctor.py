@@ -23,6 +23,7 @@ from typing import TextIO
 from agent import service
 from agent.credentials import (
     DEFAULT_SERVER,
+    Credential,
     find_api_key,
     keyring_backend_name,
     keyring_problem,
@@ -61,6 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-free-gb", type=float, default=DEFAULT_MIN_FREE_GB,
                         help=f"warn when less free space than this (default {DEFAULT_MIN_FREE_GB:g})")
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    # `vip-agent init` without a key yet: a key still to be given is a warning, not a failure
+    parser.add_argument("--key-later", action="store_true", help=argparse.SUPPRESS)
 
 
 @dataclass
@@ -176,8 +179,9 @@ def check_folders(report: Report, roles: list[tuple[str, Path]]) -> None:
             report.add(OK, f"{role} {path}: exists, writable")
 
 
-def check_watched_drops(report: Report, state: Path) -> None:
-    """What a running agent sees of its drop folders (one that disappeared under it)."""
+def check_watched_drops(report: Report, state: Path, mine: Iterable[Path] | None = None) -> None:
+    """What a running agent sees of its drop folders (one that disappeared under it); with
+    ``mine``, only those drop folders (the ones of the configuration being checked)."""
     from agent.journal import JOURNAL_NAME, Journal
     from agent.watch.lock import AgentLock
 
@@ -187,7 +191,10 @@ def check_watched_drops(report: Report, state: Path) -> None:
         drops = Journal(state / JOURNAL_NAME).drop_states()
     except AgentError:
         return
+    wanted = None if mine is None else {Path(p) for p in mine}
     for drop in drops:
+        if wanted is not None and Path(drop.path) not in wanted:
+            continue  # another configuration's folder, watched by the agent on this state
         if drop.state == "watching":
             report.add(OK, f"drop folder {drop.path}: watched by the running agent ({drop.message})")
         else:
@@ -359,8 +366,10 @@ def check_key(
     reachable: bool,
     env: Mapping[str, str] | None = None,
     config_path: Path | None = None,
-) -> None:
-    """Where the key comes from (never the key) and whether VIP accepts it."""
+    key_later: bool = False,
+) -> Credential | None:
+    """Where the key comes from (never the key) and whether VIP accepts it; the credential
+    found (None when there is none)."""
     try:
         credential = find_api_key(server, key_file=key_file, env=env)
     except AgentError as err:
@@ -370,14 +379,19 @@ def check_key(
             fix += "\n" + _SERVICE_KEY_HINT.format(
                 key=system_key, config=config_path or service.SYSTEM_CONFIG
             )
+        if key_later and key_file is None:
+            report.add(WARN, f"API key for {server}: none stored yet",
+                       f"`vip-agent login --server {server}`, or name a key file (chmod 600) with "
+                       "key_file: in agent.yaml (docs/operations.md)")
+            return None
         report.add(FAIL, f"API key for {server}: not usable", fix)
-        return
+        return None
     report.hide(credential.key)
     report.add(OK, f"API key for {server}: found ({credential.source})")
     if not reachable:
         report.add(WARN, f"API key for {server}: not checked, the server is unreachable",
                    "run doctor again once the server answers")
-        return
+        return credential
     from agent.credentials import verify_key
     from agent.vip.errors import AuthError, VipError
 
@@ -392,11 +406,16 @@ def check_key(
                    "run doctor again later")
     else:
         report.add(OK, f"API key for {server}: accepted by the server")
+    return credential
 
 
-def check_keyring(report: Report, server: str) -> None:
-    """Whether a keyring backend is usable and answers in time."""
+def check_keyring(report: Report, server: str, *, not_needed: str | None = None) -> None:
+    """Whether a keyring backend is usable and answers in time. ``not_needed`` names where
+    every key comes from when none comes from the keyring: a missing keyring is then fine."""
     problem = keyring_problem()
+    if problem is not None and not_needed:
+        report.add(OK, f"keyring: not needed (the key comes from {not_needed}; {problem})")
+        return
     if problem is not None:
         report.add(WARN, f"keyring: {problem}",
                    "fine when the key comes from a systemd credential, a key file or VIP_API_KEY; "
@@ -421,9 +440,12 @@ def diagnose(
     out: TextIO | None = None,
     min_free_gb: float = DEFAULT_MIN_FREE_GB,
     env: Mapping[str, str] | None = None,
+    key_later: bool = False,
 ) -> Report:
     """Run every check; the report holds the results (already printed to ``out``)."""
     report = Report(out)
+    # a mistyped --server is refused before anything is checked or sent
+    wanted = normalise_server_url(server) if server is not None else None
     config, path = check_config(report, config_path, server_given=server is not None)
 
     targets: list[tuple[str, Path | None]] = []
@@ -433,33 +455,46 @@ def diagnose(
         check_disk(report, [p for r, p in roles if r != "drop folder"] or [p for _r, p in roles],
                    min_free_gb * 1024**3)
         check_inotify(report, [p for r, p in roles if r == "drop folder"])
-        check_watched_drops(report, Path(config.state))
+        check_watched_drops(report, Path(config.state), [Path(d.path) for d in config.drops])
         for drop in config.drops:
             targets.append((normalise_server_url(drop.server), drop.key_file))
     check_observer(report, config)
 
-    if server is not None:
-        wanted = normalise_server_url(server)
+    if wanted is not None:
         key_file = next((k for s, k in targets if s == wanted), None)
         targets = [(wanted, key_file)]
+    elif not targets and path is not None:
+        # an agent.yaml that does not load names no server: probing the public VIP instead
+        # would check a server the user never chose
+        report.add(WARN, "server and API key: not checked (correct the configuration first, "
+                   "or name a server with --server)")
+        return report
     elif not targets:
         targets = [(normalise_server_url(DEFAULT_SERVER), None)]
     seen: set[tuple[str, Path | None]] = set()
     reachable: dict[str, bool] = {}
+    sources: list[str | None] = []
     for url, key_file in targets:
         if (url, key_file) in seen:
             continue
         seen.add((url, key_file))
         if url not in reachable:
             reachable[url] = check_server(report, url)
-        check_key(report, url, key_file, reachable=reachable[url], env=env, config_path=path)
-    check_keyring(report, targets[0][0])
+        found = check_key(report, url, key_file, reachable=reachable[url], env=env,
+                          config_path=path, key_later=key_later)  # fmt: skip
+        sources.append(found.source if found is not None else None)
+    # a key file or a systemd credential is how a service gets its key: no keyring needed
+    # (the environment variable is not: it is usually a shell's stopgap for the keyring)
+    keyring_free = all(s is not None and s.startswith(("key file", "systemd")) for s in sources)
+    check_keyring(report, targets[0][0], not_needed=", ".join(dict.fromkeys(
+        s for s in sources if s)) if keyring_free else None)  # fmt: skip
     return report
 
 
 def main(args: argparse.Namespace) -> int:
     out = sys.stdout
-    report = diagnose(config_path=args.config, server=args.server, out=out, min_free_gb=args.min_free_gb)
+    report = diagnose(config_path=args.config, server=args.server, out=out,
+                      min_free_gb=args.min_free_gb, key_later=args.key_later)  # fmt: skip
     fails, warns = report.count(FAIL), report.count(WARN)
     print(f"doctor: {report.count(OK)} OK, {warns} WARN, {fails} FAIL", file=out)
     return 1 if fails or (args.strict and warns) else 0

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from agent.config import DEFAULT_SETTLE, default_config_path
-from agent.credentials import find_api_key, normalise_server_url, store_api_key, verify_key
+from agent.credentials import find_api_key, normalise_server_url, redact, store_api_key, verify_key
 from agent.errors import AgentError, CredentialError
 from agent.initconfig import InitChoices, render, write_config
 from agent.paths import DEFAULT_SERVER, default_state_dir
@@ -130,26 +130,27 @@ def _choices(args: argparse.Namespace, interactive: bool) -> InitChoices:
     )  # fmt: skip
 
 
-def _offer_login(server: str, interactive: bool) -> None:
-    """Say where the key was found; if nowhere, offer to store one (interactive) or say how."""
+def _offer_login(server: str, interactive: bool) -> bool:
+    """Say where the key was found; if nowhere, offer to store one (interactive) or say how.
+    True when a key is there at the end."""
     try:
         cred = find_api_key(server)
     except CredentialError:
         pass
     else:
         print(f"API key for {server}: found ({cred.source})")
-        return
+        return True
     if not interactive:
         print(f"no API key for {server} yet: run `vip-agent login --server {server}` "
               "(or see docs/operations.md for key files and systemd credentials)")  # fmt: skip
-        return
+        return False
     if _ask(f"No API key found for {server}. Log in now (y/n)?", "y").lower() not in ("y", "yes"):
         print(f"later: `vip-agent login --server {server}`")
-        return
+        return False
     key = getpass.getpass("VIP API key (input hidden; see My Account on the VIP portal): ").strip()
     if not key:
         print(f"no key given; later: `vip-agent login --server {server}`")
-        return
+        return False
     from agent.vip.errors import AuthError, VipError
 
     try:
@@ -158,13 +159,18 @@ def _offer_login(server: str, interactive: bool) -> None:
         print(
             f"{server} refused this key; nothing was stored. Later: `vip-agent login --server {server}`"
         )
-        return
+        return False
     except VipError as err:
-        print(f"could not check the key ({err.message}); nothing was stored. "
+        print(f"could not check the key ({redact(err.message, key)}); nothing was stored. "
               f"Later: `vip-agent login --server {server}`")  # fmt: skip
-        return
-    where = store_api_key(server, key)
+        return False
+    try:
+        where = store_api_key(server, key)
+    except CredentialError as err:  # no usable keyring (a headless PC): say the other ways
+        print(f"the key is valid but could not be stored: {redact(err.message, key)}")
+        return False
     print(f"API key accepted and stored in the OS keyring as {where}")
+    return True
 
 
 def main(args: argparse.Namespace) -> int:
@@ -180,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
     if backup is not None:
         print(f"the previous configuration is kept as {backup}")
     print(f"wrote {path}")
-    _offer_login(choices.server, interactive)
+    has_key = _offer_login(choices.server, interactive)
     if args.no_doctor:
         return 0
     print(f"\nvip-agent doctor --config {path}", flush=True)
@@ -188,7 +194,8 @@ def main(args: argparse.Namespace) -> int:
     from agent.cli import main as cli_main
 
     sys.stdout.flush()
-    returncode = cli_main(["doctor", "--config", str(path)])
+    # a key still to be given (a scripted install logs in later) is a warning, not a failure
+    returncode = cli_main(["doctor", "--config", str(path), *([] if has_key else ["--key-later"])])
     if returncode == 0:
         print(f"\nready: `vip-agent watch --config {path}` runs it now; "
               "`vip-agent install-service --user` makes it a service")  # fmt: skip

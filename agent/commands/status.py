@@ -212,6 +212,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
     journal = queries.open_journal(state)
+    if journal is None and args.state:
+        # a folder named on purpose that holds no journal is a typo, not "no datasets yet"
+        what = "does not exist" if not state.exists() else "holds no journal"
+        raise queries.NotFound(f"the state folder {state} {what}: nothing has run there; "
+                               "check the --state path")  # fmt: skip
     if len(args.names) == 1:
         if journal is None:
             raise queries.NotFound(f"no journal in {state}: nothing has run there yet")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
+from agent import settings
 from agent.config import (
     AgentConfig,
     HttpSettings,
@@ -65,15 +67,16 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
             datasets="files" if args.files else None, pattern=args.files,
             log_format=args.log_format or "text",
         ), getattr(args, "http", None))  # fmt: skip
-    path = args.config or default_config_path()
-    if not args.config and not path.exists():
+    path = settings.find_config(args.config)  # the same agent.yaml every command reads
+    if path is None:
         raise ConfigError(
             f"nothing to watch: give a drop folder (vip-agent watch DROP --server URL --output DIR) "
-            f"or a configuration file (--config, default {path})"
+            f"or a configuration file (--config, default {default_config_path()})"
         )
     config = load_config(path, settle=args.settle)
-    if args.state:
-        config = replace(config, state=args.state.expanduser().resolve())
+    state = args.state or os.environ.get(settings.ENV_STATE)  # flags, then the environment
+    if state:
+        config = replace(config, state=Path(state).expanduser().resolve())
     if args.log_format:
         config = replace(config, log_format=args.log_format)
     return _with_http(config, getattr(args, "http", None))
