@@ -9,7 +9,8 @@ Callers decide on the class, never on message text:
   :class:`LaunchUncertain` is the one raised by ``POST /executions``: the execution may exist.
 * :class:`TransferTimeout`: a transfer answered 400 8000, which may be VIP's 45 s transfer
   timeout (the upload can still land); the client cannot tell, the caller checks.
-* :class:`ApiError`: any other coded error (``.code``).
+* :class:`ApiError`: any other coded error (``.code``). :class:`RedirectError` is the one raised
+  when the server redirects where the key must not follow (another host, plain http).
 * :class:`ProtocolError`: a 2xx answer that is an error object or not what the endpoint
   returns (a broken server or proxy); transient, the raw answer is in ``detail``.
 * :class:`UnsafePathError`: a path that is relative, has ``.``/``..`` segments or lies outside
@@ -100,6 +101,11 @@ class TransferTimeout(VipError):
 
 class ApiError(VipError):
     """Any other error VIP reported with a code."""
+
+
+class RedirectError(ApiError):
+    """The server redirected to an address the client does not follow with the key (another
+    host, plain http, another path): the configured VIP URL needs fixing."""
 
 
 class AccessDeniedError(ApiError):
