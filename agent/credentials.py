@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from agent.errors import CredentialError
+from agent.errors import CredentialError, scrub
 from agent.paths import DEFAULT_SERVER
 from agent.vip.urls import normalise_server
 
@@ -111,21 +111,11 @@ def normalise_server_url(url: str) -> str:
     return normalise_server(url)
 
 
-#: a secret at least this long is replaced wherever it appears; a shorter one (a test key
-#: such as "x") only where it stands alone, or "/rest/executions" would become "/r***st/..."
-REDACT_ANYWHERE = 8
-
-
 def redact(text: str, *secrets: str) -> str:
-    """``text`` with every occurrence of each secret replaced (defence in depth
-    for messages built from third-party exception text)."""
+    """``text`` with each secret replaced (defence in depth for messages built from
+    third-party exception text); :func:`agent.errors.scrub`'s rule for short secrets."""
     for secret in secrets:
-        if not secret:
-            continue
-        if len(secret) >= REDACT_ANYWHERE:
-            text = text.replace(secret, "***")
-        else:
-            text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", "***", text)
+        text = scrub(text, secret)
     return text
 
 

@@ -7,6 +7,8 @@ message; logs show both.
 
 from __future__ import annotations
 
+import re
+
 
 def one_line(text: str | None) -> str:
     """A multi-line message (a heading and its ``- problem`` list) on one line, for tables and logs."""
@@ -17,6 +19,20 @@ def one_line(text: str | None) -> str:
     if len(parts) > 1 and parts[0].endswith(":"):
         return parts[0] + " " + "; ".join(parts[1:])
     return " ".join(parts)
+
+
+#: a secret at least this long is replaced wherever it appears; a shorter one (a test key
+#: such as "e") only where it stands alone: "/rest/executions" stays readable
+SCRUB_ANYWHERE = 8
+
+
+def scrub(text: str, secret: str, mark: str = "***") -> str:
+    """``text`` without ``secret`` (the one rule for every message that could echo a key)."""
+    if not secret:
+        return text
+    if len(secret) >= SCRUB_ANYWHERE:
+        return text.replace(secret, mark)
+    return re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", lambda _m: mark, text)
 
 
 class AgentError(Exception):

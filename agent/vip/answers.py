@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import requests
 import urllib3
 
+from agent.errors import scrub
 from agent.vip.connections import _ERROR_BODY_MAX, _ApiKeyAuth
 from agent.vip.errors import (
     AccessDeniedError,
@@ -69,10 +70,7 @@ class _Answers:
 
     def _scrub(self, text: str) -> str:
         """Defence in depth: a proxy page could echo request headers back."""
-        key = self._auth.key
-        if key and key in text:
-            text = text.replace(key, "<apikey>")
-        return text
+        return scrub(text, self._auth.key, "<apikey>")  # a short test key only as a whole word
 
     def _network_error(self, exc: BaseException, where: str) -> VipError:
         """The typed error for a request that got no HTTP answer, from either transport
