@@ -99,6 +99,8 @@ class _Transfer:
     started: float
     samples: deque[tuple[float, int]] = field(default_factory=deque)
     done: int = 0
+    finished: bool = False
+    last_at: float = 0.0
     journal_at: float = 0.0
     status_at: float = 0.0
     logged_at: float = 0.0
@@ -126,7 +128,6 @@ class Update:
     journal: bool  # write the journal's progress now
     status: bool  # rewrite STATUS.json now
     log: str | None  # a service log line, if one is due
-    stale: bool = False  # a late report of a transfer that has ended: nothing to do
 
     def as_progress(self) -> dict[str, Any]:
         """The journal's ``progress`` (STATUS.json, ``status --json``)."""
@@ -141,37 +142,33 @@ class Update:
 class ProgressTracker:
     """Rate, ETA and update pacing for every running transfer (thread-safe).
 
-    ``done`` may go back: a retried file is taken back (:class:`Rewindable`), and the same
-    transfer goes on (the rate restarts, the total stays). Reports of a transfer that has
-    just ended, arriving late from another thread, are marked ``stale`` and change nothing.
+    ``done`` may go back, even after it reached ``total``: a retried file is taken back
+    (:class:`Rewindable`) and the same transfer goes on (the rate restarts, the total
+    stays). A report from another thread overtaken by a later one is the same case, and
+    the pacing keeps it out of the journal (it was just written).
     """
 
-    #: seconds after a transfer's end during which a lower report of it is a late one
-    LATE = 2.0
+    #: a transfer not heard of for this long is over: the next report starts a new one
+    IDLE = 600.0
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._transfers: dict[tuple[int, str], _Transfer] = {}
-        self._ended: dict[tuple[int, str], tuple[int, float]] = {}
 
     def update(self, dataset_id: int, kind: str, done: int, total: int) -> Update:
         now = self._clock()
         key = (dataset_id, kind)
         with self._lock:
             t = self._transfers.get(key)
-            ended = self._ended.get(key)
-            if t is None and ended is not None:
-                if ended[0] == total and done < total and now - ended[1] < self.LATE:
-                    # another thread's report, overtaken by the one that finished the transfer
-                    return Update(kind, total, total, None, None, False, False, None, stale=True)
-                del self._ended[key]
-            if t is None or t.total != total:  # a new transfer
+            if t is None or t.total != total or now - t.last_at > self.IDLE:  # a new transfer
+                self._forget_idle(now)
                 t = self._transfers[key] = _Transfer(total=total, started=now)
             elif done < t.done:  # a retry took bytes back: same transfer, the rate restarts
                 t.samples.clear()
             done = max(0, min(done, total)) if total else max(0, done)
-            t.done = done
+            was_finished = t.finished
+            t.done, t.last_at = done, now
             t.samples.append((now, done))
             while len(t.samples) > 1 and now - t.samples[0][0] > RATE_WINDOW:
                 t.samples.popleft()
@@ -180,29 +177,33 @@ class ProgressTracker:
                 rate = None
             left = max(0, total - done)
             eta = left / rate if rate else None
-            finished = done >= total
-            journal = finished or now - t.journal_at >= JOURNAL_EVERY
+            finished = t.finished = done >= total
+            newly = finished and not was_finished
+            journal = newly or now - t.journal_at >= JOURNAL_EVERY
             if journal:
                 t.journal_at = now
-            status = finished or now - t.status_at >= STATUS_EVERY
+            status = newly or now - t.status_at >= STATUS_EVERY
             if status:
                 t.status_at = now
             step = int(100 * done / total) // LOG_EVERY_PCT if total else 0
-            log_due = finished or (
+            log_due = newly or (not finished and (
                 (step > t.logged_step and now - t.logged_at >= 1.0) or now - t.logged_at >= LOG_EVERY_S
-            )
+            ))  # fmt: skip
             if t.logged_at == 0.0 and not finished:
                 log_due = False  # the first report starts the clock, it says nothing yet
                 t.logged_at = now
             if log_due:
                 t.logged_at, t.logged_step = now, max(step, t.logged_step)
             if finished:  # the closing line gives the mean rate of the whole transfer
-                self._transfers.pop(key, None)
-                self._ended[key] = (total, now)
                 elapsed = now - t.started
                 rate = done / elapsed if elapsed > 0 else rate
         line = describe(kind, done, total, rate, eta) if log_due else None
         return Update(kind, done, total, rate, eta, journal, status, line)
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop transfers nobody reported for a while (a service runs for months)."""
+        for key in [k for k, t in self._transfers.items() if now - t.last_at > self.IDLE]:
+            del self._transfers[key]
 
 
 def current(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -226,13 +227,15 @@ def current(record: dict[str, Any]) -> dict[str, Any] | None:
 class TerminalProgress:
     """``vip-agent run``'s progress: one bar per transfer stage on a terminal, else a line per 10 %.
 
-    A retried file takes its bytes back (the bar goes back; its total stays); the rate and
+    A bar lasts until :meth:`close` (the end of the stage), not until it reads 100 %: a
+    file cut at its very end is sent again after every byte was counted once. A retried
+    file takes its bytes back (the bar goes back; its total stays); the rate and
     time left come from :class:`ProgressTracker` (tqdm's own would count a rewind as speed).
     ``before_bar`` is called before a bar is drawn (``run`` prints the events that led to it
     there, so they come above the bar instead of after it).
     """
 
-    BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [{postfix}]"
+    BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B [RATE]"
 
     def __init__(self, stream: Any, before_bar: Callable[[], None] | None = None) -> None:
         self.stream = stream
@@ -248,8 +251,6 @@ class TerminalProgress:
         key = (dataset_id, kind)
         with self.lock:
             update = self._tracker.update(dataset_id, kind, done, total)
-            if update.stale:
-                return
             if self.tty:
                 self._bar(key, update)
                 return
@@ -264,10 +265,10 @@ class TerminalProgress:
 
     @staticmethod
     def _postfix(update: Update) -> str:
-        rate = f"{human_size(update.rate)}/s" if update.rate else "? B/s"
+        rate = f"{human_size(update.rate)}/s" if update.rate else "- B/s"
         if update.done >= update.total:
             return f"{rate}, done"
-        eta = human_duration(update.eta) if update.eta is not None else "?"
+        eta = human_duration(update.eta) if update.eta is not None else "-"
         return f"{rate}, ETA {eta}"
 
     def _bar(self, key: tuple[int, str], update: Update) -> None:
@@ -277,26 +278,27 @@ class TerminalProgress:
         if bar is not None and bar.total != update.total:
             bar.close()  # another transfer of the stage (files sent again after the check)
             bar = None
+        rate = self._postfix(update).replace("{", "{{").replace("}", "}}")
         if bar is None:
             if self.before_bar is not None:
                 self.before_bar()
             size = shutil.get_terminal_size((80, 20))
             bar = self._bars[key] = tqdm(
                 total=update.total, unit="B", unit_scale=True, unit_divisor=1000, desc=update.kind,
-                file=self.stream, bar_format=self.BAR, mininterval=0.2, leave=True,
+                file=self.stream, bar_format=self.BAR.replace("RATE", rate), mininterval=0.2, leave=True,
                 # $COLUMNS/$LINES, else the terminal's size; 80x20 when it says 0 (a bare pty;
                 # tqdm hides bars below a 0-line screen)
                 ncols=size.columns or 80, nrows=size.lines or 20,
             )  # fmt: skip
-        bar.postfix = self._postfix(update)
+        # the tracker's rate and time left (tqdm's would count a rewind as speed)
+        bar.bar_format = self.BAR.replace("RATE", rate)
         if update.done >= bar.n:
             bar.update(update.done - bar.n)
         else:  # a retry took bytes back: redraw at once, tqdm's update() only counts up
             bar.n = bar.last_print_n = update.done
             bar.refresh()
         if update.done >= update.total:
-            bar.close()
-            del self._bars[key]
+            bar.refresh()  # 100 % shown now; the bar stays open: a file cut at its end is sent again
 
     def write(self, text: str) -> None:
         """A line above the bars (they are redrawn below it)."""
@@ -309,6 +311,7 @@ class TerminalProgress:
                 print(text, file=self.stream, flush=True)
 
     def close(self) -> None:
+        """End the bars (``run`` calls it when a stage returns: its bars end with it)."""
         with self.lock:
             for bar in self._bars.values():
                 bar.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -42,14 +43,12 @@ def test_tracker_rate_eta_and_pacing() -> None:
     assert describe("download", 0, 0, None, None) == "download 100% (0 B of 0 B), complete"
 
 
-def test_run_on_a_terminal_draws_a_bar_with_rate_and_eta(tmp_path: Path, vip_server: LocalVip) -> None:
-    ds = write_dataset(tmp_path / "big", {"data.txt": b"word " * 600_000}, FILESTATS)  # 3 MB
+def run_in_pty(args: list[str], api_key: str, cwd: Path, timeout: float = 90) -> tuple[int, str]:
+    """``vip-agent ARGS`` with its stderr on a real pseudo-terminal: (exit status, what it drew)."""
     master, slave = os.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", str(ds), "--server", vip_server.url,
-         "--state", str(tmp_path / "state"), "--output", str(tmp_path / "out"), "--poll", "0.1"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, cwd=tmp_path,
-        env=agent_env(vip_server.api_key),
+        [sys.executable, "-m", "agent", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, cwd=cwd, env=agent_env(api_key),
     )  # fmt: skip
     os.close(slave)
     chunks: list[bytes] = []
@@ -66,13 +65,55 @@ def test_run_on_a_terminal_draws_a_bar_with_rate_and_eta(tmp_path: Path, vip_ser
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
-    out, _ = proc.communicate(timeout=60)
+    proc.communicate(timeout=timeout)
     reader.join(timeout=10)
     os.close(master)
-    screen = b"".join(chunks).decode("utf-8", "replace")
-    assert proc.returncode == 0, screen
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_run_on_a_terminal_draws_a_bar_with_rate_and_eta(tmp_path: Path, vip_server: LocalVip) -> None:
+    ds = write_dataset(tmp_path / "big", {"data.txt": b"word " * 600_000}, FILESTATS)  # 3 MB
+    code, screen = run_in_pty(
+        ["run", str(ds), "--server", vip_server.url, "--state", str(tmp_path / "state"),
+         "--output", str(tmp_path / "out"), "--poll", "0.1"], vip_server.api_key, tmp_path,
+    )  # fmt: skip
+    assert code == 0, screen
     assert "upload: 100%|" in screen and "download: 100%|" in screen
     assert "3.00MB/3.00MB" in screen and "B/s, ETA " in screen
+    # the event announcing each transfer is printed above its bar, not after it
+    lines = screen.replace("\r\n", "\n").split("\n")
+    announce = next(i for i, line in enumerate(lines) if "uploading 1 file(s)" in line)
+    bar = next(i for i, line in enumerate(lines) if "upload:" in line)
+    assert announce < bar, screen
+
+
+def test_retried_uploads_rewind_one_bar_with_a_known_total(tmp_path: Path) -> None:
+    """Issue 17 #4: half of the PUTs cut mid-body (four times): each retry takes its bytes
+    back on the same bar; never a new line per report, never an unknown total or > 100 %."""
+    server = LocalVip(tmp_path / "vip", faults="drop_rate=0.5,methods=PUT,seed=3,times=4")
+    server.start()
+    try:
+        files = {f"f{i}.txt": b"word " * 800_000 for i in range(3)}  # 3 x 4 MB, streamed PUTs
+        ds = write_dataset(tmp_path / "big", files, FILESTATS)
+        code, screen = run_in_pty(
+            ["run", str(ds), "--server", server.url, "--state", str(tmp_path / "state"),
+             "--output", str(tmp_path / "out"), "--poll", "0.1"], server.api_key, tmp_path,
+        )  # fmt: skip
+        injected = server.faults.injected
+    finally:
+        server.stop()
+    assert code == 0, screen
+    assert injected >= 2, injected  # PUTs were really cut (else this proves nothing)
+    lines = screen.replace("\r\n", "\n").split("\n")
+    upload_lines = [line for line in lines if "upload:" in line]
+    assert len(upload_lines) == 1, upload_lines  # one bar for the stage, redrawn in place
+    frames = [f for f in upload_lines[0].split("\r") if "upload:" in f]
+    assert frames and all("?" not in f.split("|")[2].split("[")[0] for f in frames), frames
+    assert all("/12.0MB" in f for f in frames), frames  # the total stays known
+    percents = [int(f.split("upload:")[1].split("%")[0]) for f in frames]
+    assert max(percents) == 100 and all(0 <= p <= 100 for p in percents), percents
+    assert any(b < a for a, b in itertools.pairwise(percents)), percents  # it went back on a retry
+    assert "TB/s" not in screen
 
 
 def test_service_log_and_status_json_during_a_slow_upload(tmp_path: Path, vip_server: LocalVip) -> None:
@@ -119,3 +160,24 @@ def test_service_log_and_status_json_during_a_slow_upload(tmp_path: Path, vip_se
     lines = [line for line in log_file.read_text().splitlines() if ": upload " in line]
     assert any(" left" in line and "/s" in line for line in lines), lines  # a line mid-way, rate and ETA
     assert lines[-1].endswith(", complete") and "slow: upload 100%" in lines[-1]
+
+
+def test_tracker_takes_rewinds_and_late_reports_without_lying() -> None:
+    """Issue 17 #22: a retry after the transfer reached its total goes back on the same
+    transfer (not '250% (525 B of 210 B)'); a report overtaken by the finishing one is not
+    written over the finished figures."""
+    now = [0.0]
+    tracker = ProgressTracker(clock=lambda: now[0])
+    tracker.update(7, "download", 100, 210)
+    now[0] += 1.0
+    end = tracker.update(7, "download", 210, 210)
+    assert end.journal and end.log and end.log.startswith("download 100% (210 B of 210 B)")
+    late = tracker.update(7, "download", 105, 210)  # another thread's report, overtaken
+    assert not late.journal and not late.status and late.log is None
+    now[0] += 2.0
+    back = tracker.update(7, "download", 0, 210)  # the last file is fetched again
+    assert back.done == 0 and back.total == 210 and back.journal
+    now[0] += 1.0
+    again = tracker.update(7, "download", 210, 210)
+    assert again.log == "download 100% (210 B of 210 B) at 52 B/s, complete"
+    assert describe("download", 525, 210, None, None) == "download 100% (210 B of 210 B), complete"

@@ -293,6 +293,7 @@ def main(args: argparse.Namespace) -> int:
             # a `vip-agent cancel` from another shell is done here too: this run holds the
             # dataset's lease, so no other process kills or deletes at the same time
             outcome = runner.step(dataset_id)
+            bars.close()  # a stage's bars end with it (not at 100 %: a retry may go back)
             events()
             if outcome.final:
                 break
