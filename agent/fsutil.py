@@ -9,6 +9,14 @@ import threading
 from pathlib import Path
 
 
+def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting ``f2`` before ``f10`` (numbers by value, the rest case-insensitively)."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part.casefold())
+        for part in re.split(r"(\d+)", text) if part
+    )  # fmt: skip
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable; not every platform lets a folder be opened."""
     try:

@@ -23,6 +23,7 @@ from typing import Any
 
 from agent.dataset import JOB_FILE
 from agent.errors import ValidationError
+from agent.fsutil import natural_key
 from agent.jobfile import (
     DEFAULT_VARIANT,
     MAX_JOBS,
@@ -405,7 +406,8 @@ def _resolve_file(
         report.error(f"{label}: {JOB_FILE} is the job description, never a pipeline input")
         return [], False
     if has_magic(rel):
-        matches = [r for r in scope.files if glob_match(rel, r)]
+        # natural order: f1, f2, ..., f10 become jobs 0, 1, ..., 9 (not f1, f10, f11, f2)
+        matches = sorted((r for r in scope.files if glob_match(rel, r)), key=natural_key)
         if not matches:
             extra = (
                 f" (only {job.single_file} is in scope for a single-file dataset)"

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import yaml
-from agenthelpers import agent_env, wait_for, write_dataset
+from agenthelpers import agent_env, run_agent, wait_for, write_dataset
 
 from agent.localvip import LocalVip
 from agent.progress import ProgressTracker, describe
@@ -181,3 +181,19 @@ def test_tracker_takes_rewinds_and_late_reports_without_lying() -> None:
     again = tracker.update(7, "download", 210, 210)
     assert again.log == "download 100% (210 B of 210 B) at 52 B/s, complete"
     assert describe("download", 525, 210, None, None) == "download 100% (210 B of 210 B), complete"
+
+
+def test_dry_run_lists_in_natural_order_and_readably(tmp_path: Path, vip_server: LocalVip) -> None:
+    """Issue 17 #14: f2 before f10, and a list input one value a line (no Python repr)."""
+    files = {f"f{i}.txt": f"w{i}\n" for i in (1, 2, 3, 10, 11)}
+    ds = write_dataset(tmp_path / "many", files, FILESTATS)
+    done = run_agent("run", str(ds), "--dry-run", "--server", vip_server.url,
+                     api_key=vip_server.api_key, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "['" not in out and "']" not in out, out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  f")]
+    assert listed == ["f1.txt", "f2.txt", "f3.txt", "f10.txt", "f11.txt"], out
+    values = [line.split("/")[-1] for line in out.splitlines() if line.startswith("    - ")]
+    assert values == listed, out  # the jobs in the same order: job 0 is f1, job 3 is f10
+    assert "  input_file: 5 value(s), one job each" in out

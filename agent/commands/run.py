@@ -26,6 +26,7 @@ from agent import dataset as dataset_mod
 from agent.backend import open_backend
 from agent.config import parse_duration, parse_poll
 from agent.errors import ConfigError
+from agent.fsutil import natural_key
 from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.journal import LEASE_BEAT, Dataset, Journal, Owner
 from agent.leftovers import left_on_vip
@@ -420,6 +421,24 @@ def output_conflict(ds: Dataset, output: Path | None) -> str | None:
     )
 
 
+def _value_text(value: Any) -> str:
+    """One input value as a user wrote it in job.yaml (not Python's repr)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "(none)" if value is None else str(value)
+
+
+def _input_text(name: str, value: Any) -> str:
+    """``  name = value``; a list (one job per value) one value a line, the first ones only."""
+    if not isinstance(value, list):
+        return f"  {name} = {_value_text(value)}"
+    lines = [f"  {name}: {len(value)} value(s), one job each"]
+    lines += [f"    - {_value_text(v)}" for v in value[:DRY_RUN_SHOWN]]
+    if len(value) > DRY_RUN_SHOWN:
+        lines.append(f"    ... and {len(value) - DRY_RUN_SHOWN} more")
+    return "\n".join(lines)
+
+
 #: how many files and executions ``--dry-run`` lists before it summarises the rest
 DRY_RUN_SHOWN = 20
 
@@ -455,7 +474,7 @@ def dry_run(
     sizes = {f.rel: f.size for f in dataset_mod.scan(resolved.root, only=resolved.files).files}
     total = sum(sizes.values())
     print(f"files to upload ({len(resolved.files)}, {human_size(total)}):")
-    for rel in resolved.files[:DRY_RUN_SHOWN]:
+    for rel in sorted(resolved.files, key=natural_key)[:DRY_RUN_SHOWN]:
         print(f"  {rel} ({sizes.get(rel, 0):,} bytes) -> {resolved.remote_path(remote_inputs, rel)}")
     if len(resolved.files) > DRY_RUN_SHOWN:
         print(f"  ... and {len(resolved.files) - DRY_RUN_SHOWN} more file(s)")
@@ -472,9 +491,7 @@ def dry_run(
             shown += 1
             print(f"execution {variant} run {run}:")
             for k, v in values.items():
-                if isinstance(v, list) and len(v) > DRY_RUN_SHOWN:
-                    v = [*v[:DRY_RUN_SHOWN], f"... and {len(v) - DRY_RUN_SHOWN} more"]
-                print(f"  {k} = {v}")
+                print(_input_text(k, v))
     if executions > shown:
         print(f"... and {executions - shown} more execution(s)")
     print("valid: nothing was sent (dry run)")
