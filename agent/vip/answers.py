@@ -72,7 +72,9 @@ class _Answers:
         """Defence in depth: a proxy page could echo request headers back."""
         return scrub(text, self._auth.key, "<apikey>")  # a short test key only as a whole word
 
-    def _network_error(self, exc: BaseException, where: str) -> VipError:
+    def _network_error(
+        self, exc: BaseException, where: str, read_timeout: float | None = None
+    ) -> VipError:
         """The typed error for a request that got no HTTP answer, from either transport
         (a ``requests`` exception, or the ``OSError``/``http.client`` one of ``SmallPut``)."""
         detail = self._scrub(f"{where}: {type(exc).__name__}: {exc}")
@@ -95,7 +97,8 @@ class _Answers:
             )
         if isinstance(exc, (requests.exceptions.Timeout, TimeoutError)):
             return TransientError(
-                f"VIP at {self.base_url} did not answer within {self.timeout:g} s", detail=detail
+                f"VIP at {self.base_url} did not answer within {read_timeout or self.timeout:g} s",
+                detail=detail,
             )
         if isinstance(exc, (requests.exceptions.ConnectionError, OSError, http.client.HTTPException)):
             return TransientError(

@@ -79,22 +79,19 @@ def _norm_remote(path: str) -> str:
 
 
 
-#: ``limit`` values tried on ``GET /executions``: VIP's default maximum first, then smaller
-#: ones when a server with a lower configured maximum refuses it without naming its maximum
-LIST_LIMITS = (500, 200, 100, 50)
+#: VIP's default maximum of ``limit`` on ``GET /executions`` (``defaultLimitListExecutions``)
+LIST_LIMIT = 500
 _NUMBER = re.compile(r"\d+")
 
 
-def _lower_limit(exc: ApiError, asked: int) -> int | None:
-    """The ``limit`` to ask after VIP refused ``asked`` (400 8000 naming the limit), or None
-    when the refusal is about something else or nothing smaller is left."""
-    if exc.code != 8000 or exc.http_status != 400 or "limit" not in (exc.detail or "").lower():
+def _said_limit(exc: ApiError, asked: int) -> int | None:
+    """A maximum smaller than ``asked`` named in a refusal's message ("The limit cannot
+    exceed 200"), if any."""
+    message = (exc.detail or "").split("errorCode 8000", 1)[-1]
+    if "limit" not in message.lower():
         return None
-    said = [int(n) for n in _NUMBER.findall((exc.detail or "").split("errorCode 8000", 1)[-1])]
-    smaller = [n for n in said if 0 < n < asked]
-    if smaller:
-        return max(smaller)  # "The limit cannot exceed 200"
-    return next((n for n in LIST_LIMITS if n < asked), None)
+    smaller = [int(n) for n in _NUMBER.findall(message) if 0 < int(n) < asked]
+    return max(smaller) if smaller else None
 
 
 def _parent(path: str) -> str:
@@ -352,11 +349,12 @@ class _Endpoints(_Transport):
         """Execution summaries, newest first (``inputValues``/``returnedFiles``/``jobs`` empty).
 
         ``limit`` (default: VIP's default maximum, 500) is lowered to the server's own maximum
-        when it has a smaller one: VIP refuses a larger ``limit`` with 400 8000, and the
-        request is then sent again with the maximum its message gives (else a smaller value
-        from :data:`LIST_LIMITS`); the maximum found is kept for the next calls.
+        when it has a smaller one: VIP refuses a larger ``limit`` with a generic 400 8000, and
+        the request is then sent again with the maximum the platform publishes
+        (``defaultLimitListExecutions`` in ``GET /platform``) or the refusal names; the
+        maximum found is kept for the next calls.
         """
-        wanted = LIST_LIMITS[0] if limit is None else max(1, int(limit))
+        wanted = LIST_LIMIT if limit is None else max(1, int(limit))
         with self._lock:
             known = self._list_limit
         asked = min(wanted, known) if known is not None else wanted
@@ -369,13 +367,22 @@ class _Endpoints(_Transport):
                 )
                 return list(body)
             except ApiError as exc:
-                lower = _lower_limit(exc, asked)
+                if exc.code != 8000 or exc.http_status != 400:
+                    raise
+                lower = self._list_maximum(exc, asked)
                 if lower is None:
                     raise
                 log.info("VIP refused limit=%d on the execution list; asking %d", asked, lower)
                 asked = lower
                 with self._lock:
                     self._list_limit = lower
+
+    def _list_maximum(self, exc: ApiError, asked: int) -> int | None:
+        """The server's largest ``limit`` when it is below ``asked``, else None."""
+        published = self.platform().get("defaultLimitListExecutions")
+        if isinstance(published, int) and not isinstance(published, bool) and 0 < published < asked:
+            return published
+        return _said_limit(exc, asked)
 
     def find_execution(self, name: str) -> dict[str, Any] | None:
         """Newest execution summary named exactly ``name``, or None."""

@@ -273,10 +273,16 @@ class _Transport(_Answers):
                     timeout=(self.connect_timeout, read_timeout or self.timeout),
                     allow_redirects=False,
                 )
+        except requests.exceptions.TooManyRedirects as exc:
+            # with max_redirects 0, requests reports the 3xx itself this way (it used to be
+            # taken for a lost connection, and retried for hours)
+            if exc.response is None:
+                raise self._network_error(exc, where) from None
+            resp = exc.response
         except requests.exceptions.RequestException as exc:
             if guard.expired:
                 raise self._expired(guard, where, exc) from None
-            raise self._network_error(exc, where) from None
+            raise self._network_error(exc, where, read_timeout) from None
         finally:
             _CURRENT.guard = None
         if 200 <= resp.status_code < 300:
@@ -320,6 +326,10 @@ class _Transport(_Answers):
                     "GET", url, auth=_no_auth, stream=True, allow_redirects=False,
                     timeout=(self.connect_timeout, self.timeout),
                 )
+            except requests.exceptions.TooManyRedirects as exc:
+                if exc.response is None:
+                    raise self._network_error(exc, where) from None
+                resp = exc.response
             except requests.exceptions.RequestException as exc:
                 if guard.expired:
                     raise self._expired(guard, where, exc) from None
