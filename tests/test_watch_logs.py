@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agenthelpers import agent_env, run_agent, wait_for, write_dataset
 
+from agent.journal import Journal
 from agent.localvip import LocalVip
 from agent.logs import get_logger, setup_logging
 
@@ -94,3 +95,52 @@ def test_each_failure_is_said_once(tmp_path: Path, vip_server: LocalVip) -> None
     done = run_agent("watch", "--config", "missing.yaml", api_key="unused", cwd=tmp_path)
     assert done.returncode == 2 and "missing.yaml" in done.stderr, done.stderr
     assert "detail" not in done.stderr, done.stderr
+
+
+def test_logs_follow_shows_events_first_and_output_as_it_grows(tmp_path: Path, vip_server: LocalVip) -> None:
+    """Issue 17 #13: `logs --follow` prints the events first (also of a finished dataset),
+    and a running job's stdout while it runs (VIP serves it), not only once it ended;
+    what was shown live is not printed again when the log is saved."""
+    state = tmp_path / "state"
+    ds = write_dataset(tmp_path / "nap", {"note.txt": "n"}, {"pipeline": "Sleep/1.0", "inputs": {"duration": "4"}})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", str(ds), "--server", vip_server.url, "--state", str(state),
+         "--output", str(tmp_path / "out"), "--poll", "0.2"],
+        env=agent_env(vip_server.api_key), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    follow = None
+    try:
+        journal = Journal.in_state_dir(state)
+        wait_for(lambda: any(d.stage == "monitor" for d in journal.datasets()), timeout=30, what="running")
+        follow = subprocess.Popen(
+            [sys.executable, "-m", "agent", "logs", "nap", "--follow", "--interval", "0.1",
+             "--live-interval", "0.2", "--state", str(state)],
+            env=agent_env(vip_server.api_key), cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert follow.stdout is not None
+        seen: list[str] = []
+        for line in follow.stdout:
+            seen.append(line)
+            if "Sleep: sleeping 4" in line:
+                break
+        (nap,) = journal.datasets()
+        # read while the job still runs: the dataset has not ended, the execution neither
+        assert not journal.get(nap.id).final and not any(e.ended for e in journal.executions(nap.id)), seen
+        assert any("execution launched" in line for line in seen), seen  # events came first
+        rest = follow.stdout.read()
+        assert follow.wait(timeout=30) == 0
+        assert proc.wait(timeout=30) == 0
+    finally:
+        for p in (proc, follow):
+            if p is not None and p.poll() is None:
+                p.kill()
+    out = "".join(seen) + rest
+    assert out.count("Sleep: sleeping 4") == 1, out  # not again from the saved file
+    assert "Sleep: done" in out and "stdout.txt <==" in out, out
+    # a finished dataset: --follow still prints its events, before the saved logs
+    done = run_agent("logs", "nap", "--follow", "--state", str(state), api_key=vip_server.api_key, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    first_event = next(i for i, line in enumerate(lines) if "dataset nap recorded" in line)
+    first_log = next(i for i, line in enumerate(lines) if line.startswith("==> "))
+    assert first_event < first_log, done.stdout
