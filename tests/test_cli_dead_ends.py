@@ -195,3 +195,38 @@ def test_watch_several_drop_folders(tmp_path: Path, vip_server: LocalVip) -> Non
 def test_watch_drop_and_config_refused(tmp_path: Path) -> None:
     result = run_agent("watch", "a", "b", "--config", "x.yaml", api_key="k", cwd=tmp_path)
     assert result.returncode == 2 and "not both" in result.stderr
+
+
+def test_mistyped_option_gets_the_commands_usage(tmp_path: Path) -> None:
+    done = run_agent("status", "--jsno", api_key="k", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: vip-agent status ")  # before: the top-level usage
+    assert "unrecognized arguments: --jsno (did you mean '--json'?)" in done.stderr
+
+
+def test_mistyped_command_gets_did_you_mean(tmp_path: Path) -> None:
+    done = run_agent("stauts", api_key="k", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "unknown command 'stauts' (did you mean 'status'?)" in done.stderr
+    assert "invalid choice" not in done.stderr
+
+
+def test_status_of_a_state_folder_without_journal(tmp_path: Path) -> None:
+    done = run_agent("status", "--state", str(tmp_path / "typo"), api_key="k", cwd=tmp_path)
+    assert done.returncode == 1  # before: "no datasets yet", exit 0
+    assert f"the state folder {tmp_path / 'typo'} does not exist" in done.stderr
+
+
+def test_unexpected_error_is_one_line_and_an_exit_code(tmp_path: Path) -> None:
+    # a bug inside a command (simulated: its main raises) reaches the user as one line
+    code = ("import sys, agent.commands.status as s\n"
+            "def boom(args):\n    raise KeyError('k-' + 'x' * 3)\n"
+            "s.main = boom\nfrom agent.cli import main\nsys.exit(main(['status']))\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], env=agent_env("k"), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 70
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "vip-agent: unexpected error: KeyError: 'k-xxx' (this is a bug; please report it with the "
+        "command you ran. VIP_AGENT_DEBUG=1 shows where it happened)"
+    ]

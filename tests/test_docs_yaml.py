@@ -14,12 +14,12 @@ import re
 from pathlib import Path
 
 import pytest
+from agenthelpers import REPO, run_agent, write
 
 from agent import yamlread
 from agent.config import load_config, parse_config
 from agent.jobfile import load_job
 from agent.localvip import LocalVip
-from tests.agenthelpers import REPO, run_agent, write
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 _FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[A-Za-z0-9_-]*)\s*$")

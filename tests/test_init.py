@@ -79,3 +79,16 @@ def test_interactive_answers_on_a_terminal(tmp_path: Path) -> None:
     assert data["drops"][0]["readiness"]["settle_seconds"] == 5
     assert data["defaults"]["max_running"] == 2
     assert "Log in now" in out and "later: `vip-agent login --server http://127.0.0.1:9`" in out
+
+
+def test_non_interactive_without_a_key_yet_exits_0(tmp_path: Path, vip_server: LocalVip) -> None:
+    # a scripted install: no key stored yet, no keyring; doctor runs at the end (issue 17 item 9)
+    result = run_agent("init", "--non-interactive", "--config", str(tmp_path / "agent.yaml"),
+                       "--server", vip_server.url, "--drop", "d", "--output", "o", "--state", "s",
+                       api_key="", cwd=tmp_path, HOME=str(tmp_path / "home"),
+                       PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"WARN  API key for {vip_server.url}: none stored yet" in result.stdout
+    assert f"OK    server {vip_server.url}: reachable" in result.stdout
+    assert not [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert "once the API key is given (`vip-agent login --server" in result.stdout

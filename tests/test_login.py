@@ -186,3 +186,67 @@ def test_key_never_printed_logged_or_written(tmp_path: Path, memory_keyring: Mem
             data = path.read_bytes()
             for needle in _needles(CANARY):
                 assert needle not in data, f"the key leaked into {path}"
+
+
+# --------------------------------------------------------------------------- issue 17 items 9, 10
+
+
+def _no_keyring_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIP_") and k != "CREDENTIALS_DIRECTORY"}
+    env.update(PYTHON_KEYRING_BACKEND="keyring.backends.fail.Keyring", HOME=str(tmp_path / "home"),
+               XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"), **extra)  # fmt: skip
+    return env
+
+
+def test_piped_key_without_stdin_flag_has_no_getpass_warning(vip_server: LocalVip, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("VIP_API_KEY", "CREDENTIALS_DIRECTORY")}
+    env.update(PYTHON_KEYRING_BACKEND="keyrings.alt.file.PlaintextKeyring",
+               XDG_DATA_HOME=str(tmp_path / "data"), HOME=str(tmp_path / "home"))  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "agent", "login", "--server", vip_server.url],
+                          input=vip_server.api_key + "\n", env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "GetPassWarning" not in done.stderr and "Warning" not in done.stderr, done.stderr
+    assert "stored in the OS keyring" in done.stdout
+
+
+def test_one_character_key_is_not_redacted_through_its_own_message(vip_server: LocalVip,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "agent", "login", "--server", vip_server.url, "--stdin"],
+                          input="e\n", env=_no_keyring_env(tmp_path), capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert "refused this API key" in done.stderr
+    # before: "GET /rest/<apikey>x<apikey>cutions/count ... Bad cr<apikey>d<apikey>ntials"
+    assert "<apikey>" not in done.stderr and "***" not in done.stderr, done.stderr
+    assert "/rest/executions" in done.stderr
+
+
+def test_no_keyring_offers_the_key_file_way(vip_server: LocalVip, tmp_path: Path) -> None:
+    login = [sys.executable, "-m", "agent", "login", "--server", vip_server.url, "--stdin"]
+    env = _no_keyring_env(tmp_path)
+    done = subprocess.run(login, input=vip_server.api_key + "\n", env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 3
+    key_file = tmp_path / "home" / ".config" / "vip-agent" / "api-key"
+    assert f"vip-agent login --server {vip_server.url} --key-file {key_file}" in done.stderr
+    assert vip_server.api_key not in done.stdout + done.stderr
+    # the way it offers works: a 0600 file, named in agent.yaml, found by doctor
+    stored = subprocess.run([*login, "--key-file", str(key_file)], input=vip_server.api_key + "\n",
+                            env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert stored.returncode == 0, stored.stderr
+    assert f"key_file: {key_file}" in stored.stdout
+    assert (key_file.stat().st_mode & 0o777) == 0o600
+    assert key_file.read_text().strip() == vip_server.api_key
+    for name in ("drop", "out", "state"):
+        (tmp_path / name).mkdir()
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({"state": str(tmp_path / "state"), "drops": [{
+        "path": str(tmp_path / "drop"), "output": str(tmp_path / "out"), "server": vip_server.url,
+        "key_file": str(key_file)}]}))  # fmt: skip
+    doctor = subprocess.run([sys.executable, "-m", "agent", "doctor", "--strict", "--config", str(config)],
+                            env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    # before: --strict failed on "WARN keyring: no keyring backend" though the key is in a file
+    assert doctor.returncode == 0, doctor.stdout
+    assert f"found (key file {key_file})" in doctor.stdout
+    assert "OK    keyring: not needed (the key comes from key file" in doctor.stdout

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from agenthelpers import run_agent, write
 
 from agent import yamlread
 from agent.config import load_config
 from agent.errors import ConfigError
 from agent.jobfile import load_job
 from agent.localvip import LocalVip
-from tests.agenthelpers import run_agent, write
 
 
 def _agent_yaml(tmp_path: Path, body: str) -> Path:

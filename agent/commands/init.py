@@ -196,7 +196,10 @@ def main(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     # a key still to be given (a scripted install logs in later) is a warning, not a failure
     returncode = cli_main(["doctor", "--config", str(path), *([] if has_key else ["--key-later"])])
-    if returncode == 0:
+    if returncode == 0 and not has_key:
+        print(f"\n{path} is written; once the API key is given (`vip-agent login --server "
+              f"{choices.server}`), `vip-agent watch --config {path}` runs it")  # fmt: skip
+    elif returncode == 0:
         print(f"\nready: `vip-agent watch --config {path}` runs it now; "
               "`vip-agent install-service --user` makes it a service")  # fmt: skip
     else:
