@@ -309,3 +309,40 @@ class Limiter:
             self._sleep(min(left, WAIT_SLICE))
         with self._lock:
             self.waited[direction] += self._clock() - started
+
+
+def install(drops: Sequence[Any], stop: threading.Event | None = None) -> dict[str, Limiter | None]:
+    """Give every server of ``drops`` (drop-folder settings with ``server`` and ``bandwidth``)
+    the limiter its drop folders ask for (None: no limit), through its
+    :class:`agent.pacer.ServerBudget`; returns them by server. Called at start and on SIGHUP."""
+    from agent.pacer import budget_for
+
+    by_server: dict[str, list[BandwidthConfig]] = {}
+    for d in drops:
+        configs = by_server.setdefault(d.server, [])
+        if d.bandwidth is not None and d.bandwidth.limited:
+            configs.append(d.bandwidth)
+    out: dict[str, Limiter | None] = {}
+    for server, configs in sorted(by_server.items()):
+        limiter = Limiter(configs, stop=stop) if configs else None
+        budget_for(server).set_bandwidth(limiter)
+        out[server] = limiter
+    with _INSTALLED_LOCK:
+        _INSTALLED.clear()
+        _INSTALLED.update(out)
+    return out
+
+
+_INSTALLED: dict[str, Limiter | None] = {}
+_INSTALLED_LOCK = threading.Lock()
+
+
+def current_limits() -> dict[str, dict[str, float | None]]:
+    """Server -> {upload, download} limit in force now (bytes/s; None: none), of what
+    :func:`install` set up in this process (for the page and ``/metrics``)."""
+    with _INSTALLED_LOCK:
+        installed = dict(_INSTALLED)
+    return {
+        server: limiter.current() if limiter is not None else dict.fromkeys(DIRECTIONS)
+        for server, limiter in installed.items()
+    }

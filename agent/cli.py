@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("agent.commands.status", "show where every dataset stands"),
     "retry": ("agent.commands.retry", "run a failed or cancelled dataset again"),
     "cancel": ("agent.commands.cancel", "stop a dataset: kill its execution, clean the server"),
+    "pause": ("agent.commands.pause", "hold the agent, a drop folder or a dataset until resumed"),
+    "resume": ("agent.commands.resume", "lift a pause (--all: every pause)"),
     "rerun": (
         "agent.commands.rerun",
         "run a finished dataset (even a done one) again as a new attempt",

@@ -26,6 +26,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from agent.bandwidth import Limiter
+from agent.bandwidth import install as install_bandwidth
 from agent.config import AgentConfig, DropConfig, Limits, load_config
 from agent.errors import AgentError, ConfigError, CredentialError
 from agent.journal import Journal, JournalWriteError
@@ -161,6 +163,8 @@ class WatchService:
         self.presence: dict[str, Presence] = {}
         self.journal: Journal | None = None
         self.scheduler: Scheduler | None = None
+        #: each server's bandwidth limiter (None: no limit), from the drop folders' ``bandwidth:``
+        self.bandwidth: dict[str, Limiter | None] = {}
         self._thread: threading.Thread | None = None
         self._beat = time.monotonic()
         self._status = ""
@@ -197,6 +201,10 @@ class WatchService:
     def max_running(self, server: str) -> int:
         return self.config.max_running(server)
 
+    def _transfer_gate(self, dataset_id: int, kind: str, done: int, total: int) -> None:
+        if self.scheduler is not None:
+            self.scheduler.check_transfer(dataset_id)
+
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
         """Take the state folder, resume the journal, watch every drop folder."""
@@ -223,7 +231,8 @@ class WatchService:
             self.client_for,
             stop_event=self.stop_event,
             max_running=self.max_running,
-            **{"tuning_for": self.tuning_for, **self.runner_options},
+            # a dataset paused meanwhile stops its transfer at the next chunk (agent/pause.py)
+            **{"tuning_for": self.tuning_for, "progress": self._transfer_gate, **self.runner_options},
         )
         self.scheduler = Scheduler(
             self.journal,
@@ -235,6 +244,7 @@ class WatchService:
             on_lost=self._journal_lost,
             **self.scheduler_options,
         )
+        self.bandwidth = install_bandwidth(self.config.drops, self.stop_event)
         self._check_keys()
         self.scheduler.start()
         self.journal.clear_drop_states()
@@ -249,8 +259,11 @@ class WatchService:
         """Start the DICOM node when ``dicom:`` is configured (its datasets land in drop folders)."""
         if self.config.dicom is None:
             return
-        from agent.dicom.node import DicomNode
-
+        try:
+            from agent.dicom.node import DicomNode
+        except ImportError as err:
+            raise ConfigError("the 'dicom:' block needs the DICOM extra: pip install 'vip-agent[dicom]'",
+                              detail=str(err)) from None  # fmt: skip
         assert self.journal is not None
         markers = {d.path: d.readiness.marker if d.readiness.rule == "marker" else None
                    for d in self.config.drops}  # fmt: skip
@@ -424,6 +437,7 @@ class WatchService:
                 self.queue.at(("presence", key), time.monotonic() + PRESENCE_INTERVAL)
                 if self.journal is not None:
                     self.journal.set_drop_state(key, MISSING, f"the drop folder {d.path} does not exist")
+        self.bandwidth = install_bandwidth(config.drops, self.stop_event)
         if self.scheduler is not None:
             self.scheduler.probe_now()
         log.info("configuration reloaded: %d drop folder(s)", len(config.drops))

@@ -29,6 +29,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent import pause as user_pause
+from agent.bandwidth import current_limits
 from agent.health import Health
 from agent.journal import FINAL_STAGES, PUBLIC_STATE, Journal
 from agent.timeline import FAILURE_KIND, segments
@@ -269,6 +271,29 @@ class _Gauges(Collector):
         yield disk
         yield disk_low
         yield rescan
+
+        held = user_pause.read(m.journal)
+        paused_by_user = GaugeMetricFamily(
+            "vip_agent_paused", "1 while a user pause holds this scope (vip-agent pause): the whole agent "
+            "(scope agent), a drop folder (scope drop), a dataset (scope dataset, target #ID)",
+            labels=["scope", "target"],
+        )  # fmt: skip
+        paused_by_user.add_metric(["agent", ""], 1 if held.agent() else 0)
+        for drop in sorted({*drops, *(p.target for p in held.rows if p.scope == "drop")}):
+            paused_by_user.add_metric(["drop", drop], 1 if held.drop(drop) else 0)
+        for p in held.rows:
+            if p.scope == "dataset":
+                paused_by_user.add_metric(["dataset", f"#{p.target}"], 1)
+        yield paused_by_user
+        limit = GaugeMetricFamily(
+            "vip_agent_bandwidth_limit_bytes_per_second",
+            "The bandwidth limit in force now per server and direction (0: none; agent.yaml bandwidth:)",
+            labels=["server", "direction"],
+        )  # fmt: skip
+        for server, rates in sorted(current_limits().items()):
+            for direction, rate in sorted(rates.items()):
+                limit.add_metric([server, direction], rate or 0.0)
+        yield limit
 
         info = GaugeMetricFamily("vip_agent_info", "The agent's version", labels=["version"])
         info.add_metric([__version__], 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from agent import pause as user_pause
 from agent import settings
 from agent.errors import AgentError
 from agent.journal import JOURNAL_NAME, PUBLIC_STATE, Dataset, Journal
@@ -79,10 +80,15 @@ def who_takes_it(state: Path, alone: str = "start `vip-agent watch` to run it") 
     return f"no agent is running: {alone}"
 
 
-def record(journal: Journal, ds: Dataset) -> dict[str, Any]:
-    """One entry of ``vip-agent status --json``: STATUS.json's fields plus ``id`` and ``attempts``."""
+def record(journal: Journal, ds: Dataset, pauses: user_pause.Pauses | None = None) -> dict[str, Any]:
+    """One entry of ``vip-agent status --json``: STATUS.json's fields plus ``id`` and ``attempts``
+    (and ``paused_by``: who paused it, from where, since when, when a user pause holds it)."""
     rec = status_record(journal, ds)
     rec = {"id": ds.id, **rec, "attempts": ds.attempts}
+    if rec.get("state") == "paused" and (ds.paused or "").startswith(user_pause.PREFIX):
+        held = user_pause.holding(journal, ds, pauses)
+        if held is not None:
+            rec["paused_by"] = held.to_json()
     rec["progress"] = current_progress(rec)  # an upload's figures are history once it downloads
     if ds.paused and not ds.final and not rec.get("error"):
         rec["error"] = ds.paused
@@ -98,7 +104,8 @@ def list_records(journal: Journal | None, names: list[str] | None = None) -> lis
         wanted = set(names)
         ids = {int(n.lstrip("#")) for n in wanted if n.lstrip("#").isdigit()}
         rows = [d for d in rows if d.name in wanted or Path(d.path).name in wanted or d.id in ids]
-    return [record(journal, d) for d in rows]
+    pauses = user_pause.read(journal)
+    return [record(journal, d, pauses) for d in rows]
 
 
 def stage_timeline(journal: Journal, ds: Dataset) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from agent import pause as user_pause
 from agent.config import Limits
 from agent.errors import CredentialError
 from agent.journal import (
@@ -140,11 +141,16 @@ class Scheduler:
         self._others: dict[int, str] = {}
         #: the journal write failure being reported (said once, and when it is over)
         self._write_trouble: str | None = None
+        #: what users paused (`vip-agent pause`, the page: agent/pause.py), re-read at every
+        #: look at the journal; and the datasets asked to cancel (a cancel passes a pause)
+        self._held = user_pause.Pauses()
+        self._cancels: set[int] = set()
 
     # -- public --------------------------------------------------------------------
     def start(self) -> None:
         """Resume every unfinished dataset of the journal and start dispatching."""
         self.resume_all()
+        self.refresh_pauses()
         self._thread = threading.Thread(target=self._loop, name="vip-agent-scheduler", daemon=True)
         self._thread.start()
 
@@ -186,6 +192,7 @@ class Scheduler:
                 return False
         if not self._take(ds):
             return False
+        self._read_pauses()  # a pause made a moment ago holds a dataset admitted now
         with self._cond:
             if ds.id in self._entries:
                 return False
@@ -261,9 +268,41 @@ class Scheduler:
         """Tracked datasets by public state (for the systemd STATUS line)."""
         with self._cond:
             return Counter(
-                "paused" if e.state == "paused" else PUBLIC_STATE.get(e.stage, e.stage)
+                "paused" if e.state == "paused" or self._holds(e) else PUBLIC_STATE.get(e.stage, e.stage)
                 for e in self._entries.values()
             )
+
+    # -- user pauses (agent/pause.py) ----------------------------------------------------
+    def refresh_pauses(self) -> None:
+        """Re-read what users paused; mark the datasets it holds (``paused``) and free the others."""
+        user_pause.sync(self.journal, self._read_pauses())
+
+    def _read_pauses(self) -> user_pause.Pauses:
+        current = user_pause.read(self.journal)
+        with self._cond:
+            before, self._held = self._held, current
+            if current != before:
+                self._cond.notify_all()
+        if current != before:
+            for p in current.rows:
+                if p not in before.rows:
+                    log.info("%s paused by %s (%s): nothing new starts there until `%s`",
+                             p.what(), p.by, p.via, p.resume_command())  # fmt: skip
+            for p in before.rows:
+                if (p.scope, p.target) not in {(q.scope, q.target) for q in current.rows}:
+                    log.info("%s resumed", p.what())
+        return current
+
+    def _holds(self, e: _Entry) -> bool:
+        """Whether a user pause holds the dataset (a cancel request passes it)."""
+        return e.id not in self._cancels and self._held.holding(e.id, e.group or None) is not None
+
+    def check_transfer(self, dataset_id: int, *_progress: Any) -> None:
+        """The runner's progress hook: a transfer of a dataset paused meanwhile stops at this
+        chunk (files already sent are kept; the one in flight is sent again on resume)."""
+        e = self._entries.get(dataset_id)
+        if e is not None and self._holds(e) and not self.stop_event.is_set():
+            raise Interrupted("paused: the transfer stops here and resumes on `vip-agent resume`")
 
     def tracked(self) -> set[int]:
         with self._cond:
@@ -316,12 +355,15 @@ class Scheduler:
     def _poll_journal(self) -> None:
         """Pick up datasets other processes changed: ``retry`` (stage validate), ``cancel``."""
         tracked = self.tracked()
-        for ds in self.journal.datasets(where=LIVE_SQL):
+        live = self.journal.datasets(where=LIVE_SQL)
+        self._cancels = {ds.id for ds in live if ds.cancel_requested}
+        for ds in live:
             if ds.id not in tracked:
                 if not ds.final and self.submit(ds):
                     log.info("%s: picked up from the journal (stage %s)", ds.name, ds.stage)
             elif ds.cancel_requested:
                 self.wake(ds.id)
+        self.refresh_pauses()
 
     def _pool_of(self, e: _Entry) -> str:
         pool = STAGE_POOL.get(e.stage, "local")
@@ -365,6 +407,8 @@ class Scheduler:
             if e.state != "ready":
                 continue
             pool = self._pool_of(e)
+            if pool != "monitor" and self._holds(e):
+                continue  # paused by a user: only polling a running execution goes on
             key, limit = self._limit(pool, e)
             if self._busy[key] >= limit:
                 continue
@@ -429,6 +473,10 @@ class Scheduler:
                 self._cond.notify_all()
                 return
             now = self.clock()
+            if outcome is None and error is None:  # a paused dataset's transfer stopped
+                e.state = "ready"  # held by the gate until resumed
+                self._cond.notify_all()
+                return
             if isinstance(error, CredentialError):
                 pause_reason = self._pause_locked(e, error)
             elif error is not None:
@@ -523,4 +571,5 @@ class Scheduler:
         if ok:
             for x in resumed:
                 self.journal.update(x.id, paused=None)
+            user_pause.sync(self.journal, self._held)  # what users paused stays paused
             log.info("the API key for %s works again: resuming %d dataset(s)", server, len(resumed))

@@ -15,6 +15,7 @@ import textwrap
 import time
 from typing import Any
 
+from agent import pause as user_pause
 from agent import queries
 from agent.commands import add_state_args
 from agent.errors import one_line
@@ -240,6 +241,10 @@ def main(args: argparse.Namespace) -> int:
         if drop.state != "watching":
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(drop.since))
             print(f"drop folder {drop.path}: {drop.state.upper()} since {since}: {drop.message}")
+    for held in user_pause.read(journal).rows if journal is not None else ():
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(held.since))
+        print(f"paused: {held.what()}, by {held.by} ({held.via}) since {since}; "
+              f"`{held.resume_command()}` resumes it")  # fmt: skip
     if not records:
         print("no datasets yet")
         return 0

@@ -28,7 +28,7 @@ log = logging.getLogger("vip_agent.web")
 
 TOKEN_FILE = "http-token"
 URL_FILE = "http-url"
-ACTIONS = ("retry", "cancel", "rerun")
+ACTIONS = ("retry", "cancel", "rerun", "pause", "resume")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -42,6 +42,8 @@ STATIC = {
 # at most 18 digits: a longer id is no dataset (404), never an integer SQLite cannot hold
 _DATASET = re.compile(r"^/api/datasets/(\d{1,18})$")
 _ACTION = re.compile(r"^/api/datasets/(\d{1,18})/([a-z]+)$")
+#: pause or resume the whole agent, or one drop folder with ``?drop=PATH``
+_SCOPE = re.compile(r"^/api/(pause|resume)$")
 #: a client that goes away mid-answer: nothing to report above DEBUG (a closed browser tab)
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
@@ -100,7 +102,11 @@ class StatusSource(Protocol):
         ...
 
     def act(self, action: str, dataset_id: int) -> str:
-        """Retry, cancel or rerun; returns a message, raises AgentError with the reason."""
+        """Retry, cancel, rerun, pause or resume; returns a message, raises AgentError with the reason."""
+        ...
+
+    def pause_scope(self, action: str, drop: str | None) -> str:
+        """Pause or resume a drop folder (its path) or, with None, the whole agent."""
         ...
 
     def metrics(self) -> bytes:
@@ -391,9 +397,20 @@ def _handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
                 self.rfile.read(length)  # actions take no body; read it to keep the connection sane
             if not self._guard(write=True):
                 return
-            m = _ACTION.match(urlsplit(self.path).path)
+            parts = urlsplit(self.path)
+            if scope := _SCOPE.match(parts.path):
+                drop = next(iter(parse_qs(parts.query).get("drop") or []), None)
+                try:
+                    message = server.source.pause_scope(scope.group(1), drop)
+                except AgentError as err:
+                    self._error(409, err.message)
+                    return
+                log.info("status page: %s %s: %s", scope.group(1), drop or "the whole agent", message)
+                self._json(200, {"ok": True, "message": message, "time": time.time()})
+                return
+            m = _ACTION.match(parts.path)
             if m is None or m.group(2) not in ACTIONS:
-                self._error(404, "no such action (retry, cancel, rerun)")
+                self._error(404, "no such action (retry, cancel, rerun, pause, resume)")
                 return
             try:
                 message = server.source.act(m.group(2), int(m.group(1)))

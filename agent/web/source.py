@@ -85,13 +85,33 @@ class JournalSource:
         return out
 
     def health(self) -> dict[str, Any]:
-        return self._health().to_json()
+        from agent import pause
+        from agent.bandwidth import current_limits
+
+        out = self._health().to_json()
+        # what users paused, and each server's bandwidth limit now (bytes/s; None: none)
+        out["pauses"] = [p.to_json() for p in pause.read(self.journal).rows]
+        out["bandwidth"] = current_limits()
+        return out
+
+    def pause_scope(self, action: str, drop: str | None) -> str:
+        """Pause or resume a drop folder (its path) or, with None, the whole agent."""
+        from agent import pause
+
+        target = None
+        if drop is not None:
+            target = pause.drop_target(self.journal, drop, [d.path for d in self._health().drops])
+        return pause.request(self.journal, action, drop=target, by="a status page user", via="status page")
 
     def act(self, action: str, dataset_id: int) -> str:
         from agent.actions import cancel, rerun, retry
 
         ds = self.journal.get(dataset_id)
-        if action == "retry":
+        if action in ("pause", "resume"):
+            from agent import pause
+
+            message = pause.request(self.journal, action, dataset=ds, by="a status page user", via="status page")
+        elif action == "retry":
             retry(self.journal, ds)
             message = (
                 f"{ds.name}: fetching the outputs left on VIP" if ds.stage == "incomplete"

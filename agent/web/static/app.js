@@ -111,6 +111,21 @@ async function act(action, id) {
   toast(body.message || `${action}: done`);
   poll();
 }
+// pause or resume the whole agent (drop null) or one drop folder
+async function actScope(action, drop) {
+  if (!token()) { askToken(() => actScope(action, drop)); return; }
+  const url = `/api/${action}` + (drop ? `?drop=${encodeURIComponent(drop)}` : "");
+  const r = await fetch(url, { method: "POST", headers: authHeaders(), cache: "no-store" });
+  const body = await r.json().catch(() => ({}));
+  if (r.status === 401) { setToken(""); toast("The token was refused: paste the current one.", true); askToken(() => actScope(action, drop)); return; }
+  if (!r.ok) { toast(body.error || `${action} failed (${r.status})`, true); return; }
+  toast(body.message || `${action}: done`);
+  poll();
+}
+function pausedScope(scope, target) {
+  return ((S.data && S.data.health.pauses) || []).find((p) => p.scope === scope && p.target === target) || null;
+}
+function rate(r) { return r ? size(r) + "/s" : "off"; }
 
 async function poll() {
   clearTimeout(S.timer);
@@ -163,6 +178,11 @@ function renderSummary() {
   const c = (S.data.counts && S.data.counts["*"]) || counts(S.data.datasets);
   const parts = STATE_ORDER.filter((s) => c[s]).map((s) => h("span", { class: "count s-" + s, "data-state": s }, `${c[s]} ${s}`));
   $("#summary").replaceChildren(...parts);
+  const all = pausedScope("all", "");
+  const btn = $("#pause-all");
+  btn.textContent = all ? "Resume all" : "Pause all";
+  btn.dataset.action = all ? "resume" : "pause";
+  btn.title = all ? `paused by ${all.by} (${all.via}) since ${clock(all.since)}` : "hold every dataset: nothing new starts";
 }
 function card(title, value, note, level) {
   return h("div", { class: "card " + (level || "") }, h("div", { class: "card-title", text: title }),
@@ -175,7 +195,9 @@ function renderHealth() {
     const reach = s.reachable === null ? "checking…" : s.reachable ? "reachable" : "unreachable";
     const key = s.paused ? "refused: paused" : { accepted: "key accepted", refused: "key refused", missing: "no key", unknown: "key not checked" }[s.key];
     const level = s.paused || s.key === "refused" || s.key === "missing" ? "bad" : s.reachable === false ? "warn" : s.reachable ? "good" : "";
-    const note = s.url.replace(/^https?:\/\//, "") + " · " + (s.paused || s.message || (s.checked ? "checked " + ago(s.checked) + " ago" : "not checked yet"));
+    const bw = (hl.bandwidth || {})[s.url];
+    const limit = bw && (bw.upload || bw.download) ? ` · limit up ${rate(bw.upload)}, down ${rate(bw.download)}` : "";
+    const note = s.url.replace(/^https?:\/\//, "") + " · " + (s.paused || s.message || (s.checked ? "checked " + ago(s.checked) + " ago" : "not checked yet")) + limit;
     cards.push(card("VIP server", `${reach}, ${key}`, note, level));
   }
   const observers = hl.drops.map((d) => d.observer);
@@ -197,9 +219,17 @@ function renderDrops() {
       h("td", {}, h("span", { class: "obs o-" + d.observer.replace(/\s/g, "-"), text: d.observer })),
       h("td", {}, chips.length ? chips : h("span", { class: "muted", text: "none" })),
       h("td", { class: d.disk_low ? "bad-text" : "", text: size(d.free_bytes) }),
-      h("td", { text: d.last_rescan ? ago(d.last_rescan) + " ago" : "—" }));
+      h("td", { text: d.last_rescan ? ago(d.last_rescan) + " ago" : "—" }),
+      h("td", {}, dropPauseButton(d.path)));
   });
   fill($("#drops tbody"), rows);
+}
+function dropPauseButton(path) {
+  const p = pausedScope("drop", path);
+  const b = h("button", { type: "button", class: "ghost small", "data-drop": path, text: p ? "Resume" : "Pause",
+    title: p ? `paused by ${p.by} (${p.via}) since ${clock(p.since)}` : "hold this drop folder's datasets" });
+  b.addEventListener("click", () => actScope(p ? "resume" : "pause", path));
+  return b;
 }
 
 // -- datasets table --------------------------------------------------------------------
@@ -339,6 +369,8 @@ function renderDetail() {
   $("#act-retry").disabled = !(d.state === "failed" || d.state === "cancelled" || d.state === "incomplete");
   $("#act-cancel").disabled = final;
   $("#act-rerun").disabled = !final;
+  $("#act-pause").disabled = final || d.state === "paused";
+  $("#act-resume").disabled = !d.paused_by;
   $("#d-progress").replaceChildren(progressCell(rec) || "");
   const err = $("#d-error");
   err.hidden = !d.error; err.textContent = d.error || "";
@@ -388,6 +420,7 @@ function init() {
     b.addEventListener("click", () => { const r = currentRoute(); if (r.id !== null) act(b.dataset.action, r.id); });
   }
   $("#token-btn").addEventListener("click", () => askToken(null));
+  $("#pause-all").addEventListener("click", (ev) => actScope(ev.currentTarget.dataset.action || "pause", null));
   $("#token-form").addEventListener("submit", () => {
     setToken($("#token-input").value.trim());
     const then = S.pendingAction; S.pendingAction = null;

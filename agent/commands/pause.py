@@ -1,0 +1,20 @@
+"""``vip-agent pause [NAME|#ID|--drop PATH|--all]``: hold datasets until ``vip-agent resume``.
+
+With no argument (or ``--all``) the whole agent pauses. The pause is written to the
+journal, so it holds across restarts; a running agent applies it within about 2 s. What
+a paused dataset does and does not do: ``agent/pause.py`` and docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from agent import pause
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    pause.add_arguments(parser, "pause")
+
+
+def main(args: argparse.Namespace) -> int:
+    return pause.command("pause", args)
