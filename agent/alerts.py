@@ -12,6 +12,7 @@ the same text as the webhook.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from typing import Any
@@ -28,11 +29,10 @@ from urllib.parse import urlsplit
 
 from agent.config import EmailSettings, NotifyRule
 from agent.errors import AgentError, CredentialError
+from agent.pacer import policy
 
 log = logging.getLogger("vip_agent.alerts")
 
-#: seconds between webhook attempts (then it gives up and logs)
-WEBHOOK_BACKOFF = (1.0, 4.0, 15.0, 60.0)
 #: at most this many deliveries in flight; more are dropped (and logged)
 MAX_IN_FLIGHT = 32
 #: environment variables copied into a command's environment (nothing else is)
@@ -145,11 +145,13 @@ class Alerts:
     def __init__(
         self,
         *,
-        backoff: Sequence[float] = WEBHOOK_BACKOFF,
+        backoff: Sequence[float] | None = None,
         webhook_timeout: float = 10.0,
         secrets: Callable[[], Iterable[str]] = lambda: (),
     ) -> None:
-        self.backoff = tuple(backoff)
+        #: fixed pauses between webhook attempts (tests); None: the ``webhook`` wait policy
+        #: (agent.pacer), re-sending until its deadline
+        self.backoff = tuple(backoff) if backoff is not None else None
         self.webhook_timeout = webhook_timeout
         #: values that must never leave (the API keys in use): checked before anything is sent
         self.secrets = secrets
@@ -222,9 +224,15 @@ class Alerts:
         import requests
 
         body = alert.payload()
-        deadline = time.monotonic() + max(limit, 1.0) + sum(self.backoff)
+        rule = policy("webhook")
+        pauses: Iterator[float | None]
+        if self.backoff is not None:
+            pauses, patience = iter((*self.backoff, None)), sum(self.backoff)
+        else:
+            pauses, patience = (rule.delay(a) for a in itertools.count()), rule.deadline or 0.0
+        deadline = time.monotonic() + max(limit, 1.0) + patience
         problem = ""
-        for attempt, pause in enumerate((*self.backoff, None)):
+        for attempt, pause in enumerate(pauses):
             try:
                 r = requests.post(url, json=body, timeout=self.webhook_timeout, allow_redirects=False)
                 if r.status_code < 300:
