@@ -35,11 +35,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run a finished dataset (even a done one) again as a new attempt",
     ),
     "logs": ("agent.commands.logs", "print the saved stdout/stderr of a dataset's executions"),
+    "check": ("agent.commands.check", "compare finished datasets' mirrored outputs with the journal"),
     "pipelines": ("agent.commands.pipelines", "list pipelines, or show one's parameters"),
     "login": ("agent.commands.login", "check an API key and store it in the OS keyring"),
     "logout": ("agent.commands.logout", "remove the stored API key"),
     "init": ("agent.commands.init", "write a first agent.yaml, create its folders, check with doctor"),
     "doctor": ("agent.commands.doctor", "check configuration, folders, server and key"),
+    "dicom": ("agent.commands.dicom", "the DICOM node: explain routing of files, show pending studies"),
     "install-service": ("agent.commands.install_service", "write a systemd unit or launchd plist"),
     "local-server": ("agent.localvip.cli", "serve a VIP-compatible REST API locally"),
 }

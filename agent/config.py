@@ -18,6 +18,7 @@ from typing import Any
 
 from agent import yamlread
 from agent.bandwidth import BandwidthConfig, parse_bandwidth
+from agent.dicom.config import DicomConfig, parse_dicom
 from agent.errors import ConfigError
 from agent.extract import MAX_MEMBER_RATIO, MAX_RATIO
 from agent.jobfile import MAX_JOBS, MAX_RUNS
@@ -168,6 +169,7 @@ class AgentConfig:
     log_format: str = "text"
     source: Path | None = None  # the file it came from (None: command-line arguments)
     http: HttpSettings | None = None  # None: no status page
+    dicom: DicomConfig | None = None  # None: no DICOM node (``dicom:``, docs/dicom.md)
 
     def max_running(self, server: str) -> int:
         """The running-executions cap of ``server``: the one place it is decided.
@@ -188,7 +190,7 @@ class AgentConfig:
 
 # -- parsing -----------------------------------------------------------------------
 
-_TOP_KEYS = ("drops", "state", "log_format", "defaults", "http")
+_TOP_KEYS = ("drops", "state", "log_format", "defaults", "http", "dicom")
 _DROP_KEYS = (
     "path", "server", "output", "readiness", "datasets", "pattern", "observer",
     "poll_interval", "rescan_interval", "max_uploads", "max_downloads", "max_running",
@@ -566,6 +568,7 @@ def parse_config(data: Any, *, source: str = "agent.yaml", base: Path | None = N
         log_format=top.text("log_format", "text", LOG_FORMATS),
         source=None,
         http=_http(data.get("http"), source, base),
+        dicom=parse_dicom(data.get("dicom"), source=source, base=base, drops=[d.path for d in drops]),
     )
 
 

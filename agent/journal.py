@@ -396,6 +396,22 @@ MIGRATIONS: list[Migration] = [
         "CREATE TABLE IF NOT EXISTS pauses (scope TEXT NOT NULL, target TEXT NOT NULL,"
         " by TEXT NOT NULL, via TEXT NOT NULL, since REAL NOT NULL, PRIMARY KEY (scope, target))",
     )),
+    Migration(8, "dicom_*: the DICOM node's spool index, studies and hand-overs (agent/dicom)", (
+        "CREATE TABLE IF NOT EXISTS dicom_objects (sop_uid TEXT PRIMARY KEY,"
+        " study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, path TEXT NOT NULL,"
+        " size INTEGER NOT NULL, received REAL NOT NULL, wave INTEGER NOT NULL DEFAULT 0,"
+        " state TEXT NOT NULL DEFAULT 'spooled', info TEXT NOT NULL DEFAULT '{}')",
+        "CREATE INDEX IF NOT EXISTS dicom_objects_study ON dicom_objects(study_uid, wave)",
+        "CREATE TABLE IF NOT EXISTS dicom_studies (study_uid TEXT PRIMARY KEY,"
+        " pseudonym TEXT NOT NULL, secret TEXT NOT NULL, first REAL NOT NULL, last REAL NOT NULL,"
+        " objects INTEGER NOT NULL DEFAULT 0, duplicates INTEGER NOT NULL DEFAULT 0,"
+        " late INTEGER NOT NULL DEFAULT 0, wave INTEGER NOT NULL DEFAULT 0,"
+        " state TEXT NOT NULL DEFAULT 'pending', message TEXT)",
+        "CREATE TABLE IF NOT EXISTS dicom_handovers (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " study_uid TEXT NOT NULL, wave INTEGER NOT NULL, route TEXT NOT NULL,"
+        " dataset TEXT NOT NULL, drop_dir TEXT NOT NULL, objects INTEGER NOT NULL,"
+        " at REAL NOT NULL, outcome TEXT NOT NULL, message TEXT)",
+    )),
 ]
 #: the schema version this code writes; a journal above it is refused
 SCHEMA_VERSION = max(m.version for m in MIGRATIONS)

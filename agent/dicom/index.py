@@ -1,0 +1,216 @@
+"""The spool's index in the journal (tables ``dicom_objects``, ``dicom_studies``,
+``dicom_handovers``, created by journal migration 8).
+
+The spooled files are the truth: an object is fsynced and renamed into the spool
+before it is indexed, and :meth:`DicomIndex.missing` lets the node index at
+start-up any file a crash left unindexed. So this connection commits with
+``synchronous=NORMAL`` (WAL: durable across a crash of the process, one fsync fewer
+per object than the journal's FULL).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: study states: collecting objects / handed over / waiting for a route / refused at hand-over
+PENDING, HANDED, UNROUTED, REFUSED = "pending", "handed", "unrouted", "refused"
+#: object states
+SPOOLED, IGNORED = "spooled", "ignored"
+
+
+@dataclass(frozen=True)
+class ObjectRow:
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    path: str
+    size: int
+    received: float
+    wave: int
+    state: str
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_uid: str
+    pseudonym: str
+    secret: str
+    first: float
+    last: float
+    objects: int
+    duplicates: int
+    late: int
+    wave: int
+    state: str
+    message: str | None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What :meth:`DicomIndex.add` did with one object."""
+
+    duplicate: bool
+    #: the study had been handed over: this object is late (its wave says what happens)
+    late: bool
+    wave: int
+    ignored: bool
+
+
+class DicomIndex:
+    """Thread-safe access to the DICOM tables of one journal file."""
+
+    def __init__(self, journal_path: Path) -> None:
+        self.path = Path(journal_path)
+        self._local = threading.local()
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- objects ---------------------------------------------------------------------
+    def known(self, sop_uid: str) -> bool:
+        row = self._db().execute("SELECT 1 FROM dicom_objects WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        return row is not None
+
+    def add(self, sop_uid: str, study_uid: str, series_uid: str, path: str, size: int,
+            info: dict[str, Any], late_policy: str, now: float | None = None) -> Stored:  # fmt: skip
+        """Index one spooled object; a SOPInstanceUID already indexed is a duplicate."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM dicom_objects WHERE sop_uid = ?", (sop_uid,)).fetchone():
+                db.execute("UPDATE dicom_studies SET duplicates = duplicates + 1 WHERE study_uid = ?",
+                           (study_uid,))  # fmt: skip
+                return Stored(True, False, 0, False)
+            study = db.execute("SELECT state, wave FROM dicom_studies WHERE study_uid = ?",
+                               (study_uid,)).fetchone()  # fmt: skip
+            late = ignored = False
+            if study is None:
+                wave = 0
+                db.execute(
+                    "INSERT INTO dicom_studies (study_uid, pseudonym, secret, first, last, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (study_uid, secrets.token_hex(4), secrets.token_hex(16), now, now, PENDING),
+                )
+            else:
+                wave = int(study["wave"])
+                if study["state"] == HANDED:
+                    late = True
+                    if late_policy == "ignore":
+                        ignored = True
+                    else:
+                        wave += 1
+                        db.execute("UPDATE dicom_studies SET wave = ?, state = ?, message = NULL"
+                                   " WHERE study_uid = ?", (wave, PENDING, study_uid))  # fmt: skip
+                elif study["state"] in (UNROUTED, REFUSED):
+                    # new objects may complete what was missing: look again
+                    db.execute("UPDATE dicom_studies SET state = ? WHERE study_uid = ?", (PENDING, study_uid))
+            db.execute(
+                "INSERT INTO dicom_objects (sop_uid, study_uid, series_uid, path, size, received,"
+                " wave, state, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, study_uid, series_uid, path, size, now, wave,
+                 IGNORED if ignored else SPOOLED, json.dumps(info)),
+            )  # fmt: skip
+            db.execute(
+                "UPDATE dicom_studies SET objects = objects + 1, late = late + ?,"
+                " last = CASE WHEN ? THEN last ELSE ? END WHERE study_uid = ?",
+                (1 if late else 0, 1 if ignored else 0, now, study_uid),
+            )
+        return Stored(False, late, wave, ignored)
+
+    def objects(self, study_uid: str, wave: int | None = None) -> list[ObjectRow]:
+        """The study's spooled objects (of one wave, or all), in series/instance order."""
+        sql = "SELECT * FROM dicom_objects WHERE study_uid = ? AND state = ?"
+        params: list[Any] = [study_uid, SPOOLED]
+        if wave is not None:
+            sql += " AND wave = ?"
+            params.append(wave)
+        rows = [self._object(r) for r in self._db().execute(sql, params)]
+        return sorted(rows, key=lambda o: (o.info.get("SeriesNumber") or 0, o.series_uid,
+                                           o.info.get("InstanceNumber") or 0, o.sop_uid))  # fmt: skip
+
+    def paths(self) -> set[str]:
+        return {r[0] for r in self._db().execute("SELECT path FROM dicom_objects")}
+
+    # -- studies ---------------------------------------------------------------------
+    def study(self, study_uid: str) -> StudyRow | None:
+        row = self._db().execute("SELECT * FROM dicom_studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        return self._study(row) if row is not None else None
+
+    def studies(self, *states: str) -> list[StudyRow]:
+        if states:
+            marks = ", ".join("?" for _ in states)
+            rows = self._db().execute(f"SELECT * FROM dicom_studies WHERE state IN ({marks}) ORDER BY first",
+                                      states)  # fmt: skip
+        else:
+            rows = self._db().execute("SELECT * FROM dicom_studies ORDER BY first")
+        return [self._study(r) for r in rows]
+
+    def set_state(self, study_uid: str, state: str, message: str | None = None) -> None:
+        with self._write() as db:
+            db.execute("UPDATE dicom_studies SET state = ?, message = ? WHERE study_uid = ?",
+                       (state, message, study_uid))  # fmt: skip
+
+    def handed(self, study_uid: str, wave: int, route: str, dataset: str, drop_dir: str,
+               objects: int, outcome: str, message: str | None = None) -> None:  # fmt: skip
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO dicom_handovers (study_uid, wave, route, dataset, drop_dir, objects, at,"
+                " outcome, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (study_uid, wave, route, dataset, drop_dir, objects, time.time(), outcome, message),
+            )
+
+    def handovers(self, study_uid: str | None = None) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM dicom_handovers", ()  # type: tuple[str, tuple[str, ...]]
+        if study_uid is not None:
+            sql, params = sql + " WHERE study_uid = ?", (study_uid,)
+        return [dict(r) for r in self._db().execute(sql + " ORDER BY id", params)]
+
+    def counts(self) -> dict[str, int]:
+        """Studies per state."""
+        rows = self._db().execute("SELECT state, COUNT(*) FROM dicom_studies GROUP BY state")
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    @staticmethod
+    def _object(row: sqlite3.Row) -> ObjectRow:
+        return ObjectRow(row["sop_uid"], row["study_uid"], row["series_uid"], row["path"], int(row["size"]),
+                         float(row["received"]), int(row["wave"]), row["state"], json.loads(row["info"]))  # fmt: skip
+
+    @staticmethod
+    def _study(row: sqlite3.Row) -> StudyRow:
+        return StudyRow(row["study_uid"], row["pseudonym"], row["secret"], float(row["first"]),
+                        float(row["last"]), int(row["objects"]), int(row["duplicates"]), int(row["late"]),
+                        int(row["wave"]), row["state"], row["message"])  # fmt: skip

@@ -1,0 +1,231 @@
+"""The DICOM node: receiver + spool + index + completeness + hand-over, one object.
+
+``vip-agent watch`` starts one when ``dicom:`` is configured. Completeness: a study
+is complete when no open association carries it **and** it has been quiet for
+``quiet`` seconds (the quiet clock restarts when the agent starts: whether an
+association was open when it stopped cannot be known); a route may also wait for
+required series and for the instance counts the data announces (at most
+``max_wait`` longer). Then each route's series are handed over as datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from agent.dicom.config import DicomConfig, Route
+from agent.dicom.handover import HandoverRefused, hand_over
+from agent.dicom.index import HANDED, PENDING, REFUSED, UNROUTED, DicomIndex, StudyRow
+from agent.dicom.receiver import OUT_OF_RESOURCES, SUCCESS, Counters, Incoming, Receiver
+from agent.dicom.routing import Series, group_series, plan, waiting_for
+from agent.dicom.spool import Spool, SpoolFull, header
+from agent.dicom.status import PORT_FILE, dicom_dir, write_status
+from agent.fsutil import write_atomic
+
+log = logging.getLogger("vip_agent.dicom")
+
+
+class DicomNode:
+    """Receive, spool, decide completeness, hand over; ``start()``/``stop()`` with the service."""
+
+    def __init__(self, config: DicomConfig, state: Path, journal_path: Path, *,
+                 markers: Mapping[Path, str | None] | None = None,
+                 on_dataset: Callable[[Path, str], None] | None = None, tick: float = 0.2) -> None:  # fmt: skip
+        self.config = config
+        self.state = Path(state)
+        self.folder = dicom_dir(self.state)
+        self.spool = Spool(config.spool or self.folder / "spool", config.disk_low)
+        self.index = DicomIndex(journal_path)
+        self.markers = dict(markers or {})
+        self.on_dataset = on_dataset
+        self.tick = tick
+        self.counters = Counters()
+        self.receiver = Receiver(config, self.receive, self.counters)
+        self.audit = self.folder / "audit.log"
+        self._last: dict[str, float] = {}
+        self._why: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = time.monotonic()
+        self._written: dict[str, Any] = {}
+
+    # -- life cycle --------------------------------------------------------------------
+    def start(self) -> int:
+        self._started = time.monotonic()
+        removed = self.spool.clean_tmp()
+        if removed:
+            log.info("DICOM spool: removed %d object(s) a stop left half-written (never acknowledged)", removed)
+        self._reindex()
+        port = self.receiver.start()
+        write_atomic(self.state / PORT_FILE, f"{port}\n")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="vip-agent-dicom", daemon=True)
+        self._thread.start()
+        self._publish()
+        return port
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.receiver.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._publish(listening=False)
+        self.index.close()
+
+    def _reindex(self) -> None:
+        """Index spooled files a crash left unindexed (written and fsynced, not yet indexed)."""
+        known = self.index.paths()
+        for path in self.spool.files():
+            if str(path) in known:
+                continue
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                info = header(ds)
+                self.index.add(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                               str(path), path.stat().st_size, info, self.config.late, path.stat().st_mtime)  # fmt: skip
+                log.info("DICOM spool: indexed %s left unindexed by the last stop", path.name)
+            except Exception as err:  # an unreadable leftover stays, named in the log
+                log.warning("DICOM spool: cannot index %s: %s", path, err)
+
+    # -- receiving (called in each association's thread) -------------------------------
+    def receive(self, inc: Incoming) -> int:
+        with self._lock:
+            self._last[inc.study_uid] = time.monotonic()
+        info = header(inc.dataset)
+        info.update(CallingAE=inc.calling_ae, CalledAE=inc.called_ae, Peer=inc.peer)
+        if self.index.known(inc.sop_uid):
+            self.index.add(inc.sop_uid, inc.study_uid, inc.series_uid, "", 0, info, self.config.late)
+            self.counters.add(duplicates=1)
+            log.info("duplicate object %s from %s: the first copy is kept", inc.sop_uid, inc.calling_ae)
+            return SUCCESS
+        try:
+            path = self.spool.write(inc.study_uid, inc.sop_uid, inc.data)
+        except SpoolFull:
+            self.counters.add(refusals=1)
+            log.warning("object from %s refused: free space below the watermark (%d bytes) in %s; "
+                        "the sender keeps it", inc.calling_ae, self.config.disk_low, self.spool.root)  # fmt: skip
+            return OUT_OF_RESOURCES
+        stored = self.index.add(inc.sop_uid, inc.study_uid, inc.series_uid, str(path), len(inc.data), info,
+                                self.config.late)  # fmt: skip
+        self.counters.add(objects=1, bytes=len(inc.data), late=1 if stored.late else 0)
+        if stored.late:
+            what = "ignored (late: ignore)" if stored.ignored else f"kept for a late hand-over (late: {self.config.late})"
+            log.warning("late object for a study already handed over: %s", what)
+        return SUCCESS
+
+    # -- completeness and hand-over ---------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick):
+            try:
+                self.check()
+                self._publish()
+            except Exception:  # one broken study must not stop the node
+                log.exception("DICOM node: error while checking studies")
+
+    def check(self, now: float | None = None) -> list[str]:
+        """One look at every pending study; the datasets handed over."""
+        now = time.monotonic() if now is None else now
+        handed: list[str] = []
+        carried = self.receiver.open_studies()
+        for study in self.index.studies(PENDING):
+            if study.study_uid in carried:
+                self._why[study.study_uid] = "receiving (an association carrying it is open)"
+                continue
+            with self._lock:
+                last = self._last.get(study.study_uid, self._started)
+            quiet_for = now - last
+            if quiet_for < self.config.quiet:
+                self._why[study.study_uid] = f"quiet for {quiet_for:.0f} of {self.config.quiet:.0f} s"
+                continue
+            handed += self._complete(study, quiet_for - self.config.quiet)
+        return handed
+
+    def _objects(self, study: StudyRow) -> list[Any]:
+        if study.wave and self.config.late == "new":
+            return self.index.objects(study.study_uid, study.wave)
+        return self.index.objects(study.study_uid)
+
+    def _complete(self, study: StudyRow, waited: float) -> list[str]:
+        series = group_series(self._objects(study))
+        routes = self.config.routes
+        taken, unrouted = plan(routes, series)
+        if not taken:
+            message = "no route takes " + ", ".join(s.label() for s in unrouted) if unrouted else "no object"
+            self.index.set_state(study.study_uid, UNROUTED, message)
+            log.warning("study %s: %s; kept in the spool", study.pseudonym, message)
+            return []
+        for idx, mine in taken.items():
+            why = waiting_for(routes[idx], series, mine)
+            if why is not None and waited < self.config.max_wait:
+                self._why[study.study_uid] = f"{routes[idx].label}: {why}"
+                return []
+        names: list[str] = []
+        try:
+            for idx, mine in taken.items():
+                names += self._hand(study, routes[idx], mine)
+        except HandoverRefused as err:
+            self.index.set_state(study.study_uid, REFUSED, err.message)
+            log.error("study %s: %s", study.pseudonym, err.full())
+            return names
+        note = f"{len(names)} dataset(s): {', '.join(names)}"
+        if unrouted:
+            note += "; not routed (kept in the spool): " + ", ".join(s.label() for s in unrouted)
+        self.index.set_state(study.study_uid, HANDED, note)
+        self._why.pop(study.study_uid, None)
+        return names
+
+    def _hand(self, study: StudyRow, route: Route, series: list[Series]) -> list[str]:
+        groups = [series] if route.per == "study" else [[s] for s in series]
+        names = []
+        for group in groups:
+            try:
+                done = hand_over(study, route, group, study.wave, marker=self.markers.get(route.drop),
+                                 audit=self.audit)  # fmt: skip
+            except HandoverRefused as err:
+                self.index.handed(study.study_uid, study.wave, route.label, "", str(route.drop),
+                                  sum(s.count for s in group), "refused", err.message)  # fmt: skip
+                raise
+            self.index.handed(study.study_uid, study.wave, route.label, done.name, str(route.drop),
+                              done.objects, "handed")  # fmt: skip
+            names.append(done.name)
+            if self.on_dataset is not None:
+                self.on_dataset(route.drop, done.name)
+        return names
+
+    # -- status ------------------------------------------------------------------------
+    def waiting_reason(self, study_uid: str) -> str | None:
+        return self._why.get(study_uid)
+
+    def snapshot(self, listening: bool = True) -> dict[str, Any]:
+        studies = self.index.counts()
+        return {
+            "ae_title": self.config.ae_title,
+            "host": self.config.host,
+            "port": self.receiver.port,
+            "listening": listening,
+            "pid": os.getpid(),
+            "open_associations": self.receiver.open_associations(),
+            "counters": self.counters.snapshot(),
+            "studies": studies,
+            "pending": studies.get(PENDING, 0) + studies.get(UNROUTED, 0) + studies.get(REFUSED, 0),
+            "spool": str(self.spool.root),
+            "spool_free": self.spool.free(),
+            "disk_low": self.config.disk_low,
+            "quiet": self.config.quiet,
+        }
+
+    def _publish(self, listening: bool = True) -> None:
+        data = self.snapshot(listening)
+        comparable = {k: v for k, v in data.items() if k != "spool_free"}
+        if comparable != self._written:
+            self._written = comparable
+            write_status(self.state, {**data, "updated": time.time()})

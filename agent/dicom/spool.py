@@ -1,0 +1,125 @@
+"""The spool: every received object, written durably before the sender hears "success".
+
+Layout: ``<spool>/objects/<study key>/<SOPInstanceUID>.dcm`` (the study key is a hash
+of the StudyInstanceUID, never an identifying value) and ``<spool>/tmp/`` for
+objects being written. An object is written to ``tmp``, fsynced, renamed into place
+and its folder fsynced: a crash leaves either the whole object or a temporary file
+that the next start removes, never a half-written object under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from agent.fsutil import fsync_dir
+
+_SAFE_UID = re.compile(r"^[0-9.]{1,64}$")
+#: the header values routing and completeness need (kept in the index; no patient identity)
+HEADER_KEYS = (
+    "SOPClassUID", "Modality", "SeriesNumber", "InstanceNumber", "SeriesDescription",
+    "ProtocolName", "StudyDescription", "ImageType", "NumberOfSeriesRelatedInstances",
+    "NumberOfStudyRelatedInstances", "ImagesInAcquisition",
+)  # fmt: skip
+
+
+class SpoolFull(OSError):
+    """Less free space than the watermark: the object is refused, nothing is written."""
+
+
+def study_key(study_uid: str) -> str:
+    return hashlib.sha256(study_uid.encode()).hexdigest()[:20]
+
+
+def header(ds: Dataset) -> dict[str, Any]:
+    """The routing/completeness values of one object, JSON-ready."""
+    out: dict[str, Any] = {}
+    for key in HEADER_KEYS:
+        value = ds.get(key)
+        if value is None or value == "":
+            continue
+        if isinstance(value, MultiValue):
+            out[key] = [str(v) for v in value]
+        elif key in ("SeriesNumber", "InstanceNumber", "NumberOfSeriesRelatedInstances",
+                     "NumberOfStudyRelatedInstances", "ImagesInAcquisition"):  # fmt: skip
+            try:
+                out[key] = int(value)
+            except (TypeError, ValueError):
+                continue
+        else:
+            out[key] = str(value)
+    return out
+
+
+class Spool:
+    """Durable object storage on one file system, with a free-space watermark."""
+
+    def __init__(self, root: Path, disk_low: int) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.disk_low = disk_low
+        for folder in (self.objects, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def clean_tmp(self) -> int:
+        """Remove what a crash left half-written (never acknowledged to a sender)."""
+        n = 0
+        for leftover in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                n += 1
+        return n
+
+    def free(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def path_for(self, study_uid: str, sop_uid: str) -> Path:
+        name = sop_uid if _SAFE_UID.match(sop_uid) else hashlib.sha256(sop_uid.encode()).hexdigest()
+        return self.objects / study_key(study_uid) / f"{name}.dcm"
+
+    def write(self, study_uid: str, sop_uid: str, data: bytes | memoryview) -> Path:
+        """Write one object durably; :class:`SpoolFull` below the watermark."""
+        if self.free() - len(data) < self.disk_low:
+            raise SpoolFull(f"free space in {self.root} is below the watermark")
+        final = self.path_for(study_uid, sop_uid)
+        new_folder = not final.parent.is_dir()
+        if new_folder:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        if new_folder:
+            fsync_dir(self.objects)
+        return final
+
+    def files(self) -> Iterator[Path]:
+        for folder in sorted(self.objects.iterdir()):
+            if folder.is_dir():
+                yield from sorted(folder.glob("*.dcm"))
+
+    def usage(self) -> int:
+        """Bytes held in the spool."""
+        return sum(p.stat().st_size for p in self.files())

@@ -1,0 +1,149 @@
+"""Helpers for the DICOM tests: pydicom's own test files, a synthesised spectroscopy object,
+real senders (dcmtk ``storescu``/``echoscu``), and a DICOM node on a free loopback port."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from agent.dicom.config import parse_dicom
+from agent.dicom.node import DicomNode
+from agent.journal import Journal
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+#: one patient (Doe^Peter, 98890234), 3 MR studies, 7 series, 17 instances
+PATIENT = TEST_FILES / "dicomdirtests" / "98892003"
+PATIENT_FILES = sorted(p for p in PATIENT.rglob("*") if p.is_file())
+PATIENT_NAME, PATIENT_ID = b"Doe^Peter", b"98890234"
+#: objects per study of PATIENT (by number of objects: each study is recognisable by its size)
+STUDY_SIZES = [2, 4, 11]
+CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
+
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk (storescu) not installed")
+
+
+def pydicom_file(name: str) -> Path:
+    return Path(str(get_testdata_file(name)))
+
+
+def study_of(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def by_study(files: Iterable[Path]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for f in files:
+        out.setdefault(study_of(f), []).append(f)
+    return dict(sorted(out.items(), key=lambda kv: len(kv[1])))
+
+
+def spectroscopy(folder: Path, *, leak: bool = False, name: str = "Spectro^Samuel",
+                 patient_id: str = "SPX771234", birth: str = "19710203") -> Path:  # fmt: skip
+    """A Siemens CSA Non-Image Storage (private SOP class) MR spectroscopy object.
+
+    The CSA series header (0029,1020) is what dcm2niix and spectroscopy tools read; with
+    ``leak`` the patient's name is planted in it, as a badly configured scanner might.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CSA_NON_IMAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CSA_NON_IMAGE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 5, 1
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, patient_id, birth
+    ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "ACC4455667", "20261201", "101500"
+    ds.SeriesDescription = ds.ProtocolName = "svs_se_30 PRESS"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "SPECTROSCOPY", "NONE"]
+    series_header = b"SV10\x04\x03\x02\x01" + b"MrPhoenixProtocol sSpecPara.lVectorSize = 1024\x00" * 4
+    if leak:
+        series_header += b"tPatientName = \"" + name.encode() + b"\"\x00"
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    ds.add_new(0x00291010, "OB", b"SV10\x04\x03\x02\x01" + b"\x00" * 64)
+    ds.add_new(0x00291020, "OB", series_header + b"\x00" * (len(series_header) % 2))
+    ds.add_new(0x00110010, "LO", "ACME RESEARCH")
+    ds.add_new(0x00111001, "LO", "operator notes: call the patient back")
+    ds.add_new(0x7FE10010, "LO", "SIEMENS CSA NON-IMAGE")
+    fid = b"".join(struct.pack("<ff", 1000.0 / (i + 1), -500.0 / (i + 1)) for i in range(1024))
+    ds.add_new(0x7FE11010, "OB", fid)
+    path = folder / f"spectro{'-leak' if leak else ''}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def storescu(port: int, files: Sequence[Path], *, aet: str = "SCANNER1", aec: str = "VIPAGENT",
+             timeout: float = 60, extra: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """dcmtk storescu: every file in ONE association, proposing only what the files need."""
+    argv = ["storescu", "-R", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+#: a dcmtk storescu profile for the private spectroscopy SOP classes (storescu refuses
+#: to send a SOP class it does not know unless a configuration file proposes it)
+PRIVATE_PROFILE = """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[Private]
+PresentationContext1 = 1.3.12.2.1107.5.9.1\\Uncompressed
+PresentationContext2 = 1.3.46.670589.11.0.0.12.1\\Uncompressed
+
+[[Profiles]]
+[Private]
+PresentationContexts = Private
+"""
+
+
+def storescu_private(port: int, files: Sequence[Path], folder: Path, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """storescu proposing the private SOP classes (a profile written in ``folder``)."""
+    cfg = folder / "storescu-private.cfg"
+    cfg.write_text(PRIVATE_PROFILE, encoding="utf-8")
+    argv = ["storescu", "-xf", str(cfg), "Private", "-aet", kw.get("aet", "SCANNER1"), "-aec", "VIPAGENT",
+            "127.0.0.1", str(port), *map(str, files)]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def echoscu(port: int, *, aet: str = "SCANNER1", aec: str = "VIPAGENT") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+
+
+def make_node(tmp_path: Path, routes: list[dict[str, Any]] | None = None, *, drops: Sequence[str] = ("drop",),
+              **settings: Any) -> DicomNode:  # fmt: skip
+    """A DicomNode on a free loopback port, routes into ``tmp_path/<drop>`` (not started)."""
+    folders = []
+    for name in drops:
+        (tmp_path / name).mkdir(exist_ok=True)
+        folders.append((tmp_path / name).resolve())
+    raw: dict[str, Any] = {"listen": "127.0.0.1:0", "quiet": 1, "disk_low": 0, **settings}
+    raw["routes"] = routes if routes is not None else [{"drop": str(folders[0])}]
+    config = parse_dicom(raw, source="test.yaml", base=tmp_path, drops=folders)
+    assert config is not None
+    journal = Journal.in_state_dir(tmp_path / "state")
+    return DicomNode(config, tmp_path / "state", journal.path, tick=0.1)
+
+
+def datasets(drop: Path) -> dict[str, list[Path]]:
+    """Dataset folders in ``drop`` (hidden staging folders are not datasets) -> their files."""
+    return {d.name: sorted(f for f in d.iterdir() if f.is_file())
+            for d in sorted(drop.iterdir()) if d.is_dir() and not d.name.startswith(".")}  # fmt: skip
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.dcm"))
