@@ -36,7 +36,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agent import pause as user_pause
@@ -53,6 +53,7 @@ from agent.journal import (
     JournalWriteError,
     Owner,
 )
+from agent.pacer import policy
 from agent.runner import STAGE_POOL, Interrupted
 
 log = logging.getLogger("vip_agent.scheduler")
@@ -88,6 +89,7 @@ class _Pause:
     delay: float
     next_probe: float
     probing: bool = False
+    attempts: int = 0  # failed probes so far (the auth_probe policy's attempt)
 
 
 class Scheduler:
@@ -104,7 +106,7 @@ class Scheduler:
         stop_event: threading.Event | None = None,
         local_workers: int = 2,
         monitor_workers: int = 4,
-        auth_retry: tuple[float, float] = (30.0, 600.0),
+        auth_retry: tuple[float, float] | None = None,
         poll_journal: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         owner: Owner | None = None,
@@ -118,7 +120,11 @@ class Scheduler:
         self.stop_event = stop_event or threading.Event()
         self.local_workers = local_workers
         self.monitor_workers = monitor_workers
-        self.auth_retry = auth_retry
+        #: waits between checks of a refused key: the ``auth_probe`` policy; ``auth_retry``
+        #: (first, largest) replaces its numbers (tests)
+        rule = policy("auth_probe")
+        self.auth_policy = replace(rule, base=auth_retry[0], cap=auth_retry[1]) if auth_retry else rule
+        self.auth_retry = (self.auth_policy.base, self.auth_policy.cap)
         self.poll_journal = poll_journal
         self.clock = clock
         self._cond = threading.Condition()
@@ -243,7 +249,7 @@ class Scheduler:
         with self._cond:
             for pause in self._paused.values():
                 pause.next_probe = 0.0
-                pause.delay = self.auth_retry[0]
+                pause.delay, pause.attempts = self.auth_retry[0], 0
             self._cond.notify_all()
 
     def pause(self, server: str, reason: str) -> None:
@@ -484,7 +490,7 @@ class Scheduler:
                 if e.unexpected >= MAX_UNEXPECTED:
                     final_stage = "failed"
                 else:
-                    e.state, e.due = "timer", now + min(5.0 * 2 ** (e.unexpected - 1), 300.0)
+                    e.state, e.due = "timer", now + policy("unexpected").delay(e.unexpected - 1)
             else:
                 e.unexpected = 0
                 e.stage = outcome.stage
@@ -559,7 +565,8 @@ class Scheduler:
                 return
             pause.probing = False
             if not ok:
-                pause.delay = min(pause.delay * 2, self.auth_retry[1])
+                pause.attempts += 1
+                pause.delay = self.auth_policy.delay(pause.attempts)
                 pause.next_probe = self.clock() + pause.delay
             else:
                 del self._paused[server]
