@@ -177,7 +177,26 @@ def sync(journal: Journal, pauses: Pauses | None = None) -> list[int]:
     if changed:
         with journal._write() as db:
             db.executemany("UPDATE datasets SET paused=? WHERE id=?", changed)
+        for _, dataset_id in changed:
+            _write_status(journal, dataset_id)
     return [i for _, i in changed]
+
+
+def _write_status(journal: Journal, dataset_id: int) -> None:
+    """STATUS.json says ``paused`` (or no longer) at once: a held dataset is not stepped, and
+    the runner writes it only when it steps (best effort, as the runner's own)."""
+    import json
+
+    from agent.fsutil import write_atomic
+    from agent.runner import STATUS_FILE, status_record
+
+    ds = journal.get(dataset_id)
+    if not ds.output_dir or not Path(ds.output_dir).is_dir():
+        return
+    try:
+        write_atomic(Path(ds.output_dir) / STATUS_FILE, json.dumps(status_record(journal, ds), indent=2))
+    except OSError:
+        pass  # the next step writes it
 
 
 def holding(journal: Journal, ds: Dataset, pauses: Pauses | None = None) -> Pause | None:

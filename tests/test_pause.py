@@ -142,6 +142,9 @@ def test_a_dataset_paused_while_running_is_polled_but_not_downloaded(
         stays(lambda: journal.get(ds.id).stage == "mirror" and not journal.outputs(ds.id), 3.0)
         rec = status(tmp_path, vip_server)["nap"]
         assert rec["state"] == "paused" and rec["paused_by"]["scope"] == "dataset"
+        # STATUS.json beside the outputs says so too (the runner does not step it meanwhile)
+        report = Path(journal.get(ds.id).output_dir or "") / "STATUS.json"
+        wait_for(lambda: json.loads(report.read_text())["state"] == "paused", timeout=10)
         resumed = cli(tmp_path, vip_server, "resume", "nap")
         assert resumed.returncode == 0 and "resumed" in resumed.stdout
         wait_for(lambda: journal.get(ds.id).final, timeout=60)
