@@ -25,7 +25,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agent import __version__
@@ -33,6 +33,7 @@ from agent import pause as user_pause
 from agent.bandwidth import current_limits
 from agent.health import Health
 from agent.journal import FINAL_STAGES, PUBLIC_STATE, Journal
+from agent.pacer import budgets
 from agent.timeline import FAILURE_KIND, segments
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -42,6 +43,26 @@ STATES = sorted({*PUBLIC_STATE.values(), "paused", "incomplete"})
 BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 3 * 86400)
 #: stages in which a dataset has not started running yet (the queue)
 QUEUED = ("waiting", "validate", "upload", "launch")
+#: each server's budget (agent.pacer.ServerBudget.snapshot key -> metric name, help)
+BUDGET_GAUGES = (
+    ("max_rate", "vip_agent_server_max_requests_per_second",
+     "The request ceiling on this server (0: none); docs/vip-rest.md, 'Pacing'"),
+    ("tokens", "vip_agent_server_request_tokens", "Requests that may go at once now (the burst left)"),
+    ("transfers_in_use", "vip_agent_server_transfers", "Transfers with this server in progress"),
+    ("transfers_limit", "vip_agent_server_transfers_limit",
+     "Concurrent transfers allowed now (below the maximum after the server's transfer timeouts)"),
+    ("transfers_max", "vip_agent_server_transfers_max", "max_transfers_per_server for this server"),
+    ("launch_wait", "vip_agent_server_launch_wait_seconds",
+     "Seconds before launches on this server are tried again (backing off after 2001/2003)"),
+)
+BUDGET_COUNTERS = (
+    ("requests_total", "vip_agent_server_requests", "Requests sent to this server"),
+    ("waits_total", "vip_agent_server_request_waits", "Requests that waited for the request ceiling"),
+    ("transfer_timeouts_total", "vip_agent_server_transfer_timeouts",
+     "Transfers the server answered with its transfer timeout (400 8000)"),
+    ("launches_refused_total", "vip_agent_server_launches_refused",
+     "Launches refused for capacity or by a busy engine"),
+)
 
 
 def _public(stage: str, paused: bool) -> str:
@@ -294,6 +315,7 @@ class _Gauges(Collector):
             for direction, rate in sorted(rates.items()):
                 limit.add_metric([server, direction], rate or 0.0)
         yield limit
+        yield from _budget_metrics()
 
         info = GaugeMetricFamily("vip_agent_info", "The agent's version", labels=["version"])
         info.add_metric([__version__], 1)
@@ -301,3 +323,18 @@ class _Gauges(Collector):
         start = GaugeMetricFamily("vip_agent_start_time_seconds", "When the agent started (Unix time)")
         start.add_metric([], m.started)
         yield start
+
+
+def _budget_metrics() -> Iterator[Metric]:
+    """Each server's pacing budget (agent.pacer) as this process uses it."""
+    snapshots = [(b.server, b.snapshot()) for b in budgets()]
+    for key, name, text in BUDGET_GAUGES:
+        gauge = GaugeMetricFamily(name, text, labels=["server"])
+        for server, snap in snapshots:
+            gauge.add_metric([server], snap[key])
+        yield gauge
+    for key, name, text in BUDGET_COUNTERS:
+        counter = CounterMetricFamily(name, text, labels=["server"])
+        for server, snap in snapshots:
+            counter.add_metric([server], snap[key])
+        yield counter

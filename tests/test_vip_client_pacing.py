@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,10 @@ import pytest
 from hostilevip import HostileVip
 from receivers import self_signed
 
+from agent.health import Health
+from agent.journal import Journal
 from agent.localvip import LocalVip
+from agent.metrics import Metrics
 from agent.pacer import ServerBudget, budget_for, policy
 from agent.vip import RedirectError, TransientError, VipClient
 
@@ -286,3 +290,25 @@ def test_the_key_never_goes_over_plain_http_to_a_server_that_redirects(
             with pytest.raises(RedirectError, match="another host"):
                 client.exists(HOME)
         assert all("apikey" not in headers for headers in other.seen)
+
+
+# ---------------------------------------------------------------- /metrics
+
+
+def test_metrics_show_each_server_s_budget(vip_server: LocalVip, tmp_path: Path) -> None:
+    with _client(vip_server, vip_server.api_key) as client:
+        client.exists(HOME)
+    budget = budget_for(vip_server.url)
+    budget.launch_refused(2001)
+    health = Health(version="x", started=0.0, state=str(tmp_path), state_free=1)
+    text = Metrics(Journal.in_state_dir(tmp_path), lambda: health).render().decode()
+    server = f'{{server="{budget.server}"}}'
+    values = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r"^(vip_agent_server_\w+)" + re.escape(server) + r" (\S+)$", text, re.M)
+    }
+    assert values["vip_agent_server_requests_total"] >= 1
+    assert values["vip_agent_server_transfers_max"] == budget.snapshot()["transfers_max"]
+    assert values["vip_agent_server_max_requests_per_second"] == budget.snapshot()["max_rate"]
+    assert values["vip_agent_server_launches_refused_total"] == 1
+    assert values["vip_agent_server_launch_wait_seconds"] > 0
