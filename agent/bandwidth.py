@@ -328,6 +328,8 @@ def install(drops: Sequence[Any], stop: threading.Event | None = None) -> dict[s
         budget_for(server).set_bandwidth(limiter)
         out[server] = limiter
     with _INSTALLED_LOCK:
+        for server in set(_INSTALLED) - set(out):  # a server no drop folder uses any more
+            budget_for(server).set_bandwidth(None)
         _INSTALLED.clear()
         _INSTALLED.update(out)
     return out

@@ -19,6 +19,9 @@ from agent.bandwidth import (
 )
 from agent.config import parse_config
 from agent.errors import ConfigError
+from agent.journal import Journal
+from agent.localvip import LocalVip
+from tests.agenthelpers import run_agent, write_dataset
 
 MB = 1_000_000
 MiB = 1 << 20
@@ -231,3 +234,54 @@ def test_a_stop_ends_a_wait_at_once() -> None:
     th.start()
     th.join(timeout=5)
     assert done == [True] and not th.is_alive()
+
+
+# -- a real transfer ------------------------------------------------------------------------
+def test_run_bwlimit_keeps_a_real_upload_under_the_limit(tmp_path: Path, vip_server: LocalVip) -> None:
+    """2 MB through ``vip-agent run --bwlimit 1MB/s`` against the local server: the upload
+    (timed by the journal's own events around it) runs at or below 1 MB/s, and not far below."""
+    data = bytes(range(256)) * (2 * MB // 256)
+    ds = write_dataset(tmp_path / "big", {"data.bin": data},
+                       job={"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.bin"}})  # fmt: skip
+    state = tmp_path / "state"
+    done = run_agent("run", str(ds), "--server", vip_server.url, "--state", str(state),
+                     "--output", str(tmp_path / "out"), "--bwlimit", "1MB/s",
+                     api_key=vip_server.api_key, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    journal = Journal.in_state_dir(state)
+    (row,) = journal.datasets()
+    events = journal.events(row.id)
+    start = next(e.time for e in events if e.message.startswith("uploading 1 file"))
+    end = next(e.time for e in events if e.message.startswith("inputs uploaded"))
+    rate = len(data) / (end - start)
+    assert 0.5 * MB <= rate <= 1.1 * MB, f"upload ran at {rate / MB:.2f} MB/s"  # 0.1 s burst at most
+
+
+def test_run_bwlimit_refuses_a_rate_it_cannot_read(tmp_path: Path) -> None:
+    done = run_agent("run", str(tmp_path), "--bwlimit", "20Mb/s", api_key="unused", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "argument --bwlimit: '20Mb/s' is ambiguous: write 20MB/s (bytes) or 20Mbit/s (bits)" in done.stderr
+
+
+def test_install_gives_each_server_the_limits_of_its_drop_folders(tmp_path: Path) -> None:
+    from agent.bandwidth import current_limits, install
+
+    data = {"drops": [
+        {"path": str(tmp_path / "a"), "output": str(tmp_path / "o"), "server": "https://one.example",
+         "bandwidth": {"upload": "20MB/s"}},
+        {"path": str(tmp_path / "b"), "output": str(tmp_path / "o"), "server": "https://one.example",
+         "bandwidth": {"upload": "5MB/s", "download": "8MB/s"}},
+        {"path": str(tmp_path / "c"), "output": str(tmp_path / "o"), "server": "https://two.example"},
+    ]}  # fmt: skip
+    limiters = install(parse_config(data, source="agent.yaml", base=tmp_path).drops)
+    assert limiters["https://two.example"] is None
+    assert current_limits() == {
+        "https://one.example": {"upload": 5 * MB, "download": 8 * MB},  # the smallest of each
+        "https://two.example": {"upload": None, "download": None},
+    }
+    from agent.pacer import budget_for
+
+    assert budget_for("https://one.example")._bandwidth is limiters["https://one.example"]
+    install(())  # nothing configured any more (SIGHUP): every limit goes
+    assert current_limits() == {}
+    assert budget_for("https://one.example")._bandwidth is None

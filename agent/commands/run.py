@@ -24,12 +24,14 @@ from typing import Any
 from agent import actions
 from agent import dataset as dataset_mod
 from agent.backend import open_backend
+from agent.bandwidth import BandwidthConfig, Limiter, RateError, parse_bwlimit
 from agent.config import parse_duration, parse_poll
 from agent.errors import ConfigError
 from agent.fsutil import natural_key
 from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.journal import LEASE_BEAT, Dataset, Journal, Owner
 from agent.leftovers import left_on_vip
+from agent.pacer import budget_for
 from agent.paths import DEFAULT_SERVER
 from agent.progress import TerminalProgress, human_size
 from agent.runner import (
@@ -106,6 +108,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="read timeout of one VIP request; a request's overall deadline is 5 times this "
              "(default 60)",
     )
+    parser.add_argument(
+        "--bwlimit", type=_bwlimit, default=None, metavar="RATE",
+        help="bandwidth limit, e.g. 5MB/s (both directions), or UP:DOWN such as 5MB/s:off "
+             "(MB = 1,000,000 bytes, MiB = 1,048,576; default: no limit)",
+    )
+
+
+def _bwlimit(text: str) -> BandwidthConfig:
+    try:
+        return parse_bwlimit(text)
+    except RateError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _duration(text: str) -> float:
@@ -273,6 +287,8 @@ def main(args: argparse.Namespace) -> int:
             name=path.stem if path.is_file() else path.name, template=template, options=options,
         )
     stop = threading.Event()
+    if args.bwlimit is not None:  # every transfer to this server reports its bytes to its budget
+        budget_for(server).set_bandwidth(Limiter(args.bwlimit, stop=stop))
     poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
     events = EventPrinter(journal, dataset_id)
     # one bar per transfer on a terminal, below the events that announce it
@@ -454,7 +470,7 @@ def dry_run(
     from agent.validate import validate
     from agent.vip.errors import NotFoundError
 
-    job = load_job(path, template)
+    job = load_job(path, template, keep_problems=True)  # key problems come with the input ones
     try:
         pipeline = client.pipeline(job.pipeline)
     except NotFoundError:
