@@ -89,6 +89,11 @@ class JobSpec:
     #: names in the dataset that are never inputs (e.g. the readiness marker)
     exclude: tuple[str, ...] = ()
     sources: tuple[Path, ...] = ()
+    #: which file set each input: ``inputs.NAME`` / ``variants.V.inputs.NAME`` -> its path
+    origins: Mapping[str, str] = field(default_factory=dict)
+    #: problems with the job file's own keys (runs, extract, ...) kept for the validation
+    #: report (``load_job(keep_problems=True)``), so that they come with the input problems
+    problems: tuple[str, ...] = ()
 
     @property
     def dataset(self) -> Path:
@@ -112,6 +117,8 @@ class JobSpec:
             "single_file": self.single_file,
             "exclude": list(self.exclude),
             "sources": [str(p) for p in self.sources],
+            "origins": dict(self.origins),
+            "problems": list(self.problems),
         }
 
     @classmethod
@@ -132,6 +139,8 @@ class JobSpec:
             single_file=data.get("single_file"),
             exclude=tuple(data.get("exclude") or ()),
             sources=tuple(Path(p) for p in data.get("sources") or ()),
+            origins=dict(data.get("origins") or {}),
+            problems=tuple(data.get("problems") or ()),
         )
 
     def variant_inputs(self) -> dict[str, dict[str, InputValue]]:
@@ -149,6 +158,19 @@ class JobSpec:
             merged.update(override)
             out[vname] = {k: v for k, v in merged.items() if v is not None}
         return out
+
+    def input_source(self, name: str, variant: str | None = None) -> Path | None:
+        """The job file that set input ``name`` (in ``variant``, else the base inputs)."""
+        key = f"variants.{variant}.inputs.{name}" if variant else None
+        found = (self.origins.get(key) if key else None) or self.origins.get(f"inputs.{name}")
+        return Path(found) if found else None
+
+    def inherited_from(self, name: str, variant: str | None = None) -> Path | None:
+        """The file input ``name`` came from when it is not the dataset's own job.yaml (the
+        drop folder's template, or ``--job``), so that a message can name it."""
+        source = self.input_source(name, variant)
+        own = self.root / JOB_FILE if self.single_file is None else None
+        return source if source is not None and source != own else None
 
     def missing_expected(self) -> list[str]:
         """The ``expect`` patterns that match no file of the dataset yet (for readiness)."""
@@ -358,9 +380,19 @@ def _nul_texts(value: Any, keypath: tuple[str, ...]) -> Iterable[tuple[str, ...]
             yield from _nul_texts(v, keypath)
 
 
-def _check_doc(doc: _Doc, problems: list[str]) -> None:
-    """Shape checks on one file (before merging), so messages can name file and line."""
+def _check_doc(doc: _Doc, problems: list[str], keyed: list[tuple[_Doc, str, str]]) -> None:
+    """Shape checks on one file (before merging), so messages can name file and line.
+
+    ``problems`` get what stops the job from being read (pipeline, inputs, variants, NUL);
+    ``keyed`` gets (file, key, message) for a problem of one of the job's own keys: the job
+    can still be read without that key, and its inputs checked, so that every problem is
+    reported at once (docs/job-yaml.md).
+    """
     d = doc.data
+
+    def soft(key: str, message: str) -> None:
+        keyed.append((doc, key, message))
+
     bad = sorted(set(_nul_texts(d, ())))
     for keypath in bad:
         shown = ".".join(keypath).replace("\0", "\\0")
@@ -373,17 +405,19 @@ def _check_doc(doc: _Doc, problems: list[str]) -> None:
     for key in d:
         if key not in KEYS:
             near = _near(key, KEYS)
-            problems.append(
+            soft(
+                key,
                 f"{doc.where(key)}: unknown key '{key}'"
                 + (f" (did you mean '{near}'?)" if near else "")
                 + f"; allowed keys: {', '.join(KEYS)}"
             )
     for key in ("pipeline", "name", "output_dir", "vip_root"):
         if key in d and d[key] is not None and not isinstance(d[key], str):
-            problems.append(
-                f"{doc.where(key)}: '{key}' must be text ({KEYS[key]})"
-                + yamlread.text_hint(d[key])
-            )
+            message = f"{doc.where(key)}: '{key}' must be text ({KEYS[key]})" + yamlread.text_hint(d[key])
+            if key == "pipeline":
+                problems.append(message)
+            else:
+                soft(key, message)
     if isinstance(d.get("pipeline"), str) and "/" not in d["pipeline"]:
         problems.append(
             f"{doc.where('pipeline')}: pipeline '{d['pipeline']}' must be NAME/VERSION, e.g. LCModel/0.2 "
@@ -393,20 +427,16 @@ def _check_doc(doc: _Doc, problems: list[str]) -> None:
     if isinstance(name, str) and (
         not name.strip() or "/" in name or "\\" in name or name.startswith(".")
     ):
-        problems.append(
-            f"{doc.where('name')}: name '{name}' cannot be empty, contain slashes or start with '.'"
-        )
+        soft("name", f"{doc.where('name')}: name '{name}' cannot be empty, contain slashes or start with '.'")
     if "runs" in d and d["runs"] is not None:
         r = d["runs"]
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            problems.append(
-                f"{doc.where('runs')}: runs must be a whole number of at least 1, not {r!r}"
-            )
+            soft("runs", f"{doc.where('runs')}: runs must be a whole number of at least 1, not {r!r}")
     for key in ("extract", "cleanup"):
         if key in d and d[key] is not None:
             flag = yamlread.as_flag(d[key])  # yes/no/on/off are accepted where a flag is meant
             if flag is None:
-                problems.append(f"{doc.where(key)}: '{key}' must be true or false, not {d[key]!r}")
+                soft(key, f"{doc.where(key)}: '{key}' must be true or false, not {d[key]!r}")
             else:
                 d[key] = flag
     if "inputs" in d and d["inputs"] is not None:
@@ -442,22 +472,18 @@ def _check_doc(doc: _Doc, problems: list[str]) -> None:
         if isinstance(e, str):
             e = [e]
         if not isinstance(e, list) or not all(isinstance(x, str) and x for x in e):
-            problems.append(f"{doc.where('expect')}: 'expect' must be {KEYS['expect']}")
+            soft("expect", f"{doc.where('expect')}: 'expect' must be {KEYS['expect']}")
         else:
             for pat in e:
                 if pat.startswith("/") or ".." in PurePosixPath(pat).parts:
-                    problems.append(
-                        f"{doc.where('expect')}: expect pattern '{pat}' must be relative to the dataset "
-                        "folder and stay inside it"
-                    )
+                    soft("expect", f"{doc.where('expect')}: expect pattern '{pat}' must be relative to "
+                                   "the dataset folder and stay inside it")  # fmt: skip
     root = d.get("vip_root")
     if isinstance(root, str):
         r = root.rstrip("/")
         if not (r.startswith("/vip/") and r.count("/") >= 3) or ".." in r.split("/"):
-            problems.append(
-                f"{doc.where('vip_root')}: vip_root '{root}' must be a folder below a VIP root, "
-                "e.g. /vip/Home/vip-agent"
-            )
+            soft("vip_root", f"{doc.where('vip_root')}: vip_root '{root}' must be a folder below a VIP "
+                             "root, e.g. /vip/Home/vip-agent")  # fmt: skip
 
 
 def _check_inputs(doc: _Doc, inputs: Any, keypath: tuple[str, ...], problems: list[str]) -> None:
@@ -561,14 +587,18 @@ def find_template(dataset: Path) -> Path | None:
 
 
 def load_job(
-    dataset: Path, template: Path | None = None, *, exclude: Iterable[str] = ()
+    dataset: Path, template: Path | None = None, *, exclude: Iterable[str] = (),
+    keep_problems: bool = False,
 ) -> JobSpec:
     """Build the :class:`JobSpec` of ``dataset`` (a folder, or one acquisition file).
 
     ``template`` is the drop folder's ``job.yaml``. A folder dataset may carry its
     own ``job.yaml`` that overrides the template key by key; a single-file
     dataset takes its job from the template alone. Raises ConfigError listing
-    every structural problem found.
+    every structural problem found. With ``keep_problems``, a problem of one of the job's
+    own keys (``runs``, ``extract``, an unknown key...) does not raise: the key is left out
+    and the message kept in :attr:`JobSpec.problems`, for :func:`agent.validate.validate`
+    to report together with the input problems.
     """
     dataset = Path(dataset).absolute()
     if not dataset.exists():
@@ -596,10 +626,22 @@ def load_job(
         )
 
     problems: list[str] = []
+    keyed: list[tuple[_Doc, str, str]] = []
     for doc in docs:
-        _check_doc(doc, problems)
-    if problems:
-        raise ConfigError(_listing(problems) if len(problems) > 1 else problems[0])
+        _check_doc(doc, problems, keyed)
+    if problems or (keyed and not keep_problems):
+        every = problems + [message for _doc, _key, message in keyed]
+        raise ConfigError(_listing(every) if len(every) > 1 else every[0])
+    for doc, key, _message in keyed:
+        doc.data.pop(key, None)  # left out: its problem is reported by the validation
+
+    origins: dict[str, str] = {}
+    for doc in docs:  # the later file (the dataset's own) wins, as in merge()
+        for name in doc.data.get("inputs") or {}:
+            origins[f"inputs.{name}"] = str(doc.path)
+        for vname, body in (doc.data.get("variants") or {}).items():
+            for name in ((body or {}).get("inputs") or {}) if isinstance(body, dict) else ():
+                origins[f"variants.{vname}.inputs.{name}"] = str(doc.path)
 
     data: dict[str, Any] = {}
     for doc in docs:
@@ -643,6 +685,8 @@ def load_job(
         single_file=dataset.name if single else None,
         exclude=tuple(exclude),
         sources=sources,
+        origins=origins,
+        problems=tuple(message for _doc, _key, message in keyed),
     )
 
 

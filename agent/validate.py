@@ -473,7 +473,11 @@ def _resolve(
         in_v = f" (variant '{vname}')" if many else ""
         resolved: dict[str, ResolvedInput] = {}
         for name, raw in inputs.items():
-            label = f"input '{name}'{in_v}"
+            inherited = job.inherited_from(name, vname if many else None)
+            # an input set in the drop folder's template is named with it: the user looks
+            # for it in the dataset's job.yaml otherwise
+            in_file = f" (set in {inherited})" if inherited is not None else ""
+            label = f"input '{name}'{in_v}{in_file}"
             if name == RESULTS_DIRECTORY:
                 report.error(
                     f"input '{RESULTS_DIRECTORY}' is set by vip-agent (outputs are mirrored to "
@@ -484,7 +488,8 @@ def _resolve(
             if pipeline is not None and param is None:
                 # an error, not a warning: VIP ignores unknown inputs, so a typo would
                 # silently run the pipeline with the default the user meant to change
-                report.error(unknown_input(name, job.pipeline, list(params), where=in_v))
+                report.error(unknown_input(name, job.pipeline, list(params), where=in_v + in_file,
+                                           file=inherited))  # fmt: skip
                 continue
             ptype = (
                 str(param.get("type") or "String") if param else _guess_type(scope, raw, pipeline)
@@ -539,15 +544,18 @@ def _resolve(
     return ResolvedJob(job, variants, ordered)
 
 
-def unknown_input(name: str, pipeline: str, params: Sequence[str], *, where: str = "") -> str:
-    """The message for an input name the pipeline does not have, naming the closest real one."""
+def unknown_input(name: str, pipeline: str, params: Sequence[str], *, where: str = "",
+                  file: Path | None = None) -> str:  # fmt: skip
+    """The message for an input name the pipeline does not have, naming the closest real one
+    (and ``file``, the job file to fix, when it is not the dataset's own)."""
     near = difflib.get_close_matches(name, list(params), n=1, cutoff=0.0)
     text = f"input '{name}'{where} is not a parameter of {pipeline}"
     if near:
         text += f" (did you mean '{near[0]}'?)"
     if params:
         text += f"; its inputs are: {', '.join(sorted(params))}"
-    return text + f"; fix the name in the job file (`vip-agent pipelines {pipeline}` describes them)"
+    fix = f"fix the name in {file}" if file is not None else "fix the name in the job file"
+    return text + f"; {fix} (`vip-agent pipelines {pipeline}` describes them)"
 
 
 def closest_pipelines(identifier: str, listing: Iterable[Mapping[str, Any]], n: int = 3) -> list[str]:
@@ -648,6 +656,8 @@ def validate(
     if dataset is not None and not _same(Path(dataset), job.dataset):
         report.error(f"the job was loaded for {job.dataset}, not for {dataset}")
         return report
+    for problem in job.problems:  # the job file's own keys (load_job(keep_problems=True))
+        report.error(problem)
     ident = pipeline.get("identifier")
     if ident and ident != job.pipeline:
         report.warn(f"the job names pipeline {job.pipeline} but was checked against {ident}")
@@ -658,22 +668,25 @@ def validate(
             f"runs: {job.runs} is more than the {max_runs} runs a dataset may ask for; lower it "
             "(or raise max_runs in agent.yaml, or --max-runs for `vip-agent run`)"
         )
+    unusable = False
     for vname, override in job.variants.items():
         if not VARIANT_NAME_RE.fullmatch(vname):
             report.error(f"variant name '{vname}' may only use letters, digits, '-' and '_'")
         if not isinstance(override, Mapping):
             report.error(f"variant '{vname}' must be a mapping of inputs, not {override!r}")
-    if report.errors:
+            unusable = True
+    if unusable:  # the inputs cannot be read; anything else is reported with them, at once
         return report
     if not job.dataset.exists():
         report.error(f"the dataset {job.dataset} no longer exists")
         return report
     report.resolved = _resolve(job, pipeline, report)
-    jobs = sum(v.job_count for v in report.resolved.variants.values()) * job.runs
+    runs = job.runs if isinstance(job.runs, int) and not isinstance(job.runs, bool) and job.runs > 0 else 1
+    jobs = sum(v.job_count for v in report.resolved.variants.values()) * runs
     if jobs > max_jobs:
         report.error(
             f"this dataset would create {jobs:,} jobs on VIP ({len(report.resolved.variants)} "
-            f"variant(s) x {job.runs} run(s) x the lists and patterns of its inputs), more than "
+            f"variant(s) x {runs} run(s) x the lists and patterns of its inputs), more than "
             f"the {max_jobs:,} allowed; check the lists and patterns (or raise max_jobs in "
             "agent.yaml, or --max-jobs for `vip-agent run`)"
         )

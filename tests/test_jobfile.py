@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
-from agenthelpers import write
+from agenthelpers import run_agent, write
 
 from agent.errors import ConfigError
 from agent.jobfile import (
@@ -17,6 +18,7 @@ from agent.jobfile import (
     load_job,
     merge,
 )
+from agent.localvip import LocalVip
 
 
 @pytest.fixture
@@ -334,3 +336,53 @@ def test_input_names_are_text_as_written(tmp_path: Path) -> None:
     ds = tmp_path / "ds"
     write(ds / "job.yaml", "pipeline: P/1\ninputs:\n  on: x\n  1: y\n")
     assert load_job(ds).inputs == {"on": "x", "1": "y"}
+
+
+# --------------------------------------------------------------------------- issue 17 items 2, 3
+
+
+def _dry_run(dataset: Path, server: LocalVip, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_agent("run", str(dataset), "--dry-run", "--server", server.url,
+                     api_key=server.api_key, cwd=cwd)  # fmt: skip
+
+
+def test_inherited_input_names_the_template(tmp_path: Path, vip_server: LocalVip) -> None:
+    drop = tmp_path / "drop"
+    write(drop / "job.yaml", "pipeline: FileStats/1.0\ninputs:\n  input_file: '*.txt'\n"
+                             "  count_words: true\n")  # fmt: skip
+    write(drop / "ds" / "a.txt", "x\n")
+    write(drop / "ds" / "job.yaml", "pipeline: TextTransform/1.0\ninputs:\n  input_file: a.txt\n")
+    done = _dry_run(drop / "ds", vip_server, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    template = drop / "job.yaml"
+    # before: "input 'count_words' is not a parameter ...; fix the name in the job file"
+    assert (f"input 'count_words' (set in {template}) is not a parameter of TextTransform/1.0"
+            in done.stdout), done.stdout  # fmt: skip
+    assert f"fix the name in {template}" in done.stdout
+    assert "input 'input_file' (set in" not in done.stdout  # the dataset's own value
+
+
+def test_key_errors_and_input_errors_are_reported_at_once(tmp_path: Path, vip_server: LocalVip) -> None:
+    ds = tmp_path / "drop" / "ds"
+    write(ds / "a.txt", "x\n")
+    write(ds / "job.yaml", "pipeline: FileStats/1.0\nruns: 0\nextract: maybe\n"
+                           "inputs:\n  input_fil: a.txt\n  count_words: perhaps\n")  # fmt: skip
+    done = _dry_run(ds, vip_server, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    out = done.stdout
+    # before: only runs and extract, the input problems hidden until those were fixed
+    assert "line 2: runs must be a whole number of at least 1, not 0" in out, out
+    assert "line 3: 'extract' must be true or false, not 'maybe'" in out
+    assert "input 'input_fil' is not a parameter of FileStats/1.0 (did you mean 'input_file'?)" in out
+    assert "input 'count_words' must be true or false" in out
+    assert "Traceback" not in done.stderr
+
+
+def test_key_problems_still_raise_without_keep_problems(tmp_path: Path) -> None:
+    ds = tmp_path / "drop" / "ds"
+    write(ds / "a.txt", "x\n")
+    write(ds / "job.yaml", "pipeline: P/1\nruns: 0\ninputs: {a: a.txt}\n")
+    with pytest.raises(ConfigError, match="runs must be a whole number"):
+        load_job(ds)
+    job = load_job(ds, keep_problems=True)
+    assert job.runs == 1 and len(job.problems) == 1 and "runs must be" in job.problems[0]
