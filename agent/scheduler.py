@@ -229,7 +229,7 @@ class Scheduler:
         if err is None:
             if self._write_trouble is not None:
                 self._write_trouble = None
-                log.warning("the journal %s can be written again; going on", self.journal.path)
+                log.info("the journal %s can be written again; going on", self.journal.path)
             return
         text = str(err)
         if self._write_trouble is None:

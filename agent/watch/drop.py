@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.config import DropConfig
 from agent.journal import FINAL_STAGES, Dataset, Journal
+from agent.watch.adopt import adopt_mirrored
 from agent.watch.detect import Candidates
 from agent.watch.readiness import History, file_stem, judge, take_snapshot
 
@@ -188,6 +189,16 @@ class DropFolder:
             self._warn_changed(latest, snap.fingerprint)
             self._settle(key)
             return None  # re-checked when that run ends (never mixed into it)
+
+        if latest is None and row is None and adopt_mirrored(
+            self.journal, path=path, name=self.dataset_name(key), fingerprint=snap.fingerprint,
+            output_root=self.drop.output, server=self.drop.server, drop_dir=self.root,
+            template=self.template(), options=self.options(),
+        ) is not None:  # fmt: skip
+            # a journal lost and started afresh: outputs already mirrored are not made twice
+            self.histories.pop(key, None)
+            self._settle(key)
+            return None
 
         hist = self.histories.get(key)
         if hist is None:
