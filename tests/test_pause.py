@@ -174,3 +174,77 @@ def test_pause_names_what_it_cannot_pause(tmp_path: Path, vip_server: LocalVip) 
     assert both.returncode == 1 and "not several" in both.stderr
     assert cli(tmp_path, vip_server, "resume", "--drop", str(drop)).stdout.startswith(f"drop folder {drop} resumed")
     assert "nothing was paused" in cli(tmp_path, vip_server, "resume").stdout
+
+
+def test_the_page_pauses_and_resumes_the_agent_a_drop_folder_and_a_dataset(
+    tmp_path: Path, vip_server: LocalVip, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The buttons in a real headless Chromium, with the token the page keeps."""
+    from tests.webhelpers import CHROMEDRIVER, CHROMIUM, Page, chromium, page_service, require_tool
+
+    require_tool(CHROMIUM, "chromium")
+    require_tool(CHROMEDRIVER, "chromium-driver")
+    monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
+    drop = make_drop(tmp_path)
+    service = page_service(tmp_path, vip_server.url, drop)
+    service.start()
+    journal = Journal.in_state_dir(tmp_path / "state")
+    browser = chromium(tmp_path / "profile")
+
+    def js(script: str) -> Any:
+        return browser.execute_script(script)
+
+    def click(selector: str) -> None:  # from script: the page redraws 4 times a second
+        wait_for(lambda: js(f"const b = document.querySelector({selector!r});"
+                            " if (!b || b.disabled) return false; b.click(); return true;"),
+                 timeout=10, what=f"click {selector}")  # fmt: skip
+
+    def row(name: str) -> str | None:
+        return js(f"""const tr = [...document.querySelectorAll('#datasets tbody tr')]
+            .find((r) => r.querySelector('td.name')?.textContent === {name!r});
+            return tr ? tr.dataset.state : null;""")  # fmt: skip
+
+    def toast() -> str:
+        return str(js("return document.querySelector('#toast').textContent"))
+
+    try:
+        page = Page(tmp_path / "state")
+        browser.get(page.url + "#token=" + page.token)  # the page keeps the token, then hides it
+        wait_for(lambda: js("return document.querySelector('#conn').dataset.ok === '1'"), timeout=15)
+        # the whole agent
+        click("#pause-all")
+        wait_for(lambda: js("return document.querySelector('#pause-all').textContent") == "Resume all",
+                 timeout=10, what="button turns to Resume all")  # fmt: skip
+        assert "the whole agent paused" in toast()
+        write_dataset(drop / "p1", {"data.txt": "one\n"})
+        wait_for(lambda: row("p1") == "paused", timeout=20, what="p1 shown paused")
+        stays(lambda: uploaded(journal) == 0 and launched(vip_server) == 0, 1.5)
+        click("#pause-all")
+        wait_for(lambda: row("p1") == "done", timeout=30, what="p1 done after Resume all")
+        (p1,) = journal.find(name="p1")
+        refused = page.post(f"/api/datasets/{p1.id}/pause", token=page.token)
+        assert refused.status_code == 409 and "it has ended" in refused.json()["error"]
+        assert page.post("/api/pause", token="wrong").status_code == 401  # token-protected like Retry
+        # one drop folder
+        click(f"#drops button[data-drop='{drop}']")
+        wait_for(lambda: js(f"return document.querySelector(\"#drops button[data-drop='{drop}']\").textContent")
+                 == "Resume", timeout=10)  # fmt: skip
+        write_dataset(drop / "p2", {"data.txt": "two\n"})
+        wait_for(lambda: row("p2") == "paused", timeout=20, what="p2 shown paused")
+        (p2,) = journal.find(name="p2")
+        # one dataset: its own Resume says what still holds it
+        js(f"location.hash = '#/dataset/{p2.id}'")
+        wait_for(lambda: js("return !document.querySelector('#act-resume').disabled"
+                            " && document.querySelector('#act-pause').disabled"), timeout=10)  # fmt: skip
+        click("#act-resume")
+        wait_for(lambda: f"drop folder {drop} is paused" in toast(), timeout=10, what="still paused by the folder")
+        assert journal.get(p2.id).stage == "validate" and launched(vip_server) == 1
+        js("location.hash = '#/'")
+        click(f"#drops button[data-drop='{drop}']")
+        wait_for(lambda: row("p2") == "done", timeout=30, what="p2 done after the folder's Resume")
+        assert not list(journal._db().execute("SELECT * FROM pauses"))
+        severe = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE"]
+        assert not severe, severe  # no script error, no CSP refusal
+    finally:
+        browser.quit()
+        service.stop()
