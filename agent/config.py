@@ -22,6 +22,7 @@ from agent.dicom.config import DicomConfig, parse_dicom
 from agent.errors import ConfigError
 from agent.extract import MAX_MEMBER_RATIO, MAX_RATIO
 from agent.jobfile import MAX_JOBS, MAX_RUNS
+from agent.pacer import DEFAULT_MAX_TRANSFERS
 from agent.paths import default_config_path as default_config_path  # re-exported
 from agent.paths import default_state_dir
 from agent.vip.urls import normalise_server
@@ -149,6 +150,8 @@ class DropConfig:
     transfer_parallelism: int | None = None
     #: ``bandwidth:`` limits of this drop folder's server (agent.bandwidth; None: none)
     bandwidth: BandwidthConfig | None = None
+    #: concurrent transfers with this drop folder's server, all datasets together (agent.pacer)
+    max_transfers_per_server: int = DEFAULT_MAX_TRANSFERS
 
     @property
     def template(self) -> Path:
@@ -180,6 +183,16 @@ class AgentConfig:
         caps = [d.limits.max_running for d in self.drops if d.server == server]
         return min(caps) if caps else Limits().max_running
 
+    def max_transfers(self, server: str) -> int:
+        """Concurrent transfers with ``server``: the smallest ``max_transfers_per_server`` of
+        its drop folders (the default when none uses it)."""
+        caps = [d.max_transfers_per_server for d in self.drops if d.server == server]
+        return min(caps) if caps else DEFAULT_MAX_TRANSFERS
+
+    def transfer_limits(self) -> dict[str, int]:
+        """Server -> :meth:`max_transfers`, for every server of the drop folders."""
+        return {d.server: self.max_transfers(d.server) for d in self.drops}
+
     def drop_for(self, path: str | Path | None) -> DropConfig | None:
         """The drop folder a dataset recorded with ``drop_dir=path`` belongs to."""
         if path is None:
@@ -197,6 +210,7 @@ _DROP_KEYS = (
     "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "poll",
     "transfer_parallelism", "notify", "disk_low", "max_runs", "max_jobs",
     "extract_max_ratio", "extract_max_member_ratio", "unknown_limit", "bandwidth",
+    "max_transfers_per_server",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -511,6 +525,7 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
             r.whole("transfer_parallelism", 1, maximum=64) if r.has("transfer_parallelism") else None
         ),
         bandwidth=parse_bandwidth(r.data.get("bandwidth"), r.error),
+        max_transfers_per_server=r.whole("max_transfers_per_server", DEFAULT_MAX_TRANSFERS, maximum=64),
         **_poll(r),
     )
     if path in (output, archive_dir, failed_dir):

@@ -32,6 +32,7 @@ from agent.config import AgentConfig, DropConfig, Limits, load_config
 from agent.errors import AgentError, ConfigError, CredentialError
 from agent.journal import Journal, JournalWriteError
 from agent.logs import RedactFilter
+from agent.pacer import configure_transfers
 from agent.runner import Tuning
 from agent.scheduler import Scheduler
 from agent.vip.errors import AuthError
@@ -245,6 +246,7 @@ class WatchService:
             **self.scheduler_options,
         )
         self.bandwidth = install_bandwidth(self.config.drops, self.stop_event)
+        configure_transfers(self.config.transfer_limits())  # max_transfers_per_server
         self._check_keys()
         self.scheduler.start()
         self.journal.clear_drop_states()
@@ -438,6 +440,7 @@ class WatchService:
                 if self.journal is not None:
                     self.journal.set_drop_state(key, MISSING, f"the drop folder {d.path} does not exist")
         self.bandwidth = install_bandwidth(config.drops, self.stop_event)
+        configure_transfers(config.transfer_limits())
         if self.scheduler is not None:
             self.scheduler.probe_now()
         log.info("configuration reloaded: %d drop folder(s)", len(config.drops))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,6 +47,7 @@ __all__ = [
     "WaitPolicy",
     "budget_for",
     "budgets",
+    "configure_transfers",
     "policy",
 ]
 
@@ -352,6 +353,13 @@ def budget_for(server: str) -> ServerBudget:
         if budget is None:
             budget = _BUDGETS[key] = ServerBudget(key)
         return budget
+
+
+def configure_transfers(limits: Mapping[str, int]) -> None:
+    """Give each server's budget its concurrent transfers (agent.yaml's
+    ``max_transfers_per_server``, by server); called at start and on reload."""
+    for server, count in limits.items():
+        budget_for(server).configure(max_transfers=count)
 
 
 def budgets() -> list[ServerBudget]:

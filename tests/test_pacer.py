@@ -5,12 +5,22 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from agenthelpers import wait_for
+from agenthelpers import run_agent, wait_for
 
 from agent import pacer
-from agent.pacer import POLICIES, ServerBudget, WaitPolicy, budget_for, policy
+from agent.config import load_config
+from agent.errors import ConfigError
+from agent.pacer import (
+    POLICIES,
+    ServerBudget,
+    WaitPolicy,
+    budget_for,
+    configure_transfers,
+    policy,
+)
 
 
 class FakeClock:
@@ -263,3 +273,39 @@ def test_budget_for_is_one_per_server_whatever_the_spelling() -> None:
     assert budget_for("http://pacer-test.example:8443") is not a
     assert a in pacer.budgets()
     assert a.snapshot()["transfers_max"] == pacer.DEFAULT_MAX_TRANSFERS
+
+
+# ---------------------------------------------------------------- max_transfers_per_server
+
+
+def test_max_transfers_per_server_from_agent_yaml(tmp_path: Path) -> None:
+    for name in ("a", "b", "c", "out"):
+        (tmp_path / name).mkdir()
+    text = (
+        "defaults:\n"
+        "  max_transfers_per_server: 6\n"
+        "drops:\n"
+        "  - {path: a, output: out, server: https://vip.example.org}\n"
+        "  - {path: b, output: out, server: https://vip.example.org, max_transfers_per_server: 3}\n"
+        "  - {path: c, output: out, server: https://other.example.org}\n"
+    )
+    (tmp_path / "agent.yaml").write_text(text)
+    config = load_config(tmp_path / "agent.yaml")
+    assert [d.max_transfers_per_server for d in config.drops] == [6, 3, 6]
+    assert config.transfer_limits() == {"https://vip.example.org": 3, "https://other.example.org": 6}
+    configure_transfers(config.transfer_limits())
+    assert budget_for("https://vip.example.org").snapshot()["transfers_max"] == 3
+    assert budget_for("https://other.example.org").snapshot()["transfers_max"] == 6
+    (tmp_path / "agent.yaml").write_text(text.replace("max_transfers_per_server: 3", "max_transfers_per_server: 0"))
+    with pytest.raises(ConfigError, match=r"max_transfers_per_server.*>= 1"):
+        load_config(tmp_path / "agent.yaml")
+    (tmp_path / "agent.yaml").write_text("drops:\n  - {path: a, output: out}\n")
+    assert load_config(tmp_path / "agent.yaml").drops[0].max_transfers_per_server == 8
+
+
+def test_run_refuses_a_bad_max_transfers_per_server(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    out = run_agent("run", str(tmp_path / "ds"), "--max-transfers-per-server", "0",
+                    api_key="k", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2
+    assert "--max-transfers-per-server" in out.stderr and "1 to 64" in out.stderr

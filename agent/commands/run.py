@@ -31,7 +31,7 @@ from agent.fsutil import natural_key
 from agent.jobfile import MAX_JOBS, MAX_RUNS
 from agent.journal import LEASE_BEAT, Dataset, Journal, Owner
 from agent.leftovers import left_on_vip
-from agent.pacer import budget_for
+from agent.pacer import DEFAULT_MAX_TRANSFERS, budget_for
 from agent.paths import DEFAULT_SERVER
 from agent.progress import TerminalProgress, human_size
 from agent.runner import (
@@ -113,6 +113,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="bandwidth limit, e.g. 5MB/s (both directions), or UP:DOWN such as 5MB/s:off "
              "(MB = 1,000,000 bytes, MiB = 1,048,576; default: no limit)",
     )
+    parser.add_argument(
+        "--max-transfers-per-server", type=_transfers, default=None, metavar="N",
+        help="files moved with the server at once, all datasets together (default: agent.yaml's "
+             f"max_transfers_per_server, else {DEFAULT_MAX_TRANSFERS}; VIP serves about 20 for "
+             "all its users)",
+    )
 
 
 def _bwlimit(text: str) -> BandwidthConfig:
@@ -120,6 +126,12 @@ def _bwlimit(text: str) -> BandwidthConfig:
         return parse_bwlimit(text)
     except RateError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _transfers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"not a number of transfers from 1 to 64: {text!r}")
+    return int(text)
 
 
 def _duration(text: str) -> float:
@@ -289,6 +301,9 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     if args.bwlimit is not None:  # every transfer to this server reports its bytes to its budget
         budget_for(server).set_bandwidth(Limiter(args.bwlimit, stop=stop))
+    budget_for(server).configure(max_transfers=args.max_transfers_per_server or (
+        settings.config.max_transfers(server) if settings.config else DEFAULT_MAX_TRANSFERS
+    ))
     poll_min, poll_max = args.poll or (DEFAULT_POLL_MIN, DEFAULT_POLL_MAX)
     events = EventPrinter(journal, dataset_id)
     # one bar per transfer on a terminal, below the events that announce it
