@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from agent.errors import AgentError, CredentialError
-from agent.journal import RETRYABLE_STAGES, Dataset, Journal, Owner
+from agent.journal import RETRYABLE_STAGES, Dataset, Journal, Owner, Stage
 from agent.leftovers import left_on_vip
 from agent.watch.after import error_file
 from agent.watch.readiness import current_fingerprint
@@ -63,7 +63,7 @@ def retry(journal: Journal, ds: Dataset) -> Dataset:
     if ds.stage == "incomplete":
         left = left_on_vip(journal, ds.id)
         journal.reopen(
-            ds.id, "mirror", message=f"retry: fetching the {len(left)} output file(s) left on VIP"
+            ds.id, Stage.MIRROR, message=f"retry: fetching the {len(left)} output file(s) left on VIP"
         )
         return journal.get(ds.id)
     if ds.stage not in RETRYABLE:
@@ -103,7 +103,7 @@ def cancel(journal: Journal, ds: Dataset, *, discard: bool = False) -> str:
         left = left_on_vip(journal, ds.id)
         journal.update(ds.id, options={**ds.options, "discard": True})
         journal.reopen(
-            ds.id, "cleanup", cancel=True,
+            ds.id, Stage.CLEANUP, cancel=True,
             message=f"discard requested by the user: deleting the {len(left)} output file(s) "
                     "left on VIP",
         )  # fmt: skip
@@ -112,7 +112,7 @@ def cancel(journal: Journal, ds: Dataset, *, discard: bool = False) -> str:
         return "final"
     if ds.stage == "waiting":
         journal.set_stage(
-            ds.id, "cancelled", message="cancelled by the user before it was complete"
+            ds.id, Stage.CANCELLED, message="cancelled by the user before it was complete"
         )
         return "cancelled"
     journal.update(ds.id, cancel_requested=1)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.fsutil import write_atomic
 from agent.journal import Dataset, Journal, Output
+from agent.progress import human_size
 
 LEFT_FILE = "LEFT_ON_VIP.txt"
 
@@ -24,8 +25,6 @@ def left_on_vip(journal: Journal, dataset_id: int) -> list[Output]:
 
 def summary(left: list[Output], limit: int | None) -> str:
     """One line for ``status``, ``STATUS.json`` and the journal."""
-    from agent.runner import human_size  # the runner imports this module
-
     what = f"{len(left)} output file(s)"
     if limit:
         what += f" above VIP's direct-transfer limit ({human_size(limit)})"
@@ -34,8 +33,6 @@ def summary(left: list[Output], limit: int | None) -> str:
 
 def write_left_file(ds: Dataset, left: list[Output], limit: int | None) -> Path | None:
     """Write ``LEFT_ON_VIP.txt`` in the dataset's output folder; returns its path."""
-    from agent.runner import human_size  # the runner imports this module
-
     if not ds.output_dir:
         return None
     folder = Path(ds.output_dir)

@@ -52,6 +52,7 @@ from agent.journal import (
     Journal,
     JournalWriteError,
     Owner,
+    Stage,
 )
 from agent.pacer import policy
 from agent.runner import STAGE_POOL, Interrupted
@@ -512,7 +513,7 @@ class Scheduler:
             self.journal.update(e.id, paused=pause_reason)
         if final_stage == "failed" and error is not None and e.unexpected >= MAX_UNEXPECTED:
             self.journal.set_stage(
-                e.id, "failed",
+                e.id, Stage.FAILED,
                 error=f"internal error after {MAX_UNEXPECTED} attempts: {error}; "
                       "please report it, then `vip-agent retry` the dataset",
                 detail=repr(error),

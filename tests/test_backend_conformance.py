@@ -122,6 +122,8 @@ def test_execution_lifecycle(platform: Platform) -> None:
     engine = backend.engine
     layout = backend.session(ROOT + "/", "s2")
     assert (layout.inputs, layout.outputs) == (f"{ROOT}/s2/INPUTS", f"{ROOT}/s2/OUTPUTS")
+    assert backend.layout(layout.root + "/") == layout
+    assert layout.results_location("a-r1", several=True) == f"{layout.outputs}/a-r1"
     backend.storage.makedirs(layout.outputs)
     started = engine.launch("conf-run", PIPELINE, {"duration": "0.3"}, layout.outputs)
     assert started.id and started.status.state is RunState.RUNNING

@@ -393,6 +393,9 @@ class MemoryBackend:
     def session(self, root_folder: str, session: str) -> SessionLayout:
         return SessionLayout(f"{root_folder.rstrip('/')}/{session}")
 
+    def layout(self, root: str) -> SessionLayout:
+        return SessionLayout(root.rstrip("/"))
+
     def close(self) -> None:
         pass
 

@@ -159,6 +159,9 @@ class VipBackend:
         """VipSession's layout: ``<root>/<session>/INPUTS`` and ``.../OUTPUTS``."""
         return SessionLayout(f"{root_folder.rstrip('/')}/{session}")
 
+    def layout(self, root: str) -> SessionLayout:
+        return SessionLayout(root.rstrip("/"))
+
     def close(self) -> None:
         self.client.close()
 

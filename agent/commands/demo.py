@@ -22,7 +22,7 @@ from pathlib import Path
 from agent import settings
 from agent.bundled import examples_dir
 from agent.errors import AgentError
-from agent.journal import Journal
+from agent.journal import Journal, Stage
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
             # the embedded server dies with the demo: leave nothing for a later agent to chase
             for ds in journal.find():
                 if ds.drop_dir == str(drop) and not ds.final:
-                    journal.set_stage(ds.id, "cancelled", message="demo stopped")
+                    journal.set_stage(ds.id, Stage.CANCELLED, message="demo stopped")
     say(f"{len(datasets) - failed} of {len(datasets)} dataset(s) done")
     print(outputs)
     return 0 if failed == 0 else 1

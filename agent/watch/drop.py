@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import DropConfig
-from agent.journal import FINAL_STAGES, Dataset, Journal
+from agent.journal import FINAL_STAGES, Dataset, Journal, Stage
 from agent.watch.adopt import adopt_mirrored
 from agent.watch.detect import Candidates
 from agent.watch.readiness import History, file_stem, judge, take_snapshot
@@ -167,7 +167,7 @@ class DropFolder:
             self.histories.pop(key, None)
             for r in waiting:
                 self.journal.set_stage(
-                    r.id, "cancelled",
+                    r.id, Stage.CANCELLED,
                     message="removed from the drop folder before it was complete",
                     error="removed from the drop folder before it was complete",
                     level="warning",
@@ -181,7 +181,7 @@ class DropFolder:
             self._settle(key)
             for r in waiting:
                 self.journal.set_stage(
-                    r.id, "cancelled", message=f"same content as run #{latest.id}", level="info"
+                    r.id, Stage.CANCELLED, message=f"same content as run #{latest.id}", level="info"
                 )
             return None
 
@@ -244,7 +244,7 @@ class DropFolder:
                 error_detail=None,
                 progress=None,
             )
-            self.journal.set_stage(row_id, "validate", message=f"complete: {verdict.reason}")
+            self.journal.set_stage(row_id, Stage.VALIDATE, message=f"complete: {verdict.reason}")
             log.info("%s: complete (%s); taking it", name, verdict.reason)
             self.on_ready(row_id)
             return None

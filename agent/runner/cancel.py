@@ -1,0 +1,77 @@
+"""A cancel request, at any stage: kill the executions, and clean the server only once it
+confirms they all ended (never delete inputs under a running job)."""
+
+from __future__ import annotations
+
+from agent.journal import Dataset, Stage
+from agent.leftovers import remove_left_file
+from agent.runner.cleanup import record_removed
+from agent.runner.common import KILL_REPEAT, Context, Finish, Next, Wait, is_ended
+from agent.runner.monitor import poll_execution
+from agent.session_data import write_session_data
+from agent.vip.errors import NotFoundError, VipError
+
+
+def step(ctx: Context, ds: Dataset) -> Next:
+    backend = ctx.backend(ds.server)
+    engine = backend.engine
+    journal = ctx.journal
+    memo = ctx.memo(ds.id)
+    waiting = []
+    for e in journal.executions(ds.id):
+        if not e.vip_id or is_ended(ctx, ds, e):
+            continue
+        now = ctx.clock()
+        last = memo.kill_sent.get(e.key)
+        if last is None or now - last >= KILL_REPEAT:
+            try:
+                engine.kill(e.vip_id)
+            except NotFoundError:
+                pass  # gone: the poll below records it
+            memo.kill_sent[e.key] = now
+            if last is None:
+                journal.event(ds.id, f"execution {e.vip_id} killed")
+        info = poll_execution(ctx, ds, engine, e)
+        if info is None:
+            continue
+        ended = info.status.ended
+        journal.update_execution(
+            ds.id, e.key, status=info.status.label, **({"ended": now} if ended else {})
+        )
+        if not ended:
+            waiting.append(e.vip_id)
+    if waiting:
+        memo.notice = (
+            f"cancelling: waiting for VIP to confirm that {', '.join(waiting)} ended before "
+            "deleting anything"
+        )
+        return Wait(1.0)
+    discard = bool(ds.options.get("discard"))  # cancel --discard of an incomplete dataset
+    keep = bool(ds.options.get("keep_remote")) and not discard
+    if not keep and ds.remote_root:
+        for e in journal.executions(ds.id):
+            if e.vip_id and not e.cleaned:
+                try:
+                    engine.delete_execution(e.vip_id)
+                    record_removed(ctx, ds.id, execution=e.vip_id)
+                except VipError:
+                    pass  # not deletable (failed) or already gone
+                journal.update_execution(ds.id, e.key, cleaned=1)
+        if backend.storage.exists(ds.remote_root):
+            try:
+                backend.storage.delete(ds.remote_root)
+            except NotFoundError:
+                pass
+            return Wait(2.0)
+        record_removed(ctx, ds.id, path=ds.remote_root)
+    write_session_data(journal, ds.id)
+    if discard:
+        remove_left_file(ds)
+        # a request, not a setting: a later attempt must not inherit it
+        fresh = journal.get(ds.id).options or {}
+        journal.update(ds.id, options={k: v for k, v in fresh.items() if k != "discard"})
+        return Finish(
+            Stage.CANCELLED,
+            message="cancelled: the outputs left on VIP were deleted; the server is clean",
+        )
+    return Finish(Stage.CANCELLED, message="cancelled; the server is clean")

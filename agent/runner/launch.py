@@ -1,0 +1,58 @@
+"""Stage ``launch``: launch the first execution (the others launch from ``monitor`` as
+slots free up), exactly once across crashes.
+
+The announcement ``launching NAME`` is committed before any launch request: without it no
+earlier attempt can have reached the server, and the lookup by (deterministic) name is
+saved; with it, the execution is looked up before launching again.
+"""
+
+from __future__ import annotations
+
+from agent import failpoints
+from agent.backend.port import ExecutionInfo
+from agent.journal import Dataset, Execution, Stage
+from agent.runner.common import Advance, Context, Next, Wait
+from agent.runner.polling import poll_interval
+from agent.vip.errors import LaunchUncertain
+
+
+def step(ctx: Context, ds: Dataset) -> Next:
+    pending = [e for e in ctx.journal.executions(ds.id) if not e.vip_id]
+    if pending:
+        if not ctx.slot_free(ds.server):
+            return Wait(ctx.poll_min)
+        launch_one(ctx, ds, pending[0])
+    return Advance(
+        Stage.MONITOR, "execution launched",
+        wait=poll_interval(ctx, ds, ctx.journal.executions(ds.id)),
+    )
+
+
+def launch_one(ctx: Context, ds: Dataset, e: Execution) -> None:
+    """Launch one planned execution, exactly once (idempotent across crashes)."""
+    backend = ctx.backend(ds.server)
+    engine = backend.engine
+    job = ds.job or {}
+    announce = f"launching {e.name}"
+    tried = ctx.journal.has_event(ds.id, announce)
+    info: ExecutionInfo | None = engine.find(e.name) if tried else None
+    if info is None:
+        if not tried:
+            ctx.journal.event(ds.id, announce)
+        # several executions of one dataset: one results folder each (VIP names the folder
+        # after the launch second: two launches in one second would share it)
+        several = len(ctx.journal.executions(ds.id)) > 1
+        where = backend.layout(ds.remote_root or "").results_location(e.key, several)
+        try:
+            info = engine.launch(e.name, str(job.get("pipeline")), e.inputs, where)
+        except LaunchUncertain:
+            info = engine.find(e.name)
+            if info is None:
+                raise
+        failpoints.hit("launch:posted")
+    else:
+        ctx.journal.event(ds.id, f"found execution {info.id} already launched")
+    ctx.journal.update_execution(
+        ds.id, e.key, vip_id=info.id, status=info.status.label, launched=ctx.clock(),
+    )
+
