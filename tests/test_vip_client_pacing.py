@@ -19,6 +19,7 @@ import pytest
 from hostilevip import HostileVip
 from receivers import self_signed
 
+from agent.errors import ConfigError
 from agent.health import Health
 from agent.journal import Journal
 from agent.localvip import LocalVip
@@ -312,3 +313,13 @@ def test_metrics_show_each_server_s_budget(vip_server: LocalVip, tmp_path: Path)
     assert values["vip_agent_server_max_requests_per_second"] == budget.snapshot()["max_rate"]
     assert values["vip_agent_server_launches_refused_total"] == 1
     assert values["vip_agent_server_launch_wait_seconds"] > 0
+
+
+def test_any_spelling_of_the_server_reaches_the_same_rest_root(vip_server: LocalVip) -> None:
+    port = vip_server.url.rsplit(":", 1)[1]
+    for spelling in (f"127.0.0.1:{port}", f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{port}/rest/"):
+        with _client(spelling, vip_server.api_key) as client:
+            assert client.base_url == vip_server.url
+            assert client.exists(HOME)
+    with pytest.raises(ConfigError, match="not a VIP server URL"):
+        VipClient("ftp://127.0.0.1", "k")

@@ -41,7 +41,8 @@ class VipClient(_Transfers):
     """Typed client for one VIP portal.
 
     ``base_url`` is the portal URL (``https://vip.creatis.insa-lyon.fr`` or
-    ``http://127.0.0.1:43127``); the REST root is ``base_url + "/rest/"``. Idempotent calls are
+    ``http://127.0.0.1:43127``; any spelling :func:`agent.vip.urls.normalise_server` accepts);
+    the REST root is ``base_url + "/rest/"``. Idempotent calls are
     retried ``retries`` times on :class:`TransientError` with the ``retry`` wait policy
     (:mod:`agent.pacer`) starting at ``backoff`` seconds; ``POST /executions`` never is.
 

@@ -36,6 +36,7 @@ from agent.vip.errors import (
     VipError,
 )
 from agent.vip.smallput import SmallPut
+from agent.vip.urls import normalise_server
 from agent.vip.watchdog import _CURRENT, _Guard
 
 log = logging.getLogger("agent.vip.client")
@@ -91,9 +92,9 @@ class _Transport(_Answers):
         results_timeout: float = RESULTS_TIMEOUT,
         budget: ServerBudget | None = None,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"the VIP URL must start with http:// or https://: {base_url!r}")
-        self.base_url = base_url.rstrip("/")
+        # one spelling of the server (``host``, ``https://host/``, ``https://host/rest/``...);
+        # ConfigError for what is not a server URL
+        self.base_url = normalise_server(base_url)
         self._rest = self.base_url + "/rest"
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout or min(self.timeout, 15.0))
