@@ -143,3 +143,86 @@ def test_page_follows_datasets_and_retries_with_the_token(
     finally:
         vip_server.faults.latency = 0.0
         service.stop()
+
+
+def old_demo_run(journal: Journal, days: float = 3.0) -> int:
+    """A dataset that went through every stage ``days`` ago (a demo run of last week)."""
+    ds = journal.add_dataset(name="old-demo", path="/drop/old-demo", server="http://127.0.0.1:9",
+                             output_root="/out", fingerprint="fp-old", stage="validate")  # fmt: skip
+    for stage in ("upload", "launch", "monitor", "mirror", "cleanup", "done"):
+        journal.set_stage(ds, stage, message=f"{stage} (long ago)")
+    shift = days * 86400
+    with journal._db() as db:
+        db.execute("UPDATE events SET time = time - ? WHERE dataset_id = ?", (shift, ds))
+        db.execute("UPDATE datasets SET created = created - ?, finished = finished - ?, updated = updated - ?"
+                   " WHERE id = ?", (shift, shift, shift, ds))  # fmt: skip
+    return ds
+
+
+def test_page_says_what_queued_rows_wait_for_and_opens_on_recent_work(
+    tmp_path: Path, vip_server: LocalVip, browser: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17 #16: a queued row names what it waits for (here the running cap); the
+    timeline opens on the last hour (a run of 3 days ago does not set its scale) and
+    zooms out on demand; stage labels are whole; the token dialog names the real file."""
+    monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
+    drop = make_drop(tmp_path, {"pipeline": "Sleep/1.0", "inputs": {"duration": "3"}})
+    journal = Journal.in_state_dir(tmp_path / "state")
+    old = old_demo_run(journal)
+    service = page_service(tmp_path, vip_server.url, drop)  # max_running 1
+    service.start()
+    try:
+        page = Page(tmp_path / "state")
+        browser.get(page.url)
+        wait_for(lambda: js(browser, "return document.querySelector('#conn').dataset.ok === '1'"),
+                 timeout=15, what="page live")  # fmt: skip
+        write_dataset(drop / "nap-a", {"note.txt": "a"})
+        write_dataset(drop / "nap-b", {"note.txt": "b"})
+
+        def queued_text() -> str | None:
+            states = {n: row_state(browser, n) for n in ("nap-a", "nap-b")}
+            if sorted(states.values(), key=str) != ["queued", "running"]:
+                return None
+            name = next(n for n, s in states.items() if s == "queued")
+            return str(js(browser, f"""return [...document.querySelectorAll('#datasets tbody tr')]
+                .find((tr) => tr.querySelector('td.name')?.textContent === {name!r})
+                .querySelector('td.progress').innerText"""))  # fmt: skip
+
+        text = wait_for(queued_text, timeout=30, interval=0.05, what="one running, one queued")
+        assert text.startswith("waiting for a free slot: 1 of 1 execution(s) running on 127.0.0.1:"), text
+        assert "max_running: 1" in text
+
+        # the timeline: the last hour, the old run hidden until asked for
+        def window() -> Any:
+            return js(browser, "const g = document.querySelector('#gantt svg');"
+                               " return g ? [Number(g.dataset.start), Number(g.dataset.end)] : null")  # fmt: skip
+
+        wait_for(lambda: js(browser, "return document.querySelectorAll('#gantt svg a').length") >= 2, timeout=15)
+        start, end = window()
+        assert end - start <= 3600 + 5, (start, end)
+        assert not js(browser, f"return document.querySelector('#gantt svg a[data-id=\"{old}\"]')")
+        assert "1 older dataset hidden" in js(browser, "return document.querySelector('#gantt-window').textContent")
+        js(browser, "document.querySelector('#gantt-zoom').click()")
+        wait_for(lambda: js(browser, f"return !!document.querySelector('#gantt svg a[data-id=\"{old}\"]')"),
+                 timeout=10, what="zoomed out")  # fmt: skip
+        assert window()[1] - window()[0] > 2 * 86400
+
+        # the token dialog names the real token file
+        act(browser, "token-btn", "click")
+        wait_for(lambda: js(browser, "return document.querySelector('#token-dialog').open"), timeout=5)
+        assert js(browser, "return document.querySelector('#token-path').textContent") == str(
+            tmp_path / "state" / "http-token"
+        )
+        js(browser, "document.querySelector('#token-dialog').close()")
+
+        # a finished dataset's stages: every label whole (a short download stage included)
+        wait_for(lambda: {row_state(browser, n) for n in ("nap-a", "nap-b")} == {"done"}, timeout=40)
+        (nap,) = [d for d in journal.datasets() if d.name == "nap-a"]
+        js(browser, f"location.hash = '#/dataset/{nap.id}'")
+        wait_for(lambda: js(browser, "return document.querySelectorAll('#d-stages .seg b').length") >= 5, timeout=10)
+        labels = js(browser, """return [...document.querySelectorAll('#d-stages .seg b')]
+            .map((b) => [b.textContent, b.scrollWidth <= b.parentElement.clientWidth])""")  # fmt: skip
+        assert "download" in [name for name, _ in labels], labels
+        assert all(whole for _, whole in labels), labels
+    finally:
+        service.stop()

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.dicom.status import dicom_view
 from agent.health import Health
-from agent.journal import PUBLIC_STATE, Journal
+from agent.journal import PUBLIC_STATE, Dataset, Journal
 from agent.timeline import segments
 
 #: bytes of each execution log shown on the page (its end)
@@ -59,7 +60,19 @@ class JournalSource:
             for key in {"*", r["drop_dir"] or ""}:
                 counts.setdefault(key, {})
                 counts[key][state] = counts[key].get(state, 0) + int(r["n"])
-        return [record(self.journal, d) for d in rows], counts
+        records = [record(self.journal, d) for d in rows]
+        health = self.health()
+        running: dict[str, int] = {}
+        for ds, rec in zip(rows, records, strict=True):
+            if ds.server not in running and not ds.final:
+                running[ds.server] = self.journal.running_executions(ds.server)
+            unlaunched = rec.get("state") == "queued" and any(
+                not e.vip_id for e in self.journal.executions(ds.id)
+            )
+            why = waiting_for(ds, rec, health, running.get(ds.server, 0), unlaunched)
+            if why:
+                rec["waiting_for"] = why
+        return records, counts
 
     def dataset(self, dataset_id: int) -> dict[str, Any]:
         from agent.queries import detail
@@ -92,6 +105,7 @@ class JournalSource:
         # what users paused, and each server's bandwidth limit now (bytes/s; None: none)
         out["pauses"] = [p.to_json() for p in pause.read(self.journal).rows]
         out["bandwidth"] = current_limits()
+        out["dicom"] = dicom_view(self.journal.path)  # None: no DICOM node
         return out
 
     def pause_scope(self, action: str, drop: str | None) -> str:
@@ -138,6 +152,43 @@ class JournalSource:
         if self._metrics is None:
             return b""
         return self._metrics()
+
+
+def waiting_for(
+    ds: Dataset, rec: dict[str, Any], health: dict[str, Any], running: int, unlaunched: bool
+) -> str | None:
+    """What a dataset that is not moving waits for, in words (the page's queued rows), or None.
+
+    ``health`` is :meth:`JournalSource.health`'s; ``running`` how many executions the
+    journal believes run on the dataset's server; ``unlaunched`` whether some of its
+    executions are still to be launched. The rules, first match wins: a pause
+    (of the dataset, its drop folder or the agent: ``paused`` says whose), a paused server
+    (key refused), the server's running cap (``max_running``), VIP's own queue.
+    """
+    if ds.final:
+        return None
+    if ds.paused:
+        return f"paused: {ds.paused}"
+    if rec.get("state") != "queued":
+        return None
+    server = next((s for s in health.get("servers") or [] if s.get("url") == ds.server), None)
+    if server is not None and server.get("paused"):
+        return f"waiting for the server: {server['paused']}"
+    statuses = [s for s in (rec.get("execution_status") or {}).values()]
+    caps = [int(d.get("max_running") or 1) for d in health.get("drops") or [] if d.get("server") == ds.server]
+    cap = max(caps) if caps else None
+    if unlaunched or not statuses:
+        if cap is not None and running >= cap:
+            return (
+                f"waiting for a free slot: {running} of {cap} execution(s) running on "
+                f"{_host(ds.server)} (max_running: {cap})"
+            )
+        return "waiting for its turn to launch"
+    return f"queued on VIP ({', '.join(sorted({str(s) for s in statuses}))})"
+
+
+def _host(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")
 
 
 def _tail(path: Path) -> dict[str, Any]:

@@ -209,6 +209,14 @@ function renderHealth() {
   cards.push(card("Free disk", free.length ? size(Math.min(...free)) : "—", low.length ? "below the disk_low threshold" : "output folders", low.length ? "bad" : "good"));
   const rescans = hl.drops.map((d) => d.last_rescan).filter(Boolean);
   cards.push(card("Last rescan", rescans.length ? ago(Math.min(...rescans)) + " ago" : "—", "agent up " + dur(hl.now - hl.started), ""));
+  if (hl.dicom) {  // the DICOM node (docs/dicom.md): studies still in its spool
+    const n = hl.dicom.node, c = n.counters || {}, p = hl.dicom.pending;
+    const stuck = p.filter((s) => s.state !== "pending").length;
+    const what = p.map((s) => `${s.study} ${s.state} (${s.objects})`).join(", ");
+    cards.push(card("DICOM studies pending", String(p.length),
+      `${n.ae_title} on ${n.host}:${n.port} · ${c.objects || 0} objects, ${c.refusals || 0} refused` + (what ? " · " + what : ""),
+      stuck ? "warn" : (c.refusals ? "warn" : "good")));
+  }
   $("#health").replaceChildren(...cards);
 }
 function renderDrops() {
@@ -246,6 +254,8 @@ function progressCell(d) {
       h("div", { class: "prog-text", text: `${live.kind} ${size(live.done)} of ${size(live.total)}` + (rate ? ` · ${rate}` : "") + (eta ? ` · ${eta}` : "") }));
   }
   if (p.kind === "waiting" && (d.state === "waiting" || d.state === "paused")) return h("span", { class: "muted", text: p.reason || "" });
+  // what a queued or paused dataset waits for (the cap, a paused server, a pause): agent/web/source.py
+  if (d.waiting_for) return h("span", { class: "muted waiting-for", text: d.waiting_for });
   const st = Object.values(d.execution_status || {});
   if (st.length && ["running", "queued", "downloading", "cleaning"].includes(d.state)) {
     const ended = st.filter((s) => !["Running", "Ready", "Initializing", null].includes(s)).length;
@@ -296,19 +306,38 @@ function renderDatasets() {
 }
 
 // -- timeline (Gantt) ----------------------------------------------------------------
+// It opens on the recent window: what ran in the last RECENT_S seconds and what is still
+// going; older datasets (a demo from last week) would squeeze today's work into a corner.
+// "Show all" zooms out to every dataset the timeline API returned.
+const RECENT_S = 3600;
+function ganttItems(now) {
+  const all = (S.timeline || []).filter((t) => t.segments.length);
+  const recent = all.filter((t) => !t.finished || t.finished >= now - RECENT_S);
+  const zoomed = S.ganttAll || !recent.length;
+  return { all, recent, items: zoomed ? all : recent, zoomed };
+}
+function ganttControls(all, recent, zoomed) {
+  const older = all.length - recent.length;
+  if (!older) return null;
+  const note = zoomed ? `all ${all.length} recent datasets` : `the last hour · ${older} older dataset${older === 1 ? "" : "s"} hidden`;
+  const btn = h("button", { id: "gantt-zoom", type: "button", class: "ghost-small", text: zoomed ? "Last hour" : "Show all" });
+  btn.addEventListener("click", () => { S.ganttAll = !zoomed; renderGantt(); });
+  return h("div", { class: "gantt-controls" }, h("span", { class: "muted", id: "gantt-window", text: note }), recent.length ? btn : null);
+}
 function renderGantt() {
-  const items = (S.timeline || []).filter((t) => t.segments.length);
   const box = $("#gantt");
-  if (!items.length) { box.replaceChildren(h("p", { class: "muted", text: "Nothing has run yet." })); return; }
   const now = S.data.health.now;
-  const t0 = Math.min(...items.map((t) => t.segments[0].start));
+  const { all, recent, items, zoomed } = ganttItems(now);
+  if (!items.length) { box.replaceChildren(h("p", { class: "muted", text: "Nothing has run yet." })); return; }
+  let t0 = Math.min(...items.map((t) => t.segments[0].start));
+  if (!zoomed) t0 = Math.max(t0, now - RECENT_S);
   const t1 = Math.max(now, ...items.map((t) => t.finished || now));
   const W = Math.max(600, (box.clientWidth || 900) - 22), label = 170, right = 14, row = 20, top = 22;
   const slotsH = 34;
   const H = top + items.length * row + slotsH + 18;
   const span = Math.max(1, t1 - t0);
-  const x = (t) => label + ((t - t0) / span) * (W - label - right);
-  const g = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "timeline of recent datasets" });
+  const x = (t) => label + ((Math.min(t1, Math.max(t0, t)) - t0) / span) * (W - label - right);
+  const g = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "timeline of recent datasets", "data-start": t0, "data-end": t1 });
   // time axis: about 6 ticks
   const step = niceStep(span / 6);
   for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) {
@@ -318,14 +347,17 @@ function renderGantt() {
   items.forEach((t, i) => {
     const y = top + i * row;
     const name = t.name.length > 24 ? t.name.slice(0, 23) + "…" : t.name;
-    const link = svg("a", { href: "#/dataset/" + t.id });
+    const link = svg("a", { href: "#/dataset/" + t.id, "data-id": t.id });
     link.append(svg("text", { x: label - 8, y: y + 13, "text-anchor": "end", class: "lane-label s-text-" + t.state }, name));
+    link.firstChild.append(svg("title", {}, t.name));
     g.append(link);
     for (const s of t.segments) {
       if (s.phase === "waiting") continue;
-      const x0 = x(s.start), x1 = x(s.end || t.finished || now);
+      const e = s.end || t.finished || now;
+      if (e < t0) continue; // before the window
+      const x0 = x(s.start), x1 = x(e);
       const r = svg("rect", { x: x0, y: y + 3, width: Math.max(1.5, x1 - x0), height: row - 6, rx: 2, fill: PHASE_COLORS[s.phase] || "#999" });
-      r.append(svg("title", {}, `${t.name}: ${s.phase} ${dur((s.end || t.finished || now) - s.start)}`));
+      r.append(svg("title", {}, `${t.name}: ${s.phase} ${dur(e - s.start)}`));
       g.append(r);
     }
     if (t.state === "failed" || t.state === "incomplete") {
@@ -350,7 +382,7 @@ function renderGantt() {
     const sw = h("span", { class: "swatch" }); sw.style.background = PHASE_COLORS[p];
     return h("span", {}, sw, p);
   }));
-  box.replaceChildren(g, legend);
+  box.replaceChildren(...[ganttControls(all, recent, zoomed), g, legend].filter(Boolean));
 }
 function niceStep(raw) {
   const steps = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400];
