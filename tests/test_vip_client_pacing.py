@@ -323,3 +323,17 @@ def test_any_spelling_of_the_server_reaches_the_same_rest_root(vip_server: Local
             assert client.exists(HOME)
     with pytest.raises(ConfigError, match="not a VIP server URL"):
         VipClient("ftp://127.0.0.1", "k")
+
+
+def test_the_local_server_s_redirect_listener_is_refused_by_name(tmp_path: Path) -> None:
+    """localvip's redirect_port fault: an http front answering 301 to the real (http) address,
+    as VIP's front server sends http to https."""
+    with LocalVip(tmp_path / "root", faults="redirect_port=0") as server:
+        assert server.redirect_url is not None
+        with _client(server.redirect_url, server.api_key) as client:
+            for call in (lambda: client.exists(HOME), lambda: client.mkdir(f"{HOME}/x"),
+                         client.check_key, client.executions):
+                with pytest.raises(RedirectError) as err:
+                    call()
+                assert server.url in err.value.message and "https" in err.value.message
+                assert err.value.http_status == 301
