@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -31,6 +32,7 @@ from prometheus_client.registry import Collector
 from agent import __version__
 from agent import pause as user_pause
 from agent.bandwidth import current_limits
+from agent.dicom.status import NOT_HANDED, pending_studies, read_status
 from agent.health import Health
 from agent.journal import FINAL_STAGES, PUBLIC_STATE, Journal
 from agent.pacer import budgets
@@ -179,6 +181,37 @@ _LAUNCHED = (
 )
 
 
+def _dicom_metrics(journal_path: Path) -> Iterator[Metric]:
+    """The DICOM node's figures (only when one runs or ran with this state folder)."""
+    node = read_status(journal_path.parent)
+    if node is None:
+        return
+    counters = node.get("counters") or {}
+    for name, key, text in (
+        ("vip_agent_dicom_associations", "associations", "DICOM associations accepted since the agent started"),
+        ("vip_agent_dicom_rejected_associations", "rejected", "DICOM associations rejected (allow-list)"),
+        ("vip_agent_dicom_objects", "objects", "DICOM objects written to the spool since the agent started"),
+        ("vip_agent_dicom_bytes", "bytes", "Bytes of DICOM objects written to the spool since the agent started"),
+        ("vip_agent_dicom_refusals", "refusals", "DICOM objects refused (out of resources: disk below disk_low)"),
+        ("vip_agent_dicom_duplicates", "duplicates", "DICOM objects received again (first copy kept)"),
+        ("vip_agent_dicom_late_objects", "late", "DICOM objects arriving after their study was handed over"),
+    ):  # fmt: skip
+        c = CounterMetricFamily(name, text)
+        c.add_metric([], float(counters.get(key, 0)))
+        yield c
+    up = GaugeMetricFamily("vip_agent_dicom_open_associations", "DICOM associations open now")
+    up.add_metric([], float(node.get("open_associations", 0)))
+    yield up
+    studies = GaugeMetricFamily("vip_agent_dicom_studies_pending",
+                                "DICOM studies in the spool not handed over, by state", labels=["state"])  # fmt: skip
+    by_state: dict[str, int] = dict.fromkeys(NOT_HANDED, 0)
+    for study in pending_studies(journal_path):
+        by_state[study["state"]] = by_state.get(study["state"], 0) + 1
+    for state, n in sorted(by_state.items()):
+        studies.add_metric([state], n)
+    yield studies
+
+
 class _Gauges(Collector):
     """Gauges computed at scrape time from the journal and the health snapshot."""
 
@@ -246,6 +279,7 @@ class _Gauges(Collector):
         paused = GaugeMetricFamily("vip_agent_paused_servers", "Servers whose API key is refused (datasets wait)")
         paused.add_metric([], sum(1 for s in health.servers if s.paused))
         yield paused
+        yield from _dicom_metrics(m.journal.path)
         server_paused = GaugeMetricFamily(
             "vip_agent_server_paused", "1 when this server's datasets are paused (key refused)", labels=["server"]
         )  # fmt: skip

@@ -32,6 +32,7 @@ from agent.credentials import (
     redact,
 )
 from agent.credentials import environ as secret_environ
+from agent.dicom.checks import check_dicom
 from agent.errors import AgentError
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -456,6 +457,8 @@ def diagnose(
                    min_free_gb * 1024**3)
         check_inotify(report, [p for r, p in roles if r == "drop folder"])
         check_watched_drops(report, Path(config.state), [Path(d.path) for d in config.drops])
+        for status, title, fix in check_dicom(getattr(config, "dicom", None), Path(config.state)):
+            report.add(status, title, fix)
         for drop in config.drops:
             targets.append((normalise_server_url(drop.server), drop.key_file))
     check_observer(report, config)

@@ -18,6 +18,7 @@ from typing import Any
 from agent import pause as user_pause
 from agent import queries
 from agent.commands import add_state_args
+from agent.dicom.status import pending_studies
 from agent.errors import one_line
 from agent.progress import current
 from agent.vip.models import ENDED_STATUSES
@@ -245,6 +246,10 @@ def main(args: argparse.Namespace) -> int:
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(held.since))
         print(f"paused: {held.what()}, by {held.by} ({held.via}) since {since}; "
               f"`{held.resume_command()}` resumes it")  # fmt: skip
+    for study in pending_studies(journal.path) if journal is not None else ():
+        note = f": {study['message']}" if study.get("message") else ""
+        print(f"DICOM study {study['study']} pending in the spool ({study['state']}, {study['objects']} "
+              f"object(s), last one {_age(study['age'])} ago){note}")  # fmt: skip
     if not records:
         print("no datasets yet")
         return 0

@@ -79,3 +79,11 @@ def all_studies(journal_path: Path) -> list[dict[str, Any]]:
     except Exception:
         return []
     return [study_view(s) for s in rows]
+
+
+def dicom_view(journal_path: Path) -> dict[str, Any] | None:
+    """The node and its pending studies for the status page (None: no DICOM node ran here)."""
+    node = read_status(Path(journal_path).parent)
+    if node is None:
+        return None
+    return {"node": node, "pending": pending_studies(Path(journal_path))}

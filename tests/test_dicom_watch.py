@@ -1,0 +1,148 @@
+"""The issue's "done when": dcmtk storescu sends pydicom's 3-study patient to a real
+``vip-agent watch`` process; the routed datasets are complete, run to ``done`` on the local
+VIP server, and no file uploaded to the server holds the patient's name or ID.
+Also: doctor, status, /metrics and a restart of the agent (SIGKILL) in the middle of a study.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from agenthelpers import agent_env, run_agent, wait_for
+from dicomhelpers import (
+    PATIENT_FILES,
+    PATIENT_ID,
+    PATIENT_NAME,
+    STUDY_SIZES,
+    by_study,
+    needs_dcmtk,
+    storescu,
+)
+
+from agent.health import DropHealth, Health, ServerHealth
+from agent.journal import Journal
+from agent.localvip import LocalVip
+from agent.metrics import Metrics
+
+pytestmark = needs_dcmtk
+TEMPLATE = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "*.dcm"}}
+
+
+def write_config(tmp_path: Path, server: LocalVip, **dicom: Any) -> Path:
+    drop = tmp_path / "drop"
+    drop.mkdir(exist_ok=True)
+    (drop / "job.yaml").write_text(yaml.safe_dump(TEMPLATE), encoding="utf-8")
+    config = {
+        "state": "state",
+        "drops": [{"path": "drop", "output": "out", "server": server.url, "keep_remote": True,
+                   "readiness": {"rule": "marker"}, "poll": {"min": 0.1, "max": 0.5}}],
+        "dicom": {"ae_title": "VIPAGENT", "listen": "127.0.0.1:0", "quiet": "1s", "disk_low": 0,
+                  "routes": [{"match": {"Modality": "MR"}, "drop": "drop", "per": "study"}], **dicom},
+    }  # fmt: skip
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@contextmanager
+def watching(tmp_path: Path, server: LocalVip, config: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """``vip-agent watch --config`` as a real process; yields it and its DICOM port."""
+    port_file = tmp_path / "state" / "dicom-port"
+    port_file.unlink(missing_ok=True)
+    log = (tmp_path / "agent.log").open("a")
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "watch", "--config", str(config)],
+                            env=agent_env(server.api_key), stdout=subprocess.DEVNULL, stderr=log, text=True,
+                            cwd=tmp_path)  # fmt: skip
+    try:
+        wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=60, what="the DICOM port")
+        assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+        yield proc, int(port_file.read_text())
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+def done_datasets(tmp_path: Path, n: int, timeout: float = 90) -> list[Any]:
+    journal = Journal.in_state_dir(tmp_path / "state")
+
+    def finished() -> list[Any]:
+        rows = journal.datasets()
+        return rows if len(rows) >= n and all(d.final for d in rows) else []
+
+    rows = wait_for(finished, timeout, interval=0.2, what=f"{n} datasets finished")
+    assert [d.stage for d in rows] == ["done"] * n, [(d.name, d.stage, d.error) for d in rows]
+    return rows
+
+
+def test_storescu_to_watch_to_done_without_identity_on_the_server(tmp_path: Path, vip_server: LocalVip) -> None:
+    config = write_config(tmp_path, vip_server)
+    with watching(tmp_path, vip_server, config) as (_proc, port):
+        sent = storescu(port, PATIENT_FILES)
+        assert sent.returncode == 0, sent.stderr
+        rows = done_datasets(tmp_path, 3)
+        status = run_agent("status", "--config", str(config), api_key=vip_server.api_key, cwd=tmp_path)
+        assert status.returncode == 0 and "pending in the spool" not in status.stdout
+        dstatus = run_agent("dicom", "status", "--config", str(config), api_key=vip_server.api_key, cwd=tmp_path)
+        assert "listening" in dstatus.stdout and "objects 17" in dstatus.stdout, dstatus.stdout
+        doctor = run_agent("doctor", "--config", str(config), api_key=vip_server.api_key, cwd=tmp_path)
+        assert re.search(r"OK .*DICOM node VIPAGENT listening", doctor.stdout), doctor.stdout
+    journal = Journal.in_state_dir(tmp_path / "state")
+    counts = sorted(len(journal.files(d.id)) for d in rows)
+    assert counts == STUDY_SIZES  # each dataset complete: every instance uploaded, one job each
+    for d in rows:
+        assert d.name.startswith("dicom-") and "Doe" not in d.name
+        summary = json.loads((Path(d.path) / "DICOM.json").read_text())
+        assert summary["objects"] == len(journal.files(d.id))
+    uploaded = [p for p in vip_server.root.rglob("*.dcm") if p.is_file()]
+    assert len(uploaded) == 17  # keep_remote: true
+    for p in uploaded:
+        data = p.read_bytes()
+        assert PATIENT_NAME not in data and PATIENT_ID not in data, p
+        assert b"Doe" not in data and b"Peter" not in data, p
+
+
+def test_agent_killed_in_the_middle_of_a_study(tmp_path: Path, vip_server: LocalVip) -> None:
+    config = write_config(tmp_path, vip_server, quiet="2s")
+    big = list(by_study(PATIENT_FILES).values())[-1]
+    with watching(tmp_path, vip_server, config) as (proc, port):
+        assert storescu(port, big[:4]).returncode == 0
+        proc.send_signal(signal.SIGKILL)  # the agent dies with the study half received
+        proc.wait(10)
+    pending = run_agent("status", "--config", str(config), api_key=vip_server.api_key, cwd=tmp_path)
+    assert "DICOM study" in pending.stdout and "4 object(s)" in pending.stdout, pending.stdout
+    with watching(tmp_path, vip_server, config) as (_proc, port):
+        assert storescu(port, big[4:]).returncode == 0
+        (row,) = done_datasets(tmp_path, 1)
+    assert len(Journal.in_state_dir(tmp_path / "state").files(row.id)) == 11
+
+
+def test_metrics_show_the_node(tmp_path: Path, vip_server: LocalVip) -> None:
+    config = write_config(tmp_path, vip_server, routes=[])
+    with watching(tmp_path, vip_server, config) as (_proc, port):
+        assert storescu(port, PATIENT_FILES[:2]).returncode == 0
+        journal = Journal.in_state_dir(tmp_path / "state")
+        health = Health(version="x", started=0.0, state=str(tmp_path / "state"), state_free=1,
+                        drops=[DropHealth("/d", "http://s", "/o", "native", 1, False, 0.0)],
+                        servers=[ServerHealth("http://s", True, "accepted", None, 0.0)])  # fmt: skip
+
+        def scraped() -> str:
+            text = Metrics(journal, lambda: health).render().decode()
+            return text if 'vip_agent_dicom_studies_pending{state="unrouted"} 1.0' in text else ""
+
+        text = wait_for(scraped, 30, interval=0.2, what="the unrouted study in /metrics")
+    assert "vip_agent_dicom_objects_total 2.0" in text and "vip_agent_dicom_associations_total 1.0" in text
+    assert "vip_agent_dicom_refusals_total 0.0" in text
