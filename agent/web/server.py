@@ -391,6 +391,7 @@ def _handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
                 return
             length = int(text)
             if length > 65536:
+                self.close_connection = True  # its body is not read: the connection cannot go on
                 self._error(413, "request too large")
                 return
             if length:
