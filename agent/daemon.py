@@ -37,6 +37,7 @@ from agent.runner import Tuning
 from agent.scheduler import Scheduler
 from agent.vip.errors import AuthError
 from agent.watch.after import finish
+from agent.watch.claim import CLAIM_BEAT, CLAIMED, DropClaim
 from agent.watch.detect import DeadlineQueue, DropEventHandler, start_observer
 from agent.watch.drop import DropFolder
 from agent.watch.lock import AgentLock
@@ -162,6 +163,9 @@ class WatchService:
         self.observers: dict[str, tuple[Any, str]] = {}
         #: drop folder -> whether it is still the folder watched (see agent.watch.presence)
         self.presence: dict[str, Presence] = {}
+        #: drop folder -> this agent's claim on it (see agent.watch.claim), and who else has one
+        self.claims: dict[str, DropClaim] = {}
+        self._claimed_by: dict[str, str] = {}
         self.journal: Journal | None = None
         self.scheduler: Scheduler | None = None
         #: each server's bandwidth limiter (None: no limit), from the drop folders' ``bandwidth:``
@@ -304,10 +308,56 @@ class WatchService:
         else:
             self.client_for(server).check_key()
 
+    def _claim(self, d: DropConfig) -> bool:
+        """Take (or keep) this agent's claim on a drop folder. False while another live agent
+        has it (said once; its datasets are not taken; looked at again every CLAIM_BEAT s)."""
+        assert self.journal is not None
+        key = str(d.path)
+        claim = self.claims.get(key)
+        if claim is None:
+            claim = DropClaim(d.path, agent_id=self.journal.agent_id(), state=self.config.state)
+            self.claims[key] = claim
+        try:
+            other = claim.renew() if claim.held else claim.take()
+        except OSError as err:  # a read-only drop folder: nothing to claim it with
+            log.debug("cannot write the claim file in %s: %s", d.path, err)
+            return True
+        if other is None:
+            if self._claimed_by.pop(key, None) is not None:
+                log.info("drop folder %s: the agent that claimed it is gone; taking it", d.path)
+            return True
+        message = (
+            f"claimed by another vip-agent: {other.describe()}; this agent takes none of its "
+            "datasets while that one runs (stop one of them, or remove the folder from one of "
+            "the two configurations)"
+        )
+        if self._claimed_by.get(key) != f"{other.agent_id}@{other.host}":
+            self._claimed_by[key] = f"{other.agent_id}@{other.host}"
+            log.warning("drop folder %s: %s", d.path, message)
+        self.journal.set_drop_state(key, CLAIMED, message)
+        return False
+
+    def _look_at_claim(self, key: str) -> None:
+        """The claim's heartbeat: renew it; stop on a folder taken over, start on one freed."""
+        drop = self.config.drop_for(key)
+        if drop is None or key not in self.claims:
+            return
+        self.queue.at(("claim", key), time.monotonic() + CLAIM_BEAT)
+        if not drop.path.is_dir():
+            return  # missing: agent.watch.presence watches for it
+        if key in self.drops:
+            if not self._claim(drop):
+                self._unwatch(key)  # another agent has it now: its datasets are its own
+        elif self._claim(drop):
+            self._watch(drop)
+
     def _watch(self, d: DropConfig) -> None:
         assert self.journal is not None and self.scheduler is not None
         scheduler = self.scheduler
         key = str(d.path)
+        self.queue.at(("claim", key), time.monotonic() + CLAIM_BEAT)
+        if not self._claim(d):
+            return
         folder = DropFolder(d, self.journal, on_ready=scheduler.submit)
         self.drops[key] = folder
 
@@ -396,6 +446,9 @@ class WatchService:
             self.dicom = None
         self.oversight.stop()
         self._unwatch_all()
+        for claim in self.claims.values():
+            with contextlib.suppress(OSError):
+                claim.release()  # another agent may take the folder at once
         if self.journal is not None:
             with contextlib.suppress(Exception):
                 self.journal.clear_drop_states()  # nothing watches them any more
@@ -425,6 +478,9 @@ class WatchService:
             log.warning("the state folder cannot change while running (restart to use %s)", config.state)
             config = replace(config, state=self.config.state)
         self._unwatch_all()
+        for key in [k for k in self.claims if config.drop_for(k) is None]:
+            with contextlib.suppress(OSError):
+                self.claims.pop(key).release()  # no longer this agent's drop folder
         self.config = config
         if self.provider is not None:
             self.provider.key_files = self._key_files(config)
@@ -490,6 +546,8 @@ class WatchService:
             self.queue.at(("rescan", key), time.monotonic() + folder.drop.rescan_interval)
         elif kind == "presence":
             self._look_at_drop(item[1])
+        elif kind == "claim":
+            self._look_at_claim(item[1])
         elif kind == "final":
             _, dataset_id, _stage = item
             self._after(dataset_id)

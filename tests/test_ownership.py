@@ -151,5 +151,5 @@ def test_the_service_leaves_a_run_alone_and_takes_its_dataset_once_it_is_killed(
         assert lease is None or lease.owner.pid == proc.pid
         log = log_file.read_text()
     assert launches(vip_server) == 2  # small once, big once (the service resumed its upload)
-    assert "small" not in log  # the service never touched the small run
+    assert "small: picked up" not in log  # the service never drove the small run
     assert "Traceback" not in log

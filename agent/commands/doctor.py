@@ -186,6 +186,7 @@ def check_watched_drops(report: Report, state: Path, mine: Iterable[Path] | None
     from agent.journal import JOURNAL_NAME, Journal
     from agent.watch.lock import AgentLock
 
+    check_claims(report, state, mine or [])
     if not (state / JOURNAL_NAME).is_file() or AgentLock(state).held_by_other() is None:
         return
     try:
@@ -198,10 +199,34 @@ def check_watched_drops(report: Report, state: Path, mine: Iterable[Path] | None
             continue  # another configuration's folder, watched by the agent on this state
         if drop.state == "watching":
             report.add(OK, f"drop folder {drop.path}: watched by the running agent ({drop.message})")
+        elif drop.state == "claimed":
+            pass  # said by check_claims
         else:
             report.add(FAIL, f"drop folder {drop.path}: the running agent reports it {drop.state}: "
                              f"{drop.message}", "put the folder back (or mount it): it is watched again "
                                                 "within seconds")  # fmt: skip
+
+
+def check_claims(report: Report, state: Path, drops: Iterable[Path]) -> None:
+    """A drop folder another live agent claimed (``.vip-agent-claim``): this one takes nothing
+    from it."""
+    from agent.journal import JOURNAL_NAME, Journal
+    from agent.watch.claim import read_claim
+
+    mine = None
+    if (state / JOURNAL_NAME).is_file():
+        try:
+            mine = Journal(state / JOURNAL_NAME).agent_id()
+        except AgentError:
+            pass
+    for drop in drops:
+        claim = read_claim(drop)
+        if claim is None or not claim.alive() or (claim.agent_id == mine and claim.state == str(state)):
+            continue
+        report.add(WARN, f"drop folder {drop}: claimed by another vip-agent: {claim.describe()}; "
+                         "this agent takes none of its datasets while that one runs",
+                   "stop one of the two agents, or remove the folder from one of the two "
+                   "configurations")  # fmt: skip
 
 
 def check_disk(report: Report, paths: Iterable[Path], min_free_bytes: float) -> None:
