@@ -256,7 +256,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "launch_refusal": 0.1,
         "launch_refusal_code": frozenset({8000, 2003}),
         "redirect_port": 0,
-        "late_landing": 0.01,
+        "late_landing": 0.002,
         "late_landing_delay": 5.0,
         "list_limit": 500,
         "job_statuses": 0.3,
