@@ -59,8 +59,9 @@ def _saved_key(path: str) -> tuple[str, str | None, str] | None:
 class Live:
     """The growing stdout/stderr of a dataset's running executions, read from VIP."""
 
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, key_file: Path | None = None) -> None:
         self.server = server
+        self.key_file = key_file  # the drop folder's key_file: in agent.yaml, if any
         self.backend: Any = None
         self.unavailable: str | None = None
         #: (execution key, job, stream) -> text shown so far
@@ -72,7 +73,7 @@ class Live:
             from agent.credentials import find_api_key
 
             try:
-                credential = find_api_key(self.server)
+                credential = find_api_key(self.server, key_file=self.key_file, keyring_timeout=10.0)
                 self.backend = open_backend(self.server, credential.key, timeout=20.0, retries=1)
             except AgentError as err:
                 self.unavailable = err.message
@@ -143,6 +144,20 @@ def _show(path: str, live: Live | None) -> bool:
     return True
 
 
+def _key_file(config: Path | None, drop: str | None) -> Path | None:
+    """The ``key_file:`` agent.yaml gives the dataset's drop folder (the service's key)."""
+    from agent.config import default_config_path, load_config
+
+    path = config or (default_config_path() if default_config_path().is_file() else None)
+    if path is None or drop is None:
+        return None
+    try:
+        loaded = load_config(Path(path))
+    except AgentError:
+        return None
+    return next((d.key_file for d in loaded.drops if str(d.path) == drop), None)
+
+
 def _event_line(ev: Any) -> str:
     level = "" if ev.level == "info" else f"{ev.level.upper()}: "
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.time))
@@ -154,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
     journal, ds = queries.open_dataset(state, args.name)
     shown: set[str] = set()
     last_event = 0
-    live = Live(ds.server) if args.follow else None
+    live = Live(ds.server, _key_file(args.config, ds.drop_dir)) if args.follow else None
     next_live = 0.0
     while True:
         ds = journal.get(ds.id)
