@@ -337,3 +337,19 @@ def test_the_local_server_s_redirect_listener_is_refused_by_name(tmp_path: Path)
                     call()
                 assert server.url in err.value.message and "https" in err.value.message
                 assert err.value.http_status == 301
+
+
+def test_uploads_that_meet_the_redirect_first_are_sent_again_to_https(
+    vip_server: LocalVip, tls_front: HostileVip, tmp_path: Path
+) -> None:
+    https_port = tls_front.url.rsplit(":", 1)[1]
+    (vip_server.home() / "first").mkdir()
+    small = _file(tmp_path / "s.txt", 300)
+    big = _file(tmp_path / "b.bin", 2 * 2**20)
+    for first in (small, big):  # the light transport, then requests with a file body
+        with _Redirector(f"https://127.0.0.1:{https_port}") as moved:
+            with _client(f"http://127.0.0.1:{moved.port}", vip_server.api_key) as client:
+                assert client.upload(first, f"{HOME}/first/{first.name}")
+                assert client.base_url.startswith("https://")
+            assert len(moved.seen) == 1
+        assert (vip_server.home() / "first" / first.name).read_bytes() == first.read_bytes()

@@ -25,6 +25,7 @@ from agent.vip.errors import (
     CapacityError,
     NotFoundError,
     ProtocolError,
+    RedirectError,
     TooLargeError,
     TransferTimeout,
     TransientError,
@@ -176,8 +177,9 @@ class _Answers:
             )
         if 300 <= status < 400:
             target = headers.get("Location", "?")
-            raise ApiError(
-                f"VIP redirected the request to {target}; set the VIP URL to that address",
+            raise RedirectError(
+                f"VIP redirected the request to {self._scrub(target)}; not followed: "
+                "set the VIP URL to VIP's https address",
                 **kw,
             )
         if status >= 500 or status in (408, 429):

@@ -110,6 +110,8 @@ class _Transfers(_Endpoints):
             guard.close()
         if 200 <= answer.status < 300:
             return True
+        if 300 <= answer.status < 400:  # moved to https (raises _Moved: sent again) or refused
+            self._follow(answer.status, answer.headers.get("Location"), self._rest + rest_path, where)
         self._raise_answer(answer.status, answer.headers, answer.body, where, TransferTimeout,
                            f"upload of {local.name} to {remote}")
 

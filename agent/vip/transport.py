@@ -320,6 +320,7 @@ class _Transport(_Answers):
                 return
             url = self._rest + "/platform"
             where = "GET /rest/platform (checking the address without the key)"
+            self.budget.acquire()
             guard = _Guard(deadline=self.deadline)
             _CURRENT.guard = guard
             try:
