@@ -82,6 +82,15 @@ class Identity:
         return bool(self.exact or self.parts or self.short)
 
 
+def identifying_copy(ds: Dataset) -> Dataset:
+    """Only the identifying values of ``ds`` (kept to scan the outgoing files for them)."""
+    out = Dataset()
+    for key in IDENTIFYING:
+        if key in ds:
+            setattr(out, key, ds.get(key))
+    return out
+
+
 def identity_of(datasets: Iterable[Dataset]) -> Identity:
     exact: set[bytes] = set()
     parts: set[bytes] = set()

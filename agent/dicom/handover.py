@@ -74,7 +74,7 @@ def _write_objects(series: Sequence[Series], route: Route, study: StudyRow, targ
     for s_index, s in enumerate(series):
         for i, obj in enumerate(s.objects, 1):
             ds = pydicom.dcmread(obj.path, force=True)
-            originals.append(pydicom.dcmread(obj.path, stop_before_pixels=True, force=True))
+            originals.append(deid.identifying_copy(ds))
             out = target / f"{s.number:03d}-{s_index:02d}-{i:04d}.dcm"
             if deidentifier is not None:
                 if deid.is_secondary_capture(ds) and not route.allow_secondary_capture:
