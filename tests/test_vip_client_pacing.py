@@ -353,3 +353,37 @@ def test_uploads_that_meet_the_redirect_first_are_sent_again_to_https(
                 assert client.base_url.startswith("https://")
             assert len(moved.seen) == 1
         assert (vip_server.home() / "first" / first.name).read_bytes() == first.read_bytes()
+
+
+def test_the_budget_backs_off_when_the_platform_s_transfer_pool_is_full(
+    vip_server: LocalVip, tmp_path: Path
+) -> None:
+    """A platform serving 2 transfers at a time (localvip platform_transfers, VIP's timeout
+    after transfer_wait): 8 slots of our own cause timeouts, the budget halves its slots until
+    they stop, and every file still arrives; within the platform's cap there are none."""
+    files = [_file(tmp_path / f"d{i}.bin", 50_000 + i) for i in range(12)]
+    with _client(vip_server, vip_server.api_key) as setup:
+        setup.makedirs(f"{HOME}/pool")
+        for p in files:
+            setup.upload(p, f"{HOME}/pool/{p.name}", verify=False)
+    vip_server.faults.platform_transfers = 2
+    vip_server.faults.transfer_wait = 0.3
+    vip_server.faults.staging_delay = 0.2
+
+    def download_all(budget: ServerBudget, into: Path) -> None:
+        with _client(vip_server, vip_server.api_key, budget=budget, retries=8, backoff=0.05) as c:
+            with ThreadPoolExecutor(12) as pool:
+                list(pool.map(lambda p: c.download(f"{HOME}/pool/{p.name}", into / p.name), files))
+        for p in files:
+            assert (into / p.name).read_bytes() == p.read_bytes()
+
+    crowded = ServerBudget(vip_server.url, max_rate=0, max_transfers=8)
+    download_all(crowded, tmp_path / "crowded")
+    refused = vip_server.stats.snapshot()["counts"].get("transfer wait timeout", 0)
+    assert refused >= 1
+    assert crowded.snapshot()["transfer_timeouts_total"] == refused
+    assert crowded.snapshot()["transfers_limit"] <= 4  # halved at least once
+    polite = ServerBudget(vip_server.url, max_rate=0, max_transfers=2)
+    download_all(polite, tmp_path / "polite")
+    assert vip_server.stats.snapshot()["counts"].get("transfer wait timeout", 0) == refused
+    assert polite.snapshot()["transfer_timeouts_total"] == 0
