@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,12 @@ import keyring.backend
 import keyring.errors
 import pytest
 import yaml
+
+from agent import dataset as dataset_mod
+from agent.backend import open_backend
+from agent.backend.memory import MemoryBackend
+from agent.journal import Journal
+from agent.runner import Runner, admit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,3 +131,85 @@ class MemoryKeyring(keyring.backend.KeyringBackend):
     def delete_password(self, service: str, username: str) -> None:
         if self.entries.pop((service, username), None) is None:
             raise keyring.errors.PasswordDeleteError("no such entry")
+
+
+# -- the state machine: one setup and one driver for every runner test ---------------------
+@dataclass
+class Started:
+    """A dataset admitted to a fresh journal with a runner over one platform."""
+
+    journal: Journal
+    dataset_id: int
+    runner: Runner
+    #: the platform: an ``agent.backend`` backend (``VipBackend`` or ``MemoryBackend``)
+    backend: Any
+
+    @property
+    def client(self) -> Any:
+        """The ``VipClient`` of a VIP backend (tests that list the server with it)."""
+        return self.backend.client
+
+
+def start_runner(
+    tmp_path: Path,
+    dataset: Path,
+    platform: Any,
+    *,
+    key: str | None = None,
+    client_options: dict[str, Any] | None = None,
+    name: str | None = None,
+    output_root: Path | None = None,
+    template: Path | None = None,
+    options: dict[str, Any] | None = None,
+    fingerprint: str | None = None,
+    journal: Journal | None = None,
+    **runner_options: Any,
+) -> Started:
+    """Admit ``dataset`` and build a :class:`agent.runner.Runner` for it.
+
+    ``platform``: a ``MemoryBackend`` (the runner then runs on its clock), a ``LocalVip``
+    (its URL and key), or a URL (a proxy in front of one; give ``key``). The VIP backend is
+    built with :func:`agent.backend.open_backend`, as the agent builds it.
+    """
+    journal = journal or Journal.in_state_dir(tmp_path / "state")
+    if isinstance(platform, MemoryBackend):
+        backend: Any = platform
+        server = platform.server
+        runner_options.setdefault("clock", platform.clock.time)
+    else:
+        url = platform if isinstance(platform, str) else platform.url
+        backend = open_backend(url, key or platform.api_key, **(client_options or {}))
+        server = url
+    if template is None and (dataset.parent / "job.yaml").is_file():
+        template = dataset.parent / "job.yaml"
+    dataset_id = admit(
+        journal, dataset, server=server, output_root=output_root or tmp_path / "outputs",
+        fingerprint=fingerprint or dataset_mod.scan(dataset).fingerprint,
+        name=name or dataset.name, template=template, options=options,
+    )
+    runner = Runner(journal, lambda _url: backend, **runner_options)
+    return Started(journal, dataset_id, runner, backend)
+
+
+def drive(
+    runner: Runner, dataset_id: int, *, until: Callable[[Any], bool] | None = None,
+    timeout: float = 60.0, max_wait: float = 0.2, sleep: Callable[[float], Any] | None = None,
+) -> Any:
+    """Step a dataset until it is final or ``until(outcome)``; returns the last outcome.
+
+    Between steps it waits what the runner asked, at most ``max_wait`` real seconds; with
+    ``sleep`` (a memory backend's ``clock.advance``) it moves that clock by the whole wait
+    instead. Fails after ``timeout`` real seconds: the one deadline loop of the runner tests.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while True:
+        outcome = runner.step(dataset_id)
+        if outcome.final or (until is not None and until(outcome)):
+            return outcome
+        if time.monotonic() > deadline:
+            raise AssertionError(f"dataset still at {outcome.stage} after {timeout} s")
+        if sleep is not None:
+            sleep(outcome.retry_after or 0.0)
+        else:
+            pause.wait(min(outcome.retry_after or 0.0, max_wait))

@@ -10,19 +10,18 @@ the server: the invariant "inputs stay while an execution may run".
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import agenthelpers
 import pytest
-from agenthelpers import run_agent, write_dataset
+from agenthelpers import run_agent, start_runner, write_dataset
 from hostilevip import HostileVip
 
-from agent import dataset as dataset_mod
 from agent.journal import Journal
 from agent.localvip import FaultSpec, LocalVip
-from agent.runner import Runner, StepOutcome, admit
+from agent.runner import Runner, StepOutcome
 from agent.vip.client import VipClient
 from agent.vip.errors import ProtocolError
 
@@ -51,26 +50,15 @@ def start(
     tmp_path: Path, url: str, key: str, job: dict[str, Any], name: str = "subject", **runner: Any
 ) -> tuple[Journal, int, Runner]:
     ds = write_dataset(tmp_path / "drop" / name, {"x.txt": "x\n"}, job)
-    journal = Journal.in_state_dir(tmp_path / "state")
-    client = VipClient(url, key, timeout=5, retries=0)
-    dataset_id = admit(
-        journal, ds, server=url, output_root=tmp_path / "out",
-        fingerprint=dataset_mod.scan(ds).fingerprint, name=name,
-    )
     options = {"poll_min": 0.05, "poll_max": 0.2, "retry_base": 0.05, **runner}
-    return journal, dataset_id, Runner(journal, lambda _u: client, **options)
+    s = start_runner(tmp_path, ds, url, key=key, client_options={"timeout": 5, "retries": 0},
+                     output_root=tmp_path / "out", name=name, **options)
+    return s.journal, s.dataset_id, s.runner
 
 
 def drive(runner: Runner, dataset_id: int, *, steps: int = 400, until: Any = None) -> StepOutcome:
     """Step a dataset (waiting at most 0.2 s between steps) until final or ``until(outcome)``."""
-    pause = threading.Event()
-    outcome = StepOutcome("")
-    for _ in range(steps):
-        outcome = runner.step(dataset_id)
-        if outcome.final or (until is not None and until(outcome)):
-            return outcome
-        pause.wait(min(outcome.retry_after or 0.0, 0.2))
-    return outcome
+    return agenthelpers.drive(runner, dataset_id, until=until, timeout=steps * 0.2)
 
 
 @pytest.fixture

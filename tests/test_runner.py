@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agenthelpers import run_agent, tree, wait_for, write_dataset
+from agenthelpers import run_agent, start_runner, tree, wait_for, write_dataset
 
-from agent import dataset as dataset_mod
 from agent.journal import Journal
 from agent.localvip import LocalVip
-from agent.runner import Runner, admit
+from agent.runner import Runner
 from agent.vip.client import VipClient
 
 
@@ -28,21 +27,8 @@ def server_execution_names(server: LocalVip) -> list[str]:
 def start_run(
     tmp_path: Path, server: LocalVip, dataset: Path, **options: Any
 ) -> tuple[Journal, int, Runner, VipClient]:
-    journal = Journal.in_state_dir(tmp_path / "state")
-    client = VipClient(server.url, server.api_key)
-    template = dataset.parent / "job.yaml"
-    dataset_id = admit(
-        journal,
-        dataset,
-        server=server.url,
-        output_root=tmp_path / "outputs",
-        fingerprint=dataset_mod.scan(dataset).fingerprint,
-        name=dataset.name,
-        template=template if template.is_file() else None,
-        options=options,
-    )
-    runner = Runner(journal, lambda _url: client, poll_min=0.1, poll_max=0.5)
-    return journal, dataset_id, runner, client
+    s = start_runner(tmp_path, dataset, server, options=options, poll_min=0.1, poll_max=0.5)
+    return s.journal, s.dataset_id, s.runner, s.client
 
 
 def stats_of(data: bytes) -> str:

@@ -1,4 +1,4 @@
-"""Bad things the runner meets: capacity limits, hostile archives, a full disk, secrets."""
+"""Bad things the runner meets over HTTP: hostile archives, a full disk, secrets."""
 
 from __future__ import annotations
 
@@ -10,47 +10,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agenthelpers import run_agent, tmpfs, write_dataset
+from agenthelpers import run_agent, start_runner, tmpfs, write_dataset
 
-from agent import dataset as dataset_mod
+from agent.backend import open_backend
 from agent.journal import Journal
 from agent.localvip import LocalVip
-from agent.runner import Runner, admit
-from agent.vip.client import VipClient
+from agent.runner import Runner
 
 
 def _runner(
     tmp_path: Path, server: LocalVip, dataset: Path, output_root: Path | None = None
 ) -> tuple[Journal, int, Runner]:
-    journal = Journal.in_state_dir(tmp_path / "state")
-    client = VipClient(server.url, server.api_key, backoff=0.05)
-    dataset_id = admit(
-        journal, dataset, server=server.url,
-        output_root=output_root or tmp_path / "outputs",
-        fingerprint=dataset_mod.scan(dataset).fingerprint, name=dataset.name,
-    )
-    runner = Runner(journal, lambda _url: client, poll_min=0.1, poll_max=0.5,
-                    retry_base=0.1, capacity_wait=0.1)
-    return journal, dataset_id, runner
+    s = start_runner(tmp_path, dataset, server, client_options={"backoff": 0.05},
+                     output_root=output_root, poll_min=0.1, poll_max=0.5,
+                     retry_base=0.1, capacity_wait=0.1)  # fmt: skip
+    return s.journal, s.dataset_id, s.runner
 
 
-def test_capacity_refusals_delay_the_launch_without_failing(
-    tmp_path: Path, vip_server: LocalVip
-) -> None:
-    vip_server.faults = "capacity=1,methods=POST,match=^/rest/executions,times=3"
-    ds = write_dataset(tmp_path / "drop" / "cap-1", {"a.txt": "a\n"},
-                       {"pipeline": "FileStats/1.0", "inputs": {"input_file": "a.txt"}})
-    journal, dataset_id, runner = _runner(tmp_path, vip_server, ds)
-    stages = []
-    while not (outcome := runner.step(dataset_id)).final:
-        stages.append((outcome.stage, outcome.retry_after))
-    assert outcome.stage == "done", journal.get(dataset_id).error
-    # three refusals: the dataset waited at "launch" (public state "queued") each time
-    waits = [s for s in stages if s[0] == "launch" and s[1]]
-    assert len(waits) == 3
-    warnings = [e.message for e in journal.events(dataset_id) if e.level == "warning"]
-    assert len(warnings) == 3 and all("running executions" in w.lower() or "capacity" in w.lower()
-                                      or "max" in w.lower() for w in warnings), warnings
+# capacity refusals at launch: test_runner_memory.py (no HTTP needed)
 
 
 HOSTILE_PIPELINE = {
@@ -91,7 +68,7 @@ def test_hostile_tarball_from_the_server_is_kept_not_extracted(tmp_path: Path) -
         assert archive.is_file()  # kept as downloaded, for the user to inspect
         assert not list(tmp_path.rglob("escaped.txt"))
         # the mirror was complete, so the server was still cleaned
-        assert not VipClient(server.url, server.api_key).exists(row.remote_root or "/x")
+        assert not open_backend(server.url, server.api_key).storage.exists(row.remote_root or "/x")
 
 
 @pytest.fixture

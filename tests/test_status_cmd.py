@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from agenthelpers import run_agent, wait_for, write_dataset
+from agenthelpers import drive, run_agent, start_runner, wait_for, write_dataset
 
 from agent.cli import main as cli
 from agent.config import config_from_args
 from agent.daemon import WatchService
 from agent.journal import Journal
 from agent.localvip import LocalVip
-from agent.runner import Runner, admit
 from agent.vip.client import VipClient
 
 
@@ -137,12 +136,10 @@ SLEEP = {"pipeline": "Sleep/1.0", "inputs": {"duration": "60"}}
 def running_dataset(tmp_path: Path, server: LocalVip, journal: Journal) -> int:
     """A dataset whose execution is Running on the server (driven by the real runner)."""
     ds = write_dataset(tmp_path / "drop" / "long", {"note.txt": "n"}, SLEEP)
-    dataset_id = admit(journal, ds, server=server.url, output_root=tmp_path / "out",
-                       fingerprint="f1", name="long")  # fmt: skip
-    client = VipClient(server.url, server.api_key)
-    runner = Runner(journal, lambda _u: client, poll_min=0.05)
-    wait_for(lambda: runner.step(dataset_id).stage == "monitor", timeout=30)
-    return dataset_id
+    s = start_runner(tmp_path, ds, server, journal=journal, output_root=tmp_path / "out",
+                     fingerprint="f1", name="long", poll_min=0.05)  # fmt: skip
+    drive(s.runner, s.dataset_id, until=lambda o: o.stage == "monitor", timeout=30)
+    return s.dataset_id
 
 
 def test_cancel_without_agent_kills_and_cleans(
@@ -298,3 +295,16 @@ def test_status_shows_only_current_figures(tmp_path: Path) -> None:
         "status", "--json", "--state", str(state), api_key="unused", cwd=tmp_path).stdout)}  # fmt: skip
     assert records["fin"]["progress"] is None and records["dl"]["progress"] is None
     assert records["up"]["progress"]["done"] == 78_000_000
+
+
+def test_finished_status_json_carries_no_transfer_figures(tmp_path: Path, vip_server: LocalVip) -> None:
+    """Issue 17 #5: a finished dataset's STATUS.json has no progress left over from its
+    last transfer (a demo's said 'done: 349, total: 698' after it ended)."""
+    ds = write_dataset(tmp_path / "drop" / "small", {"data.txt": "one two\n"},
+                       {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.txt"}})  # fmt: skip
+    done = run_agent("run", str(ds), "--server", vip_server.url, "--state", str(tmp_path / "state"),
+                     "--output", str(tmp_path / "out"), "--poll", "0.1",
+                     api_key=vip_server.api_key, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    status = json.loads((Path(done.stdout.strip().splitlines()[-1]) / "STATUS.json").read_text())
+    assert status["state"] == "done" and status["progress"] is None, status

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agenthelpers import run_agent, write_dataset
+from agenthelpers import run_agent, start_runner, write_dataset
 
 from agent import dataset as dataset_mod
 from agent.journal import Journal
@@ -20,13 +20,8 @@ from agent.vip.client import VipClient
 
 
 def _runner(tmp_path: Path, server: LocalVip, ds: Path, **kw: Any) -> tuple[Journal, int, Runner]:
-    journal = Journal.in_state_dir(tmp_path / "state")
-    client = VipClient(server.url, server.api_key)
-    dataset_id = admit(
-        journal, ds, server=server.url, output_root=tmp_path / "out",
-        fingerprint=dataset_mod.scan(ds).fingerprint, name=ds.name,
-    )
-    return journal, dataset_id, Runner(journal, lambda _u: client, poll_min=0.05, **kw)
+    s = start_runner(tmp_path, ds, server, output_root=tmp_path / "out", poll_min=0.05, **kw)
+    return s.journal, s.dataset_id, s.runner
 
 
 def _step_past_upload(runner: Runner, dataset_id: int) -> str:

@@ -416,6 +416,7 @@ class MemoryBackend:
         """Every file and folder the server holds (deletes in progress included)."""
         with self.lock:
             self._tick()
+            self._purge()
             return set(self.files) | self.folders
 
     # -- internals -----------------------------------------------------------------------
@@ -435,11 +436,14 @@ class MemoryBackend:
             raise TransientError("the transfer failed (scripted)")
 
     def _visible(self, path: str) -> bool:
-        gone = self.deleting.get(path)
-        if gone is not None and self.clock.time() >= gone:
-            self._remove([path])
-            return False
+        self._purge()
         return path in self.files or path in self.folders
+
+    def _purge(self) -> None:
+        """Finish the asynchronous deletes whose time has come."""
+        if self.deleting:
+            now = self.clock.time()
+            self._remove([p for p, gone in self.deleting.items() if now >= gone])
 
     def _remove(self, paths: list[str]) -> None:
         for p in paths:
