@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from agent import actions, queries
+from agent import actions, queries, settings
 from agent.commands import add_state_args
-from agent.config import load_config
 from agent.watch.lock import AgentLock
 
 
@@ -63,10 +62,11 @@ def main(args: argparse.Namespace) -> int:
             stage = actions.wait_final(journal, ds.id, args.wait)
         else:
             try:
-                key_file = None
-                if args.config:
-                    drop = load_config(args.config).drop_for(ds.drop_dir)
-                    key_file = drop.key_file if drop else None
+                # the key_file: of agent.yaml (--config, else the per-user one) for its server
+                config, _path = settings.load(args.config)
+                drop = config.drop_for(ds.drop_dir) if config is not None else None
+                key_file = drop.key_file if drop else settings.key_file_for(
+                    config, settings.dataset_server(ds.server))
                 print(f"{ds.name}: no agent is running; cancelling it here...")
                 stage = actions.cancel_here(journal, ds.id, key_file, args.wait)
             finally:
