@@ -197,3 +197,41 @@ def test_dry_run_lists_in_natural_order_and_readably(tmp_path: Path, vip_server:
     values = [line.split("/")[-1] for line in out.splitlines() if line.startswith("    - ")]
     assert values == listed, out  # the jobs in the same order: job 0 is f1, job 3 is f10
     assert "  input_file: 5 value(s), one job each" in out
+
+
+def test_retried_transfers_take_their_bytes_back(tmp_path: Path) -> None:
+    """Issue 17 #22: a download (and an upload) cut half-way twice is sent again from zero,
+    and the client's progress takes the cut attempt's bytes back: the running total never
+    passes the file's size ('download 250% (525 B of 210 B)') and ends exactly on it."""
+    from agent.vip.client import VipClient
+
+    server = LocalVip(tmp_path / "vip", faults=r"drop_rate=1.0,match=/data\.bin,methods=PUT,times=2")
+    server.start()
+    try:
+        client = VipClient(server.url, server.api_key, retries=4, backoff=0.01)
+        local = tmp_path / "data.bin"
+        local.write_bytes(os.urandom(3 * MB))  # streamed (not one small PUT)
+        folder = "/vip/Home/API/rewind"
+        client.makedirs(folder)
+        for direction in ("upload", "download"):
+            if direction == "download":  # two cut GETs now
+                server.faults.methods = frozenset({"GET"})
+                server.faults.times = server.faults.injected + 2
+            seen = [0]
+            totals: list[int] = []
+
+            def progress(n: int, seen: list[int] = seen, totals: list[int] = totals) -> None:
+                seen[0] += n
+                totals.append(seen[0])
+
+            if direction == "upload":
+                client.upload(local, f"{folder}/data.bin", progress=progress)
+            else:
+                client.download(f"{folder}/data.bin", tmp_path / "back.bin", expected_size=3 * MB, progress=progress)
+            assert max(totals) <= 3 * MB and totals[-1] == 3 * MB, (direction, max(totals))
+            assert any(b < a for a, b in itertools.pairwise(totals)), direction  # it went back
+        injected = server.faults.injected
+    finally:
+        server.stop()
+    assert injected == 4
+    assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
