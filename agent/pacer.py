@@ -214,7 +214,19 @@ class ServerBudget:
     # -- transfers -----------------------------------------------------------------
     @contextmanager
     def transfer(self) -> Iterator[None]:
-        """Hold one of the server's transfer slots for the duration of the block."""
+        """Hold one of the server's transfer slots for the duration of the block.
+
+        Re-entrant: a thread already holding a slot of this server (a caller that wraps a
+        whole file in a slot, then the client's own slot per attempt) takes no second one,
+        so nesting never waits on itself.
+        """
+        if getattr(self._local, "slots", 0):
+            self._local.slots += 1
+            try:
+                yield
+            finally:
+                self._local.slots -= 1
+            return
         with self._slots:
             while self._in_use >= self._limit:
                 self._slots.wait()

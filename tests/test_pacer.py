@@ -167,6 +167,15 @@ def test_transfer_slots_bound_concurrency_across_threads() -> None:
     assert snap["transfers_in_use"] == 0 and snap["transfers_total"] == 7
 
 
+def test_a_thread_holding_a_slot_does_not_wait_on_itself() -> None:
+    b = ServerBudget("https://x", max_transfers=1)
+    with b.transfer():
+        with b.transfer():  # nested: no second slot, no deadlock
+            assert b.snapshot()["transfers_in_use"] == 1
+        assert b.snapshot()["transfers_in_use"] == 1
+    assert b.snapshot()["transfers_in_use"] == 0 and b.snapshot()["transfers_total"] == 1
+
+
 def test_requests_inside_a_transfer_slot_take_no_token() -> None:
     clock = FakeClock()
     b = ServerBudget("https://x", max_rate=1.0, burst=1, clock=clock, sleep=clock.sleep)
