@@ -271,9 +271,31 @@ def load_text(text: str, source: Path | str, kind: str = "configuration file") -
             else f"the {kind} has problems:" + "".join(f"\n  - {p}" for p in problems)
         )
     try:
-        return constructor().construct_document(root)
+        data = constructor().construct_document(root)
     except yaml.YAMLError as err:  # constructor errors (a bad explicit tag, ...)
         raise yaml_problem(source, err) from err
+    bad = nul_keys(data)
+    if bad:
+        raise ConfigError(
+            f"{source}: '{bad[0]}' contains a NUL character (\\0), which no file name or setting "
+            "may hold; remove it"
+        )
+    return data
+
+
+def nul_keys(value: Any, prefix: str = "") -> list[str]:
+    """Where (key paths) a text, key or value, holds a NUL character."""
+    if isinstance(value, str):
+        return [prefix or "(the document)"] if "\0" in value else []
+    found: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{prefix}.{k}" if prefix else str(k)
+            found += [name.replace("\0", "\\0")] if "\0" in str(k) else nul_keys(v, name)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += nul_keys(v, f"{prefix}[{i}]")
+    return found
 
 
 def load(path: Path, kind: str = "configuration file") -> Any:

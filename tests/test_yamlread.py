@@ -167,3 +167,9 @@ def test_cli_notify_on_example_is_accepted(tmp_path: Path, vip_server: LocalVip)
     done = run_agent("doctor", "--config", str(path), api_key=vip_server.api_key, cwd=tmp_path)
     assert f"OK    config {path}: 1 drop folder" in done.stdout, done.stdout + done.stderr
     assert "unknown setting" not in done.stdout
+
+
+def test_nul_in_agent_yaml_is_refused_by_key(tmp_path: Path) -> None:
+    path = _agent_yaml(tmp_path, 'drops:\n  - path: "drop\\0x"\n    output: out\n')
+    with pytest.raises(ConfigError, match=r"'drops\[0\]\.path' contains a NUL character"):
+        load_config(path)
