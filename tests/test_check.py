@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from agenthelpers import run_agent, tree, write_dataset
 
@@ -18,7 +19,7 @@ def test_check_reports_missing_and_changed_outputs_without_touching_them(
     tmp_path: Path, vip_server: LocalVip
 ) -> None:
     state, out = tmp_path / "state", tmp_path / "out"
-    common = {"api_key": vip_server.api_key, "cwd": tmp_path}
+    common: dict[str, Any] = {"api_key": vip_server.api_key, "cwd": tmp_path}
     for name, job in (("arch", FILESTATS), ("raw", {**FILESTATS, "extract": False}), ("keep", FILESTATS)):
         ds = write_dataset(tmp_path / "drop" / name, {"data.txt": f"{name} one two\n"}, job)
         done = run_agent("run", str(ds), "--server", vip_server.url, "--state", str(state),

@@ -93,7 +93,7 @@ def test_retried_uploads_rewind_one_bar_with_a_known_total(tmp_path: Path) -> No
     server = LocalVip(tmp_path / "vip", faults="drop_rate=0.5,methods=PUT,seed=3,times=4")
     server.start()
     try:
-        files = {f"f{i}.txt": b"word " * 800_000 for i in range(3)}  # 3 x 4 MB, streamed PUTs
+        files: dict[str, bytes | str] = {f"f{i}.txt": b"word " * 800_000 for i in range(3)}  # 3 x 4 MB, streamed PUTs
         ds = write_dataset(tmp_path / "big", files, FILESTATS)
         code, screen = run_in_pty(
             ["run", str(ds), "--server", server.url, "--state", str(tmp_path / "state"),
@@ -185,7 +185,7 @@ def test_tracker_takes_rewinds_and_late_reports_without_lying() -> None:
 
 def test_dry_run_lists_in_natural_order_and_readably(tmp_path: Path, vip_server: LocalVip) -> None:
     """Issue 17 #14: f2 before f10, and a list input one value a line (no Python repr)."""
-    files = {f"f{i}.txt": f"w{i}\n" for i in (1, 2, 3, 10, 11)}
+    files: dict[str, bytes | str] = {f"f{i}.txt": f"w{i}\n" for i in (1, 2, 3, 10, 11)}
     ds = write_dataset(tmp_path / "many", files, FILESTATS)
     done = run_agent("run", str(ds), "--dry-run", "--server", vip_server.url,
                      api_key=vip_server.api_key, cwd=tmp_path)  # fmt: skip
