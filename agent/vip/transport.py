@@ -362,7 +362,8 @@ class _Transport(_Answers):
         shown = self._scrub(target.split("?", 1)[0])
         asked, moved = urlsplit(url), urlsplit(target)
         detail = f"{where}: HTTP {status} to {shown}"
-        refused = f"VIP at {self.base_url} redirects to {shown}; not followed"
+        origin = f"{moved.scheme}://{moved.netloc}" if moved.netloc else shown
+        refused = f"VIP at {self.base_url} redirects to {self._scrub(origin)}; not followed"
         if moved.scheme != "https":
             raise RedirectError(
                 f"{refused}: the API key is only sent over https; {fix}",
