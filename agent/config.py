@@ -327,6 +327,8 @@ def parse_listen(value: Any) -> tuple[str, int]:
     elif ":" in text:
         host, text = text.rsplit(":", 1)
         host = host or "127.0.0.1"
+        if host.isdigit():  # "1:30" is no host and port (YAML 1.1 even read it as 90)
+            raise ValueError(value)
     if not text.isdigit() or not 0 <= int(text) <= 65535 or isinstance(value, bool):
         raise ValueError(value)
     return host, int(text)

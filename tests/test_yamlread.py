@@ -123,8 +123,8 @@ def test_yaml11_numbers_are_not_guessed_in_agent_yaml(tmp_path: Path) -> None:
 
 def test_listen_1_30_is_not_port_90(tmp_path: Path) -> None:
     path = _agent_yaml(tmp_path, "drops:\n  - {path: drop, output: out}\nhttp:\n  listen: 1:30\n")
-    http = load_config(path).http
-    assert http is not None and (http.host, http.port) == ("1", 30)
+    with pytest.raises(ConfigError, match=r"http\.listen: must be \[HOST:\]PORT, e\.g\. 127\.0\.0\.1:8490"):
+        load_config(path)
 
 
 # --------------------------------------------------------------------------- job.yaml values
