@@ -385,3 +385,55 @@ def test_clients_gone_early_and_bad_requests_are_no_errors(
         logger.removeHandler(errors)
     assert [r.getMessage() for r in errors.records] == []
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_rows_say_what_they_wait_for(tmp_path: Path) -> None:
+    """Issue 17 #16, every rule of web.source.waiting_for on a real journal: the running
+    cap, a full output disk, a pause (and whose), a paused server, VIP's own queue."""
+    from agent.health import DropHealth, Health, ServerHealth
+    from agent.web.source import JournalSource
+
+    journal = Journal.in_state_dir(tmp_path / "state")
+    servers = {"a": "http://127.0.0.1:9", "b": "http://127.0.0.1:10"}
+
+    def add(name: str, stage: str, server: str = "a", **fields: object) -> int:
+        ds = journal.add_dataset(name=name, path=f"/drop/{name}", server=servers[server],
+                                 output_root="/out", fingerprint=f"fp-{name}", drop_dir="/drop", stage=stage)  # fmt: skip
+        if fields:
+            journal.update(ds, **fields)
+        return ds
+
+    running = add("running", "monitor")
+    journal.add_execution(running, key="default-r1", name="r", variant="default", run=1, inputs={})
+    journal.update_execution(running, "default-r1", vip_id="workflow-R", status="Running")
+    waiting = add("behind-cap", "launch")
+    journal.add_execution(waiting, key="default-r1", name="w", variant="default", run=1, inputs={})
+    on_vip = add("on-vip", "launch", "b")
+    journal.add_execution(on_vip, key="default-r1", name="v", variant="default", run=1, inputs={})
+    journal.update_execution(on_vip, "default-r1", vip_id="workflow-V", status="Initializing")
+    add("full", "mirror", error="the disk is full (/out/full); the dataset waits and resumes when space is freed")
+    add("held", "upload", paused="paused by alice with `vip-agent pause held`")
+    refused = add("refused", "launch", "b")
+    journal.add_execution(refused, key="default-r1", name="x", variant="default", run=1, inputs={})
+
+    def health(server_b_paused: str | None) -> Health:
+        return Health(
+            version="t", started=0.0, state=str(tmp_path / "state"), state_free=None,
+            drops=[DropHealth("/drop", servers["a"], "/out", "native", None, False, None, max_running=1)],
+            servers=[ServerHealth(servers["b"], True, "refused" if server_b_paused else "accepted",
+                                  server_b_paused, None)],
+        )  # fmt: skip
+
+    source = JournalSource(journal, lambda: health(None))
+    said = {r["name"]: r.get("waiting_for") for r in source.recent(10)[0]}
+    assert said["behind-cap"] == (
+        "waiting for a free slot: 1 of 1 execution(s) running on 127.0.0.1:9 (max_running: 1)"
+    )
+    assert said["running"] is None
+    assert said["on-vip"] == "queued on VIP (Initializing)"
+    assert said["full"] is not None and said["full"].startswith("waiting for disk space: the disk is full")
+    assert said["held"] == "paused: paused by alice with `vip-agent pause held`"
+    assert said["refused"] == "waiting for its turn to launch"
+    source = JournalSource(journal, lambda: health("API key refused by http://127.0.0.1:10"))
+    said = {r["name"]: r.get("waiting_for") for r in source.recent(10)[0]}
+    assert said["refused"] == "waiting for the server: API key refused by http://127.0.0.1:10"

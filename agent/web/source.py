@@ -154,6 +154,10 @@ class JournalSource:
         return self._metrics()
 
 
+#: how the runner's error starts when the output disk is full (the dataset waits, not fails)
+DISK_FULL = "the disk is full"
+
+
 def waiting_for(
     ds: Dataset, rec: dict[str, Any], health: dict[str, Any], running: int, unlaunched: bool
 ) -> str | None:
@@ -161,7 +165,8 @@ def waiting_for(
 
     ``health`` is :meth:`JournalSource.health`'s; ``running`` how many executions the
     journal believes run on the dataset's server; ``unlaunched`` whether some of its
-    executions are still to be launched. The rules, first match wins: a pause
+    executions are still to be launched. A full output disk (the runner waits and retries)
+    counts in any state. The rules, first match wins: a pause
     (of the dataset, its drop folder or the agent: ``paused`` says whose), a paused server
     (key refused), the server's running cap (``max_running``), VIP's own queue.
     """
@@ -169,6 +174,8 @@ def waiting_for(
         return None
     if ds.paused:
         return f"paused: {ds.paused}"
+    if (ds.error or "").startswith(DISK_FULL):  # the runner's words: it retries every minute
+        return f"waiting for disk space: {ds.error}"
     if rec.get("state") != "queued":
         return None
     server = next((s for s in health.get("servers") or [] if s.get("url") == ds.server), None)
