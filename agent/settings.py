@@ -46,6 +46,14 @@ class Settings:
     #: where the server came from, for messages ("--server", "agent.yaml", ...)
     server_from: str
     key_file: Path | None = None
+    #: why ``server`` is only a guess (agent.yaml names several and no flag chose), or None
+    ambiguity: str | None = None
+
+    def require_server(self) -> str:
+        """The server, or a ConfigError when agent.yaml names several and nothing chose one."""
+        if self.ambiguity:
+            raise ConfigError(self.ambiguity)
+        return self.server
 
     def key_file_for(self, server: str) -> Path | None:
         """The ``key_file:`` agent.yaml gives for ``server`` (None if none)."""
@@ -92,20 +100,20 @@ def key_file_for(config: AgentConfig | None, server: str) -> Path | None:
     return next((d.key_file for d in config.drops if d.server == server and d.key_file), None)
 
 
-def _configured_server(config: AgentConfig, dataset: Path | None) -> str:
+def _configured_server(config: AgentConfig, dataset: Path | None) -> tuple[str, str | None]:
+    """The server agent.yaml gives (the dataset's drop folder's, or its only one), and why
+    it is only a guess when the file names several."""
     if dataset is not None:
         target = Path(dataset).resolve()
         for drop in config.drops:
             if drop.path == target.parent or drop.path in target.parents:
-                return drop.server
+                return drop.server, None
     servers = list(dict.fromkeys(d.server for d in config.drops))
     if len(servers) > 1:
         where = f" {config.source}" if config.source else ""
-        raise ConfigError(
-            f"agent.yaml{where} names several servers ({', '.join(servers)}); "
-            "say which one with --server"
-        )
-    return servers[0]
+        return servers[0], (f"agent.yaml{where} names several servers ({', '.join(servers)}); "
+                            "say which one with --server")  # fmt: skip
+    return servers[0], None
 
 
 def resolve(
@@ -120,16 +128,19 @@ def resolve(
 
     ``dataset``: the dataset a ``run`` is about; a drop folder of agent.yaml holding it
     gives its server. Raises ConfigError for an invalid agent.yaml or server URL, before
-    anything is sent anywhere.
+    anything is sent anywhere; when agent.yaml names several servers and nothing chose one,
+    :meth:`Settings.require_server` raises (a dataset in the journal needs none: it keeps
+    its own).
     """
     environ = os.environ if env is None else env
     loaded, path = load(config)
+    ambiguity = None
     if server:
         chosen, origin = normalise_server(server), "--server"
     elif environ.get(ENV_SERVER):
         chosen, origin = normalise_server(environ[ENV_SERVER]), ENV_SERVER
     elif loaded is not None and loaded.drops:
-        chosen, origin = _configured_server(loaded, dataset), str(path)
+        (chosen, ambiguity), origin = _configured_server(loaded, dataset), str(path)
     else:
         chosen, origin = normalise_server(DEFAULT_SERVER), "default"
     if state:
@@ -140,7 +151,7 @@ def resolve(
         folder = loaded.state if loaded is not None else default_state_dir()
     return Settings(
         config=loaded, config_path=path, state=folder, server=chosen, server_from=origin,
-        key_file=key_file_for(loaded, chosen),
+        key_file=key_file_for(loaded, chosen), ambiguity=ambiguity,
     )
 
 

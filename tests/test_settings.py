@@ -91,7 +91,7 @@ def test_resolution_order(tmp_path: Path) -> None:
         "  - {path: b, output: p, server: 'https://vip.two.org', key_file: k}\n"
     ))  # fmt: skip
     with pytest.raises(ConfigError, match="names several servers"):
-        settings.resolve(config=config, env={})
+        settings.resolve(config=config, env={}).require_server()
     got = settings.resolve(config=config, dataset=tmp_path / "b" / "ds", env={})
     assert (got.server, got.key_file, got.state) == ("https://vip.two.org", tmp_path / "k", tmp_path / "st")
     got = settings.resolve(config=config, env={"VIP_AGENT_SERVER": "vip.one.org",

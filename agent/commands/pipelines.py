@@ -243,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
     from agent.vip.errors import NotFoundError
 
     settings = resolve_settings(config=args.config, server=args.server)
-    server = settings.server
+    server = settings.require_server()
     with open_backend(server, _api_key(server, settings.key_file), retries=2) as backend:
         client = backend.client
         listing = client.pipelines()

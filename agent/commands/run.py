@@ -244,6 +244,8 @@ def main(args: argparse.Namespace) -> int:
         if args.server and settings.server != server:
             print(f"vip-agent: {existing[-1].name} was started on {server} and continues there "
                   f"(--server {settings.server} is not used for it)", file=sys.stderr)  # fmt: skip
+    else:
+        server = settings.require_server()  # agent.yaml naming several servers: say which
     credential = find_api_key(server, key_file=settings.key_file_for(server))
     client = open_backend(server, credential.key, timeout=args.timeout).client
 
