@@ -386,3 +386,15 @@ def test_key_problems_still_raise_without_keep_problems(tmp_path: Path) -> None:
         load_job(ds)
     job = load_job(ds, keep_problems=True)
     assert job.runs == 1 and len(job.problems) == 1 and "runs must be" in job.problems[0]
+
+
+def test_real_run_reports_key_and_input_errors_at_once(tmp_path: Path, vip_server: LocalVip) -> None:
+    ds = tmp_path / "drop" / "ds"
+    write(ds / "a.txt", "x\n")
+    write(ds / "job.yaml", "pipeline: FileStats/1.0\ncleanup: sometimes\ninputs:\n  input_fil: a.txt\n")
+    done = run_agent("run", str(ds), "--server", vip_server.url, "--state", str(tmp_path / "state"),
+                     api_key=vip_server.api_key, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr  # nothing launched
+    assert "'cleanup' must be true or false, not 'sometimes'" in done.stderr
+    assert "input 'input_fil' is not a parameter of FileStats/1.0" in done.stderr
+    assert (ds / "ERROR.txt").is_file() and "input_fil" in (ds / "ERROR.txt").read_text()
