@@ -105,9 +105,25 @@ def watch_latency(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def dicom_ingest(data: dict[str, Any]) -> list[str]:
+    quiet = data["quiet_s"]
+    return [
+        f"### DICOM node: {data['objects']} objects ({data['bytes'] / 1e6:.0f} MB) in one association, "
+        f"dcmtk storescu ({data.get('dcmtk_env', '')})", "", machine_line(data), "",
+        "| measure | vip-agent | storescp | ratio | goal |", "|---|---:|---:|---:|---:|",
+        f"| objects/s into the spool | {f(data['agent_objects_per_s'], '.0f')} | "
+        f"{f(data['storescp_objects_per_s'], '.0f')} | {f(data['ratio'], '.2f')} | >= {data['goal_ratio']} |",
+        f"| last object -> first upload, deidentify: basic (quiet {quiet:g} s) | "
+        f"{f(data['last_object_to_upload_s'], '.2f')} s | | | <= {data['goal_latency_s']:g} s |",
+        f"| last object -> first upload, deidentify: none | "
+        f"{f(data.get('last_object_to_upload_s_without_deid'), '.2f')} s | | | <= {data['goal_latency_s']:g} s |",
+    ]
+
+
 def render() -> str:
     parts: list[str] = []
-    for name, fn in (("transfer", transfer), ("run_memory", run_memory), ("watch_latency", watch_latency)):
+    for name, fn in (("transfer", transfer), ("run_memory", run_memory), ("watch_latency", watch_latency),
+                     ("dicom_ingest", dicom_ingest)):
         data = load(name)
         parts += (fn(data) if data else [f"### {name}", "", f"*(no results/{name}.json yet)*"]) + [""]
     return "\n".join(parts).rstrip() + "\n"
