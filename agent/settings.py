@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, DropConfig, load_config
 from agent.errors import ConfigError
 from agent.paths import DEFAULT_SERVER, default_config_path, default_state_dir
 from agent.vip.urls import normalise_server
@@ -46,6 +46,8 @@ class Settings:
     #: where the server came from, for messages ("--server", "agent.yaml", ...)
     server_from: str
     key_file: Path | None = None
+    #: the drop folder of agent.yaml holding the dataset a ``run`` is about (None: none)
+    drop: DropConfig | None = None
     #: why ``server`` is only a guess (agent.yaml names several and no flag chose), or None
     ambiguity: str | None = None
 
@@ -100,14 +102,21 @@ def key_file_for(config: AgentConfig | None, server: str) -> Path | None:
     return next((d.key_file for d in config.drops if d.server == server and d.key_file), None)
 
 
+def drop_of(config: AgentConfig | None, dataset: Path | None) -> DropConfig | None:
+    """The drop folder of ``config`` that holds ``dataset`` (None: none does)."""
+    if config is None or dataset is None:
+        return None
+    target = Path(dataset).resolve()
+    return next((d for d in config.drops if d.path == target.parent or d.path in target.parents),
+                None)  # fmt: skip
+
+
 def _configured_server(config: AgentConfig, dataset: Path | None) -> tuple[str, str | None]:
     """The server agent.yaml gives (the dataset's drop folder's, or its only one), and why
     it is only a guess when the file names several."""
-    if dataset is not None:
-        target = Path(dataset).resolve()
-        for drop in config.drops:
-            if drop.path == target.parent or drop.path in target.parents:
-                return drop.server, None
+    drop = drop_of(config, dataset)
+    if drop is not None:
+        return drop.server, None
     servers = list(dict.fromkeys(d.server for d in config.drops))
     if len(servers) > 1:
         where = f" {config.source}" if config.source else ""
@@ -151,7 +160,7 @@ def resolve(
         folder = loaded.state if loaded is not None else default_state_dir()
     return Settings(
         config=loaded, config_path=path, state=folder, server=chosen, server_from=origin,
-        key_file=key_file_for(loaded, chosen), ambiguity=ambiguity,
+        key_file=key_file_for(loaded, chosen), drop=drop_of(loaded, dataset), ambiguity=ambiguity,
     )
 
 

@@ -121,6 +121,8 @@ def test_pipelines_and_run_use_the_server_and_key_file_of_init(tmp_path: Path,
     state = Path(_home(tmp_path)["XDG_STATE_HOME"]) / "vip-agent"
     (ds,) = Journal.in_state_dir(state).datasets()
     assert ds.server == vip_server.url and ds.stage == "done"
+    # and the outputs where the service would put them: the drop folder's output:
+    assert ran.stdout.strip().splitlines()[-1] == str(tmp_path / "out" / "ds")
 
 
 def test_run_and_pipelines_take_config(tmp_path: Path, vip_server: LocalVip) -> None:

@@ -73,8 +73,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--output", type=Path, default=None,
-        help="folder that receives <dataset>/ with the mirrored outputs "
-             "(default: the job's output_dir, else ./vip_outputs)",
+        help="folder that receives <dataset>/ with the mirrored outputs (default: the job's "
+             "output_dir, else the output: of agent.yaml's drop folder holding the dataset, "
+             "else ./vip_outputs)",
     )
     parser.add_argument("--state", type=Path, default=None,
                         help="state folder (journal); default: VIP_AGENT_STATE, else agent.yaml's")
@@ -252,7 +253,9 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(path, template, client, max_runs=args.max_runs, max_jobs=args.max_jobs)
 
-    output_root = (args.output or Path("vip_outputs")).resolve()
+    # a dataset in a drop folder of agent.yaml: its outputs go where the service puts them
+    output_root = (args.output or (settings.drop.output if settings.drop else None)
+                   or Path("vip_outputs")).resolve()  # fmt: skip
     options = {"keep_remote": args.keep_remote, "output_override": args.output is not None,
                "max_runs": args.max_runs, "max_jobs": args.max_jobs}  # fmt: skip
     if existing:
