@@ -95,7 +95,14 @@ _HINTS: tuple[tuple[str, str], ...] = (
         "check the indentation, or put the value in quotes",
     ),
     ("could not find expected ':'", "a line is missing ':' after its key, or is indented wrongly"),
-    ("found undefined alias", "an '*alias' refers to an '&anchor' that is not defined"),
+    ("found undefined alias", "an '*alias' refers to an '&anchor' that is not defined (a "
+     "pattern such as *.nii must be in quotes: '*.nii')"),
+    ("while scanning an alias", "a value starting with '*' is read as an alias: put a pattern "
+     "in quotes, e.g. '*.nii.gz'"),
+    ("while scanning an anchor", "a value starting with '&' must be in quotes"),
+    ("that cannot start any token", "a value starting with '@', '%' or '`' must be in quotes"),
+    ("expected ',' or ']'", "a '[' list is not closed with ']'"),
+    ("expected ',' or '}'", "a '{' mapping is not closed with '}'"),
     ("found unexpected end of stream", "a quote or bracket is not closed"),
     ("found unknown escape character", "a backslash inside double quotes; use single quotes"),
     ("did not find expected key", "the indentation is inconsistent"),
@@ -110,7 +117,8 @@ def yaml_problem(path: Path | str, err: yaml.YAMLError) -> ConfigError:
     context = getattr(err, "context", None)
     cmark = getattr(err, "context_mark", None)
     where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-    hint = next((h for key, h in _HINTS if key in problem), None)
+    said = f"{problem} {context or ''}"
+    hint = next((h for key, h in _HINTS if key in said), None)
     words = f"{problem}" + (f" ({context})" if context else "")
     if cmark is not None and (mark is None or cmark.line != mark.line):
         # the construct that is broken often starts earlier than where YAML noticed

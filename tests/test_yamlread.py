@@ -173,3 +173,12 @@ def test_nul_in_agent_yaml_is_refused_by_key(tmp_path: Path) -> None:
     path = _agent_yaml(tmp_path, 'drops:\n  - path: "drop\\0x"\n    output: out\n')
     with pytest.raises(ConfigError, match=r"'drops\[0\]\.path' contains a NUL character"):
         load_config(path)
+
+
+def test_unquoted_pattern_says_to_quote(tmp_path: Path) -> None:
+    path = _agent_yaml(tmp_path, "drops:\n  - path: drop\n    output: out\n    datasets: files\n"
+                                 "    pattern: *.nii.gz\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"line 6, column \d+: this is not valid YAML: a value "
+                                          r"starting with '\*' is read as an alias: put a pattern "
+                                          r"in quotes, e\.g\. '\*\.nii\.gz'"):  # fmt: skip
+        load_config(path)
