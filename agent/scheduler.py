@@ -31,6 +31,7 @@ journal is written before every action, so an abandoned step resumes cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -479,11 +480,20 @@ class Scheduler:
             if self.stop_event.is_set() and outcome is None:
                 self._cond.notify_all()
                 return
-            now = self.clock()
             if outcome is None and error is None:  # a paused dataset's transfer stopped
                 e.state = "ready"  # held by the gate until resumed
                 self._cond.notify_all()
-                return
+                stopped = True
+            else:
+                stopped = False
+        if stopped:
+            log.info("%s: paused: its %s stopped; it goes on from there when resumed", e.name, e.pool)
+            with contextlib.suppress(Exception):  # a note only: the journal may be failing
+                self.journal.event(e.id, f"paused: the {e.pool} stopped (files already sent are kept; "
+                                         "the file in flight starts again on resume)")  # fmt: skip
+            return
+        with self._cond:
+            now = self.clock()
             if isinstance(error, CredentialError):
                 pause_reason = self._pause_locked(e, error)
             elif error is not None:

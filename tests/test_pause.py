@@ -37,12 +37,16 @@ def make_drop(tmp_path: Path, job: dict[str, Any] | None = None) -> Path:
 
 
 @contextmanager
-def watching(tmp_path: Path, server: LocalVip, drop: Path) -> Iterator[subprocess.Popen[str]]:
+def watching(
+    tmp_path: Path, server: LocalVip, drop: Path, config: Path | None = None
+) -> Iterator[subprocess.Popen[str]]:
     """``vip-agent watch`` as a real process, stopped with SIGTERM (its log in agent.log)."""
     log = (tmp_path / "agent.log").open("a")
+    where = ["--config", str(config)] if config else [
+        str(drop), "--server", server.url, "--output", str(tmp_path / "out"),
+        "--state", str(tmp_path / "state")]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "watch", str(drop), "--server", server.url,
-         "--output", str(tmp_path / "out"), "--state", str(tmp_path / "state"), "--settle", "0.3"],
+        [sys.executable, "-m", "agent", "watch", *where, "--settle", "0.3"],
         env=agent_env(server.api_key), stdout=subprocess.DEVNULL, stderr=log, text=True, cwd=tmp_path,
     )  # fmt: skip
     try:
@@ -150,6 +154,56 @@ def test_a_dataset_paused_while_running_is_polled_but_not_downloaded(
         wait_for(lambda: journal.get(ds.id).final, timeout=60)
     assert journal.get(ds.id).stage == "done"
     assert all(o.downloaded for o in journal.outputs(ds.id))
+
+
+def test_an_upload_in_flight_stops_at_a_pause_and_completes_after_resume(
+    tmp_path: Path, vip_server: LocalVip
+) -> None:
+    """agent.yaml's bandwidth: keeps a 3 MB upload at 500 kB/s long enough to pause it in
+    the middle: it stops there (no byte more), and resume sends it to the end."""
+    drop = make_drop(tmp_path, {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.bin"}})
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump({
+        "state": str(tmp_path / "state"),
+        "defaults": {"bandwidth": {"upload": "500kB/s"}},
+        "drops": [{"path": str(drop), "server": vip_server.url, "output": str(tmp_path / "out")}],
+    }), encoding="utf-8")  # fmt: skip
+    journal = Journal.in_state_dir(tmp_path / "state")
+
+    def sent() -> int:
+        rows = journal.datasets()
+        return int(((rows[0].progress or {}).get("done") or 0) if rows else 0)
+
+    with watching(tmp_path, vip_server, drop, config):
+        write_dataset(drop / "big", {"data.bin": bytes(3_000_000)})
+        wait_for(lambda: sent() > 200_000, timeout=30, what="upload under way")
+        paused = cli(tmp_path, vip_server, "pause", "big")
+        assert paused.returncode == 0, paused.stderr
+        (ds,) = journal.datasets()
+        wait_for(lambda: journal.has_event(ds.id, "paused: the upload stopped (files already sent are "
+                                           "kept; the file in flight starts again on resume)"),
+                 timeout=10, what="upload stopped")  # fmt: skip
+        assert sent() < 3_000_000 and journal.get(ds.id).stage == "upload"
+        at_pause = sent()
+        stays(lambda: sent() == at_pause and journal.get(ds.id).stage == "upload", 2.5)
+        assert status(tmp_path, vip_server)["big"]["state"] == "paused"
+        resumed = cli(tmp_path, vip_server, "resume", "big")
+        assert resumed.returncode == 0 and "resumed" in resumed.stdout
+        wait_for(lambda: journal.get(ds.id).final, timeout=60, what="big finished")
+    assert journal.get(ds.id).stage == "done"
+    assert all(f.uploaded for f in journal.files(ds.id))
+
+
+def test_cancel_passes_a_pause(tmp_path: Path, vip_server: LocalVip) -> None:
+    drop = make_drop(tmp_path)
+    journal = Journal.in_state_dir(tmp_path / "state")
+    with watching(tmp_path, vip_server, drop):
+        assert cli(tmp_path, vip_server, "pause").returncode == 0
+        write_dataset(drop / "c1", {"data.txt": "x\n"})
+        wait_for(lambda: status(tmp_path, vip_server).get("c1", {}).get("state") == "paused", timeout=30)
+        done = cli(tmp_path, vip_server, "cancel", "c1")
+        assert done.returncode == 0 and "c1: cancelled" in done.stdout, done.stdout + done.stderr
+    assert journal.find(name="c1")[0].stage == "cancelled" and launched(vip_server) == 0
 
 
 def test_pause_names_what_it_cannot_pause(tmp_path: Path, vip_server: LocalVip) -> None:
