@@ -137,7 +137,7 @@ def make_node(tmp_path: Path, routes: list[dict[str, Any]] | None = None, *, dro
     """A DicomNode on a free loopback port, routes into ``tmp_path/<drop>`` (not started)."""
     folders = []
     for name in drops:
-        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
         folders.append((tmp_path / name).resolve())
     raw: dict[str, Any] = {"listen": "127.0.0.1:0", "quiet": 1, "disk_low": 0, **settings}
     raw["routes"] = routes if routes is not None else [{"drop": str(folders[0])}]

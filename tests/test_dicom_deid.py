@@ -165,6 +165,12 @@ def test_unrouted_study_is_kept_and_reported(tmp_path: Path, nodes: list[DicomNo
     assert out.returncode == 0, out.stderr
     assert "unrouted" in out.stdout and "2 object(s)" in out.stdout and "no route takes" in out.stdout
     assert "Doe" not in out.stdout
+    # the administrator adds a route and restarts the agent: the kept study is looked at again
+    nodes.remove(node)
+    node.stop()
+    run(make_node(tmp_path, [{"match": {"CallingAE": ["SCANNER1", "UNKNOWNAE"]}, "drop": "drop"}]), nodes)
+    (files,) = wait_for(lambda: datasets(tmp_path / "drop"), what="the study handed over").values()
+    assert len(dicom_files(files[0].parent)) == 2
 
 
 def test_required_series_and_announced_counts_hold_the_study(tmp_path: Path, nodes: list[DicomNode]) -> None:

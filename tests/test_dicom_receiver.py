@@ -183,6 +183,17 @@ def test_allow_list_rejects_a_caller(tmp_path: Path, nodes: list[DicomNode]) -> 
     assert list(node.spool.files()) == []
 
 
+def test_allow_list_by_address(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    """An entry naming only a host admits any title from it, and nobody from elsewhere."""
+    far = make_node(tmp_path / "far", allow=[{"host": "10.0.0.5"}])
+    port = run(far, nodes)
+    assert echoscu(port, aet="SCANNER1").returncode != 0  # 127.0.0.1 is not 10.0.0.5
+    near = make_node(tmp_path / "near", allow=[{"host": "127.0.0.1"}])
+    port = run(near, nodes)
+    assert echoscu(port, aet="ANYTITLE").returncode == 0
+    assert (far.snapshot()["counters"]["rejected"], near.snapshot()["counters"]["echoes"]) == (1, 1)
+
+
 def test_disk_watermark_refuses_out_of_resources(tmp_path: Path, nodes: list[DicomNode]) -> None:
     node = make_node(tmp_path, disk_low="1000TB")
     port = run(node, nodes)

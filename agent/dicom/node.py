@@ -64,6 +64,10 @@ class DicomNode:
         if removed:
             log.info("DICOM spool: removed %d object(s) a stop left half-written (never acknowledged)", removed)
         self._reindex()
+        for kept in self.index.studies(UNROUTED, REFUSED):
+            # the configuration may have been fixed since (a route added, a drop folder mounted):
+            # look again; a leak is refused again, the scan does not change its mind
+            self.index.set_state(kept.study_uid, PENDING, kept.message)
         port = self.receiver.start()
         write_atomic(self.state / PORT_FILE, f"{port}\n")
         self._stop.clear()
@@ -175,6 +179,10 @@ class DicomNode:
         except HandoverRefused as err:
             self.index.set_state(study.study_uid, REFUSED, err.message)
             log.error("study %s: %s", study.pseudonym, err.full())
+            return names
+        except Exception as err:  # unforeseen: refused (kept in the spool), said once, not every tick
+            self.index.set_state(study.study_uid, REFUSED, f"hand-over failed: {err}")
+            log.exception("study %s: hand-over failed; kept in the spool", study.pseudonym)
             return names
         note = f"{len(names)} dataset(s): {', '.join(names)}"
         if unrouted:
