@@ -240,7 +240,10 @@ def test_the_page_pauses_and_resumes_the_agent_a_drop_folder_and_a_dataset(
     require_tool(CHROMEDRIVER, "chromium-driver")
     monkeypatch.setenv("VIP_API_KEY", vip_server.api_key)
     drop = make_drop(tmp_path)
-    service = page_service(tmp_path, vip_server.url, drop)
+    from agent.bandwidth import BandwidthConfig
+
+    # a limit high enough to cost nothing here, to be seen on the page and in /metrics
+    service = page_service(tmp_path, vip_server.url, drop, bandwidth=BandwidthConfig(upload=50e6))
     service.start()
     journal = Journal.in_state_dir(tmp_path / "state")
     browser = chromium(tmp_path / "profile")
@@ -272,6 +275,12 @@ def test_the_page_pauses_and_resumes_the_agent_a_drop_folder_and_a_dataset(
         assert "the whole agent paused" in toast()
         write_dataset(drop / "p1", {"data.txt": "one\n"})
         wait_for(lambda: row("p1") == "paused", timeout=20, what="p1 shown paused")
+        metrics = page.get("/metrics").text
+        assert 'vip_agent_paused{scope="agent",target=""} 1.0' in metrics
+        assert f'vip_agent_paused{{scope="drop",target="{drop}"}} 0.0' in metrics
+        assert f'vip_agent_bandwidth_limit_bytes_per_second{{direction="upload",server="{vip_server.url}"}} 5e+07' in metrics
+        assert f'vip_agent_datasets{{drop="{drop}",state="paused"}} 1.0' in metrics
+        assert "limit up 50.0 MB/s, down off" in js("return document.querySelector('#health').innerText")
         stays(lambda: uploaded(journal) == 0 and launched(vip_server) == 0, 1.5)
         click("#pause-all")
         wait_for(lambda: row("p1") == "done", timeout=30, what="p1 done after Resume all")
