@@ -22,6 +22,7 @@ from agent import dataset as dataset_mod
 from agent.backend import open_backend
 from agent.backend.memory import MemoryBackend
 from agent.journal import Journal
+from agent.pacer import ServerBudget
 from agent.runner import Runner, admit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,6 +177,9 @@ def start_runner(
         backend: Any = platform
         server = platform.server
         runner_options.setdefault("clock", platform.clock.time)
+        # the server's launch backoff on the same clock: a 15 s wait takes no real time
+        budget = ServerBudget(server, clock=platform.clock.time)
+        runner_options.setdefault("budget_for", lambda _server: budget)
     else:
         url = platform if isinstance(platform, str) else platform.url
         backend = open_backend(url, key or platform.api_key, **(client_options or {}))

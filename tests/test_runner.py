@@ -301,3 +301,21 @@ def test_keep_remote_leaves_data_and_execution_on_the_server(
     assert [p for p in client.list(f"{row.remote_root}/OUTPUTS")]
     (execution,) = client.executions()
     assert execution["status"] == "Finished"
+
+
+def test_run_at_the_servers_cap_does_not_post_a_launch_every_poll(
+    tmp_path: Path, vip_server: LocalVip
+) -> None:
+    """runs: 3 of a short pipeline at VIP's cap of 1, through the real CLI: the launches
+    refused with 2001 back off on the server's budget and resume when one of ours ends
+    (before: 63 launch POSTs, 60 refused, in 50 s for a 15 s pipeline)."""
+    assert vip_server.max_running == 1
+    ds = write_dataset(tmp_path / "drop" / "capped", {"x.txt": "x\n"},
+                       {"pipeline": "Sleep/1.0", "inputs": {"duration": 2}, "runs": 3})
+    result = run_agent("run", str(ds), "--server", vip_server.url, "--state",
+                       str(tmp_path / "state"), "--output", str(tmp_path / "out"),
+                       api_key=vip_server.api_key, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    posts = vip_server.stats.counts["POST /executions"]
+    assert 3 <= posts <= 7, posts  # three launches and a handful of refusals, not one per poll
+    assert len(server_execution_names(vip_server)) == 3

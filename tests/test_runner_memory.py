@@ -213,3 +213,15 @@ def test_capacity_refusals_delay_the_launch_without_failing(tmp_path: Path) -> N
     assert len(waits) == 3 and len(backend.launches) == 1
     warnings = [e.message for e in s.journal.events(s.dataset_id) if e.level == "warning"]
     assert len(warnings) == 3 and all("retry" in w for w in warnings), warnings
+
+
+def test_a_full_cap_is_not_asked_again_at_every_poll(tmp_path: Path) -> None:
+    """runs: 3 at the server's cap of 1: the refused launches back off on the server's budget
+    (agent.pacer) and resume as soon as one of ours ends, instead of one POST per busy poll."""
+    backend = MemoryBackend(max_running=1)
+    s = _start(tmp_path, 15, backend, runs=3)
+    assert _run(s).stage == "done", s.journal.get(s.dataset_id).error
+    assert len(backend.launches) == 3
+    refused = backend.calls["launch"] - 3
+    assert refused <= 3, backend.calls  # a handful, where every 0.5 s poll used to ask
+    assert backend.calls["status"] > 3 * refused  # polling itself went on as before

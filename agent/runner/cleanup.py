@@ -13,6 +13,7 @@ from agent.backend.port import Backend, RunState
 from agent.errors import AgentError
 from agent.journal import Dataset, Stage
 from agent.leftovers import remove_left_file, summary, write_left_file
+from agent.pacer import policy
 from agent.runner.common import DELETE_DEADLINE, LOGS_DIR, Context, Finish, Next, Wait
 from agent.runner.mirror import max_download
 from agent.session_data import write_session_data
@@ -93,8 +94,8 @@ def delete_remote(
     memo.delete_polls += 1
     if memo.delete_polls % 30 == 0:
         memo.delete_polls = 0  # the server may drop a failed delete: ask again now and then
-    # deletes are asynchronous: look again soon, then every 2 s
-    return min(0.25 * 2 ** (memo.delete_polls - 1), 2.0)
+    # deletes are asynchronous: look again soon, then less often (the ``delete`` policy)
+    return policy("delete").delay(memo.delete_polls - 1)
 
 
 def record_removed(

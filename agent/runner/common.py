@@ -16,6 +16,7 @@ from typing import Protocol, TypeVar, cast
 from agent.backend.port import Backend, ExecStatus
 from agent.errors import AgentError
 from agent.journal import FINAL_STAGES, Dataset, Execution, FileRow, Journal, Stage
+from agent.pacer import ServerBudget, policy
 
 STATUS_FILE = "STATUS.json"
 LOGS_DIR = "logs"
@@ -23,13 +24,15 @@ LOGS_DIR = "logs"
 UNKNOWN_LIMIT = 6 * 3600.0
 #: while the server has not confirmed a kill, it is sent again this often (seconds)
 KILL_REPEAT = 300.0
-#: how long ``vip-agent run`` keeps retrying a failing server before giving up (seconds)
-GIVE_UP_AFTER = 4 * 3600.0
-#: how long a remote delete may take before it is reported
-DELETE_DEADLINE = 600.0
-#: polling of a running execution: first interval, then a tenth of its running time, up to max
-DEFAULT_POLL_MIN = 2.0
-DEFAULT_POLL_MAX = 120.0
+#: how long ``vip-agent run`` keeps retrying a failing server before giving up (seconds):
+#: the ``outage`` policy's deadline (agent.pacer holds every wait's numbers)
+GIVE_UP_AFTER = float(policy("outage").deadline or 4 * 3600.0)
+#: how long a remote delete may take before it is reported: the ``delete`` policy's deadline
+DELETE_DEADLINE = float(policy("delete").deadline or 600.0)
+#: polling of a running execution: first interval, then a tenth of its running time, up to
+#: max (the ``status`` policy's base and cap; a drop folder's ``poll`` overrides them)
+DEFAULT_POLL_MIN = policy("status").base
+DEFAULT_POLL_MAX = policy("status").cap
 #: polling of a running execution while other launches wait for a slot, seconds ...
 BUSY_POLL = 0.5
 #: ... but never more status requests per second than this to one server
@@ -135,6 +138,10 @@ class Context(Protocol):
         ...
 
     def backend(self, server: str) -> Backend: ...
+
+    def budget(self, server: str) -> ServerBudget:
+        """What paces ``server`` in this process (``agent.pacer``): its launch backoff."""
+        ...
 
     def memo(self, dataset_id: int) -> Memo: ...
 

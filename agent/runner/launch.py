@@ -21,6 +21,10 @@ def step(ctx: Context, ds: Dataset) -> Next:
     if pending:
         if not ctx.slot_free(ds.server):
             return Wait(ctx.poll_min)
+        # the server refused a launch lately (its cap): wait, do not ask again every poll
+        backoff = ctx.budget(ds.server).launch_wait()
+        if backoff > 0:
+            return Wait(backoff)
         launch_one(ctx, ds, pending[0])
     return Advance(
         Stage.MONITOR, "execution launched",
@@ -29,7 +33,11 @@ def step(ctx: Context, ds: Dataset) -> Next:
 
 
 def launch_one(ctx: Context, ds: Dataset, e: Execution) -> None:
-    """Launch one planned execution, exactly once (idempotent across crashes)."""
+    """Launch one planned execution, exactly once (idempotent across crashes).
+
+    A refusal for capacity (``CapacityError``) is the caller's to report to the server's
+    budget (``launch_refused``): every launch on that server then waits its backoff.
+    """
     backend = ctx.backend(ds.server)
     engine = backend.engine
     job = ds.job or {}
@@ -50,6 +58,7 @@ def launch_one(ctx: Context, ds: Dataset, e: Execution) -> None:
             if info is None:
                 raise
         failpoints.hit("launch:posted")
+        ctx.budget(ds.server).launch_accepted()
     else:
         ctx.journal.event(ds.id, f"found execution {info.id} already launched")
     ctx.journal.update_execution(

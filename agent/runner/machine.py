@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from agent.backend.port import Backend
 from agent.errors import AgentError
 from agent.fsutil import write_atomic
 from agent.journal import FINAL_STAGES, Dataset, IllegalTransition, Journal, Stage
+from agent.pacer import ServerBudget, budget_for, policy
 from agent.progress import ProgressTracker
+from agent.progress import current as current_progress
 from agent.runner import cancel
 from agent.runner.common import (
     DEFAULT_PARALLELISM,
@@ -49,9 +51,6 @@ from agent.runner.table import TABLE
 from agent.vip.errors import AuthError, CapacityError, TransientError
 
 log = logging.getLogger("vip_agent.runner")
-
-#: the longest wait between attempts while a server keeps failing (seconds)
-BACKOFF_CAP = 300.0
 
 
 @dataclass(frozen=True)
@@ -84,12 +83,13 @@ class Runner:
         progress: Callable[[int, str, int, int], None] | None = None,
         poll_min: float = DEFAULT_POLL_MIN,
         poll_max: float = DEFAULT_POLL_MAX,
-        retry_base: float = 5.0,
-        capacity_wait: float = 15.0,
+        retry_base: float | None = None,
+        capacity_wait: float | None = None,
         tuning_for: Callable[[Dataset], Tuning] | None = None,
         unknown_limit: float = UNKNOWN_LIMIT,
         give_up_after: float | None = None,
         clock: Callable[[], float] = time.time,
+        budget_for: Callable[[str], ServerBudget] = budget_for,
     ) -> None:
         self.journal = journal
         #: ``server -> backend``; a bare ``VipClient`` is accepted (wrapped by ``as_backend``)
@@ -100,10 +100,13 @@ class Runner:
         self.progress = progress
         self.poll_min = poll_min
         self.poll_max = poll_max
-        #: first wait after a transient failure (doubles each time, up to BACKOFF_CAP)
+        #: first wait after a transient failure (doubles each time up to the ``outage``
+        #: policy's cap); None: the policy's base
         self.retry_base = retry_base
-        #: least wait after the server refused a launch for capacity (2000/2001)
+        #: least wait after the server refused a launch for capacity (2000/2001); the wait
+        #: itself is the server's budget's (``capacity`` policy, shared by every dataset)
         self.capacity_wait = capacity_wait
+        self._budget_for = budget_for
         #: per-dataset settings (the drop folder's ``poll`` and ``transfer_parallelism``)
         self.tuning_for = tuning_for
         #: how long an execution may read ``Unknown`` before it is killed
@@ -122,6 +125,9 @@ class Runner:
 
     def backend(self, server: str) -> Backend:
         return as_backend(self.client_for(server))
+
+    def budget(self, server: str) -> ServerBudget:
+        return self._budget_for(server)
 
     def memo(self, dataset_id: int) -> Memo:
         with self.lock:
@@ -195,8 +201,8 @@ class Runner:
         except (AuthError, Interrupted):
             raise
         except CapacityError as err:
-            memo.transient_failures += 1
-            delay = max(self._backoff(memo), self.capacity_wait)
+            # launches on this server back off together (agent.pacer), never every poll
+            delay = max(self.budget(ds.server).launch_refused(err.code), self.capacity_wait or 0.0)
             self.journal.event(
                 dataset_id, f"{err.message}; retrying in {delay:.0f} s", level="warning"
             )
@@ -256,7 +262,11 @@ class Runner:
             return StepOutcome(now.stage, None if now.final else 1.0)
 
     def _backoff(self, memo: Memo) -> float:
-        return float(min(self.retry_base * 2 ** (memo.transient_failures - 1), BACKOFF_CAP))
+        """The wait after the server failed ``memo.transient_failures`` times in a row."""
+        rule = policy("outage")
+        if self.retry_base is not None:
+            rule = replace(rule, base=self.retry_base)
+        return rule.delay(memo.transient_failures - 1)
 
     def _server_failing(
         self, ds: Dataset, memo: Memo, err: TransientError, started: float
@@ -317,7 +327,7 @@ class Runner:
 def status_record(journal: Journal, ds: Dataset) -> dict[str, Any]:
     """What ``STATUS.json`` and ``vip-agent status --json`` say of a dataset."""
     execs = journal.executions(ds.id)
-    return {
+    record = {
         "name": ds.name,
         "state": ds.state,
         "stage": ds.stage,
@@ -333,3 +343,6 @@ def status_record(journal: Journal, ds: Dataset) -> dict[str, Any]:
         "updated": ds.updated,
         "finished": ds.finished,
     }
+    # a transfer's figures are history once the dataset moved on or ended
+    record["progress"] = current_progress(record)
+    return record

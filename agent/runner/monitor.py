@@ -21,6 +21,7 @@ from agent.runner.common import (
     clock_text,
     duration,
     is_ended,
+    status_of,
 )
 from agent.runner.launch import launch_one
 from agent.runner.polling import poll_interval
@@ -39,11 +40,14 @@ def step(ctx: Context, ds: Dataset) -> Next:
 
     executions = ctx.journal.executions(ds.id)
     pending = [e for e in executions if not e.vip_id]
-    if pending and ctx.slot_free(ds.server):
+    budget = ctx.budget(ds.server)
+    if pending and ctx.slot_free(ds.server) and budget.launch_wait() <= 0:
         try:
             launch_one(ctx, ds, pending[0])
-        except CapacityError:
-            pass  # the server's per-user cap: try again at the next poll
+        except CapacityError as err:
+            # the server's cap: every launch on it waits the backoff, not the next poll
+            wait = budget.launch_refused(err.code)
+            ctx.journal.event(ds.id, f"{err.message}; the next launch in {wait:.0f} s")
         executions = ctx.journal.executions(ds.id)
     if all(e.vip_id and is_ended(ctx, ds, e) for e in executions):
         return Advance(Stage.MIRROR, "all executions ended")
@@ -102,6 +106,10 @@ def observe(
         )
     if status.ended:
         fields["ended"] = now
+        if e.status is None or not status_of(ctx, ds, e.status).ended:
+            # one of our executions on this server just ended: a slot is free, so a launch
+            # refused for the cap may be tried at once instead of after its backoff
+            ctx.budget(ds.server).launch_accepted()
         if e.key in memo.kill_sent:
             ctx.journal.event(ds.id, f"VIP confirms execution {e.vip_id} ended ({label})")
     if label != e.status and status.state is not RunState.UNKNOWN:
