@@ -348,3 +348,17 @@ def current_limits() -> dict[str, dict[str, float | None]]:
         server: limiter.current() if limiter is not None else dict.fromkeys(DIRECTIONS)
         for server, limiter in installed.items()
     }
+
+
+def describe_servers(drops: Sequence[Any]) -> list[str]:
+    """One line per server whose drop folders set a limit: what applies now (``status``)."""
+    by_server: dict[str, list[BandwidthConfig]] = {}
+    for d in drops:
+        if d.bandwidth is not None and d.bandwidth.limited:
+            by_server.setdefault(d.server, []).append(d.bandwidth)
+    lines = []
+    for server, configs in sorted(by_server.items()):
+        now = Limiter(configs).current()
+        lines.append(f"bandwidth limit on {server} now: upload {format_rate(now['upload'])}, "
+                     f"download {format_rate(now['download'])}")  # fmt: skip
+    return lines

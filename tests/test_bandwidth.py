@@ -285,3 +285,17 @@ def test_install_gives_each_server_the_limits_of_its_drop_folders(tmp_path: Path
     install(())  # nothing configured any more (SIGHUP): every limit goes
     assert current_limits() == {}
     assert budget_for("https://one.example")._bandwidth is None
+
+
+def test_status_shows_the_limit_in_force_now(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    (tmp_path / "drop").mkdir()
+    config.write_text(
+        "state: state\n"
+        "defaults: {bandwidth: {upload: 5MB/s, schedule: [{at: '00:00-24:00', download: 20MB/s}]}}\n"
+        "drops: [{path: drop, server: 'https://vip.example', output: out}]\n",
+        encoding="utf-8",
+    )
+    done = run_agent("status", "--config", str(config), api_key="unused", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "bandwidth limit on https://vip.example now: upload 5 MB/s, download 20 MB/s" in done.stdout

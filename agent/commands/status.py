@@ -13,6 +13,7 @@ import shutil
 import sys
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 from agent import pause as user_pause
@@ -211,6 +212,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _bandwidth(config: Path | None) -> list[str]:
+    """The bandwidth limits agent.yaml sets, as they apply now (nothing when it cannot be read)."""
+    from agent.bandwidth import describe_servers
+    from agent.config import default_config_path, load_config
+    from agent.errors import AgentError
+
+    path = config or (default_config_path() if default_config_path().is_file() else None)
+    if path is None:
+        return []
+    try:
+        return describe_servers(load_config(path).drops)
+    except AgentError:
+        return []
+
+
 def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
     journal = queries.open_journal(state)
@@ -246,6 +262,8 @@ def main(args: argparse.Namespace) -> int:
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(held.since))
         print(f"paused: {held.what()}, by {held.by} ({held.via}) since {since}; "
               f"`{held.resume_command()}` resumes it")  # fmt: skip
+    for line in _bandwidth(args.config):
+        print(line)
     for study in pending_studies(journal.path) if journal is not None else ():
         note = f": {study['message']}" if study.get("message") else ""
         print(f"DICOM study {study['study']} pending in the spool ({study['state']}, {study['objects']} "
