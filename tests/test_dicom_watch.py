@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import requests
 import yaml
 from agenthelpers import agent_env, run_agent, wait_for
 from dicomhelpers import (
@@ -28,10 +29,8 @@ from dicomhelpers import (
     storescu,
 )
 
-from agent.health import DropHealth, Health, ServerHealth
 from agent.journal import Journal
 from agent.localvip import LocalVip
-from agent.metrics import Metrics
 
 pytestmark = needs_dcmtk
 TEMPLATE = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "*.dcm"}}
@@ -130,19 +129,24 @@ def test_agent_killed_in_the_middle_of_a_study(tmp_path: Path, vip_server: Local
     assert len(Journal.in_state_dir(tmp_path / "state").files(row.id)) == 11
 
 
-def test_metrics_show_the_node(tmp_path: Path, vip_server: LocalVip) -> None:
+def test_metrics_and_page_show_the_node(tmp_path: Path, vip_server: LocalVip) -> None:
     config = write_config(tmp_path, vip_server, routes=[])
+    data = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**data, "http": "127.0.0.1:0"}), encoding="utf-8")
     with watching(tmp_path, vip_server, config) as (_proc, port):
         assert storescu(port, PATIENT_FILES[:2]).returncode == 0
-        journal = Journal.in_state_dir(tmp_path / "state")
-        health = Health(version="x", started=0.0, state=str(tmp_path / "state"), state_free=1,
-                        drops=[DropHealth("/d", "http://s", "/o", "native", 1, False, 0.0)],
-                        servers=[ServerHealth("http://s", True, "accepted", None, 0.0)])  # fmt: skip
+        url = wait_for(lambda: (tmp_path / "state" / "http-url").exists() and
+                       (tmp_path / "state" / "http-url").read_text().strip(), what="the page's URL")  # fmt: skip
 
         def scraped() -> str:
-            text = Metrics(journal, lambda: health).render().decode()
-            return text if 'vip_agent_dicom_studies_pending{state="unrouted"} 1.0' in text else ""
+            text = requests.get(url + "/metrics", timeout=10).text
+            return text if 'vip_agent_dicom_studies_pending{state="unrouted"} 2.0' in text else ""
 
-        text = wait_for(scraped, 30, interval=0.2, what="the unrouted study in /metrics")
+        text = wait_for(scraped, 30, interval=0.2, what="the two unrouted studies in /metrics")
+        health = requests.get(url + "/api/health", timeout=10).json()
     assert "vip_agent_dicom_objects_total 2.0" in text and "vip_agent_dicom_associations_total 1.0" in text
     assert "vip_agent_dicom_refusals_total 0.0" in text
+    pending = health["dicom"]["pending"]  # the two files belong to two studies
+    assert [(p["state"], p["objects"]) for p in pending] == [("unrouted", 1)] * 2
+    assert "Doe" not in json.dumps(health)
+    assert health["dicom"]["node"]["counters"]["objects"] == 2
