@@ -115,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:  # one place for every command (and --help)
         return _closed_pipe()
+    except KeyboardInterrupt:  # before a command ran (loading it, reading the arguments)
+        return 130
+    except Exception as err:  # noqa: BLE001 - e.g. a command module that fails to import
+        return _unexpected(err)
 
 
 def _run(argv: list[str]) -> int:
