@@ -27,6 +27,7 @@ This module depends on the standard library only; every clock is monotonic.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import threading
 import time
@@ -357,13 +358,30 @@ def _key(server: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}"
 
 
+def _loopback(key: str) -> bool:
+    host = (urlsplit(key).hostname or "").lower()
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def budget_for(server: str) -> ServerBudget:
-    """The process-wide budget of ``server`` (created with the defaults on first use)."""
+    """The process-wide budget of ``server`` (created with the defaults on first use).
+
+    A server on a loopback address (the local server of tests, demos and benchmarks) gets no
+    request ceiling by default: the ceiling protects a platform shared with other users, and
+    fifty datasets against the local server would otherwise wait minutes on it. Its transfer
+    slots and launch backoff are the usual ones; :meth:`ServerBudget.configure` sets a ceiling.
+    """
     key = _key(server)
     with _BUDGETS_LOCK:
         budget = _BUDGETS.get(key)
         if budget is None:
-            budget = _BUDGETS[key] = ServerBudget(key)
+            rate = 0.0 if _loopback(key) else DEFAULT_MAX_RATE
+            budget = _BUDGETS[key] = ServerBudget(key, max_rate=rate)
         return budget
 
 

@@ -282,6 +282,14 @@ def test_budget_for_is_one_per_server_whatever_the_spelling() -> None:
     assert budget_for("http://pacer-test.example:8443") is not a
     assert a in pacer.budgets()
     assert a.snapshot()["transfers_max"] == pacer.DEFAULT_MAX_TRANSFERS
+    assert a.snapshot()["max_rate"] == pacer.DEFAULT_MAX_RATE
+
+
+def test_a_loopback_server_gets_no_request_ceiling_by_default() -> None:
+    for url in ("http://127.0.0.1:18999", "http://localhost:18998", "http://[::1]:18997"):
+        snap = budget_for(url).snapshot()
+        assert snap["max_rate"] == 0.0  # nobody else to protect on this machine
+        assert snap["transfers_max"] == pacer.DEFAULT_MAX_TRANSFERS  # slots apply all the same
 
 
 # ---------------------------------------------------------------- max_transfers_per_server
