@@ -745,7 +745,11 @@ class Journal:
             row = db.execute("SELECT * FROM leases WHERE dataset_id=?", (dataset_id,)).fetchone()
             if row is not None and row["token"] != owner.token:
                 held = self._lease(row)
-                if held.alive(now):
+                # this very process under another name (a service restarted in-process) is no
+                # other driver: its old scheduler is stopped
+                same = (held.owner.pid, held.owner.host, held.owner.started) == (
+                    owner.pid, owner.host, owner.started)
+                if not same and held.alive(now):
                     return held
             self._insert_lease(db, dataset_id, owner, now)
         return None

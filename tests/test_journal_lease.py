@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,15 +41,29 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_a_live_owner_keeps_its_dataset_and_a_second_take_is_refused(tmp_path: Path) -> None:
+@pytest.fixture
+def other_process() -> Iterator[Owner]:
+    """A live process other than this one, as the owner it would be (a `vip-agent run`)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        me = Owner.this_process("run")
+        yield replace(me, pid=child.pid, started=process_start(child.pid))
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_live_owner_keeps_its_dataset_and_a_second_take_is_refused(
+    tmp_path: Path, other_process: Owner
+) -> None:
     journal = Journal.in_state_dir(tmp_path)
     ds = add(journal)
-    service, run = Owner.this_process("service"), Owner.this_process("run")
+    service, run = Owner.this_process("service"), other_process
     assert journal.take_lease(ds, run) is None
     assert journal.take_lease(ds, run) is None  # taking one's own lease again is fine
     held = journal.take_lease(ds, service)
     assert held is not None and held.owner.token == run.token
-    assert held.owner.describe() == f"vip-agent run (pid {os.getpid()})"
+    assert held.owner.describe() == f"vip-agent run (pid {run.pid})"
     assert journal.holds_lease(ds, run) and not journal.holds_lease(ds, service)
     journal.release_lease(ds, service)  # not its lease: nothing happens
     assert journal.holds_lease(ds, run)
@@ -102,10 +117,23 @@ def test_a_dataset_recorded_by_an_owner_is_leased_in_the_same_write(tmp_path: Pa
     assert lease is not None and lease.owner.token == run.token
 
 
+def test_a_service_restarted_in_the_same_process_takes_its_datasets_back(tmp_path: Path) -> None:
+    journal = Journal.in_state_dir(tmp_path)
+    ds = add(journal)
+    assert journal.take_lease(ds, Owner.this_process("service")) is None
+    again = Owner.this_process("service")  # a new scheduler of the same process
+    assert journal.take_lease(ds, again) is None and journal.holds_lease(ds, again)
+
+
 def test_only_one_of_many_racing_owners_wins(tmp_path: Path) -> None:
     Journal.in_state_dir(tmp_path)  # created and migrated once
     ds = add(Journal.in_state_dir(tmp_path))
-    owners = [Owner.this_process("run") for _ in range(8)]
+    # as many live processes (their pids differ: the same process would take its own lease)
+    children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+                for _ in range(4)]  # fmt: skip
+    me = Owner.this_process("run")
+    owners = [replace(me, pid=c.pid, started=process_start(c.pid), token=f"t{c.pid}")
+              for c in children]  # fmt: skip
     results: dict[str, bool] = {}
     barrier = threading.Barrier(len(owners))
 
@@ -119,6 +147,9 @@ def test_only_one_of_many_racing_owners_wins(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join(30)
+    for c in children:
+        c.kill()
+        c.wait()
     assert sum(results.values()) == 1
 
 
