@@ -229,3 +229,21 @@ def test_private_sop_class_and_transfer_syntaxes(tmp_path: Path, nodes: list[Dic
         assert done.returncode == 0 and "error" not in done.stderr.lower(), (v, done.stderr)
     snap = node.snapshot()["counters"]
     assert snap["objects"] + snap["duplicates"] == 1 + len(variants) and snap["refusals"] == 0
+
+
+@pytest.mark.parametrize(("policy", "state", "wave"), [("new", "pending", 1), ("ignore", "handed", 0)])
+def test_object_arriving_during_the_hand_over_is_late(tmp_path: Path, policy: str, state: str, wave: int) -> None:
+    """The hand-over read the study's objects; one indexed after that is not lost: it is late."""
+    node = make_node(tmp_path)
+    index = node.index
+    for sop in ("1.1", "1.2", "1.3"):
+        index.add(sop, "9.9", "9.9.1", f"/spool/{sop}.dcm", 10, {}, policy)
+    taken = {o.sop_uid for o in index.objects("9.9")[:2]}  # "1.3" arrived while the dataset was built
+    assert index.finish("9.9", taken, policy, "1 dataset(s)") == 1
+    (study,) = index.studies()
+    assert (study.state, study.wave, study.late) == (state, wave, 1)
+    if policy == "new":
+        assert [o.sop_uid for o in index.objects("9.9", 1)] == ["1.3"]
+    else:
+        assert [o.sop_uid for o in index.objects("9.9")] == ["1.1", "1.2"]
+    node.index.close()

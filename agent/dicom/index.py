@@ -184,6 +184,30 @@ class DicomIndex:
             db.execute("UPDATE dicom_studies SET state = ?, message = ? WHERE study_uid = ?",
                        (state, message, study_uid))  # fmt: skip
 
+    def finish(self, study_uid: str, taken: set[str], late_policy: str, message: str) -> int:
+        """Mark a study handed over; objects that arrived DURING the hand-over (not in ``taken``)
+        are late ones: a new wave (``new``/``rerun``) or ignored. Returns how many there were."""
+        with self._write() as db:
+            row = db.execute("SELECT wave FROM dicom_studies WHERE study_uid = ?", (study_uid,)).fetchone()
+            wave = int(row["wave"])
+            extra = [r[0] for r in db.execute(
+                "SELECT sop_uid FROM dicom_objects WHERE study_uid = ? AND wave = ? AND state = ?",
+                (study_uid, wave, SPOOLED)) if r[0] not in taken]  # fmt: skip
+            if not extra:
+                db.execute("UPDATE dicom_studies SET state = ?, message = ? WHERE study_uid = ?",
+                           (HANDED, message, study_uid))  # fmt: skip
+                return 0
+            marks = ", ".join("?" for _ in extra)
+            if late_policy == "ignore":
+                db.execute(f"UPDATE dicom_objects SET state = ? WHERE sop_uid IN ({marks})", (IGNORED, *extra))
+                db.execute("UPDATE dicom_studies SET state = ?, message = ?, late = late + ? WHERE study_uid = ?",
+                           (HANDED, message, len(extra), study_uid))  # fmt: skip
+            else:
+                db.execute(f"UPDATE dicom_objects SET wave = ? WHERE sop_uid IN ({marks})", (wave + 1, *extra))
+                db.execute("UPDATE dicom_studies SET state = ?, message = ?, wave = ?, late = late + ?"
+                           " WHERE study_uid = ?", (PENDING, message, wave + 1, len(extra), study_uid))  # fmt: skip
+            return len(extra)
+
     def handed(self, study_uid: str, wave: int, route: str, dataset: str, drop_dir: str,
                objects: int, outcome: str, message: str | None = None) -> None:  # fmt: skip
         with self._write() as db:

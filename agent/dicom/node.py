@@ -22,7 +22,7 @@ import pydicom
 
 from agent.dicom.config import DicomConfig, Route
 from agent.dicom.handover import HandoverRefused, hand_over
-from agent.dicom.index import HANDED, PENDING, REFUSED, UNROUTED, DicomIndex, StudyRow
+from agent.dicom.index import PENDING, REFUSED, UNROUTED, DicomIndex, StudyRow
 from agent.dicom.receiver import OUT_OF_RESOURCES, SUCCESS, Counters, Incoming, Receiver
 from agent.dicom.routing import Series, group_series, plan, waiting_for
 from agent.dicom.spool import Spool, SpoolFull, header
@@ -159,7 +159,8 @@ class DicomNode:
         return self.index.objects(study.study_uid)
 
     def _complete(self, study: StudyRow, waited: float) -> list[str]:
-        series = group_series(self._objects(study))
+        objects = self._objects(study)
+        series = group_series(objects)
         routes = self.config.routes
         taken, unrouted = plan(routes, series)
         if not taken:
@@ -187,7 +188,11 @@ class DicomNode:
         note = f"{len(names)} dataset(s): {', '.join(names)}"
         if unrouted:
             note += "; not routed (kept in the spool): " + ", ".join(s.label() for s in unrouted)
-        self.index.set_state(study.study_uid, HANDED, note)
+        arrived = self.index.finish(study.study_uid, {o.sop_uid for o in objects}, self.config.late, note)
+        if arrived:
+            self.counters.add(late=arrived)
+            log.warning("study %s: %d object(s) arrived during its hand-over: late (late: %s)",
+                        study.pseudonym, arrived, self.config.late)  # fmt: skip
         self._why.pop(study.study_uid, None)
         return names
 
