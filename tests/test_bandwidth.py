@@ -257,6 +257,29 @@ def test_run_bwlimit_keeps_a_real_upload_under_the_limit(tmp_path: Path, vip_ser
     assert 0.5 * MB <= rate <= 1.1 * MB, f"upload ran at {rate / MB:.2f} MB/s"  # 0.1 s burst at most
 
 
+def test_run_applies_the_bandwidth_of_the_datasets_drop_folder(tmp_path: Path, vip_server: LocalVip) -> None:
+    """``vip-agent run`` of a dataset in a drop folder of agent.yaml limits as the service would."""
+    drop = tmp_path / "drop"
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"state: {tmp_path / 'state'}\n"
+        f"drops: [{{path: {drop}, server: '{vip_server.url}', output: {tmp_path / 'out'},"
+        " bandwidth: {upload: 1MB/s}}]\n",
+        encoding="utf-8",
+    )
+    ds = write_dataset(drop / "big", {"data.bin": bytes(1_500_000)},
+                       job={"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.bin"}})  # fmt: skip
+    done = run_agent("run", str(ds), "--config", str(config), api_key=vip_server.api_key, cwd=tmp_path,
+                     timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    journal = Journal.in_state_dir(tmp_path / "state")
+    (row,) = journal.datasets()
+    events = journal.events(row.id)
+    start = next(e.time for e in events if e.message.startswith("uploading 1 file"))
+    end = next(e.time for e in events if e.message.startswith("inputs uploaded"))
+    assert 1_500_000 / (end - start) <= 1.1 * MB
+
+
 def test_run_bwlimit_refuses_a_rate_it_cannot_read(tmp_path: Path) -> None:
     done = run_agent("run", str(tmp_path), "--bwlimit", "20Mb/s", api_key="unused", cwd=tmp_path)
     assert done.returncode == 2

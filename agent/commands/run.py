@@ -304,8 +304,10 @@ def main(args: argparse.Namespace) -> int:
             name=path.stem if path.is_file() else path.name, template=template, options=options,
         )
     stop = threading.Event()
-    if args.bwlimit is not None:  # every transfer to this server reports its bytes to its budget
-        budget_for(server).set_bandwidth(Limiter(args.bwlimit, stop=stop))
+    # --bwlimit, else the bandwidth: of the dataset's drop folder in agent.yaml (as the service)
+    bandwidth = args.bwlimit or (settings.drop.bandwidth if settings.drop else None)
+    if bandwidth is not None and bandwidth.limited:  # every transfer reports its bytes to its budget
+        budget_for(server).set_bandwidth(Limiter(bandwidth, stop=stop))
     budget_for(server).configure(max_transfers=args.max_transfers_per_server or (
         settings.config.max_transfers(server) if settings.config else DEFAULT_MAX_TRANSFERS
     ))
