@@ -182,3 +182,20 @@ def test_unquoted_pattern_says_to_quote(tmp_path: Path) -> None:
                                           r"starting with '\*' is read as an alias: put a pattern "
                                           r"in quotes, e\.g\. '\*\.nii\.gz'"):  # fmt: skip
         load_config(path)
+
+
+def test_cli_numbers_as_written(tmp_path: Path, vip_server: LocalVip) -> None:
+    # YAML 1.1 read max_running: 08 as the text '08' (not octal, not a number: refused) and
+    # settle_seconds: 1:30 as 90; now 08 is eight and 1:30 is refused with the forms to use
+    good = _agent_yaml(tmp_path, (
+        f"drops:\n  - path: drop\n    output: out\n    server: {vip_server.url}\n"
+        "    max_running: 08\n    poll: 2:30\n"
+    ))  # fmt: skip
+    done = run_agent("doctor", "--config", str(good), api_key=vip_server.api_key, cwd=tmp_path)
+    assert f"OK    config {good}: 1 drop folder" in done.stdout, done.stdout
+    bad = write(tmp_path / "bad.yaml", good.read_text() + "    readiness: {settle_seconds: 1:30}\n")
+    done = run_agent("watch", "--config", str(bad), api_key=vip_server.api_key, cwd=tmp_path,
+                     timeout=30)  # fmt: skip
+    assert done.returncode == 2
+    assert "drops[0].readiness.settle_seconds: must be a duration in seconds (30, 2.5, '10s', " \
+           "'5m', '2h', '1d'), not '1:30'" in done.stderr, done.stderr  # fmt: skip
