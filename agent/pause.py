@@ -215,6 +215,7 @@ def known_drops(journal: Journal, configured: Iterable[str] = ()) -> list[str]:
     found.update(
         r[0] for r in journal._db().execute("SELECT DISTINCT drop_dir FROM datasets") if r[0]
     )
+    found.update(p.target for p in read(journal).rows if p.scope == "drop")  # so it can be resumed
     return sorted(found)
 
 

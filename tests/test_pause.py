@@ -227,6 +227,12 @@ def test_pause_names_what_it_cannot_pause(tmp_path: Path, vip_server: LocalVip) 
     both = cli(tmp_path, vip_server, "pause", "old", "--all")
     assert both.returncode == 1 and "not several" in both.stderr
     assert cli(tmp_path, vip_server, "resume", "--drop", str(drop)).stdout.startswith(f"drop folder {drop} resumed")
+    # a drop folder known only by its pause (no dataset, no agent watching it) can be resumed
+    assert cli(tmp_path, vip_server, "pause", "--drop", str(other)).returncode == 1
+    gone = tmp_path / "gone"
+    journal = Journal.in_state_dir(state)
+    journal._db().execute("INSERT INTO pauses VALUES ('drop', ?, 'x', 'command line', 1)", (str(gone),))
+    assert cli(tmp_path, vip_server, "resume", "--drop", str(gone)).stdout.startswith(f"drop folder {gone} resumed")
     assert "nothing was paused" in cli(tmp_path, vip_server, "resume").stdout
 
 
