@@ -137,6 +137,14 @@ def test_two_agents_on_one_drop_folder_one_takes_it_the_other_says_so(
                      timeout=90, what="a runs both")  # fmt: skip
             assert Journal.in_state_dir(tmp_path / "state-b").datasets() == []
             assert vip_server.stats.counts["POST /executions"] == 2
+            # by hand, with b's state folder: refused too, naming a
+            write_dataset(drop / "s9", {"data.txt": "s9\n"})
+            by_hand = run_agent("run", str(drop / "s9"), "--server", vip_server.url,
+                                "--state", str(tmp_path / "state-b"),
+                                api_key=vip_server.api_key, cwd=tmp_path)  # fmt: skip
+            assert by_hand.returncode == 75, by_hand.stderr
+            assert "claimed by another vip-agent" in by_hand.stderr and f"pid {a.pid}" in by_hand.stderr
+            wait_for(lambda: "s9: done" in log_a.read_text(), timeout=90, what="a runs s9")
             # a dies without releasing its claim; b takes the folder at its next look (SIGHUP:
             # at once) and, seeing s1 and s2 mirrored already, runs neither again
             a.send_signal(signal.SIGKILL)
@@ -148,7 +156,7 @@ def test_two_agents_on_one_drop_folder_one_takes_it_the_other_says_so(
             log = log_b.read_text()
             claim = read_claim(drop)
     assert claim is not None and claim.state == str(tmp_path / "state-b")
-    assert "s1: already done" in log and "s2: already done" in log
-    assert vip_server.stats.counts["POST /executions"] == 3
+    assert "s1: already done" in log and "s2: already done" in log and "s9: already done" in log
+    assert vip_server.stats.counts["POST /executions"] == 4
     assert "Traceback" not in log + log_a.read_text()
     assert not (drop / CLAIM_NAME).exists()  # b released it when it stopped

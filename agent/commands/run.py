@@ -48,6 +48,7 @@ from agent.settings import dataset_server
 from agent.settings import resolve as resolve_settings
 from agent.vip.client import VipClient
 from agent.watch.after import update_error_report
+from agent.watch.claim import read_claim
 from agent.watch.lock import AgentLock
 
 EXIT_DONE, EXIT_FAILED, EXIT_INVALID, EXIT_INCOMPLETE, EXIT_CANCELLED = 0, 1, 2, 3, 4
@@ -378,10 +379,15 @@ def not_ours(
 
     Refused: a dataset in a drop folder of the running service, or one the journal has in
     progress while the service runs (the service takes both), or one another live process
-    holds the lease of. A dead owner's lease (exited, killed) is taken over.
+    holds the lease of, or one in a drop folder another agent claimed (another PC's service,
+    with its own state folder). A dead owner's lease (exited, killed) is taken over.
     """
     name = ds.name if ds is not None else (path.stem if path.is_file() else path.name)
     follow = f"follow it with `vip-agent status {name}` or `vip-agent logs {name} --follow`"
+    claim = read_claim(path.parent)
+    if claim is not None and Path(claim.state).resolve() != Path(state).resolve() and claim.alive():
+        return (f"{name} is in the drop folder {path.parent}, claimed by another vip-agent "
+                f"({claim.describe()}), which runs it; not run twice")  # fmt: skip
     lease = journal.lease(ds.id) if ds is not None else None
     if lease is not None and lease.owner.token != owner.token and lease.alive():
         return f"{name} is being run by {lease.owner.describe()}; not run twice: {follow}"
