@@ -22,7 +22,7 @@ from agenthelpers import agent_env, run_agent, tmpfs, wait_for, write_dataset
 from agent.journal import JOURNAL_NAME, Journal
 from agent.localvip import LocalVip
 
-TEMPLATE = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.txt"}}
+TEMPLATE: dict[str, object] = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.txt"}}
 
 
 def make_drop(tmp_path: Path, template: dict[str, object] = TEMPLATE) -> Path:

@@ -21,7 +21,7 @@ from agent.localvip import LocalVip
 from agent.localvip.faults import FaultSpec
 
 TEMPLATE = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.txt"}}
-FILES = {"data.txt": "a b c\n", "notes/extra.txt": "x\n", "notes/more.txt": "y\n"}
+FILES: dict[str, bytes | str] = {"data.txt": "a b c\n", "notes/extra.txt": "x\n", "notes/more.txt": "y\n"}
 
 
 @contextmanager
