@@ -128,8 +128,10 @@ def status(args: argparse.Namespace) -> int:
         print("no study pending in the spool")
         return 0
     print(f"{len(pending)} stud{'y' if len(pending) == 1 else 'ies'} in the spool:")
+    waiting = ((node or {}).get("waiting") or {}) if running else {}
     for p in pending:
-        note = f": {p['message']}" if p.get("message") else ""
+        reason = p.get("message") if p["state"] != "pending" else waiting.get(p["study"])
+        note = f": {reason}" if reason else ""
         print(f"  {p['study']}  {p['state']:<8} {p['objects']} object(s), last {_age(p['age'])} ago{note}")
     return 0
 

@@ -142,13 +142,13 @@ class DicomNode:
         carried = self.receiver.open_studies()
         for study in self.index.studies(PENDING):
             if study.study_uid in carried:
-                self._why[study.study_uid] = "receiving (an association carrying it is open)"
+                self._why[study.pseudonym] = "receiving (an association carrying it is open)"
                 continue
             with self._lock:
                 last = self._last.get(study.study_uid, self._started)
             quiet_for = now - last
             if quiet_for < self.config.quiet:
-                self._why[study.study_uid] = f"quiet for {quiet_for:.0f} of {self.config.quiet:.0f} s"
+                self._why[study.pseudonym] = f"waiting for {self.config.quiet:g} s without a new object"
                 continue
             handed += self._complete(study, quiet_for - self.config.quiet)
         return handed
@@ -171,7 +171,7 @@ class DicomNode:
         for idx, mine in taken.items():
             why = waiting_for(routes[idx], series, mine)
             if why is not None and waited < self.config.max_wait:
-                self._why[study.study_uid] = f"{routes[idx].label}: {why}"
+                self._why[study.pseudonym] = f"{routes[idx].label}: {why}"
                 return []
         names: list[str] = []
         try:
@@ -193,7 +193,7 @@ class DicomNode:
             self.counters.add(late=arrived)
             log.warning("study %s: %d object(s) arrived during its hand-over: late (late: %s)",
                         study.pseudonym, arrived, self.config.late)  # fmt: skip
-        self._why.pop(study.study_uid, None)
+        self._why.pop(study.pseudonym, None)
         return names
 
     def _hand(self, study: StudyRow, route: Route, series: list[Series]) -> list[str]:
@@ -215,8 +215,8 @@ class DicomNode:
         return names
 
     # -- status ------------------------------------------------------------------------
-    def waiting_reason(self, study_uid: str) -> str | None:
-        return self._why.get(study_uid)
+    def waiting_reason(self, pseudonym: str) -> str | None:
+        return self._why.get(pseudonym)
 
     def snapshot(self, listening: bool = True) -> dict[str, Any]:
         studies = self.index.counts()
@@ -234,6 +234,8 @@ class DicomNode:
             "spool_free": self.spool.free(),
             "disk_low": self.config.disk_low,
             "quiet": self.config.quiet,
+            #: why each pending study (by pseudonym) is not handed over yet
+            "waiting": dict(self._why),
         }
 
     def _publish(self, listening: bool = True) -> None:
