@@ -165,7 +165,8 @@ class WatchService:
         self.presence: dict[str, Presence] = {}
         #: drop folder -> this agent's claim on it (see agent.watch.claim), and who else has one
         self.claims: dict[str, DropClaim] = {}
-        self._claimed_by: dict[str, str] = {}
+        #: drop folder -> ``agent-id@host`` of the other agent that claimed it (page, health)
+        self.claimed_by: dict[str, str] = {}
         self.journal: Journal | None = None
         self.scheduler: Scheduler | None = None
         #: each server's bandwidth limiter (None: no limit), from the drop folders' ``bandwidth:``
@@ -323,7 +324,7 @@ class WatchService:
             log.debug("cannot write the claim file in %s: %s", d.path, err)
             return True
         if other is None:
-            if self._claimed_by.pop(key, None) is not None:
+            if self.claimed_by.pop(key, None) is not None:
                 log.info("drop folder %s: the agent that claimed it is gone; taking it", d.path)
             return True
         message = (
@@ -331,8 +332,8 @@ class WatchService:
             "datasets while that one runs (stop one of them, or remove the folder from one of "
             "the two configurations)"
         )
-        if self._claimed_by.get(key) != f"{other.agent_id}@{other.host}":
-            self._claimed_by[key] = f"{other.agent_id}@{other.host}"
+        if self.claimed_by.get(key) != f"{other.agent_id}@{other.host}":
+            self.claimed_by[key] = f"{other.agent_id}@{other.host}"
             log.warning("drop folder %s: %s", d.path, message)
         self.journal.set_drop_state(key, CLAIMED, message)
         return False

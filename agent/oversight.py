@@ -173,7 +173,9 @@ class Oversight:
         drops = []
         for d in service.config.drops:
             key = str(d.path)
-            observer = service.observers.get(key, (None, "not watched"))[1]
+            other = service.claimed_by.get(key)
+            idle = f"not watched: claimed by agent {other}" if other else "not watched"
+            observer = service.observers.get(key, (None, idle))[1]
             free = free_bytes(d.output)
             drops.append(DropHealth(
                 path=key, server=d.server, output=str(d.output), observer=observer, free_bytes=free,
