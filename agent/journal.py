@@ -652,8 +652,9 @@ class Journal:
         for words, why in _WRITE_FAILURES:
             if words in text:
                 return JournalWriteError(
-                    f"cannot write the journal {self.path}: {why}. Nothing is lost; the agent "
-                    "waits and goes on by itself once the state folder is writable again",
+                    f"cannot write the journal {self.path}: {why}. Nothing is lost: the service "
+                    "waits and goes on by itself once the state folder is writable again "
+                    "(`vip-agent run` stops; run it again then to resume)",
                     detail=str(err),
                 )
         return err  # locked past the busy timeout, a bug: not a disk problem
