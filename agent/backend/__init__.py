@@ -47,9 +47,11 @@ def open_backend(server: str, key: str, **options: Any) -> VipBackend:
     return VipBackend(VipClient(server, key, **options))
 
 
-def as_backend(platform: Backend | VipClient) -> Backend:
+def as_backend(platform: object) -> Backend:
     """``platform`` as a :class:`Backend`: a bare ``VipClient`` (what tests and older callers
-    hand the runner) is wrapped in a :class:`VipBackend`."""
+    hand the runner) is wrapped in a :class:`VipBackend`; anything else must be a backend."""
     if isinstance(platform, VipClient):
         return VipBackend(platform)
+    if not isinstance(platform, Backend):
+        raise TypeError(f"{platform!r} is neither a backend nor a VipClient")
     return platform

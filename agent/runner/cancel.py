@@ -8,6 +8,7 @@ from agent.leftovers import remove_left_file
 from agent.runner.cleanup import record_removed
 from agent.runner.common import KILL_REPEAT, Context, Finish, Next, Wait, is_ended
 from agent.runner.monitor import poll_execution
+from agent.runner.settings import discard_requested, settings_of
 from agent.session_data import write_session_data
 from agent.vip.errors import NotFoundError, VipError
 
@@ -46,8 +47,8 @@ def step(ctx: Context, ds: Dataset) -> Next:
             "deleting anything"
         )
         return Wait(1.0)
-    discard = bool(ds.options.get("discard"))  # cancel --discard of an incomplete dataset
-    keep = bool(ds.options.get("keep_remote")) and not discard
+    discard = discard_requested(ds)
+    keep = settings_of(ds).keep_remote and not discard
     if not keep and ds.remote_root:
         for e in journal.executions(ds.id):
             if e.vip_id and not e.cleaned:

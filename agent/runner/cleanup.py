@@ -16,6 +16,7 @@ from agent.leftovers import remove_left_file, summary, write_left_file
 from agent.pacer import policy
 from agent.runner.common import DELETE_DEADLINE, LOGS_DIR, Context, Finish, Next, Wait
 from agent.runner.mirror import max_download
+from agent.runner.settings import settings_of
 from agent.session_data import write_session_data
 from agent.vip.errors import NotFoundError, VipError
 
@@ -26,7 +27,7 @@ def step(ctx: Context, ds: Dataset) -> Next:
     job = ds.job or {}
     outputs = journal.outputs(ds.id)
     left = [o for o in outputs if not o.downloaded]
-    keep = bool(ds.options.get("keep_remote")) or not job.get("cleanup", True)
+    keep = settings_of(ds).keep_remote or not job.get("cleanup", True)
     if not keep and ds.remote_root:
         # outputs we could not mirror stay on the server with their execution (the portal
         # shows them there); the inputs, the other executions and the copies we hold go

@@ -9,9 +9,11 @@ from agent.errors import AgentError
 from agent.extract import has_archive_name, safe_extract
 from agent.journal import Dataset, Stage
 from agent.runner.common import Advance, Context, Interrupted, Next
+from agent.runner.settings import settings_of
 
 
 def step(ctx: Context, ds: Dataset) -> Next:
+    settings = settings_of(ds)
     for o in ctx.journal.outputs(ds.id):
         if not o.downloaded or o.extracted:
             continue
@@ -21,10 +23,8 @@ def step(ctx: Context, ds: Dataset) -> Next:
         if ctx.stop_event.is_set():
             raise Interrupted("stopping before extraction")
         try:
-            folder = safe_extract(
-                local, max_ratio=ds.options.get("extract_max_ratio"),
-                max_member_ratio=ds.options.get("extract_max_member_ratio"),
-            )  # fmt: skip
+            folder = safe_extract(local, max_ratio=settings.extract_max_ratio,
+                                  max_member_ratio=settings.extract_max_member_ratio)
         except AgentError as err:
             ctx.journal.update_output(ds.id, o.remote, extracted=-1)
             ctx.journal.event(ds.id, f"{local.name}: {err.message}", level="error")

@@ -65,8 +65,8 @@ class StepOutcome:
         return self.stage in FINAL_STAGES
 
 
-#: the platform of a server: a backend (or a bare ``VipClient``, wrapped)
-BackendFactory = Callable[[str], Any]
+#: the platform of a server: a backend (or a bare ``VipClient``, wrapped by ``as_backend``)
+BackendFactory = Callable[[str], object]
 
 
 class Runner:

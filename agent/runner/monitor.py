@@ -25,6 +25,7 @@ from agent.runner.common import (
 )
 from agent.runner.launch import launch_one
 from agent.runner.polling import poll_interval
+from agent.runner.settings import settings_of
 from agent.vip.errors import CapacityError, NotFoundError
 
 
@@ -76,7 +77,7 @@ def observe(
     now = ctx.clock()
     label = status.label
     fields: dict[str, Any] = {"status": label, "jobs": jobs}
-    limit = float(ds.options.get("unknown_limit") or ctx.unknown_limit)
+    limit = settings_of(ds).unknown_limit or ctx.unknown_limit
     if status.state is RunState.UNKNOWN:
         since = memo.unknown_since.setdefault(e.key, now)
         if e.status != label:

@@ -12,6 +12,7 @@ from agent.errors import ValidationError
 from agent.jobfile import JobSpec, load_job
 from agent.journal import Dataset, Stage
 from agent.runner.common import Advance, Context, Next, dataset_root, safe_token
+from agent.runner.settings import settings_of
 from agent.validate import closest_pipelines, execution_name, resolve_inputs, validate
 from agent.vip.errors import NotFoundError, VipError
 
@@ -39,7 +40,7 @@ def unknown_pipeline(source: PipelineSource, identifier: str, server: str | None
 def choose_output_dir(ds: Dataset, job: JobSpec, name: str) -> Path:
     root = Path(ds.output_root)
     job_out = job.output_dir
-    if job_out and not ds.options.get("output_override"):
+    if job_out and not settings_of(ds).output_override:
         root = Path(job_out)
         if not root.is_absolute():
             root = Path(ds.path).parent / root
@@ -58,7 +59,8 @@ def step(ctx: Context, ds: Dataset) -> Next:
     journal = ctx.journal
     path = Path(ds.path)
     template = Path(ds.template) if ds.template else None
-    marker = ds.options.get("marker")
+    settings = settings_of(ds)
+    marker = settings.marker
     # every entry of the dataset must be readable (loops, permissions): said, never skipped
     dataset_mod.scan(
         dataset_root(ds), only=[path.name] if path.is_file() else None,
@@ -73,8 +75,7 @@ def step(ctx: Context, ds: Dataset) -> Next:
         raise ValidationError(
             [unknown_pipeline(backend.engine, job.pipeline, ds.server)], detail=err.detail
         ) from err
-    report = validate(job, path, pipeline, max_runs=ds.options.get("max_runs"),
-                      max_jobs=ds.options.get("max_jobs"))  # fmt: skip
+    report = validate(job, path, pipeline, max_runs=settings.max_runs, max_jobs=settings.max_jobs)
     for warning in report.warnings:
         journal.event(ds.id, warning, level="warning")
     report.raise_if_errors()
@@ -85,7 +86,7 @@ def step(ctx: Context, ds: Dataset) -> Next:
     session = f"{safe_token(name)}-{(ds.fingerprint or '0' * 8)[:8]}"
     if ds.attempts:
         session += f"-a{ds.attempts + 1}"
-    layout = backend.session(str(ds.options.get("vip_root") or job.vip_root), session)
+    layout = backend.session(settings.vip_root or job.vip_root, session)
     resolved = report.resolved or resolve_inputs(job, path, pipeline)
     output_dir = ds.output_dir or str(choose_output_dir(ds, job, name))
 
