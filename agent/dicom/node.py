@@ -30,6 +30,8 @@ from agent.dicom.status import PORT_FILE, dicom_dir, write_status
 from agent.fsutil import write_atomic
 
 log = logging.getLogger("vip_agent.dicom")
+#: seconds between two looks when no study is pending and no association open (idle CPU)
+IDLE_TICK = 2.0
 
 
 class DicomNode:
@@ -53,6 +55,9 @@ class DicomNode:
         self._why: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        #: a study is pending or an association open: look every ``tick``
+        self._busy = True
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._written: dict[str, Any] = {}
@@ -71,6 +76,7 @@ class DicomNode:
         port = self.receiver.start()
         write_atomic(self.state / PORT_FILE, f"{port}\n")
         self._stop.clear()
+        self._wake.clear()
         self._thread = threading.Thread(target=self._loop, name="vip-agent-dicom", daemon=True)
         self._thread.start()
         self._publish()
@@ -78,6 +84,7 @@ class DicomNode:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.receiver.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -104,6 +111,9 @@ class DicomNode:
     def receive(self, inc: Incoming) -> int:
         with self._lock:
             self._last[inc.study_uid] = time.monotonic()
+        if not self._busy:  # the loop may be in its long idle wait: look every tick again
+            self._busy = True
+            self._wake.set()
         info = header(inc.dataset)
         info.update(CallingAE=inc.calling_ae, CalledAE=inc.called_ae, Peer=inc.peer)
         if self.index.known(inc.sop_uid):
@@ -128,7 +138,11 @@ class DicomNode:
 
     # -- completeness and hand-over ---------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop.wait(self.tick):
+        while not self._stop.is_set():
+            self._wake.wait(self.tick if self._busy else IDLE_TICK)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.check()
                 self._publish()
@@ -140,7 +154,9 @@ class DicomNode:
         now = time.monotonic() if now is None else now
         handed: list[str] = []
         carried = self.receiver.open_studies()
-        for study in self.index.studies(PENDING):
+        pending = self.index.studies(PENDING)
+        self._busy = bool(pending) or self.receiver.open_associations() > 0
+        for study in pending:
             if study.study_uid in carried:
                 self._why[study.pseudonym] = "receiving (an association carrying it is open)"
                 continue
