@@ -121,6 +121,8 @@ class Receiver:
         allow = self.config.allow
         if not allow:
             return []  # loopback only (the configuration refuses anything else)
+        if host is not None and host.startswith("::ffff:"):  # IPv4 caller on a dual-stack socket
+            host = host[len("::ffff:"):]
         entries = [a for a in allow if a.host is None or a.host == host]
         if not entries:
             return [_NOBODY]
