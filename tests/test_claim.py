@@ -160,3 +160,26 @@ def test_two_agents_on_one_drop_folder_one_takes_it_the_other_says_so(
     assert vip_server.stats.counts["POST /executions"] == 4
     assert "Traceback" not in log + log_a.read_text()
     assert not (drop / CLAIM_NAME).exists()  # b released it when it stopped
+
+
+def test_doctor_warns_about_a_drop_folder_another_agent_claimed(tmp_path: Path) -> None:
+    import io
+
+    from agent.commands.doctor import Report, check_claims
+
+    drop, state = tmp_path / "drop", tmp_path / "state"
+    drop.mkdir()
+    mine = Journal.in_state_dir(state)
+    other = DropClaim(drop, agent_id="dddd4444", state=tmp_path / "elsewhere")
+    assert other.take() is None
+    report = Report(io.StringIO())
+    check_claims(report, state, [drop])
+    (check,) = report.checks
+    assert check.status == "WARN" and "claimed by another vip-agent: agent dddd4444" in check.title
+    assert "stop one of the two agents" in check.fix
+    other.release()
+    ours = DropClaim(drop, agent_id=mine.agent_id(), state=state)  # this state folder's own claim
+    assert ours.take() is None
+    report = Report(io.StringIO())
+    check_claims(report, state, [drop])
+    assert report.checks == []
