@@ -25,7 +25,14 @@ from agent.backend import as_backend
 from agent.backend.port import Backend
 from agent.errors import AgentError
 from agent.fsutil import write_atomic
-from agent.journal import FINAL_STAGES, Dataset, IllegalTransition, Journal, Stage
+from agent.journal import (
+    FINAL_STAGES,
+    Dataset,
+    IllegalTransition,
+    Journal,
+    JournalWriteError,
+    Stage,
+)
 from agent.pacer import ServerBudget, budget_for, policy
 from agent.progress import ProgressTracker
 from agent.progress import current as current_progress
@@ -198,8 +205,8 @@ class Runner:
                 self.journal.update(dataset_id, error=notice, error_detail=None)
             elif ds.error and not outcome.final:
                 self.journal.update(dataset_id, error=None, error_detail=None)
-        except (AuthError, Interrupted):
-            raise
+        except (AuthError, Interrupted, JournalWriteError):
+            raise  # the scheduler pauses, stops, or says once and retries (journal not writable)
         except CapacityError as err:
             # launches on this server back off together (agent.pacer), never every poll
             delay = max(self.budget(ds.server).launch_refused(err.code), self.capacity_wait or 0.0)
