@@ -153,3 +153,23 @@ def test_the_service_leaves_a_run_alone_and_takes_its_dataset_once_it_is_killed(
     assert launches(vip_server) == 2  # small once, big once (the service resumed its upload)
     assert "small: picked up" not in log  # the service never drove the small run
     assert "Traceback" not in log
+
+
+def test_a_killed_service_blocks_nothing_run_takes_its_dataset(
+    tmp_path: Path, vip_server: LocalVip
+) -> None:
+    drop = make_drop(tmp_path)
+    vip_server.faults = FaultSpec(latency=2.0, methods=frozenset({"PUT"}))
+    with service(tmp_path, vip_server, drop) as (proc, _log_file):
+        journal = Journal.in_state_dir(tmp_path / "state")
+        write_dataset(drop / "s1", FILES)
+        wait_for(lambda: stage_of(journal, "s1") == "upload", timeout=60, what="s1 uploading")
+        proc.send_signal(signal.SIGKILL)  # the service dies holding s1's lease
+        proc.wait(timeout=10)
+    vip_server.faults = FaultSpec()
+    done = run_agent("run", str(drop / "s1"), "--server", vip_server.url,
+                     "--state", str(tmp_path / "state"), "--poll", "0.05:0.3",
+                     api_key=vip_server.api_key, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "resuming s1 at stage upload" in done.stderr
+    assert stage_of(journal, "s1") == "done" and launches(vip_server) == 1
