@@ -7,6 +7,7 @@ Also: doctor, status, /metrics and a restart of the agent (SIGKILL) in the middl
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from dicomhelpers import (
     needs_dcmtk,
     storescu,
 )
+from webhelpers import CHROMEDRIVER, CHROMIUM, chromium
 
 from agent.journal import Journal
 from agent.localvip import LocalVip
@@ -144,9 +146,27 @@ def test_metrics_and_page_show_the_node(tmp_path: Path, vip_server: LocalVip) ->
 
         text = wait_for(scraped, 30, interval=0.2, what="the two unrouted studies in /metrics")
         health = requests.get(url + "/api/health", timeout=10).json()
+        card = page_card(tmp_path, url, "DICOM studies pending")
     assert "vip_agent_dicom_objects_total 2.0" in text and "vip_agent_dicom_associations_total 1.0" in text
     assert "vip_agent_dicom_refusals_total 0.0" in text
     pending = health["dicom"]["pending"]  # the two files belong to two studies
     assert [(p["state"], p["objects"]) for p in pending] == [("unrouted", 1)] * 2
     assert "Doe" not in json.dumps(health)
     assert health["dicom"]["node"]["counters"]["objects"] == 2
+    if card is not None:  # the status page in a real headless Chromium (where installed)
+        assert card.lower().startswith("dicom studies pending\n2\nvipagent on 127.0.0.1:"), card
+        assert "2 objects" in card and "unrouted (1)" in card and "Doe" not in card
+
+
+def page_card(tmp_path: Path, url: str, title: str) -> str | None:
+    """The text of the status page's health card ``title`` (None without Chromium)."""
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        return None
+    driver = chromium(tmp_path / "profile")
+    try:
+        driver.get(url)
+        script = ("return [...document.querySelectorAll('#health .card')].map((c) => c.innerText)"
+                  f".find((t) => t.toLowerCase().startsWith({json.dumps(title.lower())})) || ''")  # fmt: skip
+        return str(wait_for(lambda: driver.execute_script(script), 20, what=f"the {title!r} card"))
+    finally:
+        driver.quit()
