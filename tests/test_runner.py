@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agenthelpers import run_agent, start_runner, tree, wait_for, write_dataset
+from agenthelpers import drive, run_agent, start_runner, tree, wait_for, write_dataset
 
 from agent.journal import Journal
 from agent.localvip import LocalVip
@@ -131,8 +131,7 @@ def test_killed_execution_is_reported(tmp_path: Path, vip_server: LocalVip) -> N
         {"pipeline": "Sleep/1.0", "inputs": {"duration": 60}},
     )
     journal, dataset_id, runner, client = start_run(tmp_path, vip_server, ds)
-    while runner.step(dataset_id).stage != "monitor":
-        pass
+    drive(runner, dataset_id, until=lambda o: o.stage == "monitor", max_wait=0)
     (execution,) = journal.executions(dataset_id)
     assert execution.vip_id
     client.kill(execution.vip_id)  # killed by someone on the VIP portal

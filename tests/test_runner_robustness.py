@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agenthelpers import run_agent, start_runner, tmpfs, write_dataset
+from agenthelpers import drive, run_agent, start_runner, tmpfs, write_dataset
 
 from agent.backend import open_backend
 from agent.journal import Journal
@@ -89,8 +89,8 @@ def test_full_disk_waits_and_resumes_without_losing_anything(
                        {"pipeline": "ConcatFiles/1.0",
                         "inputs": {"files": ["a.bin"], "output_name": "big"}})
     journal, dataset_id, runner = _runner(tmp_path, vip_server, ds, output_root=small_disk)
-    while (outcome := runner.step(dataset_id)).stage != "mirror" or not outcome.retry_after:
-        assert not outcome.final, journal.get(dataset_id).error
+    outcome = drive(runner, dataset_id, until=lambda o: o.stage == "mirror" and bool(o.retry_after))
+    assert not outcome.final, journal.get(dataset_id).error
     row = journal.get(dataset_id)
     assert row.stage == "mirror" and row.state == "downloading"
     assert "disk is full" in (row.error or "")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agenthelpers import run_agent, start_runner, write_dataset
+from agenthelpers import drive, run_agent, start_runner, write_dataset
 
 from agent import dataset as dataset_mod
 from agent.journal import Journal
@@ -25,10 +25,8 @@ def _runner(tmp_path: Path, server: LocalVip, ds: Path, **kw: Any) -> tuple[Jour
 
 
 def _step_past_upload(runner: Runner, dataset_id: int) -> str:
-    stage = runner.step(dataset_id).stage  # validate
-    while stage == "upload":
-        stage = runner.step(dataset_id).stage
-    return stage
+    runner.step(dataset_id)  # validate
+    return str(drive(runner, dataset_id, until=lambda o: o.stage != "upload", max_wait=0).stage)
 
 
 def test_small_files_cost_one_request_each(tmp_path: Path, vip_server: LocalVip) -> None:
@@ -137,8 +135,7 @@ def _running(tmp_path: Path, vip_server: LocalVip) -> tuple[Journal, int, Runner
     """A dataset whose Sleep execution runs (stepped up to ``monitor``)."""
     first = write_dataset(tmp_path / "drop" / "first", {"x.txt": "x\n"}, SLEEP_JOB)
     journal, first_id, runner = _runner(tmp_path, vip_server, first)
-    while runner.step(first_id).stage != "monitor":
-        pass
+    drive(runner, first_id, until=lambda o: o.stage == "monitor", max_wait=0)
     return journal, first_id, runner
 
 
@@ -147,8 +144,7 @@ def _waiting(tmp_path: Path, vip_server: LocalVip, journal: Journal, runner: Run
     second = write_dataset(tmp_path / "drop" / "second", {"y.txt": "y\n"}, SLEEP_JOB)
     second_id = admit(journal, second, server=vip_server.url, output_root=tmp_path / "out",
                       fingerprint=dataset_mod.scan(second).fingerprint, name="second")
-    while runner.step(second_id).stage != "launch":
-        pass
+    drive(runner, second_id, until=lambda o: o.stage == "launch", max_wait=0)
     return second_id
 
 
