@@ -108,7 +108,7 @@ def test_each_production_fault_parses_alone() -> None:
     assert one.launch_refusal == 1.0 and one.launch_refusal_code == {2003}
     assert FaultSpec.parse("launch_refusal=0.5,launch_refusal_code=8000|2003").launch_refusal_code == {8000, 2003}
     # the profile's rate stays when only the code is named
-    assert FaultSpec.parse("launch_refusal_code=2004", "production").launch_refusal == 0.1
+    assert FaultSpec.parse("launch_refusal_code=2004", "production").launch_refusal == 0.03
     for bad in ("launch_refusal_code=1234", "platform_transfers=-1", "staging_delay=x"):
         with pytest.raises(ConfigError):
             FaultSpec.parse(bad)

@@ -253,7 +253,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "platform_transfers": 20,
         "transfer_wait": 45.0,
         "results_delay": 0.2,
-        "launch_refusal": 0.1,
+        "launch_refusal": 0.03,
         "launch_refusal_code": frozenset({8000, 2003}),
         "redirect_port": 0,
         "late_landing": 0.002,
