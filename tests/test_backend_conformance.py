@@ -1,7 +1,8 @@
 """One conformance suite for every backend of :mod:`agent.backend.port`.
 
 Each test runs on the in-memory backend and on the VIP backend over HTTP to the local
-server (``agent.localvip``). A new backend is added to ``PLATFORMS`` and must pass as is.
+server (``agent.localvip``), ideal and with its production profile. A new backend is added
+to ``PLATFORMS`` and must pass as is.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from agenthelpers import wait_for
 
 from agent.backend import Backend, RunState, open_backend
 from agent.backend.memory import MemoryBackend
+from agent.localvip import FaultSpec, LocalVip
 from agent.vip.errors import CapacityError, NotFoundError
 
-PLATFORMS = ["memory", "vip"]
+PLATFORMS = ["memory", "vip", "vip-production"]
+#: the local server as slow and strict as VIP 4.6 (async deletes, GASW job statuses such as
+#: CANCELLED_REPLICA, Unknown after a kill...), minus what would make a launch fail at random
+PRODUCTION = {"launch_refusal": 0.0, "late_landing": 0.0, "staging_delay": 0.2, "job_statuses": 1.0}
 ROOT = "/vip/Home/conformance"
 PIPELINE = "Sleep/1.0"
 
@@ -52,7 +57,14 @@ def platform(request: pytest.FixtureRequest) -> Iterator[Platform]:
 
         yield Platform(mem, until, refuse)
         return
-    server = request.getfixturevalue("vip_server")
+    if request.param == "vip-production":
+        root = request.getfixturevalue("tmp_path") / "production-vip"
+        server = LocalVip(root, profile="production",
+                          faults=FaultSpec.for_profile("production", **PRODUCTION))
+        server.start()
+        request.addfinalizer(server.stop)
+    else:
+        server = request.getfixturevalue("vip_server")
     vip = open_backend(server.url, server.api_key, retries=0)
 
     def poll(predicate: Callable[[], Any], what: str) -> Any:
