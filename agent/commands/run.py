@@ -533,6 +533,9 @@ def dry_run(
             if shown == DRY_RUN_SHOWN:
                 break
             shown += 1
+            if run > 1:  # the runs of a variant share its inputs: said once
+                print(f"execution {variant} run {run}: the inputs of run 1")
+                continue
             print(f"execution {variant} run {run}:")
             for k, v in values.items():
                 print(_input_text(k, v))
