@@ -9,8 +9,10 @@ execution list first), VipSession's session layout (``<root>/<session>/INPUTS`` 
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from agent.backend import carmin
@@ -22,10 +24,46 @@ from agent.backend.port import (
     SessionLayout,
 )
 from agent.vip.client import VipClient
-from agent.vip.errors import NotFoundError
+from agent.vip.errors import (
+    ApiError,
+    CapacityError,
+    LaunchUncertain,
+    NotFoundError,
+    TransientError,
+)
+
+log = logging.getLogger("vip_agent.backend.vip")
 
 #: VIP's code for an execution that was deleted (only ended executions can be)
 DELETED_CODE = 8015
+#: the engine refused a launch "for now" (after 4.6: an engine answering 503)
+ENGINE_SATURATED = 2003
+#: 4.6 answers an engine that cannot take a launch with the generic 8000 and these words
+#: (``WorkflowBusiness.launch``: no usable resource, engine disabled); retried later
+ENGINE_BUSY_WORDS = re.compile(r"no ress?ources? available|workflow is null", re.IGNORECASE)
+
+#: GASW job statuses (``GaswStatus``) that a job whose work was done can read: VIP shows
+#: the latest task of each job, and GASW replicates and resubmits jobs, then cancels (or
+#: deletes, kills) the other replicas of one that completed; a finished execution's job
+#: reading one of these did its work. ERROR, ERROR_HELD, STALLED, KILL, CANCELLED... did not.
+JOB_DONE = frozenset({
+    "COMPLETED", "CANCELLED_REPLICA", "DELETED_REPLICA", "KILL_REPLICA", "REPLICATE",
+    "RESCHEDULE",
+})
+
+
+def engine_busy(err: ApiError) -> bool:
+    """A launch refusal that means "try later": 2003, or 8000 with 4.6's engine words."""
+    if err.code == ENGINE_SATURATED:
+        return True
+    return err.code == 8000 and bool(ENGINE_BUSY_WORDS.search(f"{err.message} {err.detail or ''}"))
+
+
+def vip_words(err: ApiError) -> str:
+    """VIP's own message in a refusal (from the error's detail), else the error's message."""
+    detail = err.detail or ""
+    _, sep, said = detail.partition(f"errorCode {err.code}: ")
+    return said.strip() if sep and said.strip() else err.message
 
 
 def _info(record: Mapping[str, Any]) -> ExecutionInfo:
@@ -79,7 +117,22 @@ class VipEngine:
 
     def launch(self, name: str, pipeline: str, inputs: Mapping[str, str | list[str]],
                results_location: str) -> ExecutionInfo:
-        return _info(self.client.create_execution(name, pipeline, inputs, results_location))
+        """Launch; an engine that refuses "for now" (2003, 8000 "no ressources available",
+        "Workflow is null") is a ``CapacityError`` carrying its code (the runner backs off
+        with the ``engine`` policy); 2004 LAUNCH_ERROR and other refusals stay ``ApiError``
+        (permanent: the dataset fails with VIP's words)."""
+        try:
+            return _info(self.client.create_execution(name, pipeline, inputs, results_location))
+        except LaunchUncertain as err:
+            # an engine refusal answered with an error status (503 for 2003) reads as a
+            # failed exchange; its code says nothing was created
+            if err.code == ENGINE_SATURATED:
+                raise _engine_refusal(err) from None
+            raise
+        except ApiError as err:
+            if engine_busy(err):
+                raise _engine_refusal(err) from None
+            raise
 
     def find(self, name: str) -> ExecutionInfo | None:
         found = self.client.find_execution(name)
@@ -103,13 +156,71 @@ class VipEngine:
         return carmin.classify(label)
 
     def job_problems(self, jobs: Mapping[str, Any]) -> list[str]:
-        return carmin.job_problems(jobs)
+        """Jobs of a finished execution that did not do their work, in GASW's words: a
+        job reading ``CANCELLED_REPLICA`` (another replica completed it) or a replica or
+        resubmission status is not one."""
+        return [
+            str(j) for j, info in jobs.items()
+            if isinstance(info, dict)
+            and str(info.get("status")) not in JOB_DONE
+        ]
 
     def results(self, execution_id: str) -> list[RemoteFile]:
-        return [
-            RemoteFile(path=p.path, size=p.size, is_dir=p.is_dir, exists=p.exists)
-            for p in self.client.results(execution_id)
-        ]
+        """The execution's outputs from ``/results`` (its own long read timeout). When that
+        call fails (VIP asks its storage about every output, and times out on big
+        executions), the outputs are found another way: the execution's ``returnedFiles``
+        and a listing of each results folder they lie in (sizes included)."""
+        try:
+            return [
+                RemoteFile(path=p.path, size=p.size, is_dir=p.is_dir, exists=p.exists)
+                for p in self.client.results(execution_id)
+            ]
+        except TransientError as err:
+            log.info("execution %s: /results failed (%s); finding its outputs from "
+                     "returnedFiles and a listing", execution_id, err.message)  # fmt: skip
+            return self._results_by_listing(execution_id)
+
+    def _results_by_listing(self, execution_id: str) -> list[RemoteFile]:
+        """Outputs from ``returnedFiles`` (platform paths), sized by listing their folders;
+        a returned folder is listed recursively."""
+        record = self.client.execution(execution_id)
+        returned = record.get("returnedFiles") or {}
+        paths: list[str] = []
+        if isinstance(returned, dict):
+            for value in returned.values():
+                items = value if isinstance(value, list) else [value]
+                paths += [str(p) for p in items if isinstance(p, str) and p.startswith("/")]
+        found: dict[str, RemoteFile] = {}
+        listed: dict[str, dict[str, RemoteFile]] = {}
+
+        def listing(folder: str) -> dict[str, RemoteFile]:
+            if folder not in listed:
+                try:
+                    entries = self.client.list(folder)
+                except NotFoundError:
+                    entries = []
+                listed[folder] = {
+                    e.path.rstrip("/"): RemoteFile(e.path, e.size, e.is_dir) for e in entries
+                }
+            return listed[folder]
+
+        def add_tree(folder: str) -> None:
+            for path, entry in listing(folder).items():
+                if entry.is_dir:
+                    add_tree(path)
+                else:
+                    found[path] = entry
+
+        for path in paths:
+            path = path.rstrip("/")
+            entry = listing(str(PurePosixPath(path).parent)).get(path)
+            if entry is None:
+                found[path] = RemoteFile(path, None, exists=False)
+            elif entry.is_dir:
+                add_tree(path)
+            else:
+                found[path] = entry
+        return sorted(found.values(), key=lambda f: f.path)
 
     def log(self, execution_id: str, stream: str, job: str | None = None) -> str:
         if stream == "stdout":
@@ -123,6 +234,15 @@ class VipEngine:
 
     def delete_execution(self, execution_id: str) -> None:
         self.client.delete_execution(execution_id, delete_files=True)
+
+
+def _engine_refusal(err: ApiError | LaunchUncertain) -> CapacityError:
+    said = vip_words(err) if isinstance(err, ApiError) else err.message
+    return CapacityError(
+        f"waiting for VIP's engine: it cannot take the launch for now ({said}); the launch "
+        "is tried again later",
+        detail=err.detail, code=err.code, http_status=err.http_status,
+    )
 
 
 class VipBackend:

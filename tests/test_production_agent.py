@@ -1,0 +1,136 @@
+"""The agent against the local server's production behaviours (docs/localvip.md), one at a
+time: a slow ``/results``, engine refusals on launch, GASW's replica statuses, platform-path
+inputs, a cancel that reads ``Unknown``, late landings and slow deletes.
+
+Each test drives the real runner over HTTP to ``agent.localvip`` with the one fault it is
+about (the Done-when run with every fault together is tests/test_production_watch.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agenthelpers import drive, start_runner, wait_for, write_dataset
+
+from agent.backend.vip import VipEngine
+from agent.localvip import LocalVip
+from agent.pacer import ServerBudget
+
+FILESTATS = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "scan.txt"}}
+
+
+def posts(server: LocalVip) -> int:
+    """Launch requests the server received (refused ones included)."""
+    counts: dict[str, int] = server.stats_snapshot()["counts"]
+    return int(counts.get("POST /executions", 0))
+
+
+def executions_created(server: LocalVip) -> list[str]:
+    return [row[0] for row in server.state.query("SELECT name FROM executions")]
+
+
+class FakeClock:
+    """A monotonic clock the test moves (the launch backoff of a ServerBudget)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- 1. a slow /results ----------------------------------------------------------------------
+def test_slow_results_found_from_returned_files_and_listing(
+    tmp_path: Path, vip_server: LocalVip
+) -> None:
+    """``/results`` slower than its timeout: the outputs come from ``returnedFiles`` and a
+    listing of the results folder, and the dataset ends done; it never gives up."""
+    vip_server.faults = "results_delay=4"  # 4 s per output; the client waits 1.5 s
+    ds = write_dataset(tmp_path / "drop" / "slow", {"scan.txt": "a\nb\n"}, FILESTATS)
+    s = start_runner(
+        tmp_path, ds, vip_server, poll_min=0.1, poll_max=0.3, retry_base=0.1,
+        give_up_after=6.0,
+        client_options={"timeout": 1.5, "results_timeout": 1.5, "retries": 0},
+    )
+    outcome = drive(s.runner, s.dataset_id, timeout=40)
+    row = s.journal.get(s.dataset_id)
+    assert outcome.stage == "done", row.error
+    assert list(Path(row.output_dir or "").rglob("report.json"))
+    (out,) = s.journal.outputs(s.dataset_id)
+    assert out.downloaded and out.size and out.remote.endswith("scan_stats.tgz")
+    assert not s.client.exists(row.remote_root or "/nowhere")
+
+
+# -- 2. engine refusals on launch ---------------------------------------------------------------
+def _until_launch_wait(outcome: Any) -> bool:
+    return bool(outcome.stage == "launch" and (outcome.retry_after or 0) > 20)
+
+
+@pytest.mark.parametrize("code", [2003, 8000])
+def test_engine_try_later_is_retried_with_backoff(
+    tmp_path: Path, vip_server: LocalVip, code: int
+) -> None:
+    """2003 ENGINE_SATURATED and 4.6's 8000 "no ressources"/"Workflow is null": the dataset
+    waits (queued, saying it waits for VIP's engine), no POST while the backoff runs, then
+    launches once and ends done."""
+    vip_server.faults = f"launch_refusal_code={code},times=1"
+    ds = write_dataset(tmp_path / "drop" / "busy", {"scan.txt": "x\n"}, FILESTATS)
+    clock = FakeClock()
+    budget = ServerBudget(vip_server.url, max_rate=0, clock=clock)
+    s = start_runner(tmp_path, ds, vip_server, poll_min=0.1, poll_max=0.3,
+                     budget_for=lambda _server: budget)  # fmt: skip
+    drive(s.runner, s.dataset_id, until=_until_launch_wait, timeout=30)
+    row = s.journal.get(s.dataset_id)
+    assert row.state == "queued" and row.error
+    assert "waiting for VIP's engine" in row.error
+    assert posts(vip_server) == 1
+    # the engine policy's backoff: the next steps do not ask again
+    for _ in range(3):
+        assert s.runner.step(s.dataset_id).stage == "launch"
+    assert posts(vip_server) == 1
+    clock.now += 3600  # the backoff is over
+    outcome = drive(s.runner, s.dataset_id, timeout=40)
+    assert outcome.stage == "done", s.journal.get(s.dataset_id).error
+    assert posts(vip_server) == 2 and len(executions_created(vip_server)) == 1
+
+
+def test_launch_error_fails_with_vip_words_and_cleans(tmp_path: Path, vip_server: LocalVip) -> None:
+    """2004 LAUNCH_ERROR is permanent: failed with VIP's message, the inputs deleted."""
+    vip_server.faults = "launch_refusal_code=2004"
+    ds = write_dataset(tmp_path / "drop" / "broken", {"scan.txt": "x\n"}, FILESTATS)
+    s = start_runner(tmp_path, ds, vip_server, poll_min=0.1, poll_max=0.3)
+    outcome = drive(s.runner, s.dataset_id, timeout=30)
+    row = s.journal.get(s.dataset_id)
+    assert outcome.stage == "failed"
+    assert row.error and "Error launching execution, contact admins!" in row.error
+    assert "inputs were deleted" in row.error
+    assert posts(vip_server) == 1 and executions_created(vip_server) == []
+    root = row.remote_root or ""
+    wait_for(lambda: not s.client.exists(root), timeout=10, what="inputs deleted")
+
+
+# -- 6. GASW's job statuses ------------------------------------------------------------------------
+def test_replica_statuses_are_no_job_problem(tmp_path: Path, vip_server: LocalVip) -> None:
+    """A completed job reading CANCELLED_REPLICA (another replica did the work) gives no
+    "did not complete" warning; ERROR still does."""
+    vip_server.faults = "job_statuses=1"
+    ds = write_dataset(tmp_path / "drop" / "replica", {"scan.txt": "x\n"}, FILESTATS)
+    s = start_runner(tmp_path, ds, vip_server, poll_min=0.1, poll_max=0.3)
+    assert drive(s.runner, s.dataset_id, timeout=30).stage == "done"
+    (e,) = s.journal.executions(s.dataset_id)
+    assert {j["status"] for j in (e.jobs or {}).values()} == {"CANCELLED_REPLICA"}
+    events = [ev.message for ev in s.journal.events(s.dataset_id)]
+    assert not [m for m in events if "did not complete" in m]
+
+
+def test_gasw_statuses_of_done_and_failed_jobs() -> None:
+    """VIP's job words: replicas and resubmissions of a job that did its work are no problem."""
+    engine = VipEngine.__new__(VipEngine)  # job_problems reads no server
+    done = {str(i): {"status": s} for i, s in enumerate(
+        ["COMPLETED", "CANCELLED_REPLICA", "DELETED_REPLICA", "KILL_REPLICA", "REPLICATE",
+         "RESCHEDULE"])}  # fmt: skip
+    assert engine.job_problems(done) == []
+    bad = {"1": {"status": "ERROR"}, "2": {"status": "STALLED_HELD"}, "3": {"status": "CANCELLED"}}
+    assert engine.job_problems(bad) == ["1", "2", "3"]
