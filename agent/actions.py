@@ -135,7 +135,7 @@ def cancel_here(
     journal: Journal, dataset_id: int, key_file: Path | None, timeout: float
 ) -> str | None:
     """Drive the runner until the dataset is final (no agent runs; the caller holds the lock)."""
-    from agent.daemon import ClientProvider
+    from agent.clients import ClientProvider
     from agent.runner import Runner
     from agent.vip.errors import AuthError
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from agent.bandwidth import Limiter
 from agent.bandwidth import install as install_bandwidth
+from agent.clients import ClientProvider, MissingKey
 from agent.config import AgentConfig, DropConfig, Limits, load_config
 from agent.errors import AgentError, ConfigError, CredentialError
 from agent.journal import Journal, JournalWriteError
@@ -54,76 +55,6 @@ class AlreadyRunning(AgentError):
     """Another agent holds the state folder."""
 
     exit_code = 1
-
-
-class MissingKey(AuthError):
-    """No API key anywhere (a refused key is a plain AuthError)."""
-
-
-class ClientProvider:
-    """``client_for(server)`` for the runner: one backend (``agent.backend.open_backend``) per
-    server, key re-read on demand.
-
-    The key is looked up with ``agent.credentials.find_api_key`` (systemd
-    credential, key file, ``VIP_API_KEY``, keyring); only its source is logged.
-    A missing key raises :class:`~agent.vip.errors.AuthError` so that the
-    scheduler pauses instead of failing datasets.
-    """
-
-    def __init__(
-        self,
-        key_files: dict[str, Path | None],
-        *,
-        redact: RedactFilter | None = None,
-        client_options: dict[str, Any] | None = None,
-    ) -> None:
-        self.key_files = dict(key_files)
-        self.redact = redact
-        self.client_options = client_options or {}
-        self._lock = threading.Lock()
-        self._clients: dict[str, tuple[str, Any]] = {}
-        self._sources: dict[str, str] = {}
-
-    def _load(self, server: str) -> Any:
-        from agent.backend import open_backend
-        from agent.credentials import find_api_key
-
-        try:
-            cred = find_api_key(server, key_file=self.key_files.get(server))
-        except CredentialError as err:
-            # an AuthError, so that a key lost at run time pauses instead of failing datasets
-            raise MissingKey(err.message, err.detail) from None
-        if self.redact is not None:
-            self.redact.add(cred.key)
-        current = self._clients.get(server)
-        if current is not None and current[0] == cred.key:
-            return current[1]
-        if self._sources.get(server) != cred.source or current is not None:
-            log.info("API key for %s: from %s", server, cred.source)
-        self._sources[server] = cred.source
-        client = open_backend(server, cred.key, **self.client_options)
-        self._clients[server] = (cred.key, client)
-        return client
-
-    def __call__(self, server: str) -> Any:
-        with self._lock:
-            current = self._clients.get(server)
-            if current is not None:
-                return current[1]
-            return self._load(server)
-
-    def refresh(self, server: str) -> Any:
-        """Look the key up again (it may have been fixed) and return the client."""
-        with self._lock:
-            return self._load(server)
-
-    def probe(self, server: str) -> None:
-        """Raise AuthError unless the server accepts the (re-read) key."""
-        self.refresh(server).check_key()
-
-    def forget(self) -> None:
-        with self._lock:
-            self._clients.clear()
 
 
 class WatchService:

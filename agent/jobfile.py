@@ -17,16 +17,13 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from agent import yamlread
 from agent.dataset import JOB_FILE, scan
 from agent.errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover - re-exported lazily, see __getattr__
-    from agent.validate import ResolvedJob, resolve_inputs  # noqa: F401
 
 #: remote folder under which the agent creates its per-dataset sessions
 DEFAULT_VIP_ROOT = "/vip/Home/vip-agent"
@@ -688,13 +685,3 @@ def load_job(
         origins=origins,
         problems=tuple(message for _doc, _key, message in keyed),
     )
-
-
-def __getattr__(name: str) -> Any:
-    # resolve_inputs lives in agent.validate (it needs the pipeline's types);
-    # re-exported here lazily to avoid an import cycle.
-    if name in ("resolve_inputs", "ResolvedJob", "ResolvedVariant", "LocalFile"):
-        from agent import validate
-
-        return getattr(validate, name)
-    raise AttributeError(name)

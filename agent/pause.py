@@ -22,7 +22,6 @@ agent running, the page, the scheduler after a restart).
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import os
 import time
@@ -30,7 +29,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.commands import add_state_args
 from agent.errors import AgentError
 from agent.journal import ACTIVE_STAGES_SQL, Dataset, Journal
 
@@ -289,48 +287,3 @@ def request(
 
 
 # -- the commands ----------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    """The arguments ``pause`` and ``resume`` share."""
-    parser.add_argument(
-        "name", nargs="?", metavar="NAME|#ID",
-        help=f"one dataset (name, or id: 3 or '#3' quoted) to {verb}",
-    )  # fmt: skip
-    parser.add_argument("--drop", metavar="PATH", help=f"{verb} every dataset of this drop folder")
-    parser.add_argument(
-        "--all", action="store_true",
-        help=f"{verb} the whole agent (the default with no argument)"
-        + ("; `resume --all` lifts every pause, also of drop folders and datasets" if verb == "resume" else ""),
-    )  # fmt: skip
-    add_state_args(parser)
-
-
-def command(action: str, args: argparse.Namespace) -> int:
-    """``vip-agent pause|resume``: pause or resume what the arguments name; prints one sentence."""
-    from agent import queries
-    from agent.config import load_config
-
-    given = [x for x in (args.name, args.drop, args.all or None) if x]
-    if len(given) > 1:
-        raise CannotPause(f"give one of NAME|#ID, --drop PATH or --all to {action}, not several")
-    state = queries.state_dir(args.state, args.config)
-    journal = queries.open_journal(state)
-    if journal is None and action == "pause":  # paused before the agent ever ran: it starts paused
-        journal = Journal.in_state_dir(state)
-    if journal is None:
-        raise queries.NotFound(f"no journal in {state}: no agent has run there yet, nothing to {action}")
-    dataset = drop = None
-    if args.name:
-        dataset = queries.find_dataset(journal, args.name)
-    elif args.drop:
-        configured: list[str] = []
-        if args.config:
-            configured = [str(d.path) for d in load_config(args.config).drops]
-        drop = drop_target(journal, args.drop, configured)
-    message = request(journal, action, dataset=dataset, drop=drop, by=who(), via="command line")
-    pid = queries.agent_pid(state)
-    then = (
-        f"the running agent (pid {pid or '?'}) applies it within seconds" if pid is not None
-        else "no agent is running: it applies when `vip-agent watch` starts"
-    )
-    print(f"{message}; {then}")
-    return 0

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from agent import pause
+from agent.commands import pause_arguments, pause_command
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    pause.add_arguments(parser, "pause")
+    pause_arguments(parser, "pause")
 
 
 def main(args: argparse.Namespace) -> int:
-    return pause.command("pause", args)
+    return pause_command("pause", args)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from agent import pause
+from agent.commands import pause_arguments, pause_command
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    pause.add_arguments(parser, "resume")
+    pause_arguments(parser, "resume")
 
 
 def main(args: argparse.Namespace) -> int:
-    return pause.command("resume", args)
+    return pause_command("resume", args)

@@ -493,9 +493,9 @@ def dry_run(
 ) -> int:  # fmt: skip
     """Validate against the pipeline and print what would be sent (at most
     :data:`DRY_RUN_SHOWN` files and executions, then a count); send nothing."""
-    from agent.jobfile import load_job, resolve_inputs
+    from agent.jobfile import load_job
     from agent.runner import unknown_pipeline
-    from agent.validate import validate
+    from agent.validate import resolve_inputs, validate
     from agent.vip.errors import NotFoundError
 
     job = load_job(path, template, keep_problems=True)  # key problems come with the input ones
