@@ -9,7 +9,7 @@ port plus a run of ``tests/test_backend_conformance.py``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.backend.port import (
     LOST_LABEL,
@@ -22,8 +22,12 @@ from agent.backend.port import (
     SessionLayout,
     Storage,
 )
-from agent.backend.vip import VipBackend
-from agent.vip.client import VipClient
+
+if TYPE_CHECKING:
+    from agent.backend.vip import VipBackend
+
+# The VIP backend (and with it requests/urllib3) is imported when a backend is opened, not
+# when the port is: read-only commands such as `vip-agent status` never load the HTTP stack.
 
 __all__ = [
     "LOST_LABEL",
@@ -35,7 +39,6 @@ __all__ = [
     "RunState",
     "SessionLayout",
     "Storage",
-    "VipBackend",
     "as_backend",
     "open_backend",
 ]
@@ -44,12 +47,20 @@ __all__ = [
 def open_backend(server: str, key: str, **options: Any) -> VipBackend:
     """The backend for ``server`` with API key ``key``; ``options`` go to
     :class:`agent.vip.VipClient` (``timeout``, ``retries``, ``backoff``...)."""
+    from agent.backend.vip import VipBackend
+    from agent.vip.client import VipClient
+
     return VipBackend(VipClient(server, key, **options))
 
 
 def as_backend(platform: object) -> Backend:
     """``platform`` as a :class:`Backend`: a bare ``VipClient`` (what tests and older callers
     hand the runner) is wrapped in a :class:`VipBackend`; anything else must be a backend."""
+    if isinstance(platform, Backend):
+        return platform
+    from agent.backend.vip import VipBackend
+    from agent.vip.client import VipClient
+
     if isinstance(platform, VipClient):
         return VipBackend(platform)
     if not isinstance(platform, Backend):
