@@ -165,7 +165,7 @@ def test_two_agents_on_one_drop_folder_one_takes_it_the_other_says_so(
 def test_doctor_warns_about_a_drop_folder_another_agent_claimed(tmp_path: Path) -> None:
     import io
 
-    from agent.commands.doctor import Report, check_claims
+    from agent.doctor import Report, check_claims
 
     drop, state = tmp_path / "drop", tmp_path / "state"
     drop.mkdir()

@@ -13,8 +13,7 @@ import pytest
 import yaml
 from agenthelpers import MemoryKeyring
 
-from agent import cli
-from agent.commands import doctor
+from agent import cli, doctor
 from agent.localvip import LocalVip
 
 

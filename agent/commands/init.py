@@ -191,11 +191,12 @@ def main(args: argparse.Namespace) -> int:
         return 0
     print(f"\nvip-agent doctor --config {path}", flush=True)
     # in this process, not a child: the API key never goes into a child's environment
-    from agent.cli import main as cli_main
+    from agent.doctor import diagnose, summary
 
     sys.stdout.flush()
     # a key still to be given (a scripted install logs in later) is a warning, not a failure
-    returncode = cli_main(["doctor", "--config", str(path), *([] if has_key else ["--key-later"])])
+    report = diagnose(config_path=path, server=None, out=sys.stdout, key_later=not has_key)
+    returncode = summary(report, strict=False)
     if returncode == 0 and not has_key:
         print(f"\n{path} is written; once the API key is given (`vip-agent login --server "
               f"{choices.server}`), `vip-agent watch --config {path}` runs it")  # fmt: skip
