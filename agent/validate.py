@@ -24,11 +24,11 @@ from typing import Any
 from agent.dataset import JOB_FILE
 from agent.errors import ValidationError
 from agent.fsutil import natural_key
+from agent.jobcheck import VARIANT_NAME_RE
 from agent.jobfile import (
     DEFAULT_VARIANT,
     MAX_JOBS,
     MAX_RUNS,
-    VARIANT_NAME_RE,
     JobSpec,
     dataset_files,
     glob_match,
