@@ -265,3 +265,30 @@ def test_config_defaults(tmp_path: Path) -> None:
     assert (config.host, config.port, config.quiet, config.disk_low) == ("0.0.0.0", 104, 90.0, 5_000_000_000)
     assert config.routes[0].deidentify == "basic" and config.routes[0].convert == "none"
     assert "1.3.12.2.1107.5.9.1" in config.private_sop_classes
+
+
+def test_prepared_ahead_equals_de_identified_at_hand_over(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    """The copies de-identified while the study arrives are byte for byte the ones the hand-over
+    would make itself (same study secret), and the cache is emptied once handed over."""
+    big = list(by_study(PATIENT_FILES).values())[-1]
+    outputs: dict[bool, dict[str, bytes]] = {}
+    seed: tuple[str, str, str] | None = None
+    for ahead in (True, False):
+        base = tmp_path / ("ahead" if ahead else "at-hand-over")
+        node = make_node(base, quiet=1)
+        if not ahead:
+            node.preparer = None
+        port = run(node, nodes)
+        if seed is not None:  # the first run's study secret: same pseudonyms, date shift, UIDs
+            with node.index._write() as db:
+                db.execute("INSERT INTO dicom_studies (study_uid, pseudonym, secret, first, last)"
+                           " VALUES (?, ?, ?, 0, 0)", seed)  # fmt: skip
+        assert storescu(port, big).returncode == 0
+        (files,) = wait_for(lambda b=base: datasets(b / "drop"), what="the dataset").values()
+        outputs[ahead] = {f.name: f.read_bytes() for f in files if f.suffix == ".dcm"}
+        (study,) = node.index.studies()
+        seed = (study.study_uid, study.pseudonym, study.secret)
+        if node.preparer is not None:
+            assert node.preparer.hits == 11  # every object came from the cache
+            assert list(node.preparer.root.rglob("*.dcm")) == []
+    assert len(outputs[True]) == 11 and outputs[True] == outputs[False]

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import pydicom
 from agent.dicom import convert, deid
 from agent.dicom.config import Route
 from agent.dicom.index import StudyRow
+from agent.dicom.prepare import Prepared
 from agent.dicom.routing import Series
 from agent.errors import AgentError
 from agent.fsutil import fsync_dir
@@ -64,18 +65,29 @@ def _free_name(drop: Path, name: str) -> str:
     return f"{name}-{n}"
 
 
-def _write_objects(series: Sequence[Series], route: Route, study: StudyRow, target: Path
+def _write_objects(series: Sequence[Series], route: Route, study: StudyRow, target: Path,
+                   prepared: Callable[[str], Prepared | None] | None = None,
                    ) -> tuple[list[pydicom.Dataset], int, dict[int, list[Path]]]:  # fmt: skip
-    """Write (de-identified) objects; the originals' headers, objects dropped, files per series."""
+    """Write (de-identified) objects; the originals' identifying values, objects dropped, files
+    per series. A copy de-identified ahead of time (``prepared``) is used when there is one."""
     originals: list[pydicom.Dataset] = []
     dropped = 0
     per_series: dict[int, list[Path]] = {}
     deidentifier = deid.StudyDeidentifier(study.secret, study.pseudonym) if route.deidentify == "basic" else None
     for s_index, s in enumerate(series):
         for i, obj in enumerate(s.objects, 1):
+            out = target / f"{s.number:03d}-{s_index:02d}-{i:04d}.dcm"
+            ready = prepared(obj.sop_uid) if prepared is not None and deidentifier is not None else None
+            if ready is not None:
+                originals.append(ready.identity)
+                if ready.secondary_capture and not route.allow_secondary_capture:
+                    dropped += 1
+                    continue
+                shutil.copyfile(ready.path, out)
+                per_series.setdefault(s_index, []).append(out)
+                continue
             ds = pydicom.dcmread(obj.path, force=True)
             originals.append(deid.identifying_copy(ds))
-            out = target / f"{s.number:03d}-{s_index:02d}-{i:04d}.dcm"
             if deidentifier is not None:
                 if deid.is_secondary_capture(ds) and not route.allow_secondary_capture:
                     dropped += 1
@@ -120,7 +132,8 @@ def _summary(study: StudyRow, route: Route, series: Sequence[Series], wave: int,
 
 
 def hand_over(study: StudyRow, route: Route, series: Sequence[Series], wave: int, *,
-              marker: str | None, audit: Path) -> Handed:  # fmt: skip
+              marker: str | None, audit: Path,
+              prepared: Callable[[str], Prepared | None] | None = None) -> Handed:  # fmt: skip
     """Build, check and move one dataset into ``route.drop``; :class:`HandoverRefused` if unsafe."""
     drop = route.drop
     name = _free_name(drop, dataset_name(study, route, series[0] if route.per == "series" else None, wave))
@@ -128,7 +141,7 @@ def hand_over(study: StudyRow, route: Route, series: Sequence[Series], wave: int
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        originals, dropped, per_series = _write_objects(series, route, study, staging)
+        originals, dropped, per_series = _write_objects(series, route, study, staging, prepared)
         if not per_series:
             raise HandoverRefused(f"{name}: nothing left to hand over (every object was a secondary capture)")
         if route.convert == "nifti":

@@ -23,6 +23,7 @@ import pydicom
 from agent.dicom.config import DicomConfig, Route
 from agent.dicom.handover import HandoverRefused, hand_over
 from agent.dicom.index import PENDING, REFUSED, UNROUTED, DicomIndex, StudyRow
+from agent.dicom.prepare import Preparer
 from agent.dicom.receiver import OUT_OF_RESOURCES, SUCCESS, Counters, Incoming, Receiver
 from agent.dicom.routing import Series, group_series, plan, waiting_for
 from agent.dicom.spool import Spool, SpoolFull, header
@@ -51,6 +52,10 @@ class DicomNode:
         self.counters = Counters()
         self.receiver = Receiver(config, self.receive, self.counters)
         self.audit = self.folder / "audit.log"
+        #: de-identifies objects while their study is still arriving (when a route needs it)
+        self.preparer = Preparer(self.spool.root / "prepared", self.index,
+                                 receiving=lambda: self.receiver.open_associations() > 0) \
+            if any(r.deidentify == "basic" for r in config.routes) else None
         self._last: dict[str, float] = {}
         self._why: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -73,6 +78,8 @@ class DicomNode:
             # the configuration may have been fixed since (a route added, a drop folder mounted):
             # look again; a leak is refused again, the scan does not change its mind
             self.index.set_state(kept.study_uid, PENDING, kept.message)
+        if self.preparer is not None:
+            self.preparer.start()
         port = self.receiver.start()
         write_atomic(self.state / PORT_FILE, f"{port}\n")
         self._stop.clear()
@@ -86,6 +93,8 @@ class DicomNode:
         self._stop.set()
         self._wake.set()
         self.receiver.stop()
+        if self.preparer is not None:
+            self.preparer.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -131,6 +140,8 @@ class DicomNode:
         stored = self.index.add(inc.sop_uid, inc.study_uid, inc.series_uid, str(path), len(inc.data), info,
                                 self.config.late)  # fmt: skip
         self.counters.add(objects=1, bytes=len(inc.data), late=1 if stored.late else 0)
+        if self.preparer is not None and not stored.ignored:
+            self.preparer.submit(inc.study_uid, inc.sop_uid, str(path))
         if stored.late:
             what = "ignored (late: ignore)" if stored.ignored else f"kept for a late hand-over (late: {self.config.late})"
             log.warning("late object for a study already handed over: %s", what)
@@ -190,6 +201,8 @@ class DicomNode:
                 self._why[study.pseudonym] = f"{routes[idx].label}: {why}"
                 return []
         names: list[str] = []
+        if self.preparer is not None:
+            self.preparer.hold(study.study_uid)
         try:
             for idx, mine in taken.items():
                 names += self._hand(study, routes[idx], mine)
@@ -201,10 +214,15 @@ class DicomNode:
             self.index.set_state(study.study_uid, REFUSED, f"hand-over failed: {err}")
             log.exception("study %s: hand-over failed; kept in the spool", study.pseudonym)
             return names
+        finally:
+            if self.preparer is not None:
+                self.preparer.release(study.study_uid)
         note = f"{len(names)} dataset(s): {', '.join(names)}"
         if unrouted:
             note += "; not routed (kept in the spool): " + ", ".join(s.label() for s in unrouted)
         arrived = self.index.finish(study.study_uid, {o.sop_uid for o in objects}, self.config.late, note)
+        if self.preparer is not None:
+            self.preparer.forget(study.study_uid, {o.sop_uid for o in objects})
         if arrived:
             self.counters.add(late=arrived)
             log.warning("study %s: %d object(s) arrived during its hand-over: late (late: %s)",
@@ -218,7 +236,8 @@ class DicomNode:
         for group in groups:
             try:
                 done = hand_over(study, route, group, study.wave, marker=self.markers.get(route.drop),
-                                 audit=self.audit)  # fmt: skip
+                                 audit=self.audit,
+                                 prepared=self.preparer.get if self.preparer is not None else None)  # fmt: skip
             except HandoverRefused as err:
                 self.index.handed(study.study_uid, study.wave, route.label, "", str(route.drop),
                                   sum(s.count for s in group), "refused", err.message)  # fmt: skip
