@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.units import parse_duration, parse_listen, parse_size
 
 DEFAULT_AE_TITLE = "VIPAGENT"
 DEFAULT_PORT = 11112
@@ -39,9 +40,6 @@ _ROUTE = ("match", "drop", "per", "deidentify", "convert", "require_series", "ex
           "allow_secondary_capture", "name")  # fmt: skip
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _AE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: 16 chars, no backslash
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
-_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -108,53 +106,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or ``'30s'``, ``'5m'``, ``'2h'``, ``'1d'``; ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ValueError(value)
-    if seconds < 0:
-        raise ValueError(value)
-    return seconds
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from a number or ``'500MB'``, ``'5GB'``, ``'2GiB'``; ValueError otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, (int, float)) and value >= 0:
-        return int(value)
-    m = _SIZE.match(value) if isinstance(value, str) else None
-    if m is None:
-        raise ValueError(value)
-    unit = (m.group(2) or "b").lower()
-    base = 1024 if "i" in unit else 1000
-    return int(float(m.group(1)) * base ** "bkmgt".index(unit[0]))
-
-
-def parse_listen(value: Any) -> tuple[str, int]:
-    """``[HOST:]PORT`` (``[::1]:PORT`` for IPv6) as (host, port); host defaults to 127.0.0.1."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    text, host = str(value).strip(), "127.0.0.1"
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or not text[end + 1 :].startswith(":"):
-            raise ValueError(value)
-        host, text = text[1:end], text[end + 2 :]
-    elif ":" in text:
-        host, text = text.rsplit(":", 1)
-        host = host or "127.0.0.1"
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise ValueError(value)
-    return host, int(text)
 
 
 class _Keys:
