@@ -72,7 +72,14 @@ class _Check:
     reachable: bool | None = None
     key: str = "unknown"
     message: str = ""
-    checked: float | None = None
+    checked: float | None = None  # wall time, shown on the page
+    #: ``time.monotonic()`` of the check: its age decides the next one (a wall-clock jump
+    #: back must not stop the checks for hours, nor one forward start them in a loop)
+    checked_mono: float | None = None
+
+
+def _done(reachable: bool | None, key: str, message: str) -> _Check:
+    return _Check(reachable, key, message, time.time(), time.monotonic())
 
 
 class ServerChecker:
@@ -90,7 +97,10 @@ class ServerChecker:
         """The latest answer; starts a background check when it is older than ``interval``."""
         with self._lock:
             result = self._results.setdefault(server, _Check())
-            due = result.checked is None or time.time() - result.checked >= self.interval
+            due = (
+                result.checked_mono is None
+                or time.monotonic() - result.checked_mono >= self.interval
+            )
             if due and server not in self._busy:
                 self._busy.add(server)
                 threading.Thread(
@@ -101,19 +111,19 @@ class ServerChecker:
     def record(self, server: str, *, reachable: bool | None, key: str, message: str = "") -> None:
         """What another part learned (the start-up key check)."""
         with self._lock:
-            self._results[server] = _Check(reachable, key, message, time.time())
+            self._results[server] = _done(reachable, key, message)
 
     def _check(self, server: str) -> None:
         from agent.errors import CredentialError
 
         try:
             self.probe(server)
-            result = _Check(True, "accepted", "", time.time())
+            result = _done(True, "accepted", "")
         except CredentialError as err:  # AuthError is one
             missing = type(err).__name__ == "MissingKey"
-            result = _Check(not missing, "missing" if missing else "refused", err.message, time.time())
+            result = _done(not missing, "missing" if missing else "refused", err.message)
         except Exception as err:
-            result = _Check(False, "unknown", f"{type(err).__name__}: {err}"[:300], time.time())
+            result = _done(False, "unknown", f"{type(err).__name__}: {err}"[:300])
         with self._lock:
             self._results[server] = result
             self._busy.discard(server)

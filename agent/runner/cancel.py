@@ -22,14 +22,14 @@ def step(ctx: Context, ds: Dataset) -> Next:
     for e in journal.executions(ds.id):
         if not e.vip_id or is_ended(ctx, ds, e):
             continue
-        now = ctx.clock()
-        last = memo.kill_sent.get(e.key)
-        if last is None or now - last >= KILL_REPEAT:
+        now, mono = ctx.clock(), ctx.monotonic()  # wall: the journal's ``ended``
+        last = memo.kill_sent.get(e.key)  # monotonic: when the kill is sent again
+        if last is None or mono - last >= KILL_REPEAT:
             try:
                 engine.kill(e.vip_id)
             except NotFoundError:
                 pass  # gone: the poll below records it
-            memo.kill_sent[e.key] = now
+            memo.kill_sent[e.key] = mono
             if last is None:
                 journal.event(ds.id, f"execution {e.vip_id} killed")
         info = poll_execution(ctx, ds, engine, e)

@@ -67,7 +67,7 @@ def delete_remote(
     """Delete ``targets`` and poll until gone: None when gone, else the wait."""
     memo = ctx.memo(ds.id)
     storage = backend.storage
-    now = ctx.clock()
+    now = ctx.monotonic()  # the delete deadline is a duration: never the wall clock
     if memo.delete_started is None:
         memo.delete_started = now
     pending = []

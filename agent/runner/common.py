@@ -104,7 +104,13 @@ Next = Advance | Wait | Finish
 
 @dataclass
 class Memo:
-    """Per-dataset, in-memory counters (lost on restart, which is fine)."""
+    """Per-dataset, in-memory counters (lost on restart, which is fine).
+
+    Every time kept here is on the runner's *monotonic* clock (``Context.monotonic``): the
+    agent acts on the durations measured from them (kill, give up, report a delete), and a
+    wall-clock jump (NTP, a laptop's suspend, a user fixing the date) must not shorten or
+    lengthen them. Messages show them as wall times through :func:`wall_time`.
+    """
 
     transient_failures: int = 0
     delete_started: float | None = None
@@ -134,7 +140,12 @@ class Context(Protocol):
     lock: threading.Lock
 
     def clock(self) -> float:
-        """Now, in seconds since the epoch (``time.time`` unless a test gives its own)."""
+        """Now, in seconds since the epoch (``time.time`` unless a test gives its own): for
+        what is shown to users and stored in the journal, never for a duration acted on."""
+        ...
+
+    def monotonic(self) -> float:
+        """A clock that never jumps (``time.monotonic``): every duration the runner acts on."""
         ...
 
     def backend(self, server: str) -> Backend: ...
@@ -241,6 +252,12 @@ def clock_text(when: float) -> str:
     if time.strftime("%Y-%m-%d", stamp) == time.strftime("%Y-%m-%d"):
         return time.strftime("%H:%M:%S", stamp)
     return time.strftime("%Y-%m-%d %H:%M:%S", stamp)
+
+
+def wall_time(ctx: Context, mono: float) -> float:
+    """The wall time (for a message) of ``mono``, a reading of ``ctx.monotonic``: now on the
+    wall clock less the monotonic time elapsed since."""
+    return ctx.clock() - (ctx.monotonic() - mono)
 
 
 def duration(seconds: float | None) -> str:

@@ -53,6 +53,7 @@ from agent.runner.common import (
     Wait,
     clock_text,
     duration,
+    wall_time,
 )
 from agent.runner.table import TABLE
 from agent.vip.errors import AuthError, CapacityError, TransientError
@@ -96,6 +97,7 @@ class Runner:
         unknown_limit: float = UNKNOWN_LIMIT,
         give_up_after: float | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
         budget_for: Callable[[str], ServerBudget] = budget_for,
     ) -> None:
         self.journal = journal
@@ -121,6 +123,11 @@ class Runner:
         #: stop retrying a failing server after this many seconds (None: never; ``watch``)
         self.give_up_after = give_up_after
         self._clock = clock
+        #: durations acted on (Unknown limit, give-up, delete deadline, kill repeats) are
+        #: measured on this clock, never on ``clock``: a wall-clock jump must not kill a
+        #: healthy execution. A test's own ``clock`` (a memory backend's, which never goes
+        #: back) serves as both unless it gives a separate one.
+        self._monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._memos: dict[int, Memo] = {}
         self._tracker = ProgressTracker()
         self.lock = threading.Lock()
@@ -129,6 +136,9 @@ class Runner:
     # -- the context the steps use (agent.runner.common.Context) ---------------------------
     def clock(self) -> float:
         return self._clock()
+
+    def monotonic(self) -> float:
+        return self._monotonic()
 
     def backend(self, server: str) -> Backend:
         return as_backend(self.client_for(server))
@@ -184,7 +194,7 @@ class Runner:
         if ds.final:
             return StepOutcome(ds.stage)
         memo = self.memo(dataset_id)
-        started = self.clock()
+        started = self.monotonic()
         try:
             if ds.cancel_requested:
                 nxt = cancel.step(self, ds)
@@ -197,7 +207,8 @@ class Runner:
             if memo.failing_since is not None:
                 self.journal.event(
                     dataset_id,
-                    f"VIP answers again (it failed for {duration(self.clock() - memo.failing_since)})",
+                    f"VIP answers again (it failed for "
+                    f"{duration(self.monotonic() - memo.failing_since)})",
                 )
                 memo.failing_since = None
             notice, memo.notice = memo.notice, None
@@ -281,7 +292,7 @@ class Runner:
         """Wait and retry; said once in the events, kept current in the dataset's error."""
         memo.transient_failures += 1
         delay = self._backoff(memo)
-        now = self.clock()
+        now = self.monotonic()  # the give-up deadline is a duration: never the wall clock
         if memo.failing_since is None:
             memo.failing_since = started  # the failing step began then
             give_up = (
@@ -294,9 +305,10 @@ class Runner:
                 level="warning",
             )
         since = memo.failing_since
+        since_wall, now_wall = wall_time(self, since), self.clock()
         if self.give_up_after is not None and now - since >= self.give_up_after:
             message = (
-                f"gave up: VIP at {ds.server} unreachable since {clock_text(since)} "
+                f"gave up: VIP at {ds.server} unreachable since {clock_text(since_wall)} "
                 f"({duration(now - since)}; last error: {err.message}). Nothing is lost: run "
                 "the same command again to resume where it stopped"
             )
@@ -306,8 +318,8 @@ class Runner:
             raise GaveUp(message, err.detail)
         self.journal.update(
             ds.id,
-            error=f"VIP unreachable since {clock_text(since)}, next try at "
-                  f"{clock_text(now + delay)} ({err.message})",
+            error=f"VIP unreachable since {clock_text(since_wall)}, next try at "
+                  f"{clock_text(now_wall + delay)} ({err.message})",
             error_detail=err.detail,
         )
         return StepOutcome(ds.stage, delay)

@@ -22,6 +22,7 @@ from agent.runner.common import (
     duration,
     is_ended,
     status_of,
+    wall_time,
 )
 from agent.runner.launch import launch_one
 from agent.runner.polling import poll_interval
@@ -73,13 +74,18 @@ def observe(
     ctx: Context, ds: Dataset, engine: Engine, memo: Memo, e: Execution, status: ExecStatus,
     jobs: dict[str, Any],
 ) -> None:
-    """Record what the server says of one execution; kill one that reads Unknown too long."""
-    now = ctx.clock()
+    """Record what the server says of one execution; kill one that reads Unknown too long.
+
+    How long it has read Unknown is measured on the monotonic clock: a wall-clock jump (a
+    +7 h correction during a 14 s blip) must not kill a healthy execution.
+    """
+    now = ctx.clock()  # recorded in the journal (``ended``): a wall time
+    mono = ctx.monotonic()
     label = status.label
     fields: dict[str, Any] = {"status": label, "jobs": jobs}
     limit = settings_of(ds).unknown_limit or ctx.unknown_limit
     if status.state is RunState.UNKNOWN:
-        since = memo.unknown_since.setdefault(e.key, now)
+        since = memo.unknown_since.setdefault(e.key, mono)
         if e.status != label:
             ctx.journal.event(
                 ds.id,
@@ -88,12 +94,13 @@ def observe(
                 f"killed if this lasts {duration(limit)})",
                 level="warning",
             )
-        if now - since >= limit:
-            _kill_unknown(ctx, ds, engine, memo, e, since, now, limit)
+        if mono - since >= limit:
+            _kill_unknown(ctx, ds, engine, memo, e, since, mono, limit)
         else:
+            since_wall = wall_time(ctx, since)
             memo.notice = (
-                f"execution {e.vip_id} reads {label} since {clock_text(since)}; treated as "
-                f"running (killed at {clock_text(since + limit)} if it lasts)"
+                f"execution {e.vip_id} reads {label} since {clock_text(since_wall)}; treated "
+                f"as running (killed at {clock_text(since_wall + limit)} if it lasts)"
             )
     else:
         memo.unknown_since.pop(e.key, None)
@@ -122,14 +129,16 @@ def _kill_unknown(
     ctx: Context, ds: Dataset, engine: Engine, memo: Memo, e: Execution, since: float,
     now: float, limit: float,
 ) -> None:
-    """Kill an execution stuck in Unknown; cleanup waits until the server says it ended."""
+    """Kill an execution stuck in Unknown; cleanup waits until the server says it ended.
+    ``since`` and ``now`` are monotonic readings (``ctx.monotonic``)."""
     assert e.vip_id
     last = memo.kill_sent.get(e.key)
     if last is None or now - last >= KILL_REPEAT:
         if last is None:
             ctx.journal.event(
                 ds.id,
-                f"execution {e.vip_id} ({e.key}) has read Unknown since {clock_text(since)} "
+                f"execution {e.vip_id} ({e.key}) has read Unknown since "
+                f"{clock_text(wall_time(ctx, since))} "
                 f"(limit {duration(limit)}): killing it; its inputs stay on the "
                 "server until VIP confirms it ended",
                 level="error",
@@ -140,7 +149,7 @@ def _kill_unknown(
             pass  # gone meanwhile: the next poll records it
         memo.kill_sent[e.key] = now
     memo.notice = (
-        f"execution {e.vip_id} read Unknown since {clock_text(since)}; killed at "
-        f"{clock_text(memo.kill_sent[e.key])}, waiting for VIP to confirm it ended before "
+        f"execution {e.vip_id} read Unknown since {clock_text(wall_time(ctx, since))}; "
+        f"killed at {clock_text(wall_time(ctx, memo.kill_sent[e.key]))}, waiting for VIP to confirm it ended before "
         "cleaning up"
     )

@@ -32,6 +32,9 @@ def poll_interval(ctx: Context, ds: Dataset, executions: list[Execution]) -> flo
     tuning = ctx.tuning_for(ds) if ctx.tuning_for else Tuning()
     low = tuning.poll_min if tuning.poll_min is not None else ctx.poll_min
     high = max(low, tuning.poll_max if tuning.poll_max is not None else ctx.poll_max)
+    # ``launched`` is a wall time stored in the journal (it must survive a restart, where no
+    # monotonic reading would mean anything): a wall-clock jump can only move the interval
+    # between the dataset's poll minimum and maximum, never decide anything
     now = ctx.clock()
     launched = [e.launched for e in executions if e.launched]
     elapsed = now - min(launched) if launched else 0.0
