@@ -134,3 +134,72 @@ def test_gasw_statuses_of_done_and_failed_jobs() -> None:
     assert engine.job_problems(done) == []
     bad = {"1": {"status": "ERROR"}, "2": {"status": "STALLED_HELD"}, "3": {"status": "CANCELLED"}}
     assert engine.job_problems(bad) == ["1", "2", "3"]
+
+
+# -- 5. cancel, late landings, slow deletes -------------------------------------------------------
+def test_cancel_ends_when_the_list_says_killed(tmp_path: Path, vip_server: LocalVip) -> None:
+    """``GET /executions/{id}`` reads Unknown after the kill (unknown_after_kill) while the
+    list says Killed: the cancel ends, and the server is cleaned."""
+    vip_server.faults = "unknown_after_kill=1"
+    job = {"pipeline": "Sleep/1.0", "inputs": {"duration": 60}}
+    ds = write_dataset(tmp_path / "drop" / "long", {"notes.txt": "x\n"}, job)
+    s = start_runner(tmp_path, ds, vip_server, poll_min=0.1, poll_max=0.3)
+    drive(s.runner, s.dataset_id, until=lambda o: o.stage == "monitor", timeout=30)
+    (e,) = s.journal.executions(s.dataset_id)
+    assert e.vip_id
+    s.journal.update(s.dataset_id, cancel_requested=1)  # what `vip-agent cancel` records
+    outcome = drive(s.runner, s.dataset_id, timeout=20)
+    row = s.journal.get(s.dataset_id)
+    assert outcome.stage == "cancelled", row.error
+    (e,) = s.journal.executions(s.dataset_id)
+    assert e.status == "Killed"  # from the list: GET /executions/{id} read Unknown
+    assert not s.client.exists(row.remote_root or "/nowhere")
+
+
+def test_a_late_landing_after_the_delete_is_swept(
+    tmp_path: Path, vip_server: LocalVip, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload answered with a timeout lands after the session was deleted (late_landing,
+    recreating its folder): the sweep finds it and deletes it before the dataset ends."""
+    from agent.runner import cleanup
+
+    monkeypatch.setattr(cleanup, "LANDING_SWEEP", 8.0)
+    # the one upload's answer is a timeout after 0.1 s; its file lands 6 s later, after the
+    # dataset (re-sent at once, a one-second pipeline) was cleaned up
+    vip_server.faults = "late_landing=1,times=1,transfer_wait=0.1,late_landing_delay=6"
+    ds = write_dataset(tmp_path / "drop" / "late", {"scan.txt": "x\n"}, FILESTATS)
+    s = start_runner(tmp_path, ds, vip_server, poll_min=0.1, poll_max=0.3,
+                     client_options={"transfer_grace": 0.3, "backoff": 0.1})  # fmt: skip
+    outcome = drive(s.runner, s.dataset_id, timeout=40)
+    row = s.journal.get(s.dataset_id)
+    assert outcome.stage == "done", row.error
+    counts = vip_server.stats_snapshot()["counts"]
+    assert counts.get("late landing") == 1
+    events = [ev.message for ev in s.journal.events(s.dataset_id)]
+    assert [m for m in events if "reappeared on VIP after the delete" in m]
+    assert not s.client.exists(row.remote_root or "/nowhere")
+
+
+def test_a_slow_delete_never_fails_a_mirrored_dataset(tmp_path: Path) -> None:
+    """VIP takes longer than the delete deadline: the dataset stays cleaning (saying so), the
+    delete is asked again, and it ends done once the server is clean (memory backend: the
+    hour passes on its clock)."""
+    from agent.backend.memory import Faults, MemoryBackend
+    from agent.runner.common import DELETE_DEADLINE
+
+    backend = MemoryBackend(faults=Faults(delete_delay=DELETE_DEADLINE * 3))
+    ds = write_dataset(tmp_path / "drop" / "slowdel", {"scan.txt": "x\n"}, FILESTATS)
+    s = start_runner(tmp_path, ds, backend, poll_min=2.0, poll_max=60.0)
+    drive(s.runner, s.dataset_id, sleep=backend.clock.advance, timeout=20,
+          until=lambda o: o.stage == "cleanup")  # fmt: skip
+    start = backend.clock.time()
+    drive(s.runner, s.dataset_id, sleep=backend.clock.advance, timeout=20,
+          until=lambda _o: backend.clock.time() - start > DELETE_DEADLINE + 1)  # fmt: skip
+    row = s.journal.get(s.dataset_id)
+    assert row.stage == "cleanup" and row.error and "waiting for VIP to delete" in row.error
+    outcome = drive(s.runner, s.dataset_id, sleep=backend.clock.advance, timeout=20)
+    row = s.journal.get(s.dataset_id)
+    assert outcome.stage == "done", row.error
+    assert not any(p.startswith(row.remote_root or "/nowhere") for p in backend.paths())
+    events = [ev.message for ev in s.journal.events(s.dataset_id)]
+    assert len([m for m in events if "has not deleted" in m]) == 1

@@ -123,6 +123,10 @@ def test_unknown_after_the_kill_keeps_waiting_for_confirmation(
     tmp_path: Path, vip_server: LocalVip, hostile: HostileVip
 ) -> None:
     vip_server.faults = FaultSpec(unknown_blip=1.0, unknown_after_kill=1.0)
+    # the execution list says Unknown too (a list saying Killed is a confirmation: see
+    # test_production_agent's cancel test)
+    hostile.add("GET", r"^/rest/executions$", "transform",
+                transform=lambda body: [{**x, "status": "Unknown"} for x in body])
     journal, dataset_id, runner = start(
         tmp_path, hostile.url, vip_server.api_key,
         {"pipeline": SLEEP, "inputs": {"duration": 60}}, unknown_limit=0.3,

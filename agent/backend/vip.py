@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,6 +22,7 @@ from agent.backend.port import (
     ExecutionInfo,
     Progress,
     RemoteFile,
+    RunState,
     SessionLayout,
 )
 from agent.vip.client import VipClient
@@ -139,8 +141,12 @@ class VipEngine:
         return _info(found) if found is not None else None
 
     def status(self, execution_id: str) -> ExecutionInfo | None:
+        """The execution now. VIP's engine can record a kill as ``Unknown`` while the
+        execution list says ``Killed``: an ``Unknown`` read is checked against the list,
+        and an ended label there is the answer (only an ended label; a list saying it
+        runs leaves ``Unknown`` to the runner's limit)."""
         try:
-            return _info(self.client.execution(execution_id))
+            info = _info(self.client.execution(execution_id))
         except NotFoundError as err:
             if err.code == DELETED_CODE:
                 return None
@@ -151,6 +157,13 @@ class VipEngine:
             if listed is not None and isinstance(listed.get("status"), str):
                 return _info(listed)
             return None
+        if info.status.state is RunState.UNKNOWN:
+            listed = next(
+                (x for x in self.client.executions() if x.get("identifier") == execution_id), None
+            )
+            if listed is not None and carmin.classify(listed.get("status")).ended:
+                return replace(info, status=carmin.classify(listed.get("status")))
+        return info
 
     def classify(self, label: str) -> ExecStatus:
         return carmin.classify(label)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from agent.journal import Dataset, Stage
 from agent.leftovers import remove_left_file
-from agent.runner.cleanup import record_removed
+from agent.runner.cleanup import landing_sweep, reappeared, record_removed
 from agent.runner.common import KILL_REPEAT, Context, Finish, Next, Wait, is_ended
 from agent.runner.monitor import poll_execution
 from agent.runner.settings import discard_requested, settings_of
@@ -59,11 +59,17 @@ def step(ctx: Context, ds: Dataset) -> Next:
                     pass  # not deletable (failed) or already gone
                 journal.update_execution(ds.id, e.key, cleaned=1)
         if backend.storage.exists(ds.remote_root):
+            if memo.sweep_due is not None:  # gone once, back now: an upload landed late
+                reappeared(ctx, ds, [ds.remote_root])
             try:
                 backend.storage.delete(ds.remote_root)
             except NotFoundError:
                 pass
             return Wait(2.0)
+        # an upload VIP answered with a timeout may land after the delete: look once more
+        sweep = landing_sweep(ctx, ds, backend, [ds.remote_root])
+        if sweep is not None:
+            return Wait(sweep)
         record_removed(ctx, ds.id, path=ds.remote_root)
     write_session_data(journal, ds.id)
     if discard:

@@ -3,6 +3,13 @@
 Deletes are idempotent and polled until gone (platforms may delete asynchronously, and drop
 a failed delete). Outputs that could not be mirrored stay on the server with their execution
 (the dataset ends ``incomplete``, ``LEFT_ON_VIP.txt`` says which).
+
+A delete slower than ``DELETE_DEADLINE`` never fails the dataset (its outputs are mirrored):
+it is reported once, shown on the dataset (``cleaning``, with what VIP has not deleted yet),
+asked again every :data:`LATE_DELETE_RETRY` seconds, and the dataset ends once it is gone.
+When the server answered a transfer timeout in this process (an upload VIP gave up on may
+still land, even into a deleted folder), the targets are looked at once more
+:data:`LANDING_SWEEP` seconds after the delete, and deleted again if something landed.
 """
 
 from __future__ import annotations
@@ -10,15 +17,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.backend.port import Backend, RunState
-from agent.errors import AgentError
 from agent.journal import Dataset, Stage
 from agent.leftovers import remove_left_file, summary, write_left_file
 from agent.pacer import policy
-from agent.runner.common import DELETE_DEADLINE, LOGS_DIR, Context, Finish, Next, Wait
+from agent.runner.common import (
+    DELETE_DEADLINE,
+    LOGS_DIR,
+    Context,
+    Finish,
+    Next,
+    Wait,
+    duration,
+)
 from agent.runner.mirror import max_download
 from agent.runner.settings import settings_of
 from agent.session_data import write_session_data
 from agent.vip.errors import NotFoundError, VipError
+
+#: seconds after a confirmed delete when the server is looked at once more for uploads that
+#: land late (only after a transfer timeout; VIP's own wait is 45 s, GRIDA reschedules)
+LANDING_SWEEP = 10.0
+#: seconds between new delete requests once a delete took longer than ``DELETE_DEADLINE``
+LATE_DELETE_RETRY = 60.0
 
 
 def step(ctx: Context, ds: Dataset) -> Next:
@@ -56,6 +76,8 @@ def step(ctx: Context, ds: Dataset) -> Next:
                     )
             journal.update_execution(ds.id, e.key, cleaned=1)
         wait = delete_remote(ctx, ds, backend, targets, {o.remote for o in outputs})
+        if wait is None:
+            wait = landing_sweep(ctx, ds, backend, targets)
         if wait is not None:
             return Wait(wait)
     return finish(ctx, ds, backend, kept_remote=keep)
@@ -81,11 +103,10 @@ def delete_remote(
     if not pending:
         memo.delete_started, memo.delete_polls = None, 0
         return None
+    if memo.sweep_due is not None:  # gone once, back now: an upload landed late
+        reappeared(ctx, ds, pending)
     if now - memo.delete_started > DELETE_DEADLINE:
-        raise AgentError(
-            f"the server has not deleted {pending[0]} after {DELETE_DEADLINE:.0f} s",
-            detail="VIP deletes asynchronously and may drop failed deletes",
-        )
+        return late_delete(ctx, ds, backend, pending, now - memo.delete_started)
     if memo.delete_polls == 0:
         for target in pending:
             try:
@@ -97,6 +118,73 @@ def delete_remote(
         memo.delete_polls = 0  # the server may drop a failed delete: ask again now and then
     # deletes are asynchronous: look again soon, then less often (the ``delete`` policy)
     return policy("delete").delay(memo.delete_polls - 1)
+
+
+def late_delete(
+    ctx: Context, ds: Dataset, backend: Backend, pending: list[str], waited: float
+) -> float:
+    """VIP has not deleted ``pending`` within ``DELETE_DEADLINE``: never a failure (the
+    outputs are mirrored); said once, kept on the dataset, asked again now and then."""
+    memo = ctx.memo(ds.id)
+    names = ", ".join(pending[:2]) + (f" and {len(pending) - 2} more" if len(pending) > 2 else "")
+    if not memo.delete_late:
+        memo.delete_late = True
+        ctx.journal.event(
+            ds.id,
+            f"VIP has not deleted {names} after {duration(waited)} (it deletes in the "
+            f"background); the outputs are mirrored, the delete is asked again every "
+            f"{duration(LATE_DELETE_RETRY)} and the dataset ends once it is gone",
+            level="warning",
+        )
+    memo.notice = (
+        f"outputs mirrored in {ds.output_dir}; waiting for VIP to delete {names} (asked "
+        f"{duration(waited)} ago, asked again every {duration(LATE_DELETE_RETRY)})"
+    )
+    for target in pending:
+        try:
+            backend.storage.delete(target)
+        except NotFoundError:
+            pass  # deleted meanwhile
+    return LATE_DELETE_RETRY
+
+
+def landing_sweep(
+    ctx: Context, ds: Dataset, backend: Backend, targets: list[str]
+) -> float | None:
+    """Once the delete is confirmed: None when the server is clean for good, else the wait.
+
+    Only after a transfer timeout on this server (this process): VIP may still land an
+    upload it answered with a timeout, recreating its folder after the delete. The targets
+    are looked at once more :data:`LANDING_SWEEP` seconds later; a path back is deleted
+    again (by the next step) and swept again.
+    """
+    if not ctx.budget(ds.server).snapshot().get("transfer_timeouts_total"):
+        return None
+    memo = ctx.memo(ds.id)
+    now = ctx.monotonic()
+    if memo.sweep_due is None:
+        memo.sweep_due = now + LANDING_SWEEP
+        memo.notice = "cleaning: looking once more for uploads VIP may still land"
+        return LANDING_SWEEP
+    if now < memo.sweep_due:
+        return memo.sweep_due - now
+    back = [t for t in targets if backend.storage.exists(t)]
+    if not back:
+        return None
+    reappeared(ctx, ds, back)
+    memo.delete_started, memo.delete_polls = None, 0  # the next step deletes and polls
+    return 0.1
+
+
+def reappeared(ctx: Context, ds: Dataset, paths: list[str]) -> None:
+    """Say that deleted paths came back (a late landing); the sweep starts over after."""
+    ctx.memo(ds.id).sweep_due = None
+    ctx.journal.event(
+        ds.id,
+        f"{', '.join(paths)} reappeared on VIP after the delete (an upload VIP had answered "
+        "with a timeout landed late); deleting it again",
+        level="warning",
+    )
 
 
 def record_removed(

@@ -124,6 +124,11 @@ class Memo:
     strange_reported: set[str] = field(default_factory=set)
     #: a message for the dataset's error field, written after the step
     notice: str | None = None
+    #: when the server is looked at once more for files landing after the delete
+    #: (``agent.runner.cleanup.LANDING_SWEEP``), None until the delete is confirmed
+    sweep_due: float | None = None
+    #: a delete past ``DELETE_DEADLINE`` was reported (said once)
+    delete_late: bool = False
 
 
 class Context(Protocol):
