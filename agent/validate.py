@@ -16,7 +16,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -36,6 +36,7 @@ from agent.jobfile import (
     is_remote,
     norm_rel,
 )
+from agent.vip.errors import AccessDeniedError, NotFoundError
 
 #: characters VIP accepts in one input value (AC INPUT_VALID_CHARS + additional chars)
 INPUT_VALUE_RE = re.compile(r"[0-9.,A-Za-z\-+@/_(): \[\]?&=]+")
@@ -718,3 +719,64 @@ def resolve_inputs(
     report.raise_if_errors()
     assert report.resolved is not None
     return report.resolved
+
+
+# --------------------------------------------------------------------------- platform paths
+
+#: a platform path's check: None when it exists and this key may read it, else the problem
+PathProbe = Callable[[str], str | None]
+#: the top folder of a VIP group (``/vip/<name> (group)``) at the start of a path
+GROUP_FOLDER_RE = re.compile(r"^/vip/[^/]+ \(group\)")
+
+
+def probe_with(exists: Callable[[str], bool]) -> PathProbe:
+    """A :data:`PathProbe` over a platform's ``exists`` (``VipClient.exists``,
+    ``Storage.exists``): a path missing, or refused to this key (8013), is a problem."""
+
+    def probe(path: str) -> str | None:
+        try:
+            return None if exists(path) else (
+                "does not exist on VIP; check the path (case and spaces matter) or put the "
+                "file there first"
+            )
+        except AccessDeniedError as err:
+            return f"cannot be read with this API key (VIP: {err.message})"
+        except NotFoundError:
+            return "does not exist on VIP; check the path (case and spaces matter)"
+
+    return probe
+
+
+def check_platform_paths(
+    report: ValidationReport, job: JobSpec, pipeline: Mapping[str, Any], probe: PathProbe,
+    *, vip_root: str | None = None,
+) -> None:  # fmt: skip
+    """Every platform path (``/vip/...``) given to a File or List input, and a group
+    ``vip_root``'s group folder, must exist and be readable: VIP would otherwise fail the
+    execution only after its jobs queued. Problems go into ``report`` (one per path and
+    input, each path asked once); nothing is sent for a dataset that has one."""
+    params = _params(pipeline)
+    many = len(job.variants) > 0
+    asked: dict[str, str | None] = {}
+
+    def problem(path: str) -> str | None:
+        if path not in asked:
+            asked[path] = probe(path)
+        return asked[path]
+
+    for vname, variant in (report.resolved.variants if report.resolved else {}).items():
+        in_v = f" (variant '{vname}')" if many else ""
+        for name, value in variant.inputs.items():
+            if str((params.get(name) or {}).get("type") or "") not in ("File", "List"):
+                continue
+            for item in value.items:
+                if isinstance(item, str) and is_remote(item):
+                    why = problem(item)
+                    if why:
+                        report.error(f"input '{name}'{in_v}: {item} {why}")
+    root = vip_root or job.vip_root
+    group = GROUP_FOLDER_RE.match(root or "")
+    if group:
+        why = problem(group.group(0))
+        if why:
+            report.error(f"vip_root '{root}': the group folder {group.group(0)} {why}")

@@ -203,3 +203,62 @@ def test_a_slow_delete_never_fails_a_mirrored_dataset(tmp_path: Path) -> None:
     assert not any(p.startswith(row.remote_root or "/nowhere") for p in backend.paths())
     events = [ev.message for ev in s.journal.events(s.dataset_id)]
     assert len([m for m in events if "has not deleted" in m]) == 1
+
+
+# -- 4. platform-path inputs and a group vip_root ---------------------------------------------
+@pytest.fixture
+def group_server(tmp_path: Path) -> Any:
+    """Two accounts; group 'lab' of the first, group 'other' of the second only."""
+    with LocalVip(tmp_path / "groups-root", api_keys=["key-one", "key-two"],
+                  groups={"lab": ["user"], "other": ["user2"]}) as server:  # fmt: skip
+        server.group_dir("lab").joinpath("shared").mkdir(parents=True)
+        server.group_dir("lab").joinpath("shared", "scan.txt").write_text("in the group\n")
+        yield server
+
+
+def test_missing_platform_path_fails_at_validation_with_nothing_sent(
+    tmp_path: Path, group_server: LocalVip
+) -> None:
+    missing = "/vip/Home/nowhere/scan.txt"
+    job = {"pipeline": "FileStats/1.0", "inputs": {"input_file": missing}}
+    ds = write_dataset(tmp_path / "drop" / "missing", {"notes.txt": "x\n"}, job)
+    s = start_runner(tmp_path, ds, group_server, poll_min=0.1, poll_max=0.3)
+    outcome = drive(s.runner, s.dataset_id, timeout=20)
+    row = s.journal.get(s.dataset_id)
+    assert outcome.stage == "failed"
+    assert row.error and f"input 'input_file': {missing} does not exist on VIP" in row.error
+    counts = group_server.stats_snapshot()["counts"]
+    assert not counts.get("upload") and not counts.get("mkdir") and posts(group_server) == 0
+    assert not list(group_server.home().rglob("*"))  # no session folder
+
+
+def test_group_input_runs_and_a_foreign_group_is_refused(
+    tmp_path: Path, group_server: LocalVip
+) -> None:
+    """An input in the key's group folder runs; a vip_root in a group of others fails at
+    validation, naming it."""
+    job = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "/vip/lab (group)/shared/scan.txt"}}
+    ds = write_dataset(tmp_path / "drop" / "grouped", {"notes.txt": "x\n"}, job)
+    s = start_runner(tmp_path, ds, group_server, poll_min=0.1, poll_max=0.3)
+    outcome = drive(s.runner, s.dataset_id, timeout=30)
+    assert outcome.stage == "done", s.journal.get(s.dataset_id).error
+    foreign = {**job, "vip_root": "/vip/other (group)/runs"}
+    ds2 = write_dataset(tmp_path / "drop2" / "foreign", {"notes.txt": "y\n"}, foreign)
+    s2 = start_runner(tmp_path / "second", ds2, group_server, poll_min=0.1, poll_max=0.3)
+    assert drive(s2.runner, s2.dataset_id, timeout=20).stage == "failed"
+    error = s2.journal.get(s2.dataset_id).error or ""
+    assert "vip_root '/vip/other (group)/runs': the group folder /vip/other (group)" in error
+    assert posts(group_server) == 1
+
+
+def test_dry_run_names_a_missing_platform_path(tmp_path: Path, group_server: LocalVip) -> None:
+    from agenthelpers import run_agent
+
+    job = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "/vip/lab (group)/shared/gone.txt"}}
+    ds = write_dataset(tmp_path / "drop" / "dry", {"notes.txt": "x\n"}, job)
+    done = run_agent("run", str(ds), "--server", group_server.url, "--dry-run",
+                     "--state", str(tmp_path / "state"), api_key=group_server.api_key,
+                     cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "input 'input_file': /vip/lab (group)/shared/gone.txt does not exist on VIP" in done.stdout
+    assert group_server.stats_snapshot()["counts"].get("upload") is None

@@ -495,7 +495,7 @@ def dry_run(
     :data:`DRY_RUN_SHOWN` files and executions, then a count); send nothing."""
     from agent.jobfile import load_job
     from agent.runner import unknown_pipeline
-    from agent.validate import resolve_inputs, validate
+    from agent.validate import check_platform_paths, probe_with, resolve_inputs, validate
     from agent.vip.errors import NotFoundError
 
     job = load_job(path, template, keep_problems=True)  # key problems come with the input ones
@@ -505,6 +505,7 @@ def dry_run(
         print(f"the dataset cannot be run:\n  - {unknown_pipeline(client, job.pipeline)}")
         return EXIT_INVALID
     report = validate(job, path, pipeline, max_runs=max_runs, max_jobs=max_jobs)
+    check_platform_paths(report, job, pipeline, probe_with(client.exists))  # /vip/... inputs
     for w in report.warnings:
         print(f"warning: {w}")
     if report.errors:

@@ -13,7 +13,14 @@ from agent.jobfile import JobSpec, load_job
 from agent.journal import Dataset, Stage
 from agent.runner.common import Advance, Context, Next, dataset_root, safe_token
 from agent.runner.settings import settings_of
-from agent.validate import closest_pipelines, execution_name, resolve_inputs, validate
+from agent.validate import (
+    check_platform_paths,
+    closest_pipelines,
+    execution_name,
+    probe_with,
+    resolve_inputs,
+    validate,
+)
 from agent.vip.errors import NotFoundError, VipError
 
 
@@ -76,6 +83,10 @@ def step(ctx: Context, ds: Dataset) -> Next:
             [unknown_pipeline(backend.engine, job.pipeline, ds.server)], detail=err.detail
         ) from err
     report = validate(job, path, pipeline, max_runs=settings.max_runs, max_jobs=settings.max_jobs)
+    # platform paths (/vip/...) the inputs name, and a group vip_root: there and readable,
+    # or nothing is sent (VIP would fail the execution only after its jobs queued)
+    check_platform_paths(report, job, pipeline, probe_with(backend.storage.exists),
+                         vip_root=settings.vip_root)  # fmt: skip
     for warning in report.warnings:
         journal.event(ds.id, warning, level="warning")
     report.raise_if_errors()
