@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.alerts import Alert, Alerts
 from agent.config import DropConfig
-from agent.errors import one_line
 from agent.health import DropHealth, Health, ServerChecker, ServerHealth, free_bytes
 from agent.journal import Dataset
+from agent.runner.failure import headline
 
 if TYPE_CHECKING:
     from agent.daemon import WatchService
@@ -104,7 +104,7 @@ class Oversight:
         state = ds.state
         if state in BAD_FINAL:
             log.error(
-                "%s %s: %s%s", ds.name, state, one_line(ds.error) or "no reason recorded",
+                "%s %s: %s%s", ds.name, state, headline(ds.error) or "no reason recorded",
                 f" (outputs: {ds.output_dir})" if ds.output_dir else "",
             )  # fmt: skip
         if drop is None or not drop.notify:

@@ -20,8 +20,8 @@ from agent import pause as user_pause
 from agent import queries
 from agent.commands import add_state_args
 from agent.dicom.status import pending_studies
-from agent.errors import one_line
 from agent.progress import current
+from agent.runner.failure import headline
 from agent.vip.models import ENDED_STATUSES
 
 
@@ -92,7 +92,7 @@ def render_table(
         rows.append((
             f"#{r['id']}", str(r["name"]), str(r["state"]), progress_text(r, agent_running, now),
             _age(now - float(r["created"])), ",".join(r.get("executions") or []) or "-",
-            one_line(r.get("error")),
+            headline(r.get("error")),  # a job's stderr: its last line (all in `status NAME`)
         ))  # fmt: skip
     widths = [
         max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
@@ -165,7 +165,7 @@ def render_detail(d: dict[str, Any], width: int = 100, agent_running: bool | Non
         field("progress", progress)
     if d.get("error"):
         for i, line in enumerate(str(d["error"]).splitlines()):
-            field("error" if i == 0 else "", line.strip())
+            field("error" if i == 0 else "", line.rstrip())
     out.append("stages:")
     for span in d.get("stages") or []:
         took = _duration(float(span["end"]) - float(span["start"])) if span.get("end") else "(now)"

@@ -29,6 +29,7 @@ from agent.runner.common import (
     Wait,
     duration,
 )
+from agent.runner.failure import redactor, stderr_excerpt
 from agent.runner.mirror import max_download
 from agent.runner.settings import settings_of
 from agent.session_data import write_session_data
@@ -213,10 +214,17 @@ def finish(ctx: Context, ds: Dataset, backend: Backend, *, kept_remote: bool) ->
                 " (killed by vip-agent: VIP reported it Unknown for longer than the limit)"
                 if e.key in killed and not ds.cancel_requested else ""
             )
-            problems.append(
-                f"execution {e.name} ({e.vip_id}) ended {e.status}{why}; its logs are in "
-                f"{Path(ds.output_dir or '.') / LOGS_DIR / e.key}"
-            )
+            logs = Path(ds.output_dir or ".") / LOGS_DIR / e.key
+            problem = f"execution {e.name} ({e.vip_id}) ended {e.status}{why}; its logs are in {logs}"
+            if status.state is RunState.FAILED and e.vip_id:
+                # the job's own words (its stderr's last lines), not only "it failed"
+                excerpt = stderr_excerpt(
+                    logs, e, backend.engine.job_problems(e.jobs or {}), engine=backend.engine,
+                    redact=redactor(backend),
+                )
+                if excerpt:
+                    problem += "\n" + excerpt
+            problems.append(problem)
         else:
             failed_jobs = backend.engine.job_problems(e.jobs or {})
             if failed_jobs:
@@ -241,6 +249,8 @@ def finish(ctx: Context, ds: Dataset, backend: Backend, *, kept_remote: bool) ->
     else:
         remove_left_file(ds)
     if problems:
-        return Finish(Stage.FAILED, error="; ".join(problems))
+        # one line each, unless a problem carries a stderr block: then one per line
+        joiner = "\n" if any("\n" in p for p in problems) else "; "
+        return Finish(Stage.FAILED, error=joiner.join(problems))
     note = " (remote data kept)" if kept_remote else " and the server is clean"
     return Finish(Stage.DONE, message=f"outputs in {ds.output_dir}{note}")

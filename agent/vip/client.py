@@ -55,3 +55,7 @@ class VipClient(_Transfers):
     Every request takes a token from the server's budget (:func:`agent.pacer.budget_for`),
     every transfer holds one of its transfer slots.
     """
+
+    def redact(self, text: str) -> str:
+        """``text`` without this client's API key (a job's log quoted to users)."""
+        return self._scrub(text)
