@@ -463,6 +463,13 @@ class Dataset:
     finished: float | None
 
     @property
+    def attempt(self) -> int:
+        """This attempt's number, counted from 1: ``attempts`` counts the runs before it
+        (each ``retry``/``rerun``). The one number every surface shows (docs/operations.md,
+        "Attempts and output folders")."""
+        return self.attempts + 1
+
+    @property
     def state(self) -> str:
         """The public state (``vip-agent status``)."""
         if self.paused and self.stage not in FINAL_STAGES:

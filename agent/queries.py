@@ -81,8 +81,10 @@ def who_takes_it(state: Path, alone: str = "start `vip-agent watch` to run it") 
 
 
 def record(journal: Journal, ds: Dataset, pauses: user_pause.Pauses | None = None) -> dict[str, Any]:
-    """One entry of ``vip-agent status --json``: STATUS.json's fields plus ``id`` and ``attempts``
-    (and ``paused_by``: who paused it, from where, since when, when a user pause holds it)."""
+    """One entry of ``vip-agent status --json``: STATUS.json's fields (``attempt``: this
+    attempt's number, from 1) plus ``id`` and ``attempts`` (the earlier attempts: ``attempt``
+    - 1, kept for scripts) (and ``paused_by``: who paused it, from where, since when, when a
+    user pause holds it)."""
     rec = status_record(journal, ds)
     rec = {"id": ds.id, **rec, "attempts": ds.attempts}
     if rec.get("state") == "paused" and (ds.paused or "").startswith(user_pause.PREFIX):
@@ -165,6 +167,8 @@ def detail(journal: Journal, ds: Dataset) -> dict[str, Any]:
         {
             "remote": o.remote, "local": o.local, "size": o.size, "execution": o.exec_key,
             "downloaded": bool(o.downloaded), "extracted_to": o.extracted_to,
+            # an archive extracted into a folder of its own name (as VipSession does): a folder
+            "kind": "folder" if o.extracted_to and Path(o.extracted_to).is_dir() else "file",
         }
         for o in journal.outputs(ds.id)
     ]  # fmt: skip

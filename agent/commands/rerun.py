@@ -21,6 +21,6 @@ def main(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
     journal, ds = queries.open_dataset(state, args.name)
     ds = actions.rerun(journal, ds)
-    print(f"#{ds.id} {ds.name}: queued again (attempt {ds.attempts + 1}); "
+    print(f"#{ds.id} {ds.name}: queued again (attempt {ds.attempt}); "
           f"{queries.who_takes_it(state)}")
     return 0

@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     if ds.stage == "incomplete" and not getattr(args, "again", False):
         return _fetch_left(journal, ds, state)
     ds = actions.rerun(journal, ds) if getattr(args, "again", False) else actions.retry(journal, ds)
-    print(f"#{ds.id} {ds.name}: queued again (attempt {ds.attempts + 1}); "
+    print(f"#{ds.id} {ds.name}: queued again (attempt {ds.attempt}); "
           f"{queries.who_takes_it(state)}")
     return 0
 

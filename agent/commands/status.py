@@ -149,7 +149,8 @@ def _duration(seconds: float) -> str:
 def render_detail(d: dict[str, Any], width: int = 100, agent_running: bool | None = None) -> str:
     """``vip-agent status NAME``: one dataset, every stage with its time, executions, outputs, logs."""
     wrap = max(40, width - 12)
-    out = [f"#{d['id']} {d['name']}: {d['state']} (attempt {int(d.get('attempts') or 0) + 1})"]
+    attempt = d.get("attempt") or int(d.get("attempts") or 0) + 1  # older agents wrote no 'attempt'
+    out = [f"#{d['id']} {d['name']}: {d['state']} (attempt {attempt})"]
 
     def field(label: str, value: Any) -> None:
         text = str(value) if value not in (None, "") else "-"
@@ -185,9 +186,13 @@ def render_detail(d: dict[str, Any], width: int = 100, agent_running: bool | Non
     )
     for o in outputs:
         size = _size(o["size"]) if o.get("size") is not None else "? B"
-        where = o.get("extracted_to") or o["local"]
         state = "mirrored" if o["downloaded"] else "not mirrored"
-        out.append(f"  {o['remote']} ({size}, {state}) -> {where}")
+        if o.get("kind") == "folder":
+            # the archive became a folder of the same name (VipSession's layout): say so
+            out.append(f"  {o['remote']} ({size} archive, {state}) -> folder "
+                       f"{str(o['extracted_to']).rstrip('/')}/ (extracted)")  # fmt: skip
+        else:
+            out.append(f"  {o['remote']} ({size}, {state}) -> {o['local']}")
     out.append("logs:" if d.get("logs") else "logs: none saved yet")
     out.extend(f"  {path}" for path in d.get("logs") or [])
     out.append("events:")

@@ -352,6 +352,7 @@ def status_record(journal: Journal, ds: Dataset) -> dict[str, Any]:
         "stage": ds.stage,
         "path": ds.path,
         "fingerprint": ds.fingerprint,
+        "attempt": ds.attempt,  # counted from 1 (docs/operations.md, "Attempts and output folders")
         "output_dir": ds.output_dir,
         "progress": ds.progress,
         "executions": [e.vip_id for e in execs if e.vip_id],

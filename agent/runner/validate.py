@@ -3,6 +3,7 @@ executions, session, output folder) in the journal before any byte is sent."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Protocol
@@ -11,8 +12,9 @@ from agent import dataset as dataset_mod
 from agent.errors import ValidationError
 from agent.jobfile import JobSpec, load_job
 from agent.journal import Dataset, Stage
-from agent.runner.common import Advance, Context, Next, dataset_root, safe_token
+from agent.runner.common import STATUS_FILE, Advance, Context, Next, dataset_root, safe_token
 from agent.runner.settings import settings_of
+from agent.session_data import SAVE_FILE
 from agent.validate import (
     check_platform_paths,
     closest_pipelines,
@@ -44,7 +46,27 @@ def unknown_pipeline(source: PipelineSource, identifier: str, server: str | None
     )
 
 
+#: what the agent writes into an output folder before any result: a folder holding only
+#: these (and hidden temporary files) holds nothing of an attempt
+BOOKKEEPING = frozenset({STATUS_FILE, SAVE_FILE})
+#: how many numbered folders (``NAME-2`` ...) are looked at before a time-stamped one
+MAX_SLOTS = 1000
+
+
 def choose_output_dir(ds: Dataset, job: JobSpec, name: str) -> Path:
+    """The output folder of this attempt of ``ds``: the rule of docs/operations.md
+    ("Attempts and output folders"), computed here only, once per attempt, and stored in the
+    journal before use.
+
+    1. A dataset's folder is ``NAME``; when ``NAME`` holds another dataset's outputs (the
+       same name dropped again with other content, or files of the user's), it is the first
+       of ``NAME-2``, ``NAME-3`` ... that is free or already its own.
+    2. Attempt 1 writes there; so does a later attempt when nothing of an earlier one is
+       there (it ended before any result or log: the folder is missing or holds only
+       ``STATUS.json``/``session_data.json``).
+    3. Otherwise attempt N writes beside it into ``<folder>-attemptN``: the earlier
+       attempts' results are never written over.
+    """
     root = Path(ds.output_root)
     job_out = job.output_dir
     if job_out and not settings_of(ds).output_override:
@@ -52,14 +74,42 @@ def choose_output_dir(ds: Dataset, job: JobSpec, name: str) -> Path:
         if not root.is_absolute():
             root = Path(ds.path).parent / root
     base = safe_token(name, 80)
-    # chosen once, stored in the journal before use; never a folder that already exists
-    candidates = [base, f"{base}-{(ds.fingerprint or '')[:8]}", f"{base}-{ds.id}"]
-    if ds.attempts:
-        candidates.insert(0, f"{base}-attempt{ds.attempts + 1}")
-    for candidate in candidates:
-        if not (root / candidate).exists():
-            return root / candidate
-    return root / f"{base}-{ds.id}-{int(time.time())}"
+    for k in range(1, MAX_SLOTS + 1):
+        folder = root / (base if k == 1 else f"{base}-{k}")
+        if not folder.exists():
+            return folder
+        if not _owned_by(folder, ds):
+            continue  # another dataset's (or the user's): never mixed
+        if ds.attempt == 1 or _holds_nothing(folder):
+            return folder
+        later = folder.with_name(f"{folder.name}-attempt{ds.attempt}")
+        if not later.exists() or (_owned_by(later, ds) and _holds_nothing(later)):
+            return later
+        return folder.with_name(f"{later.name}-{int(time.time())}")  # a user made it: beside
+    return root / f"{base}-{int(time.time())}"
+
+
+def _owned_by(folder: Path, ds: Dataset) -> bool:
+    """Whether ``folder`` is this dataset's: its ``STATUS.json`` names the dataset's path and
+    creation time (another dataset of the same name, even at the same path, has another)."""
+    try:
+        status = json.loads((folder / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(status, dict) and status.get("path") == ds.path
+        and status.get("created") == ds.created
+    )
+
+
+def _holds_nothing(folder: Path) -> bool:
+    """Nothing of an attempt is in ``folder``: only the agent's bookkeeping files."""
+    try:
+        return all(
+            p.name in BOOKKEEPING or p.name.startswith(".") for p in folder.iterdir()
+        )
+    except OSError:
+        return False
 
 
 def step(ctx: Context, ds: Dataset) -> Next:

@@ -100,7 +100,7 @@ def write_error_report(
     ]
     if ds.error_detail:
         lines.append(f"  (detail: {ds.error_detail})")
-    lines += ["", f"When: {when}    Dataset: {path}    Run #{ds.id}, attempt {ds.attempts + 1}"]
+    lines += ["", f"When: {when}    Dataset: {path}    Run #{ds.id}, attempt {ds.attempt}"]
     if ds.output_dir:
         lines.append(f"Outputs and execution logs (if any): {ds.output_dir}")
     if events:

@@ -407,7 +407,7 @@ function renderDetail() {
   const err = $("#d-error");
   err.hidden = !d.error; err.textContent = d.error || "";
   const facts = [["id", "#" + d.id], ["path", d.path], ["output", d.output || d.output_dir || ""], ["server", d.server || ""],
-    ["attempts", d.attempts], ["created", clock(d.created)], ["finished", clock(d.finished)]];
+    ["attempt", d.attempt], ["created", clock(d.created)], ["finished", clock(d.finished)]];
   $("#d-facts").replaceChildren(...facts.filter((f) => f[1] !== "" && f[1] !== undefined && f[1] !== null)
     .flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: String(v) })]));
   // stage strip from the journal
@@ -427,8 +427,8 @@ function renderDetail() {
     h("td", {}, h("span", { class: "vip-status v-" + String(e.status || "none"), text: e.status || "not launched" })),
     h("td", { text: clock(e.launched) }), h("td", { text: clock(e.ended) }))), "no execution launched");
   fill($("#d-outputs tbody"), (d.outputs || []).map((o) => h("tr", {},
-    h("td", { class: "path", text: o.local || o.remote || o.path || "" }), h("td", { class: "num", text: size(o.size) }),
-    h("td", { text: o.downloaded ? (o.extracted_to ? "yes, extracted" : "yes") : "no" }))), "no output yet");
+    h("td", { class: "path", text: o.kind === "folder" ? o.extracted_to + "/" : (o.local || o.remote || o.path || "") }), h("td", { class: "num", text: size(o.size) }),
+    h("td", { text: o.downloaded ? (o.kind === "folder" ? "yes, extracted into a folder" : "yes") : "no" }))), "no output yet");
   const logs = d.log_texts || [];
   $("#d-logs").replaceChildren(...(logs.length ? logs.map((l) => h("details", {}, h("summary", { text: `${l.path} (${size(l.size)})` }), h("pre", { class: "log", text: l.text || "" })))
     : [h("p", { class: "muted", text: "no log saved yet" })]));
