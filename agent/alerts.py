@@ -65,7 +65,8 @@ class Alert:
 
     @property
     def text(self) -> str:
-        """One human line (Slack, Mattermost and Teams show the ``text`` field)."""
+        """The human text (Slack, Mattermost and Teams show the ``text`` field): a headline,
+        the error (with a failed job's last stderr lines, one per line), the outputs."""
         head = {
             "failed": f"vip-agent: dataset {self.name} failed",
             "incomplete": f"vip-agent: dataset {self.name} is incomplete (outputs left on VIP)",
