@@ -71,6 +71,9 @@ class Limits:
     max_uploads: int = 2
     max_downloads: int = 2
     max_running: int = 1
+    #: datasets per server uploaded ahead of the running slot (inputs on VIP waiting to
+    #: launch); the others wait locally, queued (per server: see AgentConfig.upload_ahead)
+    upload_ahead: int = 2
     #: most ``runs`` and most VIP jobs one dataset may ask for (bigger jobs are refused)
     max_runs: int = MAX_RUNS
     max_jobs: int = MAX_JOBS
@@ -181,6 +184,12 @@ class AgentConfig:
         caps = [d.limits.max_running for d in self.drops if d.server == server]
         return min(caps) if caps else Limits().max_running
 
+    def upload_ahead(self, server: str) -> int:
+        """Datasets of ``server`` that may be uploaded and wait for a running slot: the
+        smallest ``upload_ahead`` of its drop folders (the default when none uses it)."""
+        caps = [d.limits.upload_ahead for d in self.drops if d.server == server]
+        return min(caps) if caps else Limits().upload_ahead
+
     def max_transfers(self, server: str) -> int:
         """Concurrent transfers with ``server``: the smallest ``max_transfers_per_server`` of
         its drop folders (the default when none uses it)."""
@@ -208,7 +217,7 @@ _DROP_KEYS = (
     "after", "archive_dir", "failed_dir", "key_file", "keep_remote", "poll",
     "transfer_parallelism", "notify", "disk_low", "max_runs", "max_jobs",
     "extract_max_ratio", "extract_max_member_ratio", "unknown_limit", "bandwidth",
-    "max_transfers_per_server",
+    "max_transfers_per_server", "upload_ahead",
 )  # fmt: skip
 _READINESS_KEYS = ("rule", "settle_seconds", "marker", "stale_after")
 
@@ -459,6 +468,7 @@ def _drop(r: _Reader, settle: float | None) -> DropConfig:
             max_uploads=r.whole("max_uploads", 2),
             max_downloads=r.whole("max_downloads", 2),
             max_running=r.whole("max_running", 1),
+            upload_ahead=r.whole("upload_ahead", 2, maximum=10_000),
             max_runs=r.whole("max_runs", MAX_RUNS),
             max_jobs=r.whole("max_jobs", MAX_JOBS),
             extract_max_ratio=r.whole("extract_max_ratio", int(MAX_RATIO)),

@@ -179,6 +179,7 @@ class WatchService:
             on_final=self._on_final,
             stop_event=self.stop_event,
             on_lost=self._journal_lost,
+            upload_ahead=lambda server: self.config.upload_ahead(server),
             **self.scheduler_options,
         )
         self.bandwidth = install_bandwidth(self.config.drops, self.stop_event)

@@ -102,6 +102,11 @@ PUBLIC_STATE = {
 }
 
 
+#: how the scheduler's reason starts for a dataset held back before its upload
+#: (``upload_ahead``): such a dataset, at stage ``upload``, shows as ``queued``
+UPLOAD_HELD = "waiting to upload: "
+
+
 class IllegalTransition(RuntimeError):
     """A stage change the table forbids: a bug in vip-agent, never a user mistake."""
 
@@ -474,6 +479,8 @@ class Dataset:
         """The public state (``vip-agent status``)."""
         if self.paused and self.stage not in FINAL_STAGES:
             return "paused"
+        if self.stage == "upload" and (self.error or "").startswith(UPLOAD_HELD):
+            return "queued"  # held back by the scheduler: nothing sent yet
         return PUBLIC_STATE[self.stage]
 
     @property

@@ -11,6 +11,11 @@ thread (a step is one bounded slice of a stage, see ``agent.runner``). Limits:
   step starts only while ``runner.slot_free(server)`` (the server's
   ``max_running``, decided by the runner alone). VIP's own cap (2001) answers with ``retry_after``
   anyway, so the cap is never exceeded and never fails a dataset.
+* Uploads ahead of the slot: a dataset starts uploading only while fewer than
+  ``upload_ahead(server)`` datasets of its server are uploading or uploaded and waiting
+  to launch; the others keep their files locally, shown ``queued`` with the reason
+  (``agent.journal.UPLOAD_HELD``). Thousands of datasets dropped at once never fill the
+  account's storage with inputs waiting on VIP.
 * Waiting (monitor polling, capacity, outage) is a deadline on the dispatcher,
   not a sleeping thread.
 * An :class:`~agent.vip.errors.AuthError` pauses every dataset of that server
@@ -49,6 +54,7 @@ from agent.journal import (
     LEASE_BEAT,
     LIVE_SQL,
     PUBLIC_STATE,
+    UPLOAD_HELD,
     Dataset,
     Journal,
     JournalWriteError,
@@ -113,6 +119,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         owner: Owner | None = None,
         on_lost: Callable[[str], None] | None = None,
+        upload_ahead: Callable[[str], int | None] | None = None,
     ) -> None:
         self.journal = journal
         self.runner = runner
@@ -153,6 +160,12 @@ class Scheduler:
         #: look at the journal; and the datasets asked to cancel (a cancel passes a pause)
         self._held = user_pause.Pauses()
         self._cancels: set[int] = set()
+        #: datasets of a server that may upload ahead of its running slot (None: no limit)
+        self.upload_ahead = upload_ahead
+        #: datasets whose upload started (they count ahead until they launch)
+        self._uploads_started: set[int] = set()
+        #: datasets held back by ``upload_ahead``: id -> the reason they were given
+        self._held_uploads: dict[int, str] = {}
 
     # -- public --------------------------------------------------------------------
     def start(self) -> None:
@@ -206,6 +219,8 @@ class Scheduler:
                 return False
             entry = _Entry(ds.id, ds.name, ds.server, ds.drop_dir or "", ds.stage)
             self._entries[ds.id] = entry
+            if ds.stage == Stage.UPLOAD.value and ds.progress:
+                self._uploads_started.add(ds.id)  # resumed mid-upload: its files are on VIP
             pause = self._paused.get(ds.server)
             if pause is not None:
                 entry.state = "paused"
@@ -276,9 +291,11 @@ class Scheduler:
         """Tracked datasets by public state (for the systemd STATUS line)."""
         with self._cond:
             return Counter(
-                "paused" if e.state == "paused" or self._holds(e) else PUBLIC_STATE.get(e.stage, e.stage)
+                "paused" if e.state == "paused" or self._holds(e)
+                else "queued" if e.id in self._held_uploads
+                else PUBLIC_STATE.get(e.stage, e.stage)
                 for e in self._entries.values()
-            )
+            )  # fmt: skip
 
     # -- user pauses (agent/pause.py) ----------------------------------------------------
     def refresh_pauses(self) -> None:
@@ -406,6 +423,8 @@ class Scheduler:
                 else:
                     wait = min(wait, pause.next_probe - now)
         full: set[str] = set()
+        ahead = self._uploads_ahead()
+        newly_held: list[tuple[int, str]] = []
         for e in sorted(self._entries.values(), key=lambda x: x.id):
             if e.state == "timer":
                 if e.due > now:
@@ -420,6 +439,15 @@ class Scheduler:
             key, limit = self._limit(pool, e)
             if self._busy[key] >= limit:
                 continue
+            if pool == "upload" and e.id not in self._uploads_started and e.id not in self._cancels:
+                reason = self._upload_gate(e, ahead)
+                if reason is not None:
+                    if e.id not in self._held_uploads:
+                        self._held_uploads[e.id] = reason
+                        newly_held.append((e.id, reason))
+                    continue
+                self._uploads_started.add(e.id)
+                ahead[e.server] = ahead.get(e.server, 0) + 1
             if pool == "launch" and e.stage == "launch" and self._launches_left(e):
                 # the runner decides (one authority); launch steps of a server run one at a time.
                 # A dataset whose executions are all launched (a crash right after the launch)
@@ -432,7 +460,36 @@ class Scheduler:
             e.state, e.pool = "busy", pool
             self.stats[pool] += 1
             self._spawn(self._step, e, key, name=f"step {e.name}")
+        if newly_held:
+            self._spawn(self._note_held, newly_held, name="upload-ahead")
         return max(wait, 0.0)
+
+    def _uploads_ahead(self) -> dict[str, int]:
+        """Per server: datasets uploading or uploaded and waiting to launch (lock held)."""
+        counts: Counter[str] = Counter()
+        for x in self._entries.values():
+            if x.stage == Stage.LAUNCH.value or (
+                x.stage == Stage.UPLOAD.value and x.id in self._uploads_started
+            ):
+                counts[x.server] += 1
+        return dict(counts)
+
+    def _upload_gate(self, e: _Entry, ahead: dict[str, int]) -> str | None:
+        """Why ``e`` may not start uploading now (``upload_ahead``), or None (lock held)."""
+        limit = self.upload_ahead(e.server) if self.upload_ahead is not None else None
+        if limit is None or ahead.get(e.server, 0) < limit:
+            return None
+        return (
+            f"{UPLOAD_HELD}{ahead.get(e.server, 0)} dataset(s) of {e.server} are uploaded or "
+            f"uploading ahead of its running slot (upload_ahead: {limit}); its files stay "
+            "here until one of them launches"
+        )
+
+    def _note_held(self, held: list[tuple[int, str]]) -> None:
+        """Show why held datasets wait (``vip-agent status``, the page: state ``queued``)."""
+        for dataset_id, reason in held:
+            with contextlib.suppress(Exception):  # a note only: the journal may be failing
+                self.journal.update(dataset_id, error=reason, error_detail=None)
 
     def _spawn(self, fn: Callable[..., None], *args: Any, name: str) -> None:
         def run() -> None:
@@ -453,7 +510,11 @@ class Scheduler:
         outcome: Any = None
         error: BaseException | None = None
         trouble: JournalWriteError | None = None
+        with self._cond:
+            released = self._held_uploads.pop(e.id, None)
         try:
+            if released is not None:  # no longer held back: it uploads now
+                self.journal.update(e.id, error=None, error_detail=None)
             outcome = self.runner.step(e.id)
         except (AuthError, CredentialError) as err:
             error = err
@@ -511,8 +572,11 @@ class Scheduler:
                     e.state, e.due = "timer", now + float(outcome.retry_after)
                 else:
                     e.state = "ready"
+            if e.stage != Stage.UPLOAD.value:
+                self._uploads_started.discard(e.id)  # counted by its stage from here on
             if final_stage is not None:
                 self._entries.pop(e.id, None)
+                self._held_uploads.pop(e.id, None)
             self._cond.notify_all()
         if final_stage is not None:
             try:

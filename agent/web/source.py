@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.dicom.status import dicom_view
 from agent.health import Health
-from agent.journal import PUBLIC_STATE, Dataset, Journal
+from agent.journal import PUBLIC_STATE, UPLOAD_HELD, Dataset, Journal
 from agent.timeline import segments
 
 #: bytes of each execution log shown on the page (its end)
@@ -168,7 +168,8 @@ def waiting_for(
     executions are still to be launched. A full output disk (the runner waits and retries)
     counts in any state. The rules, first match wins: a pause
     (of the dataset, its drop folder or the agent: ``paused`` says whose), a paused server
-    (key refused), the server's running cap (``max_running``), VIP's own queue.
+    (key refused), the server's running cap (``max_running``), VIP's own queue. A dataset
+    held back before its upload (``upload_ahead``) says so in the scheduler's words.
     """
     if ds.final:
         return None
@@ -178,6 +179,8 @@ def waiting_for(
         return f"waiting for disk space: {ds.error}"
     if rec.get("state") != "queued":
         return None
+    if (ds.error or "").startswith(UPLOAD_HELD):  # the scheduler's upload_ahead, its words
+        return ds.error
     server = next((s for s in health.get("servers") or [] if s.get("url") == ds.server), None)
     if server is not None and server.get("paused"):
         return f"waiting for the server: {server['paused']}"
