@@ -25,10 +25,10 @@ from agenthelpers import agent_env, wait_for, write_dataset
 from receivers import Receiver, Smtp
 from webhelpers import CHROMEDRIVER, CHROMIUM, Page, chromium, make_drop, page_service, require_tool
 
+from agent.backend import open_backend
 from agent.journal import Execution, Journal
 from agent.localvip import LocalVip
-from agent.runner.failure import EXCERPT_BYTES, EXCERPT_LINES, headline, stderr_excerpt
-from agent.vip.client import VipClient
+from agent.runner.failure import EXCERPT_BYTES, EXCERPT_LINES, headline, redactor, stderr_excerpt
 
 FAILING = {"pipeline": "TextTransform/1.0", "inputs": {"input_file": "input.txt", "mode": "upper"}}
 #: what TextTransform writes to stderr when the first line of its input is FAIL
@@ -152,11 +152,11 @@ def test_the_excerpt_is_bounded_scrubbed_and_names_the_failed_job(tmp_path: Path
     last = ["", "\x1b[31mERROR: cannot read the header of input.nii\x1b[0m",
             f"(request sent with apikey {key})", "   ", "x" * 5000]  # fmt: skip
     (logs / "job3.stderr.txt").write_text("\n".join(noise + last) + "\n", encoding="utf-8")
-    client = VipClient("http://127.0.0.1:9", key)
+    backend = open_backend("http://127.0.0.1:9", key)  # the key as the runner's backend holds it
     try:
-        text = stderr_excerpt(logs, _execution(), ["3"], redact=client.redact)
+        text = stderr_excerpt(logs, _execution(), ["3"], redact=redactor(backend))
     finally:
-        client.close()
+        backend.close()
     assert text is not None
     head, *body = text.splitlines()
     assert head == "job 3 (execution workflow-XYZ) stderr, last lines:"
