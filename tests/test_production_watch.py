@@ -17,7 +17,7 @@ from agenthelpers import wait_for, write_dataset
 from agent.config import load_config
 from agent.daemon import WatchService
 from agent.journal import UPLOAD_HELD, Journal
-from agent.localvip import LocalVip
+from agent.localvip import FaultSpec, LocalVip
 
 #: a pipeline of this test: copies its input file after sleeping (one job per file)
 SLOW_COPY = {
@@ -115,3 +115,102 @@ def test_uploads_run_ahead_of_the_slot_by_upload_ahead(
     assert 1 <= peak[0] <= 4, peak[0]
     assert queued_reasons and all("upload_ahead: 2" in r for r in queued_reasons)
     assert not any((d.error or "").startswith(UPLOAD_HELD) for d in rows)
+
+
+# -- issue 16's Done-when run -------------------------------------------------------------------
+def _stage_dataset(root: Path, name: str, files: dict[str, str], job: dict[str, Any]) -> Path:
+    """Write a dataset outside the drop folder (it lands there whole, by one rename)."""
+    return write_dataset(root / name, dict(files), job)
+
+
+def test_watch_takes_twenty_datasets_to_the_end_under_the_production_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One watch service, the production profile (short staging, result and landing delays;
+    every other behaviour at its documented default): a 50-job execution, 300 small files,
+    an input in a group folder, a missing platform-path input and 16 small datasets. The
+    missing input fails at validation with nothing sent; every other dataset ends done;
+    no execution is launched twice; nothing is left on VIP."""
+    from agent import pacer
+
+    # the engine's "try later" backoff is a minute at first: a second here (the refusals
+    # and the backoff are what is tested, not its length)
+    monkeypatch.setitem(pacer.POLICIES, "engine", pacer.WaitPolicy(base=0.5, cap=2.0, jitter=0.0))
+    key = secrets.token_urlsafe(16)
+    monkeypatch.setenv("VIP_API_KEY", key)
+    faults = FaultSpec.for_profile(
+        "production", staging_delay=0.05, results_delay=0.01, transfer_wait=1.0,
+        late_landing=0.01, late_landing_delay=0.5, delete_delay=0.3, seed=16,
+    )  # fmt: skip
+    staging = tmp_path / "staging"
+    stats = {"pipeline": "FileStats/1.0"}
+    datasets: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
+        "jobs50": ({f"in/f{i:02d}.txt": f"file {i}\n" for i in range(50)},
+                   {**stats, "inputs": {"input_file": "in/*.txt"}}),
+        "files300": ({f"f/{i:03d}.txt": f"{i}\n" for i in range(300)},
+                     {"pipeline": "ConcatFiles/1.0", "inputs": {"files": "f/*.txt"}}),
+        "grouped": ({"notes.txt": "g\n"},
+                    {**stats, "inputs": {"input_file": "/vip/lab (group)/shared/scan.txt"}}),
+        "missing": ({"notes.txt": "m\n"},
+                    {**stats, "inputs": {"input_file": "/vip/Home/nowhere/scan.txt"}}),
+        **{f"small{i:02d}": ({"scan.txt": f"small {i}\n" * (i + 1)},
+                             {**stats, "inputs": {"input_file": "scan.txt"}}) for i in range(16)},
+    }  # fmt: skip
+    for name, (files, job) in datasets.items():
+        _stage_dataset(staging, name, files, job)
+    with LocalVip(tmp_path / "vip", api_keys=[key], profile="production", faults=faults,
+                  groups={"lab": ["user"]}) as vip:  # fmt: skip
+        vip.group_dir("lab").joinpath("shared").mkdir(parents=True)
+        vip.group_dir("lab").joinpath("shared", "scan.txt").write_text("in the group\n")
+        drop = tmp_path / "drop"
+        drop.mkdir()
+        cfg = _config(tmp_path, [{
+            "path": str(drop), "server": vip.url, "output": str(tmp_path / "out"),
+            "max_running": 1, "max_uploads": 2, "upload_ahead": 2,
+            "readiness": {"settle_seconds": 0.2},
+        }])  # fmt: skip
+        journal = Journal.in_state_dir(tmp_path / "state")
+        service = _service(cfg)
+        service.start()
+        try:
+            for name in datasets:
+                (staging / name).rename(drop / name)
+            wait_for(lambda: len(journal.datasets()) == len(datasets)
+                     and all(d.final for d in journal.datasets()),
+                     timeout=110, interval=0.2, what="every dataset final")  # fmt: skip
+        finally:
+            service.stop()
+        rows = {d.name: d for d in journal.datasets()}
+        counts = vip.stats_snapshot()["counts"]
+        names = [row[0] for row in vip.state.query("SELECT name FROM executions")]
+        sessions = vip.home() / "vip-agent"
+        leftovers = sorted(p.name for p in sessions.iterdir()) if sessions.is_dir() else []
+        group_left = sorted(p.name for p in vip.group_dir("lab").iterdir())
+    missing = rows.pop("missing")
+    assert missing.stage == "failed"
+    assert "/vip/Home/nowhere/scan.txt does not exist on VIP" in (missing.error or "")
+    assert not journal.files(missing.id) or not any(f.uploaded for f in journal.files(missing.id))
+    assert not journal.executions(missing.id)
+    assert {n: d.stage for n, d in rows.items() if d.stage != "done"} == {}, {
+        n: d.error for n, d in rows.items() if d.stage != "done"}
+    # 0 duplicate launches: one execution per dataset that ran, each POSTed once
+    assert len(names) == len(set(names)) == len(rows)
+    refused = counts.get("launch refused", 0)
+    assert counts.get("POST /executions", 0) == len(names) + refused + _capacity_refusals(journal)
+    # 0 leftovers once the late-landing sweep is over; the group's file untouched
+    assert leftovers == [] and group_left == ["shared"]
+    (jobs50,) = journal.executions(rows["jobs50"].id)
+    assert len(jobs50.jobs or {}) == 50
+    assert len(journal.outputs(rows["jobs50"].id)) == 50
+    assert len(journal.files(rows["files300"].id)) == 300
+    for d in rows.values():
+        warnings = [e.message for e in journal.events(d.id) if "did not complete" in e.message]
+        assert warnings == [], (d.name, warnings)
+
+
+def _capacity_refusals(journal: Journal) -> int:
+    """Launches VIP refused for the account's cap (2001), as the journal's events say."""
+    return sum(
+        1 for d in journal.datasets() for e in journal.events(d.id)
+        if "maximum number of executions" in e.message
+    )
