@@ -21,14 +21,22 @@ from typing import Any
 
 import pytest
 import yaml
-from agenthelpers import agent_env, wait_for, write_dataset
+from agenthelpers import agent_env, drive, start_runner, wait_for, write_dataset
 from receivers import Receiver, Smtp
 from webhelpers import CHROMEDRIVER, CHROMIUM, Page, chromium, make_drop, page_service, require_tool
 
 from agent.backend import open_backend
+from agent.backend.memory import MemoryBackend
 from agent.journal import Execution, Journal
 from agent.localvip import LocalVip
-from agent.runner.failure import EXCERPT_BYTES, EXCERPT_LINES, headline, redactor, stderr_excerpt
+from agent.runner.failure import (
+    EXCERPT_BYTES,
+    EXCERPT_LINES,
+    MAX_QUOTED,
+    headline,
+    redactor,
+    stderr_excerpt,
+)
 
 FAILING = {"pipeline": "TextTransform/1.0", "inputs": {"input_file": "input.txt", "mode": "upper"}}
 #: what TextTransform writes to stderr when the first line of its input is FAIL
@@ -216,3 +224,17 @@ def test_the_page_row_shows_the_job_stderr(
         assert HEADING.search(shown), shown
     finally:
         service.stop()
+
+
+def test_many_failed_runs_quote_a_few_and_name_every_log(tmp_path: Path) -> None:
+    """Five failed runs of one dataset (memory backend): each is named with its logs, the
+    first MAX_QUOTED quote their stderr, so the error stays a few KiB."""
+    backend = MemoryBackend()
+    job = {"pipeline": "Sleep/1.0", "inputs": {"duration": 5, "exit_code": 3}, "runs": 5}
+    ds = write_dataset(tmp_path / "drop" / "five", {"x.txt": "x\n"}, job)
+    s = start_runner(tmp_path, ds, backend, poll_min=2.0, poll_max=60.0)
+    assert drive(s.runner, s.dataset_id, sleep=backend.clock.advance, timeout=20).stage == "failed"
+    error = s.journal.get(s.dataset_id).error or ""
+    assert error.count("ended ExecutionFailed; its logs are in") == 5, error
+    assert error.count("stderr, last lines:") == MAX_QUOTED, error
+    assert len(error.encode()) < 4096

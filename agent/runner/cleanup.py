@@ -29,7 +29,7 @@ from agent.runner.common import (
     Wait,
     duration,
 )
-from agent.runner.failure import redactor, stderr_excerpt
+from agent.runner.failure import MAX_QUOTED, redactor, stderr_excerpt
 from agent.runner.mirror import max_download
 from agent.runner.settings import settings_of
 from agent.session_data import write_session_data
@@ -207,6 +207,7 @@ def finish(ctx: Context, ds: Dataset, backend: Backend, *, kept_remote: bool) ->
     journal = ctx.journal
     problems = []
     killed = ctx.memo(ds.id).kill_sent
+    quoted = 0  # failed executions whose stderr is quoted (the others: their logs)
     for e in journal.executions(ds.id):
         status = backend.engine.classify(e.status or "")
         if status.state is not RunState.FINISHED:
@@ -216,7 +217,7 @@ def finish(ctx: Context, ds: Dataset, backend: Backend, *, kept_remote: bool) ->
             )
             logs = Path(ds.output_dir or ".") / LOGS_DIR / e.key
             problem = f"execution {e.name} ({e.vip_id}) ended {e.status}{why}; its logs are in {logs}"
-            if status.state is RunState.FAILED and e.vip_id:
+            if status.state is RunState.FAILED and e.vip_id and quoted < MAX_QUOTED:
                 # the job's own words (its stderr's last lines), not only "it failed"
                 excerpt = stderr_excerpt(
                     logs, e, backend.engine.job_problems(e.jobs or {}), engine=backend.engine,
@@ -224,6 +225,7 @@ def finish(ctx: Context, ds: Dataset, backend: Backend, *, kept_remote: bool) ->
                 )
                 if excerpt:
                     problem += "\n" + excerpt
+                    quoted += 1
             problems.append(problem)
         else:
             failed_jobs = backend.engine.job_problems(e.jobs or {})

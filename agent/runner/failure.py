@@ -31,6 +31,9 @@ EXCERPT_LINES = 10
 EXCERPT_BYTES = 2048
 #: a longer line (a progress bar, a dump) is cut to this many characters
 LINE_CHARS = 300
+#: at most this many failed executions of a dataset are quoted (40 failed runs of one
+#: dataset would otherwise make an error of 80 KiB); the others name their logs only
+MAX_QUOTED = 3
 #: how a block starts: the one marker the surfaces look for (``headline``)
 HEADING_END = "stderr, last lines:"
 #: a line's indentation inside the block
