@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -234,6 +235,12 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
     app: LocalVip
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (killed, timed out) is routine, not a traceback on stderr."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
     def __init__(self, addr: tuple[str, int], app: LocalVip) -> None:
         self.app = app
