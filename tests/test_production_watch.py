@@ -214,3 +214,64 @@ def _capacity_refusals(journal: Journal) -> int:
         1 for d in journal.datasets() for e in journal.events(d.id)
         if "maximum number of executions" in e.message
     )
+
+
+# -- 2001 backs off launches in every mode ------------------------------------------------------
+def _capacity_posts(vip: LocalVip) -> tuple[int, int]:
+    """(launch POSTs, executions created) of a server."""
+    posts = int(vip.stats_snapshot()["counts"].get("POST /executions", 0))
+    return posts, len(vip.state.query("SELECT name FROM executions"))
+
+
+def test_run_backs_off_launches_refused_for_the_cap(tmp_path: Path) -> None:
+    """`vip-agent run` with three runs at VIP's cap of 1: each refusal (2001) holds launches
+    for the capacity backoff (reset when a run is seen ending), never a POST per poll."""
+    from agenthelpers import run_agent
+
+    with LocalVip(tmp_path / "vip", max_running=1, pipelines_dir=pipelines_dir(tmp_path)) as vip:
+        job = {"pipeline": "SlowCopy/1.0", "inputs": {"input_file": "note.txt", "duration": 1.5},
+               "runs": 3}  # fmt: skip
+        ds = write_dataset(tmp_path / "ds", {"note.txt": "n\n"}, job)
+        done = run_agent("run", str(ds), "--server", vip.url, "--state", str(tmp_path / "state"),
+                         "--output", str(tmp_path / "out"), "--poll", "0.1:0.3",
+                         api_key=vip.api_key, cwd=tmp_path, timeout=120)  # fmt: skip
+        posts, created = _capacity_posts(vip)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert created == 3
+    assert posts - created <= 4, posts  # a POST per 0.1 s poll would be dozens
+
+
+def test_watch_backs_off_launches_refused_for_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`watch` believing it may run 3 where VIP allows 1: the refusals (2001) back off every
+    launch on the server together; all three datasets end done."""
+    from agent import pacer
+
+    monkeypatch.setitem(pacer.POLICIES, "capacity", pacer.WaitPolicy(base=1.0, cap=4.0, jitter=0.0))
+    key = secrets.token_urlsafe(16)
+    monkeypatch.setenv("VIP_API_KEY", key)
+    with LocalVip(tmp_path / "vip", api_keys=[key], max_running=1,
+                  pipelines_dir=pipelines_dir(tmp_path)) as vip:  # fmt: skip
+        drop = tmp_path / "drop"
+        drop.mkdir()
+        job = {"pipeline": "SlowCopy/1.0", "inputs": {"input_file": "note.txt", "duration": 1.5}}
+        (drop / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
+        cfg = _config(tmp_path, [{
+            "path": str(drop), "server": vip.url, "output": str(tmp_path / "out"),
+            "max_running": 3, "upload_ahead": 3, "readiness": {"settle_seconds": 0.2},
+        }])  # fmt: skip
+        journal = Journal.in_state_dir(tmp_path / "state")
+        service = _service(cfg)
+        service.start()
+        try:
+            for i in range(3):
+                write_dataset(drop / f"c{i}", {"note.txt": f"{i}\n"})
+            wait_for(lambda: len(journal.datasets()) == 3 and all(d.final for d in journal.datasets()),
+                     timeout=60, what="three datasets done")  # fmt: skip
+        finally:
+            service.stop()
+        posts, created = _capacity_posts(vip)
+    assert all(d.stage == "done" for d in journal.datasets())
+    assert created == 3
+    assert 0 < posts - created <= 8, posts  # refused, and backed off: never one per poll
