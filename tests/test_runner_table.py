@@ -55,9 +55,12 @@ def test_no_stage_is_chosen_by_a_string_literal() -> None:
 
 def test_runner_modules_import_at_the_top_only() -> None:
     """No import inside a function (none is needed to hide a cycle), and leftovers does not
-    import the runner (the old {runner, leftovers} cycle)."""
+    import the runner (the old {runner, leftovers} cycle). agent/backend/__init__.py may load
+    the VIP backend when one is opened (so `status` never loads requests):
+    tests/test_import_graph.py holds every import, those included, to no cycle."""
     inner = []
-    for path in [*(AGENT / "runner").glob("*.py"), AGENT / "leftovers.py", *(AGENT / "backend").glob("*.py")]:
+    backends = [p for p in (AGENT / "backend").glob("*.py") if p.name != "__init__.py"]
+    for path in [*(AGENT / "runner").glob("*.py"), AGENT / "leftovers.py", *backends]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
