@@ -17,6 +17,7 @@ from agenthelpers import drive, start_runner, wait_for, write_dataset
 from agent.backend.vip import VipEngine
 from agent.localvip import LocalVip
 from agent.pacer import ServerBudget
+from agent.web.source import waiting_for
 
 FILESTATS = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "scan.txt"}}
 
@@ -85,6 +86,8 @@ def test_engine_try_later_is_retried_with_backoff(
     row = s.journal.get(s.dataset_id)
     assert row.state == "queued" and row.error
     assert "waiting for VIP's engine" in row.error
+    # the status page's queued row says why, in the same words
+    assert waiting_for(row, {"state": row.state}, {}, 0, True) == row.error
     assert posts(vip_server) == 1
     # the engine policy's backoff: the next steps do not ask again
     for _ in range(3):

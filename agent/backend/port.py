@@ -26,6 +26,9 @@ Progress = Callable[[int], None]
 
 #: the agent's own label for an execution the server no longer has
 LOST_LABEL = "Lost"
+#: how the message of a launch refused "for now" by the platform's engine starts (the
+#: dataset's error while it waits: ``status``, the page's "waiting for")
+ENGINE_WAIT = "waiting for VIP's engine"
 
 
 class RunState(str, Enum):

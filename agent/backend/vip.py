@@ -18,6 +18,7 @@ from typing import Any
 
 from agent.backend import carmin
 from agent.backend.port import (
+    ENGINE_WAIT,
     ExecStatus,
     ExecutionInfo,
     Progress,
@@ -252,7 +253,7 @@ class VipEngine:
 def _engine_refusal(err: ApiError | LaunchUncertain) -> CapacityError:
     said = vip_words(err) if isinstance(err, ApiError) else err.message
     return CapacityError(
-        f"waiting for VIP's engine: it cannot take the launch for now ({said}); the launch "
+        f"{ENGINE_WAIT}: it cannot take the launch for now ({said}); the launch "
         "is tried again later",
         detail=err.detail, code=err.code, http_status=err.http_status,
     )

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.backend.port import ENGINE_WAIT
 from agent.dicom.status import dicom_view
 from agent.health import Health
 from agent.journal import PUBLIC_STATE, UPLOAD_HELD, Dataset, Journal
@@ -169,7 +170,8 @@ def waiting_for(
     counts in any state. The rules, first match wins: a pause
     (of the dataset, its drop folder or the agent: ``paused`` says whose), a paused server
     (key refused), the server's running cap (``max_running``), VIP's own queue. A dataset
-    held back before its upload (``upload_ahead``) says so in the scheduler's words.
+    held back before its upload (``upload_ahead``), or whose launch VIP's engine refused for
+    now (2003, 8000 "no ressources"), says so in the scheduler's or the runner's words.
     """
     if ds.final:
         return None
@@ -179,7 +181,7 @@ def waiting_for(
         return f"waiting for disk space: {ds.error}"
     if rec.get("state") != "queued":
         return None
-    if (ds.error or "").startswith(UPLOAD_HELD):  # the scheduler's upload_ahead, its words
+    if (ds.error or "").startswith((UPLOAD_HELD, ENGINE_WAIT)):  # upload_ahead; a busy engine
         return ds.error
     server = next((s for s in health.get("servers") or [] if s.get("url") == ds.server), None)
     if server is not None and server.get("paused"):
