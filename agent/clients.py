@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.backend import open_backend
+from agent.backend.errors import AuthError
 from agent.credentials import find_api_key
 from agent.errors import CredentialError
 from agent.logs import RedactFilter
-from agent.vip.errors import AuthError
 
 log = logging.getLogger("vip_agent.watch")
 

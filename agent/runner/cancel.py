@@ -3,6 +3,7 @@ confirms they all ended (never delete inputs under a running job)."""
 
 from __future__ import annotations
 
+from agent.backend.errors import NotFoundError, VipError
 from agent.journal import Dataset, Stage
 from agent.leftovers import remove_left_file
 from agent.runner.cleanup import landing_sweep, reappeared, record_removed
@@ -10,7 +11,6 @@ from agent.runner.common import KILL_REPEAT, Context, Finish, Next, Wait, is_end
 from agent.runner.monitor import poll_execution
 from agent.runner.settings import discard_requested, settings_of
 from agent.session_data import write_session_data
-from agent.vip.errors import NotFoundError, VipError
 
 
 def step(ctx: Context, ds: Dataset) -> Next:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.backend.errors import NotFoundError, VipError
 from agent.backend.port import Backend, RunState
 from agent.journal import Dataset, Stage
 from agent.leftovers import remove_left_file, summary, write_left_file
@@ -33,7 +34,6 @@ from agent.runner.failure import MAX_QUOTED, redactor, stderr_excerpt
 from agent.runner.mirror import max_download
 from agent.runner.settings import settings_of
 from agent.session_data import write_session_data
-from agent.vip.errors import NotFoundError, VipError
 
 #: seconds after a confirmed delete when the server is looked at once more for uploads that
 #: land late (only after a transfer timeout; VIP's own wait is 45 s, GRIDA reschedules)

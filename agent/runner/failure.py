@@ -20,10 +20,10 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from agent.backend.errors import VipError
 from agent.backend.port import Engine
 from agent.errors import one_line, scrub
 from agent.journal import Execution
-from agent.vip.errors import VipError
 
 #: at most this many of the last non-empty lines of a job's stderr
 EXCERPT_LINES = 10

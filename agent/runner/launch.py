@@ -15,13 +15,13 @@ nothing of it was launched, its inputs are deleted from the server.
 from __future__ import annotations
 
 from agent import failpoints
+from agent.backend.errors import ApiError, LaunchUncertain, NotFoundError, VipError
 from agent.backend.port import ExecutionInfo
 from agent.errors import AgentError
 from agent.journal import Dataset, Execution, Stage
 from agent.runner.cleanup import record_removed
 from agent.runner.common import Advance, Context, Finish, Next, Wait
 from agent.runner.polling import poll_interval
-from agent.vip.errors import ApiError, LaunchUncertain, NotFoundError, VipError
 
 
 class LaunchRefused(AgentError):

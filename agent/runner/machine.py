@@ -22,6 +22,7 @@ from typing import Any
 
 from agent import failpoints
 from agent.backend import as_backend
+from agent.backend.errors import AuthError, CapacityError, TransientError
 from agent.backend.port import Backend
 from agent.errors import AgentError
 from agent.fsutil import write_atomic
@@ -56,7 +57,6 @@ from agent.runner.common import (
     wall_time,
 )
 from agent.runner.table import TABLE
-from agent.vip.errors import AuthError, CapacityError, TransientError
 
 log = logging.getLogger("vip_agent.runner")
 

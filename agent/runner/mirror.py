@@ -11,6 +11,13 @@ import threading
 from pathlib import Path, PurePosixPath
 
 from agent import failpoints
+from agent.backend.errors import (
+    AuthError,
+    TooLargeError,
+    UnsafePathError,
+    VipError,
+    check_server_path,
+)
 from agent.backend.port import Backend, Engine, RunState
 from agent.errors import AgentError
 from agent.fsutil import write_atomic
@@ -18,8 +25,6 @@ from agent.journal import Dataset, Output, Stage
 from agent.progress import human_size
 from agent.runner.common import LOGS_DIR, Advance, Context, Interrupted, Next, inside, parallel
 from agent.session_data import write_session_data
-from agent.vip.errors import AuthError, TooLargeError, UnsafePathError, VipError
-from agent.vip.models import check_server_path
 
 
 def max_download(backend: Backend, *, refresh: bool = False) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.backend.errors import CapacityError, NotFoundError
 from agent.backend.port import LOST_LABEL, Engine, ExecStatus, ExecutionInfo, RunState
 from agent.journal import Dataset, Execution, Stage
 from agent.runner.common import (
@@ -27,7 +28,6 @@ from agent.runner.common import (
 from agent.runner.launch import launch_one
 from agent.runner.polling import poll_interval
 from agent.runner.settings import settings_of
-from agent.vip.errors import CapacityError, NotFoundError
 
 
 def step(ctx: Context, ds: Dataset) -> Next:

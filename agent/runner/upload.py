@@ -16,6 +16,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 from agent import failpoints
+from agent.backend.errors import SourceChanged, VipError
 from agent.backend.port import Storage
 from agent.journal import Dataset, FileRow, Stage
 from agent.progress import human_size
@@ -31,7 +32,6 @@ from agent.runner.common import (
     parallel,
     remote_parent,
 )
-from agent.vip.errors import SourceChanged, VipError
 
 
 def check_unchanged(local: Path, f: FileRow, *, during: bool = False) -> None:

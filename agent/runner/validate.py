@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent import dataset as dataset_mod
+from agent.backend.errors import NotFoundError, VipError
 from agent.errors import ValidationError
 from agent.jobfile import JobSpec, load_job
 from agent.journal import Dataset, Stage
@@ -23,7 +24,6 @@ from agent.validate import (
     resolve_inputs,
     validate,
 )
-from agent.vip.errors import NotFoundError, VipError
 
 
 class PipelineSource(Protocol):
