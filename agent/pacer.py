@@ -164,6 +164,7 @@ class ServerBudget:
         self._last_cut: float | None = None
         self._launch_at = 0.0
         self._launch_refusals = 0
+        self._launch_policy = "capacity"  # the policy of the backoff running now
         self._bandwidth: Bandwidth | None = None
         self._counts = {
             "requests_total": 0.0,
@@ -290,6 +291,7 @@ class ServerBudget:
             if now >= self._launch_at:
                 self._launch_at = now + policy(name).delay(self._launch_refusals)
                 self._launch_refusals += 1
+                self._launch_policy = name
             return max(0.0, self._launch_at - now)
 
     def launch_accepted(self) -> None:
@@ -297,6 +299,15 @@ class ServerBudget:
         with self._lock:
             self._launch_refusals = 0
             self._launch_at = 0.0
+
+    def slot_freed(self) -> None:
+        """One of this process's executions on the server ended: a backoff for the
+        account's cap (2000/2001) ends now (a slot is free); one for a busy engine (2003,
+        8000 "no resources") does not, since the engine is the platform's, not ours."""
+        with self._lock:
+            if self._launch_policy == "capacity":
+                self._launch_refusals = 0
+                self._launch_at = 0.0
 
     def launch_wait(self) -> float:
         """Seconds until a launch may be tried on this server (0.0 = now)."""

@@ -18,7 +18,7 @@ from agenthelpers import wait_for
 from agent.backend import Backend, RunState, open_backend
 from agent.backend.memory import MemoryBackend
 from agent.localvip import FaultSpec, LocalVip
-from agent.vip.errors import CapacityError, NotFoundError
+from agent.vip.errors import ApiError, CapacityError, NotFoundError
 
 PLATFORMS = ["memory", "vip", "vip-production"]
 #: the local server as slow and strict as VIP 4.6 (async deletes, GASW job statuses such as
@@ -35,8 +35,8 @@ class Platform:
     backend: Backend
     #: poll ``predicate`` until truthy (the memory backend moves its clock instead of waiting)
     until: Callable[[Callable[[], Any], str], Any]
-    #: make the next launch be refused for capacity
-    refuse_next_launch: Callable[[], None]
+    #: make the next launch be refused for capacity (2001), or with the code given
+    refuse_next_launch: Callable[..., None]
 
 
 @pytest.fixture(params=PLATFORMS)
@@ -52,8 +52,9 @@ def platform(request: pytest.FixtureRequest) -> Iterator[Platform]:
                 mem.clock.advance(1.0)
             raise AssertionError(f"{what} not met within 600 clock seconds")
 
-        def refuse() -> None:
+        def refuse(code: int = 2001) -> None:
             mem.faults.refuse_launches = 1
+            mem.faults.refuse_code = code
 
         yield Platform(mem, until, refuse)
         return
@@ -70,8 +71,12 @@ def platform(request: pytest.FixtureRequest) -> Iterator[Platform]:
     def poll(predicate: Callable[[], Any], what: str) -> Any:
         return wait_for(predicate, timeout=30, what=what)
 
-    def refuse_vip() -> None:
-        server.faults.capacity = 1.0
+    def refuse_vip(code: int = 2001) -> None:
+        if code == 2001:
+            server.faults.capacity = 1.0
+        else:  # the engine refuses (localvip's launch_refusal)
+            server.faults.launch_refusal = 1.0
+            server.faults.launch_refusal_code = frozenset({code})
         server.faults.times = server.faults.injected + 1
 
     try:
@@ -181,6 +186,20 @@ def test_launch_refused_for_capacity(platform: Platform) -> None:
     with pytest.raises(CapacityError):
         engine.launch("conf-refused", PIPELINE, {"duration": "0.1"}, f"{ROOT}/s4/OUTPUTS")
     assert engine.find("conf-refused") is None
+
+
+@pytest.mark.parametrize("code", [2003, 2004])
+def test_launch_refused_by_the_engine(platform: Platform, code: int) -> None:
+    """2003 (engine saturated) is "try later" (CapacityError, its code kept for the engine
+    backoff); 2004 (launch error) is a refusal for good (ApiError); nothing is created."""
+    engine = platform.backend.engine
+    platform.backend.storage.makedirs(f"{ROOT}/s5/OUTPUTS")
+    platform.refuse_next_launch(code)
+    expected = CapacityError if code == 2003 else ApiError
+    with pytest.raises(expected) as caught:
+        engine.launch("conf-engine", PIPELINE, {"duration": "0.1"}, f"{ROOT}/s5/OUTPUTS")
+    assert caught.value.code == code
+    assert engine.find("conf-engine") is None
 
 
 def test_status_words(platform: Platform) -> None:

@@ -265,3 +265,61 @@ def test_dry_run_names_a_missing_platform_path(tmp_path: Path, group_server: Loc
     assert done.returncode == 2, done.stdout + done.stderr
     assert "input 'input_file': /vip/lab (group)/shared/gone.txt does not exist on VIP" in done.stdout
     assert group_server.stats_snapshot()["counts"].get("upload") is None
+
+
+# -- the same decisions on the memory backend (no HTTP: the state machine alone) ---------------
+def _memory_start(tmp_path: Path, runs: int = 1) -> Any:
+    from agent.backend.memory import MemoryBackend
+
+    backend = MemoryBackend(default_duration=30.0)
+    job = {**FILESTATS, "runs": runs}
+    ds = write_dataset(tmp_path / "drop" / "mem", {"scan.txt": "x\n"}, job)
+    return start_runner(tmp_path, ds, backend, poll_min=2.0, poll_max=60.0)
+
+
+def test_memory_engine_refusal_on_a_later_run_backs_off_then_runs(tmp_path: Path) -> None:
+    """Three runs; the engine refuses the second launch (2003) from the monitor stage: the
+    launches wait the engine policy's backoff (a minute of the backend's clock), no POST in
+    between, and all three runs end."""
+    from agent.pacer import policy
+
+    s = _memory_start(tmp_path, runs=3)
+    backend = s.backend
+    drive(s.runner, s.dataset_id, sleep=backend.clock.advance, timeout=20,
+          until=lambda o: o.stage == "monitor")  # fmt: skip
+    backend.faults.refuse_launches, backend.faults.refuse_code = 1, 2003
+    refused_at = None
+    for _ in range(200):
+        s.runner.step(s.dataset_id)
+        if backend.faults.refuse_launches == 0 and refused_at is None:
+            refused_at, launches = backend.clock.time(), backend.calls["launch"]
+        if refused_at is not None and backend.calls["launch"] > launches:
+            break
+        backend.clock.advance(1.0)
+    assert refused_at is not None
+    assert backend.clock.time() - refused_at >= policy("engine").base * (1 - policy("engine").jitter)
+    outcome = drive(s.runner, s.dataset_id, sleep=backend.clock.advance, timeout=20)
+    assert outcome.stage == "done", s.journal.get(s.dataset_id).error
+    assert len(backend.launches) == 3
+
+
+def test_memory_launch_error_fails_and_cleans(tmp_path: Path) -> None:
+    s = _memory_start(tmp_path)
+    s.backend.faults.refuse_launches, s.backend.faults.refuse_code = 1, 2004
+    outcome = drive(s.runner, s.dataset_id, sleep=s.backend.clock.advance, timeout=20)
+    row = s.journal.get(s.dataset_id)
+    assert outcome.stage == "failed" and "inputs were deleted" in (row.error or "")
+    assert not any(p.startswith(row.remote_root or "/nowhere") for p in s.backend.paths())
+    assert s.backend.launches == []
+
+
+def test_a_freed_slot_ends_a_capacity_backoff_not_an_engine_one() -> None:
+    clock = FakeClock()
+    budget = ServerBudget("https://vip.example", max_rate=0, clock=clock)
+    budget.launch_refused(2003)
+    budget.slot_freed()  # our execution ended: the engine may still be saturated
+    assert budget.launch_wait() > 0
+    clock.now += 3600
+    budget.launch_refused(2001)
+    budget.slot_freed()  # a slot of the account is free: launch now
+    assert budget.launch_wait() == 0

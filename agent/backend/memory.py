@@ -30,6 +30,7 @@ from typing import Any
 
 from agent.backend import carmin
 from agent.backend.port import (
+    ENGINE_WAIT,
     ExecStatus,
     ExecutionInfo,
     Progress,
@@ -78,8 +79,11 @@ class Clock:
 class Faults:
     """Scripted faults: each counter is how many of the next calls fail that way."""
 
-    #: launches refused with ``CapacityError`` (VIP's 2001)
+    #: launches refused: ``CapacityError`` for "try later" codes (VIP's 2000/2001 cap,
+    #: 2003 a busy engine), ``ApiError`` for the others (2004 LAUNCH_ERROR)
     refuse_launches: int = 0
+    #: the code of those refusals
+    refuse_code: int = 2001
     #: launches that create the execution, then raise ``LaunchUncertain`` (answer lost)
     uncertain_launches: int = 0
     #: status reads that say ``Unknown`` (the execution goes on running)
@@ -236,8 +240,14 @@ class MemoryEngine:
                 raise NotFoundError(f"no pipeline {pipeline!r} on {b.server}")
             if b.faults.refuse_launches > 0:
                 b.faults.refuse_launches -= 1
-                raise CapacityError("the server runs as many executions as it allows; retry later",
-                                    code=2001)
+                code = b.faults.refuse_code
+                if code in (2000, 2001):
+                    raise CapacityError(
+                        "the server runs as many executions as it allows; retry later", code=code)
+                if code == 2003:
+                    raise CapacityError(f"{ENGINE_WAIT}: the engine is saturated (scripted)",
+                                        code=code)  # fmt: skip
+                raise ApiError(f"the launch of {name!r} was refused (scripted, {code})", code=code)
             b._tick()
             if b.max_running is not None and b.running() >= b.max_running:
                 raise CapacityError("the server runs as many executions as it allows; retry later",

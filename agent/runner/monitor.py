@@ -117,7 +117,7 @@ def observe(
         if e.status is None or not status_of(ctx, ds, e.status).ended:
             # one of our executions on this server just ended: a slot is free, so a launch
             # refused for the cap may be tried at once instead of after its backoff
-            ctx.budget(ds.server).launch_accepted()
+            ctx.budget(ds.server).slot_freed()
         if e.key in memo.kill_sent:
             ctx.journal.event(ds.id, f"VIP confirms execution {e.vip_id} ended ({label})")
     if label != e.status and status.state is not RunState.UNKNOWN:
