@@ -21,6 +21,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 
 from agent.fsutil import fsync_dir
 
@@ -31,6 +32,9 @@ HEADER_KEYS = (
     "ProtocolName", "StudyDescription", "ImageType", "NumberOfSeriesRelatedInstances",
     "NumberOfStudyRelatedInstances", "ImagesInAcquisition",
 )  # fmt: skip
+#: the last tag the receiver decodes: these keys and the three UIDs (the rest, from the image
+#: module and private blocks to the pixel data, stays undecoded bytes until the hand-over)
+HEADER_LAST = max(int(Tag(k)) for k in (*HEADER_KEYS, "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
 
 
 class SpoolFull(OSError):

@@ -1,0 +1,120 @@
+"""The receiver's own data phase (agent/dicom/dataphase.py) against pynetdicom's: real dcmtk
+senders, the spooled files compared byte for byte between the two, fragmented PDUs,
+C-ECHO, and a stop while an association is open."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from agenthelpers import wait_for
+from dicomhelpers import (
+    PATIENT_FILES,
+    echoscu,
+    make_node,
+    needs_dcmtk,
+    pydicom_file,
+    spectroscopy,
+    storescu,
+    storescu_private,
+)
+from pydicom.uid import UID
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+from agent.dicom import dataphase
+from agent.dicom.node import DicomNode
+
+pytestmark = needs_dcmtk
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[DicomNode]]:
+    started: list[DicomNode] = []
+    yield started
+    for node in started:
+        node.stop()
+
+
+def spooled(node: DicomNode) -> dict[str, bytes]:
+    """SOPInstanceUID -> the spooled file's bytes."""
+    return {p.stem: p.read_bytes() for p in node.spool.files()}
+
+
+def start(tmp: Path, nodes: list[DicomNode], fast: bool) -> tuple[DicomNode, int]:
+    node = make_node(tmp, quiet=60)
+    node.receiver.fast = fast
+    nodes.append(node)
+    return node, node.start()
+
+
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"])
+def test_file_meta_is_pynetdicoms(ts: str) -> None:
+    sop_class, sop = "1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.1"  # odd length: padded
+    ref = encode_file_meta(create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop),
+                                            transfer_syntax=UID(ts)))  # fmt: skip
+    assert dataphase.file_meta(sop_class, sop, ts) == b"\x00" * 128 + b"DICM" + ref
+
+
+def test_same_files_as_pynetdicom_fragmented_or_not(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    """Every object spooled by the data phase is byte for byte what pynetdicom's handler
+    wrote, whether the sender fits each object in one PDU or cuts it in 4 KiB fragments."""
+    files = [*PATIENT_FILES[:6], pydicom_file("CT_small.dcm"), pydicom_file("MR_small_bigendian.dcm")]
+    spectro = spectroscopy(tmp_path / "spectro")
+    out: dict[str, dict[str, bytes]] = {}
+    for name, fast, extra in (("pynetdicom", False, []), ("ours", True, []),
+                              ("ours-4k", True, ["--max-send-pdu", "4096"])):  # fmt: skip
+        node, port = start(tmp_path / name, nodes, fast)
+        done = storescu(port, files, extra=extra)
+        assert done.returncode == 0, done.stderr
+        assert storescu_private(port, [spectro], tmp_path / name).returncode == 0
+        out[name] = spooled(node)
+        assert len(out[name]) == len(files) + 1
+        assert node.snapshot()["counters"]["objects"] == len(files) + 1
+    assert out["ours"] == out["pynetdicom"]
+    assert out["ours-4k"] == out["pynetdicom"]
+    for sop, data in out["ours"].items():  # and they are DICOM files pydicom reads whole
+        ds = pydicom.dcmread(BytesIO(data))
+        assert str(ds.SOPInstanceUID) == sop == str(ds.file_meta.MediaStorageSOPInstanceUID)
+
+
+def test_headers_are_indexed_and_echo_answers(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    node, port = start(tmp_path, nodes, True)
+    assert echoscu(port).returncode == 0
+    assert node.snapshot()["counters"]["echoes"] == 1
+    assert storescu(port, PATIENT_FILES[:3]).returncode == 0
+    study = str(pydicom.dcmread(PATIENT_FILES[0]).StudyInstanceUID)
+    rows = node.index.objects(study)
+    assert rows, "the study is indexed"
+    first = pydicom.dcmread(PATIENT_FILES[0])
+    row = next(r for r in rows if r.sop_uid == str(first.SOPInstanceUID))
+    assert row.info["Modality"] == first.Modality
+    assert row.info["SOPClassUID"] == str(first.SOPClassUID)
+    assert row.info["CallingAE"] == "SCANNER1"
+
+
+def test_stop_with_an_association_open_returns_and_ends_it(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    node, port = start(tmp_path, nodes, True)
+    # storescu's --repeat keeps one association busy; stop() must not wait for it
+    argv = ["storescu", "-aet", "SCANNER1", "-aec", "VIPAGENT", "--repeat", "100000", "127.0.0.1", str(port),
+            str(PATIENT_FILES[0])]  # fmt: skip
+    sender = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: node.receiver.open_associations() == 1, 15, what="the association")
+        began = time.monotonic()
+        stopper = threading.Thread(target=node.stop)
+        stopper.start()
+        stopper.join(15)
+        assert not stopper.is_alive(), "stop() hangs on an open association"
+        assert time.monotonic() - began < 5
+        assert sender.wait(15) != 0  # the sender saw its association end early
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    nodes.remove(node)
