@@ -1108,7 +1108,8 @@ class Journal:
         sql = (
             "SELECT COUNT(*) FROM datasets d WHERE d.server = ? AND (d.stage = 'launch' OR"
             " (d.stage = 'monitor' AND EXISTS (SELECT 1 FROM executions e"
-            " WHERE e.dataset_id = d.id AND e.vip_id IS NULL)))"
+            " WHERE e.dataset_id = d.id AND e.vip_id IS NULL"
+            " AND (e.status IS NULL OR e.status != 'Refused'))))"  # refused for good: not waiting
         )
         return int(self._db().execute(sql, (server,)).fetchone()[0])
 

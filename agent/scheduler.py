@@ -63,6 +63,7 @@ from agent.journal import (
 )
 from agent.pacer import policy
 from agent.runner import STAGE_POOL, Interrupted
+from agent.runner.launch import REFUSED_LABEL
 
 log = logging.getLogger("vip_agent.scheduler")
 
@@ -394,12 +395,14 @@ class Scheduler:
         pool = STAGE_POOL.get(e.stage, "local")
         if pool == "monitor":
             # a monitor step launches the dataset's next execution when a slot is free
-            if any(x.vip_id is None for x in self.journal.executions(e.id)):
+            if self._launches_left(e):
                 return "launch"
         return pool
 
     def _launches_left(self, e: _Entry) -> bool:
-        return any(x.vip_id is None for x in self.journal.executions(e.id))
+        # a run the platform refused for good (REFUSED_LABEL) is never launched again
+        return any(x.vip_id is None and x.status != REFUSED_LABEL
+                   for x in self.journal.executions(e.id))  # fmt: skip
 
     def _limit(self, pool: str, e: _Entry) -> tuple[tuple[str, str], int]:
         if pool == "upload":

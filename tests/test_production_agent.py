@@ -323,3 +323,21 @@ def test_a_freed_slot_ends_a_capacity_backoff_not_an_engine_one() -> None:
     budget.launch_refused(2001)
     budget.slot_freed()  # a slot of the account is free: launch now
     assert budget.launch_wait() == 0
+
+
+def test_memory_launch_error_on_a_later_run(tmp_path: Path) -> None:
+    """Three runs, the second refused for good (2004) while the first runs: no run is launched
+    again, the first is followed to its end and mirrored, the server is cleaned, and the
+    dataset fails saying which runs VIP refused."""
+    s = _memory_start(tmp_path, runs=3)
+    backend = s.backend
+    drive(s.runner, s.dataset_id, sleep=backend.clock.advance, timeout=20,
+          until=lambda o: o.stage == "monitor")  # fmt: skip
+    backend.faults.refuse_launches, backend.faults.refuse_code = 1, 2004
+    outcome = drive(s.runner, s.dataset_id, sleep=backend.clock.advance, timeout=20)
+    row = s.journal.get(s.dataset_id)
+    assert outcome.stage == "failed", row.error
+    assert "was not launched: VIP refused it" in (row.error or "")
+    assert len(backend.launches) == 1 and backend.calls["launch"] == 2
+    assert list(Path(row.output_dir or "").rglob("result.txt"))  # the first run's output
+    assert not any(p.startswith(row.remote_root or "/nowhere") for p in backend.paths())

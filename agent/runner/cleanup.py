@@ -210,7 +210,10 @@ def finish(ctx: Context, ds: Dataset, backend: Backend, *, kept_remote: bool) ->
     quoted = 0  # failed executions whose stderr is quoted (the others: their logs)
     for e in journal.executions(ds.id):
         status = backend.engine.classify(e.status or "")
-        if status.state is not RunState.FINISHED:
+        if not e.vip_id:
+            problems.append(f"execution {e.name} was not launched: VIP refused it (see the "
+                            "dataset's events for VIP's words)")  # fmt: skip
+        elif status.state is not RunState.FINISHED:
             why = (
                 " (killed by vip-agent: VIP reported it Unknown for longer than the limit)"
                 if e.key in killed and not ds.cancel_requested else ""

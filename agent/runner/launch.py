@@ -23,6 +23,9 @@ from agent.runner.cleanup import record_removed
 from agent.runner.common import Advance, Context, Finish, Next, Wait
 from agent.runner.polling import poll_interval
 
+#: the status recorded for a planned execution the platform refused for good (it has no id)
+REFUSED_LABEL = "Refused"
+
 
 class LaunchRefused(AgentError):
     """The platform refused a launch for good (not "try later"): VIP's words in the message."""

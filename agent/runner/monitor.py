@@ -25,7 +25,7 @@ from agent.runner.common import (
     status_of,
     wall_time,
 )
-from agent.runner.launch import launch_one
+from agent.runner.launch import REFUSED_LABEL, LaunchRefused, launch_one
 from agent.runner.polling import poll_interval
 from agent.runner.settings import settings_of
 
@@ -41,7 +41,7 @@ def step(ctx: Context, ds: Dataset) -> Next:
             observe(ctx, ds, engine, memo, e, info.status, info.jobs)
 
     executions = ctx.journal.executions(ds.id)
-    pending = [e for e in executions if not e.vip_id]
+    pending = [e for e in executions if not e.vip_id and e.status != REFUSED_LABEL]
     budget = ctx.budget(ds.server)
     if pending and ctx.slot_free(ds.server) and budget.launch_wait() <= 0:
         try:
@@ -50,8 +50,17 @@ def step(ctx: Context, ds: Dataset) -> Next:
             # the server's cap: every launch on it waits the backoff, not the next poll
             wait = budget.launch_refused(err.code)
             ctx.journal.event(ds.id, f"{err.message}; the next launch in {wait:.0f} s")
+        except LaunchRefused as err:
+            # refused for good: the runs not launched are given up (the dataset ends
+            # failed, after the launched ones are mirrored and the server cleaned)
+            for e in pending:
+                ctx.journal.update_execution(ds.id, e.key, status=REFUSED_LABEL)
+            ctx.journal.event(
+                ds.id, f"{err.message}; {len(pending)} run(s) not launched, the others are "
+                "followed to their end", level="error",
+            )
         executions = ctx.journal.executions(ds.id)
-    if all(e.vip_id and is_ended(ctx, ds, e) for e in executions):
+    if all((e.vip_id and is_ended(ctx, ds, e)) or e.status == REFUSED_LABEL for e in executions):
         return Advance(Stage.MIRROR, "all executions ended")
     return Wait(poll_interval(ctx, ds, executions))
 
