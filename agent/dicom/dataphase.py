@@ -159,15 +159,17 @@ def file_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, dataset: byte
     return b"".join((file_meta(sop_class, sop_uid, transfer_syntax), dataset))
 
 
-def read_header(dataset: bytes, transfer_syntax: str, last: int = _PIXEL_DATA - 1) -> Dataset:
-    """The dataset's elements up to tag ``last`` (what routing and the index read: decoding
-    stops there, before the image module, private blocks and pixel data)."""
+def read_header(dataset: bytes, transfer_syntax: str, tags: tuple[int, ...] | None = None) -> Dataset:
+    """The dataset's elements ``tags`` (default: all before the pixel data). Decoding stops
+    after the last of them, before the image module, private blocks and pixel data."""
+    last = max(tags) if tags else _PIXEL_DATA - 1
     ts = UID(transfer_syntax)
     if ts.is_deflated:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         dataset = inflater.decompress(dataset)
     return read_dataset(BytesIO(dataset), ts.is_implicit_VR, ts.is_little_endian,
-                        stop_when=lambda tag, vr, length: tag > last)  # fmt: skip
+                        stop_when=lambda tag, vr, length: tag > last,
+                        specific_tags=list(tags) if tags else None)  # fmt: skip
 
 
 class Session:
@@ -175,10 +177,10 @@ class Session:
 
     def __init__(self, assoc: Any, store: StoreHandler, echo: Callable[[Any], int],
                  stopping: threading.Event, idle_timeout: float | None,
-                 last_tag: int = _PIXEL_DATA - 1) -> None:  # fmt: skip
+                 header_tags: tuple[int, ...] | None = None) -> None:  # fmt: skip
         self.assoc = assoc
-        #: the header is decoded up to this tag only
-        self.last_tag = last_tag
+        #: the elements decoded for the handler (None: all before the pixel data)
+        self.header_tags = header_tags
         self.store = store
         self.echo = echo
         self.stopping = stopping
@@ -320,4 +322,4 @@ class Session:
         transfer_syntax = str(context.transfer_syntax[0])
         data = file_bytes(sop_class, sop_uid, transfer_syntax, dataset)
         # decoded by the handler, so that a malformed header is its "cannot understand"
-        return self.store(self.assoc, data, lambda: read_header(dataset, transfer_syntax, self.last_tag))
+        return self.store(self.assoc, data, lambda: read_header(dataset, transfer_syntax, self.header_tags))

@@ -99,6 +99,7 @@ class DicomNode:
             self._thread.join(timeout=10)
             self._thread = None
         self._publish(listening=False)
+        self.spool.close()
         self.index.close()
 
     def _reindex(self) -> None:

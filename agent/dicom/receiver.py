@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 
 from agent.dicom import dataphase
 from agent.dicom.config import DicomConfig
-from agent.dicom.spool import HEADER_LAST
+from agent.dicom.spool import HEADER_TAGS
 
 log = logging.getLogger("vip_agent.dicom")
 
@@ -250,7 +250,7 @@ class Receiver:
     def _serve(self, assoc: Any) -> None:
         """The association's reactor (its own thread) once pynetdicom has accepted it."""
         session = dataphase.Session(assoc, self._store, lambda _assoc: self._on_echo(None), self._stopping,
-                                    assoc.network_timeout, HEADER_LAST)  # fmt: skip
+                                    assoc.network_timeout, HEADER_TAGS)  # fmt: skip
         with self._lock:
             self._sessions.add(session)
         try:

@@ -1,10 +1,15 @@
 """The spool: every received object, written durably before the sender hears "success".
 
 Layout: ``<spool>/objects/<study key>/<SOPInstanceUID>.dcm`` (the study key is a hash
-of the StudyInstanceUID, never an identifying value) and ``<spool>/tmp/`` for
-objects being written. An object is written to ``tmp``, fsynced, renamed into place
-and its folder fsynced: a crash leaves either the whole object or a temporary file
+of the StudyInstanceUID, never an identifying value) and ``<spool>/spare/`` for
+temporary files. An object is written to a temporary file, fsynced, renamed into
+place and its folder fsynced: a crash leaves either the whole object or a temporary file
 that the next start removes, never a half-written object under its final name.
+
+The temporary files are created ahead of time (a few empty files made by a background
+thread): creating a file waits for the file system's journal, measured 0.2-0.5 ms per
+object here while fsyncs run, and that wait need not sit between an object's last byte
+and its answer. (``<spool>/tmp/`` is where older versions wrote; it is emptied at start.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,9 +39,12 @@ HEADER_KEYS = (
     "ProtocolName", "StudyDescription", "ImageType", "NumberOfSeriesRelatedInstances",
     "NumberOfStudyRelatedInstances", "ImagesInAcquisition",
 )  # fmt: skip
-#: the last tag the receiver decodes: these keys and the three UIDs (the rest, from the image
+#: the tags the receiver decodes: these keys and the three UIDs (the rest, from the image
 #: module and private blocks to the pixel data, stays undecoded bytes until the hand-over)
-HEADER_LAST = max(int(Tag(k)) for k in (*HEADER_KEYS, "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+HEADER_TAGS = tuple(sorted(int(Tag(k)) for k in (*HEADER_KEYS, "StudyInstanceUID", "SeriesInstanceUID",
+                                                  "SOPInstanceUID")))  # fmt: skip
+#: empty temporary files kept ready
+SPARES = 4
 
 
 class SpoolFull(OSError):
@@ -72,18 +82,79 @@ class Spool:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self.spare = self.root / "spare"
         self.disk_low = disk_low
-        for folder in (self.objects, self.tmp):
+        for folder in (self.objects, self.tmp, self.spare):
             folder.mkdir(parents=True, exist_ok=True)
+        self._spares: deque[tuple[int, Path]] = deque()
+        self._want = threading.Event()
+        self._lock = threading.Lock()
+        self._filler: threading.Thread | None = None
+        self._closed = False
 
     def clean_tmp(self) -> int:
-        """Remove what a crash left half-written (never acknowledged to a sender)."""
+        """Remove what a crash left half-written (never acknowledged to a sender) and the
+        spares; called at start, before anything is received."""
+        self.close()
+        self._closed = False
         n = 0
-        for leftover in self.tmp.iterdir():
+        for leftover in [*self.tmp.iterdir(), *self.spare.iterdir()]:
             with contextlib.suppress(OSError):
+                written = leftover.stat().st_size > 0
                 leftover.unlink()
-                n += 1
+                n += written
         return n
+
+    def close(self) -> None:
+        """Stop making spares and remove the unused ones."""
+        with self._lock:
+            self._closed = True
+            filler, self._filler = self._filler, None
+        self._want.set()
+        if filler is not None:
+            filler.join(5)
+        with self._lock:
+            while self._spares:
+                fd, path = self._spares.popleft()
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+    def _create(self) -> tuple[int, Path]:
+        path = self.spare / f"{uuid.uuid4().hex}.part"
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
+
+    def _take(self) -> tuple[int, Path]:
+        """A new empty temporary file: a spare when one is ready."""
+        with self._lock:
+            spare = self._spares.popleft() if self._spares else None
+            if self._filler is None and not self._closed:
+                self._filler = threading.Thread(target=self._fill, name="vip-agent-dicom-spares", daemon=True)
+                self._filler.start()
+        self._want.set()
+        return spare if spare is not None else self._create()
+
+    def _fill(self) -> None:
+        while True:
+            self._want.wait()
+            self._want.clear()
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if len(self._spares) >= SPARES:
+                        break
+                try:
+                    made = self._create()
+                except OSError:  # a full or read-only disk: write() creates its own and says why
+                    break
+                with self._lock:
+                    if self._closed:
+                        os.close(made[0])
+                        with contextlib.suppress(OSError):
+                            made[1].unlink()
+                        return
+                    self._spares.append(made)
 
     def free(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -100,8 +171,7 @@ class Spool:
         new_folder = not final.parent.is_dir()
         if new_folder:
             final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{uuid.uuid4().hex}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, tmp = self._take()
         try:
             view = memoryview(data)
             while view:
