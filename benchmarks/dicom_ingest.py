@@ -2,14 +2,22 @@
 writing the same study, and the time from a study's last object to its first upload.
 
     .venv/bin/python benchmarks/dicom_ingest.py [--objects 300] [--rounds 3] [--quiet 1]
+        [--parallel 4] [--long-quiet 5]
 
 A synthetic MR study of ``--objects`` objects (256x256 16-bit slices, ~130 KB each, made
 from pydicom's MR_small.dcm with new UIDs) is sent by dcmtk ``storescu`` in ONE association
 to each receiver in turn, ``--rounds`` times, alternating:
 
-- ``storescp``: dcmtk's Storage SCP writing every object to a folder (it does not fsync);
+- ``storescp``: dcmtk's Storage SCP writing every object to a folder, as shipped (it does
+  not fsync) -- the goal's reference;
+- ``storescp+fsync``: the same storescp with ``fsync_on_close.c`` preloaded: each file and its
+  folder fsynced before the answer, the durability vip-agent gives (like for like; needs gcc);
 - ``vip-agent``: a real ``vip-agent watch`` process with a ``dicom:`` block: every object
-  fsynced, renamed and indexed in the journal before the sender hears success.
+  written to a temporary file, fsynced, renamed, its folder fsynced and indexed in the
+  journal before the sender hears success.
+
+Then one round with ``--parallel`` storescu senders at once (the study cut in as many
+parts, one association each; storescp runs with ``--fork``), the way a PACS pushes.
 
 Both dcmtk tools run with ``TCP_NODELAY=1`` in their environment: Debian's dcmtk otherwise
 leaves Nagle's algorithm on and every object waits for a delayed ACK (measured here:
@@ -18,13 +26,15 @@ storescp 21 objects/s without it, 371 with it; vip-agent 70 without, 110 with).
 objects/s = objects / storescu's wall time (spawn to exit). The goal is vip-agent >= 0.8x
 storescp. The vip-agent rounds also run the study to an upload on a local VIP server; the
 journal's "uploading" event minus storescu's exit is the hand-over latency, goal
-``quiet`` + <= 1 s. Writes ``benchmarks/results/dicom_ingest.json``.
+``quiet`` + <= 1 s; one more round with ``quiet: --long-quiet`` (the time de-identifying
+ahead needs) and one with ``deidentify: none``. Writes ``benchmarks/results/dicom_ingest.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,15 +82,34 @@ def make_study(folder: Path, n: int) -> list[Path]:
     return files
 
 
-def send(port: int, study: Path) -> float:
-    """storescu the whole folder in one association; its wall time."""
+def send(port: int, parts: list[list[Path]]) -> float:
+    """One storescu per part, all at once, one association each; the wall time until the last exits."""
     start = time.monotonic()
-    done = subprocess.run(["storescu", "-aet", "BENCH", "-aec", "VIPAGENT", "+sd", "127.0.0.1", str(port),
-                           str(study)], capture_output=True, text=True, timeout=600, env=NODELAY)  # fmt: skip
+    senders = [subprocess.Popen(["storescu", "-aet", "BENCH", "-aec", "VIPAGENT", "127.0.0.1", str(port),
+                                 *map(str, part)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, env=NODELAY) for part in parts]  # fmt: skip
+    errors = [p.communicate(timeout=600)[1] for p in senders]
     took = time.monotonic() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu failed: {done.stderr[-500:]}")
+    failed = [e for p, e in zip(senders, errors, strict=True) if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0][-500:]}")
     return took
+
+
+def cut(files: list[Path], n: int) -> list[list[Path]]:
+    """``n`` parts of consecutive files (a PACS sends series side by side)."""
+    size = -(-len(files) // n)
+    return [files[i : i + size] for i in range(0, len(files), size)]
+
+
+def build_shim(folder: Path) -> Path | None:
+    """fsync_on_close.c compiled (None without a C compiler)."""
+    if shutil.which("gcc") is None:
+        return None
+    out = folder / "fsync_on_close.so"
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(out), str(Path(__file__).with_name("fsync_on_close.c")),
+                    "-ldl"], check=True, capture_output=True)  # fmt: skip
+    return out
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
@@ -100,15 +129,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def storescp_round(base: Path, study: Path, n: int) -> float:
+def storescp_round(base: Path, parts: list[list[Path]], n: int, shim: Path | None = None) -> float:
+    """storescp as shipped, or with ``shim`` preloaded (file and folder fsynced per object)."""
     out = base / "storescp-out"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen(["storescp", "-aet", "VIPAGENT", "--output-directory", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=NODELAY)  # fmt: skip
+    env = {**NODELAY, "LD_PRELOAD": str(shim)} if shim is not None else NODELAY
+    fork = ["--fork"] if len(parts) > 1 else []
+    proc = subprocess.Popen(["storescp", "-aet", "VIPAGENT", *fork, "--output-directory", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # fmt: skip
     try:
         wait_port(port)
-        took = send(port, study)
+        took = send(port, parts)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
@@ -118,7 +150,7 @@ def storescp_round(base: Path, study: Path, n: int) -> float:
     return n / took
 
 
-def agent_round(base: Path, study: Path, n: int, server: LocalServer, quiet: float,
+def agent_round(base: Path, parts: list[list[Path]], n: int, server: LocalServer, quiet: float,
                 deidentify: str) -> tuple[float, float]:  # fmt: skip
     drop, state, creds = base / "drop", base / "state", base / "creds"
     drop.mkdir()
@@ -145,7 +177,7 @@ def agent_round(base: Path, study: Path, n: int, server: LocalServer, quiet: flo
             time.sleep(0.05)
         port = int(port_file.read_text())
         wait_port(port)
-        took = send(port, study)
+        took = send(port, parts)
         last_object = time.time()
         journal = Journal.in_state_dir(state)
         upload: float | None = None
@@ -168,55 +200,90 @@ def main() -> int:
     parser.add_argument("--objects", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quiet", type=float, default=1.0)
+    parser.add_argument("--parallel", type=int, default=4, help="senders at once in the parallel round (0: none)")
+    parser.add_argument("--long-quiet", type=float, default=5.0, help="quiet of the extra latency round (0: none)")
     args = parser.parse_args()
     rounds: list[dict[str, Any]] = []
     with workdir("dicom") as tmp:
         study = tmp / "study"
         files = make_study(study, args.objects)
         size = sum(f.stat().st_size for f in files)
+        shim = build_shim(tmp)
+        if shim is None:
+            say("no gcc: storescp+fsync (like for like) is not measured")
+        receivers = ["storescp", "vip-agent"] + (["storescp+fsync"] if shim is not None else [])
+
+        def one(r: int, who: str, parts: list[list[Path]], quiet: float, deidentify: str = "basic") -> None:
+            base = tmp / f"{who}-{r}-{len(parts)}-{quiet:g}-{deidentify}"
+            base.mkdir()
+            row: dict[str, Any] = {"round": r, "receiver": who, "senders": len(parts)}
+            if who == "vip-agent":
+                rate, latency = agent_round(base, parts, args.objects, server, quiet, deidentify)
+                row.update(objects_per_s=rate, deidentify=deidentify, quiet_s=quiet, last_object_to_upload_s=latency)
+            else:
+                row["objects_per_s"] = storescp_round(base, parts, args.objects, shim if who.endswith("fsync") else None)
+            rounds.append(row)
+            say(f"round {r} {who}: {row}")
+            shutil.rmtree(base, ignore_errors=True)
+
         with LocalServer(tmp / "server") as server:
             for r in range(args.rounds):
-                for who in (("storescp", "vip-agent") if r % 2 == 0 else ("vip-agent", "storescp")):
-                    base = tmp / f"{who}-{r}"
-                    base.mkdir()
-                    if who == "storescp":
-                        rate = storescp_round(base, study, args.objects)
-                        rounds.append({"round": r, "receiver": who, "objects_per_s": rate})
-                    else:
-                        rate, latency = agent_round(base, study, args.objects, server, args.quiet, "basic")
-                        rounds.append({"round": r, "receiver": who, "objects_per_s": rate, "deidentify": "basic",
-                                       "last_object_to_upload_s": latency})  # fmt: skip
-                    say(f"round {r} {who}: {rounds[-1]}")
+                for who in receivers[r % len(receivers):] + receivers[: r % len(receivers)]:
+                    one(r, who, [files], args.quiet)
+            if args.parallel > 1:
+                for who in receivers:
+                    one(args.rounds, who, cut(files, args.parallel), args.quiet)
             # the same hand-over without de-identification: what the profile itself costs
-            base = tmp / "vip-agent-none"
-            base.mkdir()
-            rate, latency = agent_round(base, study, args.objects, server, args.quiet, "none")
-            rounds.append({"round": args.rounds, "receiver": "vip-agent", "objects_per_s": rate,
-                           "deidentify": "none", "last_object_to_upload_s": latency})  # fmt: skip
-            say(f"round {args.rounds} vip-agent (deidentify: none): {rounds[-1]}")
-    scp = median([x["objects_per_s"] for x in rounds if x["receiver"] == "storescp"])
-    agent = median([x["objects_per_s"] for x in rounds if x["receiver"] == "vip-agent"])
-    latency = median([x["last_object_to_upload_s"] for x in rounds if x.get("deidentify") == "basic"])
-    plain = median([x["last_object_to_upload_s"] for x in rounds if x.get("deidentify") == "none"])
-    data = {
+            one(args.rounds + 1, "vip-agent", [files], args.quiet, "none")
+            if args.long_quiet > 0:  # a quiet time long enough to de-identify the study ahead
+                one(args.rounds + 2, "vip-agent", [files], args.long_quiet)
+
+    def rate(who: str, senders: int = 1) -> float:
+        return median([x["objects_per_s"] for x in rounds if x["receiver"] == who and x["senders"] == senders
+                       and x.get("deidentify", "basic") == "basic" and x.get("quiet_s", args.quiet) == args.quiet])
+
+    def latency(quiet: float, deidentify: str = "basic") -> float:
+        return median([x["last_object_to_upload_s"] for x in rounds if x["receiver"] == "vip-agent"
+                       and x["senders"] == 1 and x["deidentify"] == deidentify and x["quiet_s"] == quiet])
+
+    scp, agent, durable = rate("storescp"), rate("vip-agent"), rate("storescp+fsync")
+    data: dict[str, Any] = {
         "machine": machine(),
         "objects": args.objects,
         "bytes": size,
         "quiet_s": args.quiet,
         "rounds": rounds,
         "storescp_objects_per_s": scp,
+        "storescp_fsync_objects_per_s": durable,
         "agent_objects_per_s": agent,
         "ratio": agent / scp,
+        "ratio_like_for_like": agent / durable,
         "goal_ratio": 0.8,
-        "last_object_to_upload_s": latency,
-        "last_object_to_upload_s_without_deid": plain,
+        "last_object_to_upload_s": latency(args.quiet),
+        "last_object_to_upload_s_without_deid": latency(args.quiet, "none"),
         "goal_latency_s": args.quiet + 1.0,
         "dcmtk_env": "TCP_NODELAY=1",
     }
+    if args.parallel > 1:
+        data["parallel"] = {"senders": args.parallel, "storescp_objects_per_s": rate("storescp", args.parallel),
+                            "storescp_fsync_objects_per_s": rate("storescp+fsync", args.parallel),
+                            "agent_objects_per_s": rate("vip-agent", args.parallel)}  # fmt: skip
+    if args.long_quiet > 0:
+        data["long_quiet"] = {"quiet_s": args.long_quiet, "last_object_to_upload_s": latency(args.long_quiet),
+                              "goal_latency_s": args.long_quiet + 1.0}  # fmt: skip
     path = write_result("dicom_ingest", data)
-    say(f"storescp {scp:.0f} objects/s, vip-agent {agent:.0f} objects/s ({agent / scp:.2f}x, goal >= 0.8); "
-        f"last object -> first upload {latency:.2f} s with deidentify: basic, {plain:.2f} s with none "
-        f"(goal <= {args.quiet + 1.0:.1f} s); {path}")
+    say(f"one association: storescp {scp:.0f} objects/s, storescp+fsync {durable:.0f}, vip-agent {agent:.0f} "
+        f"({agent / scp:.2f}x storescp, goal >= 0.8; {agent / durable:.2f}x storescp+fsync)")
+    if "parallel" in data:
+        p = data["parallel"]
+        say(f"{args.parallel} senders: storescp {p['storescp_objects_per_s']:.0f}, storescp+fsync "
+            f"{p['storescp_fsync_objects_per_s']:.0f}, vip-agent {p['agent_objects_per_s']:.0f} objects/s")
+    say(f"last object -> first upload: {data['last_object_to_upload_s']:.2f} s with deidentify: basic, "
+        f"{data['last_object_to_upload_s_without_deid']:.2f} s with none (quiet {args.quiet:g} s, goal <= "
+        f"{args.quiet + 1:.1f} s)" + (f"; {data['long_quiet']['last_object_to_upload_s']:.2f} s with quiet "
+                                      f"{args.long_quiet:g} s (goal <= {args.long_quiet + 1:.1f} s)"
+                                      if "long_quiet" in data else ""))  # fmt: skip
+    say(f"{path}")
     return 0
 
 
