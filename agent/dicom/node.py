@@ -63,6 +63,8 @@ class DicomNode:
         self._wake = threading.Event()
         #: a study is pending or an association open: look every ``tick``
         self._busy = True
+        #: monotonic time at which the next pending study's quiet time ends (None: none waits)
+        self._due: float | None = None
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._written: dict[str, Any] = {}
@@ -151,7 +153,10 @@ class DicomNode:
     # -- completeness and hand-over ---------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.tick if self._busy else IDLE_TICK)
+            wait = self.tick if self._busy else IDLE_TICK
+            if self._due is not None:  # look right when a study's quiet time ends, not up to a tick later
+                wait = max(0.0, min(wait, self._due - time.monotonic()))
+            self._wake.wait(wait)
             self._wake.clear()
             if self._stop.is_set():
                 return
@@ -168,6 +173,7 @@ class DicomNode:
         carried = self.receiver.open_studies()
         pending = self.index.studies(PENDING)
         self._busy = bool(pending) or self.receiver.open_associations() > 0
+        self._due = None
         for study in pending:
             if study.study_uid in carried:
                 self._why[study.pseudonym] = "receiving (an association carrying it is open)"
@@ -177,6 +183,8 @@ class DicomNode:
             quiet_for = now - last
             if quiet_for < self.config.quiet:
                 self._why[study.pseudonym] = f"waiting for {self.config.quiet:g} s without a new object"
+                due = last + self.config.quiet
+                self._due = due if self._due is None else min(self._due, due)
                 continue
             handed += self._complete(study, quiet_for - self.config.quiet)
         return handed
