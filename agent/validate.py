@@ -10,13 +10,11 @@ the VIP server accepts (see docs/job-yaml.md and docs/vip-rest.md).
 from __future__ import annotations
 
 import difflib
-import hashlib
 import math
 import os
 import re
 import stat
-import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,7 +24,6 @@ from agent.errors import ValidationError
 from agent.fsutil import natural_key
 from agent.jobcheck import VARIANT_NAME_RE
 from agent.jobfile import (
-    DEFAULT_VARIANT,
     MAX_JOBS,
     MAX_RUNS,
     JobSpec,
@@ -36,12 +33,11 @@ from agent.jobfile import (
     is_remote,
     norm_rel,
 )
-from agent.vip.errors import AccessDeniedError, NotFoundError
+from agent.names import vip_safe_path
+from agent.resolved import Item, LocalFile, ResolvedInput, ResolvedJob, ResolvedVariant
 
 #: characters VIP accepts in one input value (AC INPUT_VALID_CHARS + additional chars)
 INPUT_VALUE_RE = re.compile(r"[0-9.,A-Za-z\-+@/_(): \[\]?&=]+")
-#: characters VIP accepts in an execution name (AC EXEC_NAME_VALID_CHARS)
-EXEC_NAME_RE = re.compile(r"[0-9A-Za-z\-_ ]+")
 #: legacy server placeholders that mean "no default value"
 NO_DEFAULT = frozenset({"$input.getDefaultValue()", "No_value_provided"})
 #: the agent always sets this input itself
@@ -54,147 +50,6 @@ _TRUE = frozenset({"true", "yes", "on"})
 _FALSE = frozenset({"false", "no", "off"})
 #: above this many jobs for one dataset, warn (a list or glob may be broader than meant)
 MANY_JOBS = 100
-
-
-# --------------------------------------------------------------------------- names
-
-
-def vip_safe_name(name: str) -> str:
-    """The name VIP gives a file uploaded as ``name`` (DataManagerUtil.getCleanFilename).
-
-    Last path segment, trimmed like Java ``String.trim`` (control characters and
-    spaces at both ends), spaces -> ``_``, accents decomposed (NFKD) and every
-    non-ASCII character dropped.
-    """
-    name = name.rsplit("/", 1)[-1]
-    i, j = 0, len(name)
-    while i < j and ord(name[i]) <= 0x20:
-        i += 1
-    while j > i and ord(name[j - 1]) <= 0x20:
-        j -= 1
-    name = name[i:j].replace(" ", "_")
-    name = unicodedata.normalize("NFKD", name)
-    return "".join(c for c in name if ord(c) < 128)
-
-
-def vip_safe_path(rel: str) -> str:
-    """``vip_safe_name`` applied to each segment of a relative POSIX path."""
-    return "/".join(vip_safe_name(part) for part in rel.split("/"))
-
-
-def _clean_exec_part(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(c for c in text if ord(c) < 128)
-    text = re.sub(r"[^0-9A-Za-z\-_]+", "_", text)
-    return re.sub(r"_{2,}", "_", text).strip("_")
-
-
-def execution_name(
-    job_name: str, variant: str = DEFAULT_VARIANT, run: int = 1, fingerprint: str = ""
-) -> str:
-    """A deterministic execution name VIP accepts (``[0-9A-Za-z-_ ]+``).
-
-    ``<name>_<variant>_r<run>_<hash>``: the name and variant are sanitised and
-    shortened, and the hash (8 hex digits of the original name and the dataset
-    fingerprint) keeps names apart when sanitising merges them or the same
-    folder name comes back with new content. The same arguments always give the
-    same name, so the runner can find its execution again after a crash.
-    """
-    base = _clean_exec_part(job_name)[:40].strip("_") or "dataset"
-    var = _clean_exec_part(variant)[:20].strip("_") or DEFAULT_VARIANT
-    digest = hashlib.sha256(f"{job_name}\0{fingerprint}".encode()).hexdigest()[:8]
-    name = f"{base}_{var}_r{int(run)}_{digest}"
-    assert EXEC_NAME_RE.fullmatch(name)
-    return name
-
-
-# --------------------------------------------------------------------------- resolved values
-
-
-@dataclass(frozen=True)
-class LocalFile:
-    """A dataset file to upload."""
-
-    rel: str  # POSIX path relative to the dataset root, as on disk
-    path: Path  # absolute local path
-    size: int
-    remote_rel: str  # the same path after VIP's name sanitisation (what to PUT and pass)
-
-    def remote(self, remote_inputs_dir: str) -> str:
-        """The ``/vip/...`` value of this file once uploaded under ``remote_inputs_dir``."""
-        return remote_inputs_dir.rstrip("/") + "/" + self.remote_rel
-
-
-Item = str | LocalFile
-
-
-@dataclass(frozen=True)
-class ResolvedInput:
-    """One input's concrete values; ``is_list`` when given as a list or a glob.
-
-    ``crossed``: VIP makes one job per value (every input except List-type
-    parameters, whose values all go to one job).
-    """
-
-    items: tuple[Item, ...]
-    is_list: bool = False
-    crossed: bool = True
-
-    def value(self, remote_inputs_dir: str) -> str | list[str]:
-        texts = [i.remote(remote_inputs_dir) if isinstance(i, LocalFile) else i for i in self.items]
-        return texts if self.is_list else texts[0]
-
-
-@dataclass(frozen=True)
-class ResolvedVariant:
-    """A variant's inputs, ready to send once the files are uploaded."""
-
-    name: str
-    inputs: Mapping[str, ResolvedInput]
-
-    def input_values(self, remote_inputs_dir: str) -> dict[str, str | list[str]]:
-        """``inputValues`` for ``POST /executions``; local files point into ``remote_inputs_dir``."""
-        return {k: v.value(remote_inputs_dir) for k, v in self.inputs.items()}
-
-    @property
-    def job_count(self) -> int:
-        """Jobs VIP will create for one execution (it crosses list inputs)."""
-        n = 1
-        for v in self.inputs.values():
-            if v.is_list and v.crossed:
-                n *= len(v.items)
-        return n
-
-
-@dataclass(frozen=True)
-class ResolvedJob:
-    """A job's variants with concrete values, and the local files to upload once.
-
-    ``files`` are the relative POSIX paths of every local file any variant
-    uses (sorted, each once); ``local_files`` maps them to :class:`LocalFile`.
-    ``variants`` maps variant name -> :class:`ResolvedVariant`, in job order.
-    """
-
-    job: JobSpec
-    variants: Mapping[str, ResolvedVariant]
-    local_files: Mapping[str, LocalFile]
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        return tuple(self.local_files)
-
-    @property
-    def root(self) -> Path:
-        """The folder the relative paths in ``files`` are relative to."""
-        return self.job.root
-
-    def remote_path(self, remote_inputs_dir: str, rel: str) -> str:
-        """Where the local file ``rel`` goes on VIP (its name as VIP will store it)."""
-        return self.local_files[rel].remote(remote_inputs_dir)
-
-    def remote_inputs(self, variant: str, remote_inputs_dir: str) -> dict[str, str | list[str]]:
-        """``inputValues`` of ``variant`` once the files are under ``remote_inputs_dir``."""
-        return self.variants[variant].input_values(remote_inputs_dir)
 
 
 # --------------------------------------------------------------------------- report
@@ -233,7 +88,7 @@ class ValidationReport:
 # --------------------------------------------------------------------------- helpers
 
 
-def _params(pipeline: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+def pipeline_params(pipeline: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
     if not pipeline:
         return {}
     return {str(p.get("name")): p for p in pipeline.get("parameters") or [] if p.get("name")}
@@ -465,7 +320,7 @@ def _check_typed(ptype: str, text: str, label: str, report: ValidationReport) ->
 def _resolve(
     job: JobSpec, pipeline: Mapping[str, Any] | None, report: ValidationReport
 ) -> ResolvedJob:
-    params = _params(pipeline)
+    params = pipeline_params(pipeline)
     scope = _Scope(job)
     variants: dict[str, ResolvedVariant] = {}
     files: dict[str, LocalFile] = {}
@@ -719,64 +574,3 @@ def resolve_inputs(
     report.raise_if_errors()
     assert report.resolved is not None
     return report.resolved
-
-
-# --------------------------------------------------------------------------- platform paths
-
-#: a platform path's check: None when it exists and this key may read it, else the problem
-PathProbe = Callable[[str], str | None]
-#: the top folder of a VIP group (``/vip/<name> (group)``) at the start of a path
-GROUP_FOLDER_RE = re.compile(r"^/vip/[^/]+ \(group\)")
-
-
-def probe_with(exists: Callable[[str], bool]) -> PathProbe:
-    """A :data:`PathProbe` over a platform's ``exists`` (``VipClient.exists``,
-    ``Storage.exists``): a path missing, or refused to this key (8013), is a problem."""
-
-    def probe(path: str) -> str | None:
-        try:
-            return None if exists(path) else (
-                "does not exist on VIP; check the path (case and spaces matter) or put the "
-                "file there first"
-            )
-        except AccessDeniedError as err:
-            return f"cannot be read with this API key (VIP: {err.message})"
-        except NotFoundError:
-            return "does not exist on VIP; check the path (case and spaces matter)"
-
-    return probe
-
-
-def check_platform_paths(
-    report: ValidationReport, job: JobSpec, pipeline: Mapping[str, Any], probe: PathProbe,
-    *, vip_root: str | None = None,
-) -> None:  # fmt: skip
-    """Every platform path (``/vip/...``) given to a File or List input, and a group
-    ``vip_root``'s group folder, must exist and be readable: VIP would otherwise fail the
-    execution only after its jobs queued. Problems go into ``report`` (one per path and
-    input, each path asked once); nothing is sent for a dataset that has one."""
-    params = _params(pipeline)
-    many = len(job.variants) > 0
-    asked: dict[str, str | None] = {}
-
-    def problem(path: str) -> str | None:
-        if path not in asked:
-            asked[path] = probe(path)
-        return asked[path]
-
-    for vname, variant in (report.resolved.variants if report.resolved else {}).items():
-        in_v = f" (variant '{vname}')" if many else ""
-        for name, value in variant.inputs.items():
-            if str((params.get(name) or {}).get("type") or "") not in ("File", "List"):
-                continue
-            for item in value.items:
-                if isinstance(item, str) and is_remote(item):
-                    why = problem(item)
-                    if why:
-                        report.error(f"input '{name}'{in_v}: {item} {why}")
-    root = vip_root or job.vip_root
-    group = GROUP_FOLDER_RE.match(root or "")
-    if group:
-        why = problem(group.group(0))
-        if why:
-            report.error(f"vip_root '{root}': the group folder {group.group(0)} {why}")

@@ -17,15 +17,8 @@ from agenthelpers import write
 
 from agent.errors import ValidationError
 from agent.jobfile import JobSpec, load_job
-from agent.validate import (
-    EXEC_NAME_RE,
-    ValidationReport,
-    execution_name,
-    resolve_inputs,
-    validate,
-    vip_safe_name,
-    vip_safe_path,
-)
+from agent.names import EXEC_NAME_RE, execution_name, vip_safe_name, vip_safe_path
+from agent.validate import ValidationReport, resolve_inputs, validate
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -494,8 +494,9 @@ def dry_run(
     """Validate against the pipeline and print what would be sent (at most
     :data:`DRY_RUN_SHOWN` files and executions, then a count); send nothing."""
     from agent.jobfile import load_job
+    from agent.platformpaths import check_platform_paths, probe_with
     from agent.runner import unknown_pipeline
-    from agent.validate import check_platform_paths, probe_with, resolve_inputs, validate
+    from agent.validate import resolve_inputs, validate
     from agent.vip.errors import NotFoundError
 
     job = load_job(path, template, keep_problems=True)  # key problems come with the input ones

@@ -13,17 +13,12 @@ from agent.backend.errors import NotFoundError, VipError
 from agent.errors import ValidationError
 from agent.jobfile import JobSpec, load_job
 from agent.journal import Dataset, Stage
+from agent.names import execution_name
+from agent.platformpaths import check_platform_paths, probe_with
 from agent.runner.common import STATUS_FILE, Advance, Context, Next, dataset_root, safe_token
 from agent.runner.settings import settings_of
 from agent.session_data import SAVE_FILE
-from agent.validate import (
-    check_platform_paths,
-    closest_pipelines,
-    execution_name,
-    probe_with,
-    resolve_inputs,
-    validate,
-)
+from agent.validate import closest_pipelines, resolve_inputs, validate
 
 
 class PipelineSource(Protocol):
