@@ -93,14 +93,20 @@ def private_file(path: Path, text: str) -> Path:
 
 
 class LocalServer:
-    """``vip-agent local-server`` in a subprocess; the key is the generated one."""
+    """``vip-agent local-server`` in a subprocess; the key is the generated one.
+
+    ``profile`` is the server's (``ideal`` or ``production``, docs/localvip.md; ``faults``
+    apply over it). The server writes its request statistics when it stops: :meth:`stats`.
+    """
 
     def __init__(self, root: Path, *, max_download: int = 15_000_000, max_running: int = 4,
-                 faults: str = "") -> None:
+                 faults: str = "", profile: str = "ideal") -> None:
         self.root = root
         self.max_download = max_download
         self.max_running = max_running
         self.faults = faults
+        self.profile = profile
+        self.stats_path = root.parent / f"{root.name}.stats.json"
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self._key = ""
@@ -116,6 +122,7 @@ class LocalServer:
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "agent", "local-server", "--root", str(self.root), "--port", "0",
              "--max-download", str(self.max_download), "--max-running", str(self.max_running),
+             "--profile", self.profile, "--stats", str(self.stats_path),
              *(["--faults", self.faults] if self.faults else [])],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=REPO,
             env=child_env(),
@@ -151,6 +158,14 @@ class LocalServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+
+    def stats(self) -> dict[str, Any]:
+        """The server's request statistics, once it has stopped ({} before)."""
+        try:
+            data: dict[str, Any] = json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data
 
     def __enter__(self) -> LocalServer:
         return self.start()
@@ -318,6 +333,32 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def window_stats(stats: dict[str, Any], start: float, end: float) -> dict[str, Any]:
+    """What the server saw between epoch seconds ``start`` and ``end`` (one client's run):
+    API requests per second (transfers, i.e. uploads and downloads, apart: the agent paces
+    those by slots, not by rate), their peak over any 10 s, and the production events."""
+    lo, hi = int(start), int(end)
+    per_second = {int(k): v for k, v in stats.get("per_second", {}).items() if lo <= int(k) <= hi}
+    kinds: dict[str, int] = {}
+    transfers: dict[int, int] = {}
+    for sec, kind, n in stats.get("timeline", []):
+        if lo <= sec <= hi:
+            kinds[kind] = kinds.get(kind, 0) + n
+            if kind in ("upload", "content"):
+                transfers[sec] = transfers.get(sec, 0) + n
+    api = {sec: per_second.get(sec, 0) - transfers.get(sec, 0) for sec in range(lo, hi + 1)}
+    span = max(1, hi - lo + 1)
+    peak10 = max((sum(api.get(s, 0) for s in range(t, t + 10)) / 10 for t in range(lo, max(lo, hi - 9) + 1)),
+                 default=0.0)
+    return {
+        "seconds": span, "requests": sum(per_second.values()), "api_requests": sum(api.values()),
+        "api_per_s_mean": sum(api.values()) / span, "api_per_s_peak_10s": peak10,
+        "api_per_s_peak_1s": max(api.values(), default=0),
+        "transfer_wait_timeouts": kinds.get("transfer wait timeout", 0),
+        "late_landings": kinds.get("late landing", 0), "launch_refusals": kinds.get("launch refused", 0),
+    }
 
 
 def median(values: Sequence[float]) -> float:

@@ -100,6 +100,7 @@ def agent_upload_stage(job: dict[str, Any]) -> dict[str, Any]:
 
     folder = Path(job["dataset"])
     journal = Journal.in_state_dir(Path(job["state"]))
+    _pace(job)
     with VipClient(job["url"], job["key"]) as client:
         dataset_id = admit(
             journal, folder, server=job["url"], output_root=Path(job["output"]),
@@ -116,6 +117,16 @@ def agent_upload_stage(job: dict[str, Any]) -> dict[str, Any]:
         files = len(journal.files(dataset_id))
     error = journal.get(dataset_id).error
     return {"seconds": seconds, "ok": stage == "launch", "files": files, "error": error}
+
+
+def _pace(job: dict[str, Any]) -> None:
+    """``max_rate``: the request ceiling the agent keeps with a real VIP (5/s), which it leaves
+    off for a loopback server; the production profile's measures set it, so the agent is as
+    polite here as it would be there. Transfer slots and backoffs are the agent's defaults."""
+    if job.get("max_rate"):
+        from agent.pacer import budget_for
+
+        budget_for(job["url"]).configure(max_rate=float(job["max_rate"]))
 
 
 def vipsession_upload(job: dict[str, Any]) -> dict[str, Any]:

@@ -120,8 +120,45 @@ def dicom_ingest(data: dict[str, Any]) -> list[str]:
     ]
 
 
+def latest_run() -> dict[str, Any] | None:
+    """``results.json`` of the newest ``python -m benchmarks`` run folder, if any."""
+    runs = sorted(RESULTS.glob("run-*/results.json"))
+    return json.loads(runs[-1].read_text()) if runs else None
+
+
+def measured(data: dict[str, Any]) -> list[str]:
+    """The run's measures, the ideal server and the production profile side by side."""
+    from run_all import Measure, side_by_side
+
+    fields = set(Measure.__dataclass_fields__)
+    measures = [Measure(**{k: v for k, v in m.items() if k in fields}) for m in data["measures"]]
+    return ["### `python -m benchmarks`: ideal server and production profile", "",
+            machine_line(data), "", *side_by_side(measures)]
+
+
+def download_check(data: dict[str, Any]) -> list[str]:
+    out = ["### Download vs curl, two ways of timing (`download_check.py`)", "", machine_line(data), "",
+           "| server storage | size | vip-agent inside its process | vip-agent as a process | curl raw "
+           "| curl + fsync | curl as a process + fsync | ratio inside | ratio as processes |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in data["cases"]:
+        out.append(
+            f"| {c['storage']} | {c['size_mib']} MiB | {f(c['agent_mb_s_inside'], '.0f')} | "
+            f"{f(c['agent_mb_s_process'], '.0f')} | {f(c['curl_mb_s_raw'], '.0f')} | "
+            f"{f(c['curl_mb_s_with_fsync'], '.0f')} | {f(c['curl_mb_s_process_with_fsync'], '.0f')} | "
+            f"{f(c['ratio_inside'], '.2f')} | {f(c['ratio_process'], '.2f')} |")
+    out += ["", "MB/s (10⁶ bytes per second); medians of the timed rounds."]
+    return out
+
+
 def render() -> str:
     parts: list[str] = []
+    run = latest_run()
+    if run and run.get("measures"):
+        parts += measured(run) + [""]
+    check = load("download_check")
+    if check:
+        parts += download_check(check) + [""]
     for name, fn in (("transfer", transfer), ("run_memory", run_memory), ("watch_latency", watch_latency),
                      ("dicom_ingest", dicom_ingest)):
         data = load(name)

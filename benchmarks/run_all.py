@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from _common import (
     run_measured,
     say,
     server_storage,
+    window_stats,
     workdir,
 )
 
@@ -62,6 +64,8 @@ class Measure:
     agent: str = ""  # vip-agent's figure, human-readable
     anchor: str = ""  # the anchor's figure
     detail: dict[str, Any] = field(default_factory=dict)
+    #: the local server's profile the measure ran against (docs/localvip.md)
+    profile: str = "ideal"
 
     @property
     def ok(self) -> bool:
@@ -72,7 +76,8 @@ class Measure:
     def line(self) -> str:
         op = ">=" if self.higher_is_better else "<="
         ratio = "n/a" if self.ratio is None else f"{self.ratio:.3g}"
-        return f"{self.name} ratio={ratio} goal={op}{self.goal:g} {'ok' if self.ok else 'SHORT'}"
+        where = "" if self.profile == "ideal" else f" [{self.profile}]"
+        return f"{self.name}{where} ratio={ratio} goal={op}{self.goal:g} {'ok' if self.ok else 'SHORT'}"
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -101,7 +106,7 @@ def rotate(items: list[str], rnd: int) -> list[str]:
 # -- 1. large transfers: vip-agent vs curl ---------------------------------------------------
 
 
-def transfers(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[str, Any]]:
+def transfers(tmp: Path, args: argparse.Namespace, profile: str = "ideal") -> tuple[list[Measure], dict[str, Any]]:
     import transfer as tr
 
     size = args.size_mb * MIB
@@ -109,7 +114,7 @@ def transfers(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[
     samples: list[dict[str, Any]] = []
     clients = ["vip-agent", "curl"]
     with server_storage("transfer-server", 3 * size) as storage, \
-            LocalServer(storage / "server", max_download=size + 1) as server:
+            LocalServer(storage / "server", max_download=size + 1, profile=profile) as server:
         from agent.vip.client import VipClient
 
         header = private_file(tmp / "curl-headers", f"apikey: {server.api_key}\n")
@@ -163,6 +168,8 @@ def transfers(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[
                 "vip-agent's peak RSS (up or down) / 100 MB",
                 f"{rss or 0:.1f} MiB", "goal 100 MB (vip-client 0.1.10: ~1× the file up, ~2× down)"),
     ]
+    for m in out:
+        m.profile = profile
     return out, {"samples": samples}
 
 
@@ -170,9 +177,16 @@ def transfers(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[
 
 
 def small_files(tmp: Path, args: argparse.Namespace, files: int, latency: float,
-                goal: float) -> tuple[Measure, dict[str, Any]]:
-    name = f"small_files_{int(latency * 1000)}ms"
-    base = tmp / name
+                goal: float, profile: str = "ideal", name: str = "") -> tuple[Measure, dict[str, Any]]:
+    """The upload stage of ``files`` small files, vip-agent vs VipSession on one server.
+
+    Under the production profile VipSession uploads one file at a time, each staged ~2 s: its
+    2,000 files would take over an hour. It then uploads the first ``--vipsession-sample``
+    files only, and its time is scaled to all of them (linear: one file after the other);
+    the report says so.
+    """
+    name = name or f"small_files_{int(latency * 1000)}ms"
+    base = tmp / f"{name}-{profile}"
     data = base / "data"
     data.mkdir(parents=True)
     payload = os.urandom(4096)
@@ -187,32 +201,53 @@ def small_files(tmp: Path, args: argparse.Namespace, files: int, latency: float,
                         "inputs:\n  files: '*.dat'\n")
         return path
 
+    production = profile == "production"
+    sample = min(files, args.vipsession_sample) if production else files
+    vs_data = data
+    if sample < files:  # VipSession's share: the first `sample` files (see the docstring)
+        vs_data = base / "vs-data"
+        vs_data.mkdir()
+        for path in sorted(data.iterdir())[:sample]:
+            os.link(path, vs_data / path.name)
     faults = f"latency={latency:g}" if latency else ""
     times: dict[str, list[float]] = {"vip-agent": [], "vipsession": []}
-    with LocalServer(base / "server", faults=faults) as server:
-        for rnd in range(args.small_rounds):
+    windows: dict[str, list[tuple[float, float]]] = {"vip-agent": [], "vipsession": []}
+    rounds = args.prod_small_rounds if production else args.small_rounds
+    with LocalServer(base / "server", faults=faults, profile=profile) as server:
+        for rnd in range(rounds):
             for client in rotate(list(times), rnd):
+                began = time.time()
                 if client == "vip-agent":
                     job = {"url": server.url, "key": server.api_key, "dataset": str(data),
                            "state": str(base / f"state-{rnd}"), "output": str(base / "out"),
-                           "template": str(template(rnd))}
-                    out, _ = worker("agent-upload-stage", job)
+                           "template": str(template(rnd)), "max_rate": 5.0 if production else None}
+                    out, _ = worker("agent-upload-stage", job, timeout=3600)
                 else:
-                    job = {"url": server.url, "key": server.api_key, "input_dir": str(data),
+                    job = {"url": server.url, "key": server.api_key, "input_dir": str(vs_data),
                            "output_dir": str(base / f"vs-{rnd}"), "session_name": f"bench_{rnd}"}
-                    out, _ = worker("vipsession-upload", job)
+                    out, _ = worker("vipsession-upload", job, timeout=3600)
+                windows[client].append((began, time.time()))
                 if out.get("ok"):
-                    times[client].append(float(out["seconds"]))
-                say(f"round {rnd} {name} {client}: {out.get('seconds', float('nan')):.2f} s")
+                    seconds = float(out["seconds"])
+                    times[client].append(seconds * (files / sample if client == "vipsession" else 1))
+                say(f"round {rnd} {name} [{profile}] {client}: {out.get('seconds', float('nan')):.2f} s"
+                    + (f" for {sample:,} of {files:,} files" if client == "vipsession" and sample < files else ""))
+    stats = server.stats()
+    polite = [window_stats(stats, a, b) for a, b in windows["vip-agent"]] if stats else []
     shutil.rmtree(base, ignore_errors=True)
     agent = median(times["vip-agent"]) if times["vip-agent"] else None
     anchor = median(times["vipsession"]) if times["vipsession"] else None
-    return Measure(
+    scaled = f" (timed on {sample:,} files, ×{files / sample:.3g}: it sends one file at a time)" if sample < files else ""
+    timeouts = sum(w["transfer_wait_timeouts"] for w in polite)
+    measure = Measure(
         name, anchor / agent if agent and anchor else None, goal, True,
         f"VipSession.upload_inputs seconds / vip-agent upload stage seconds, {files:,} × 4 KiB, "
-        f"{latency * 1000:g} ms added per request",
-        f"{agent or 0:.2f} s", f"VipSession {anchor or 0:.2f} s",
-    ), {"files": files, "latency_s": latency, "seconds": times}
+        + (f"{latency * 1000:g} ms added per request" if latency else f"the {profile} server"),
+        f"{agent or 0:.2f} s" + (f", {timeouts} transfer timeouts" if production else ""),
+        f"VipSession {anchor or 0:.2f} s{scaled}", profile=profile,
+    )
+    return measure, {"files": files, "latency_s": latency, "seconds": times, "vipsession_sample": sample,
+                     "agent_windows": polite, "profile": profile}
 
 
 # -- 3. the slot never idles: watch makespan vs the ideal and a serial run loop ---------------
@@ -243,13 +278,28 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-def makespan(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[str, Any]]:
+def _watch_paced(config: Path, creds: Path, log: Path, server: str) -> subprocess.Popen[bytes]:
+    """`watch` with the request ceiling it keeps with a real VIP (5/s; off for loopback)."""
+    handle = open(log, "wb")  # noqa: SIM115 - inherited by the child, closed with it
+    code = ("import sys; from agent.pacer import budget_for; "
+            f"budget_for({server!r}).configure(max_rate=5.0); "
+            f"sys.argv = ['vip-agent', 'watch', '--config', {str(config)!r}]; "
+            "from agent.cli import main; raise SystemExit(main())")
+    return subprocess.Popen(
+        [PYTHON, "-c", code], stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+        cwd=log.parent, env=child_env(CREDENTIALS_DIRECTORY=str(creds)),
+    )
+
+
+def makespan(tmp: Path, args: argparse.Namespace, profile: str = "ideal") -> tuple[list[Measure], dict[str, Any]]:
     from agent.journal import Journal
 
+    production = profile == "production"
     n, duration = args.datasets, 3.0
     job = f"pipeline: Sleep/1.0\ninputs:\n  duration: {duration:g}\n"
-    base = tmp / "makespan"
-    with LocalServer(base / "server", max_running=1) as server:
+    base = tmp / f"makespan-{profile}"
+    goal = 1.10 if production else 1.15
+    with LocalServer(base / "server", max_running=1, profile=profile) as server:
         creds = _credentials(base / "creds", server.api_key)
         drop, results_dir, state = base / "drop", base / "out", base / "state"
         drop.mkdir(parents=True)
@@ -265,13 +315,15 @@ def makespan(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[s
         for i in range(n):
             (staging / f"ds-{i:02d}").mkdir(parents=True)
             (staging / f"ds-{i:02d}" / "x.txt").write_text(f"{i}\n")
-        proc = _watch(config, creds, base / "watch.log")
+        proc = (_watch_paced(config, creds, base / "watch.log", server.url) if production
+                else _watch(config, creds, base / "watch.log"))
+        began = time.time()
         try:
             time.sleep(2.0)  # start-up, not measured
             for i in range(n):
                 os.replace(staging / f"ds-{i:02d}", drop / f"ds-{i:02d}")
             journal = Journal.in_state_dir(state)
-            deadline = time.monotonic() + 60 + n * (duration + 10)
+            deadline = time.monotonic() + 60 + n * (duration + (60 if production else 10))
             while time.monotonic() < deadline:
                 rows = journal.datasets()
                 if len(rows) == n and all(d.final for d in rows):
@@ -279,6 +331,7 @@ def makespan(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[s
                 time.sleep(0.2)
         finally:
             _stop(proc)
+        ended = time.time()
         rows = journal.datasets()
         timeline: list[dict[str, Any]] = []
         for d in rows:
@@ -305,7 +358,7 @@ def makespan(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[s
 
         # the anchor: the same datasets one after the other with `vip-agent run`
         serial_s = None
-        if not args.no_serial:
+        if not args.no_serial and not production:  # 20 serial runs of ~10 s each under production
             serial_drop = base / "serial"
             serial_drop.mkdir()
             (serial_drop / "job.yaml").write_text(job)
@@ -324,13 +377,19 @@ def makespan(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[s
                 )
                 ok += done.returncode == 0
             serial_s = time.perf_counter() - t0 if ok == n else None
+    stats = server.stats()
+    polite = window_stats(stats, began, ended) if stats else {}
     good = [r for r in timeline if r.get("exec_start") and r.get("exec_end") and r["upload_start"]
             and r["mirror_end"]]
     good.sort(key=lambda r: r["exec_start"])
     result: dict[str, Any] = {"datasets": n, "pipeline_seconds": duration, "timeline": timeline,
-                              "serial_run_loop_s": serial_s}
+                              "serial_run_loop_s": serial_s, "server": polite, "profile": profile,
+                              "stages": sorted({str(d.stage) for d in rows})}
+    politeness = _politeness(polite, profile)
     if len(good) != n:
-        return [Measure("makespan", None, 1.15, False, "watch makespan / ideal")], result
+        return [Measure("makespan", None, goal, False, "watch makespan / ideal", profile=profile,
+                        agent=f"{len(good)} of {n} datasets done ({', '.join(result['stages'])})"),
+                *politeness], result
     t0 = min(r["upload_start"] for r in good)
     t1 = max(r["mirror_end"] for r in good)
     busy = sum(r["exec_end"] - r["exec_start"] for r in good)
@@ -339,18 +398,39 @@ def makespan(tmp: Path, args: argparse.Namespace) -> tuple[list[Measure], dict[s
     ideal = busy + (first["exec_start"] - first["upload_start"]) + (last["mirror_end"] - last["exec_end"])
     gaps = [b["exec_start"] - a["exec_end"] for a, b in zip(good, good[1:], strict=False)]
     result.update(makespan_s=t1 - t0, ideal_s=ideal, busy_s=busy, gaps_s=gaps, t0=t0)
+    refusals = polite.get("launch_refusals", 0)
     out = [Measure(
-        "makespan", (t1 - t0) / ideal, 1.15, False,
+        "makespan", (t1 - t0) / ideal, goal, False,
         f"`watch` makespan of {n} datasets (Sleep {duration:g} s, max_running 1) / ideal "
         "(Σ execution times + the first dataset's time to launch + the last one's mirror)",
-        f"{t1 - t0:.1f} s (idle between executions: median {median(gaps):.2f} s, max {max(gaps):.2f} s)",
+        f"{t1 - t0:.1f} s (idle between executions: median {median(gaps):.2f} s, max {max(gaps):.2f} s"
+        + (f"; {refusals} engine refusals" if production else "") + ")",
         f"ideal {ideal:.1f} s" + (f"; serial `vip-agent run` loop {serial_s:.1f} s" if serial_s else ""),
-    )]
+        profile=profile,
+    ), *politeness]
     if serial_s:
         out.append(Measure("makespan_vs_serial_run", serial_s / (t1 - t0), 1.0, True,
                            "serial `vip-agent run` loop seconds / `watch` makespan",
                            f"{t1 - t0:.1f} s", f"serial loop {serial_s:.1f} s"))
     return out, result
+
+
+def _politeness(polite: dict[str, Any], profile: str) -> list[Measure]:
+    """The agent's manners under the production profile: API requests per second (the
+    documented budget: 5/s sustained, bursts of 10) and transfer timeouts of its own making."""
+    if profile != "production" or not polite:
+        return []
+    return [
+        Measure("requests_per_s", polite["api_per_s_peak_10s"], 5.0, False,
+                "`watch`'s API requests per second (transfers apart), highest over any 10 s, "
+                "during the makespan run; budget 5/s (docs/vip-rest.md)",
+                f"peak {polite['api_per_s_peak_10s']:.2f}/s over 10 s ({polite['api_per_s_peak_1s']} in "
+                f"one second), mean {polite['api_per_s_mean']:.2f}/s",
+                "budget 5/s", profile=profile),
+        Measure("transfer_timeouts", float(polite["transfer_wait_timeouts"]), 0.0, False,
+                "transfers the server timed out for want of a platform slot (20) during the "
+                "makespan run", f"{polite['transfer_wait_timeouts']}", "goal 0", profile=profile),
+    ]
 
 
 # -- 4. pickup latency with native events -----------------------------------------------------
@@ -580,20 +660,43 @@ def report(run_dir: Path, info: dict[str, Any], measures: list[Measure], images:
         f"{info['loadavg_1_5_15'][0]}, during the run {min(load_during):.1f}–{max(load_during):.1f} "
         f"(other work shares the machine); {time.time() - started:.0f} s in all.",
         "",
-        "| measure | vip-agent | anchor | ratio | goal | |",
-        "|---|---|---|---:|---:|---|",
     ]
-    for m in measures:
-        op = "≥" if m.higher_is_better else "≤"
-        ratio = "n/a" if m.ratio is None else f"{m.ratio:.2f}"
-        lines.append(f"| {m.name} | {m.agent} | {m.anchor} | {ratio} | {op} {m.goal:g} | "
-                     f"{'ok' if m.ok else '**SHORT**'} |")
+    lines += side_by_side(measures)
     lines += ["", "What each ratio is:", ""]
-    lines += [f"* `{m.name}`: {m.what}" for m in measures]
+    seen: set[str] = set()
+    for m in measures:
+        if m.name not in seen:
+            seen.add(m.name)
+            lines.append(f"* `{m.name}`: {m.what}")
     lines += [""] + [f"![{name}]({name})" for name in images]
     text = "\n".join(lines) + "\n"
     (run_dir / "report.md").write_text(text)
     return text
+
+
+def side_by_side(measures: list[Measure]) -> list[str]:
+    """The result table: one row per measure, the ideal server and the production profile
+    in two columns (a measure run on one profile only leaves the other empty)."""
+    names: list[str] = []
+    by: dict[tuple[str, str], Measure] = {}
+    for m in measures:
+        if m.name not in names:
+            names.append(m.name)
+        by[(m.name, m.profile)] = m
+
+    def cell(m: Measure | None) -> list[str]:
+        if m is None:
+            return ["", "", ""]
+        op = "≥" if m.higher_is_better else "≤"
+        ratio = "n/a" if m.ratio is None else f"{m.ratio:.2f}"
+        return [m.agent, m.anchor, f"{ratio} ({op} {m.goal:g}) {'ok' if m.ok else '**SHORT**'}"]
+
+    out = ["| measure | ideal server: vip-agent | anchor | ratio (goal) | production profile: vip-agent "
+           "| anchor | ratio (goal) |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        out.append("| " + " | ".join([name, *cell(by.get((name, "ideal"))),
+                                       *cell(by.get((name, "production")))]) + " |")
+    return out
 
 
 STEPS = ("transfers", "small_files", "makespan", "pickup", "restart", "scaling", "chaos")
@@ -608,7 +711,17 @@ def main() -> int:
     parser.add_argument("--chaos", action="store_true",
                         help="also run benchmarks/chaos.py (kills and faults), when present")
     parser.add_argument("--no-serial", action="store_true", help="skip the serial `run` loop anchor")
+    parser.add_argument("--profiles", default="ideal,production",
+                        help="server profiles for the transfer, small-file and makespan measures "
+                        "(default both, side by side; docs/localvip.md)")
+    parser.add_argument("--vipsession-sample", type=int, default=40, metavar="N",
+                        help="under the production profile VipSession uploads only the first N "
+                        "files (2 s each, one at a time), its time scaled to all (default 40)")
     args = parser.parse_args()
+    args.profiles = [p for p in args.profiles.split(",") if p]
+    if set(args.profiles) - {"ideal", "production"}:
+        parser.error("--profiles: ideal, production")
+    args.prod_small_rounds = 1
     args.size_mb = 256 if args.quick else 1024
     args.rounds = 1 if args.quick else args.rounds
     args.small_rounds = 1 if args.quick else 2
@@ -648,13 +761,21 @@ def main() -> int:
         data[name] = detail
 
     with workdir("all") as tmp:
-        if "transfers" in steps:
-            step("transfers", lambda: transfers(tmp, args))
-        if "small_files" in steps:
-            step("small_files_0ms", lambda: small_files(tmp, args, 500 if args.quick else 2000, 0.0, 1.5))
-            step("small_files_50ms", lambda: small_files(tmp, args, 200 if args.quick else 500, 0.05, 4.0))
-        if "makespan" in steps:
-            step("makespan", lambda: makespan(tmp, args))
+        for profile in args.profiles:
+            suffix = "" if profile == "ideal" else f"_{profile}"
+            if "transfers" in steps:
+                step(f"transfers{suffix}", partial(transfers, tmp, args, profile))
+            if "small_files" in steps:
+                few, many = (100, 500) if args.quick else (300, 2000)
+                goal = 5.0 if profile == "production" else 1.5
+                step(f"small_files_300{suffix}",
+                     partial(small_files, tmp, args, few, 0.0, goal, profile, name="small_files_300"))
+                step(f"small_files_2000{suffix}",
+                     partial(small_files, tmp, args, many, 0.0, goal, profile, name="small_files_2000"))
+                if profile == "ideal":
+                    step("small_files_50ms", partial(small_files, tmp, args, 200 if args.quick else 500, 0.05, 4.0))
+            if "makespan" in steps:
+                step(f"makespan{suffix}", partial(makespan, tmp, args, profile))
         if "pickup" in steps:
             step("pickup", lambda: pickup(tmp, args))
         if "restart" in steps:

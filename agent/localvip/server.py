@@ -150,7 +150,8 @@ class RequestStats:
     ``exists``, ``content``, ``delete``, ``GET /executions``...) to how many were received,
     and production events (``launch refused``, ``late landing``, ``transfer wait timeout``)
     to how many happened; ``peak_in_flight`` is the most requests handled at the same time;
-    ``total`` every request, ``per_second`` requests by start second (the last hour).
+    ``total`` every request, ``per_second`` requests by start second (the last hour),
+    ``timeline`` the counts by second and kind.
     """
 
     def __init__(self) -> None:
@@ -160,6 +161,8 @@ class RequestStats:
         self.peak_in_flight = 0
         self.total = 0
         self.per_second: Counter[int] = Counter()
+        #: (second, kind) -> count, so a benchmark can attribute events to a time window
+        self.timeline: Counter[tuple[int, str]] = Counter()
 
     def enter(self) -> None:
         second = int(time.time())
@@ -179,6 +182,7 @@ class RequestStats:
                 "peak_in_flight": self.peak_in_flight,
                 "peak_requests_per_second": max(self.per_second.values(), default=0),
                 "per_second": {str(k): v for k, v in sorted(self.per_second.items())},
+                "timeline": [[sec, kind, n] for (sec, kind), n in sorted(self.timeline.items())],
             }
 
     def leave(self) -> None:
@@ -186,8 +190,12 @@ class RequestStats:
             self.in_flight -= 1
 
     def count(self, kind: str) -> None:
+        second = int(time.time())
         with self._lock:
             self.counts[kind] += 1
+            self.timeline[(second, kind)] += 1
+            if len(self.timeline) > 100_000:
+                del self.timeline[min(self.timeline)]
 
     def reset(self) -> None:
         with self._lock:
@@ -195,6 +203,7 @@ class RequestStats:
             self.peak_in_flight = self.in_flight
             self.total = 0
             self.per_second.clear()
+            self.timeline.clear()
 
 
 class TransferGate:
