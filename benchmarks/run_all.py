@@ -117,7 +117,7 @@ def transfers(tmp: Path, args: argparse.Namespace, profile: str = "ideal") -> tu
             LocalServer(storage / "server", max_download=size + 1, profile=profile) as server:
         from agent.vip.client import VipClient
 
-        header = private_file(tmp / "curl-headers", f"apikey: {server.api_key}\n")
+        header = private_file(tmp / f"curl-headers-{profile}", f"apikey: {server.api_key}\n")
         home = server.root / "user_localvip"
         with VipClient(server.url, server.api_key) as setup:
             setup.makedirs(tr.REMOTE_DIR)
