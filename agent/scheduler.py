@@ -48,6 +48,7 @@ from typing import Any, Protocol
 from agent import pause as user_pause
 from agent.config import Limits
 from agent.errors import CredentialError
+from agent.holds import Holds, ServerPause
 from agent.journal import (
     ACTIVE_STAGES_SQL,
     FINAL_STAGES,
@@ -92,16 +93,7 @@ class _Entry:
     unexpected: int = 0
 
 
-@dataclass
-class _Pause:
-    reason: str
-    delay: float
-    next_probe: float
-    probing: bool = False
-    attempts: int = 0  # failed probes so far (the auth_probe policy's attempt)
-
-
-class Scheduler:
+class Scheduler(Holds):
     """Run datasets from the journal through ``runner.step`` within limits."""
 
     def __init__(
@@ -140,7 +132,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._entries: dict[int, _Entry] = {}
         self._busy: Counter[tuple[str, str]] = Counter()
-        self._paused: dict[str, _Pause] = {}
+        self._paused: dict[str, ServerPause] = {}
         self._thread: threading.Thread | None = None
         self._steps: set[threading.Thread] = set()
         self._next_poll = 0.0
@@ -262,32 +254,6 @@ class Scheduler:
                 e.state, e.due = "ready", 0.0
                 self._cond.notify_all()
 
-    def probe_now(self) -> None:
-        """Check paused servers' keys now (SIGHUP, or a key was fixed)."""
-        with self._cond:
-            for pause in self._paused.values():
-                pause.next_probe = 0.0
-                pause.delay, pause.attempts = self.auth_retry[0], 0
-            self._cond.notify_all()
-
-    def pause(self, server: str, reason: str) -> None:
-        """Pause a server before any step failed (e.g. its key was refused at start-up)."""
-        with self._cond:
-            if server in self._paused:
-                return
-            first = self.auth_retry[0]
-            self._paused[server] = _Pause(reason, first, self.clock() + first)
-            ids = []
-            for x in self._entries.values():
-                if x.server == server and x.state in ("ready", "timer"):
-                    x.state = "paused"
-                    ids.append(x.id)
-        self._mark_paused(ids, reason)
-
-    def paused_servers(self) -> dict[str, str]:
-        with self._cond:
-            return {s: p.reason for s, p in self._paused.items()}
-
     def counts(self) -> Counter[str]:
         """Tracked datasets by public state (for the systemd STATUS line)."""
         with self._cond:
@@ -297,38 +263,6 @@ class Scheduler:
                 else PUBLIC_STATE.get(e.stage, e.stage)
                 for e in self._entries.values()
             )  # fmt: skip
-
-    # -- user pauses (agent/pause.py) ----------------------------------------------------
-    def refresh_pauses(self) -> None:
-        """Re-read what users paused; mark the datasets it holds (``paused``) and free the others."""
-        user_pause.sync(self.journal, self._read_pauses())
-
-    def _read_pauses(self) -> user_pause.Pauses:
-        current = user_pause.read(self.journal)
-        with self._cond:
-            before, self._held = self._held, current
-            if current != before:
-                self._cond.notify_all()
-        if current != before:
-            for p in current.rows:
-                if p not in before.rows:
-                    log.info("%s paused by %s (%s): nothing new starts there until `%s`",
-                             p.what(), p.by, p.via, p.resume_command())  # fmt: skip
-            for p in before.rows:
-                if (p.scope, p.target) not in {(q.scope, q.target) for q in current.rows}:
-                    log.info("%s resumed", p.what())
-        return current
-
-    def _holds(self, e: _Entry) -> bool:
-        """Whether a user pause holds the dataset (a cancel request passes it)."""
-        return e.id not in self._cancels and self._held.holding(e.id, e.group or None) is not None
-
-    def check_transfer(self, dataset_id: int, *_progress: Any) -> None:
-        """The runner's progress hook: a transfer of a dataset paused meanwhile stops at this
-        chunk (files already sent are kept; the one in flight is sent again on resume)."""
-        e = self._entries.get(dataset_id)
-        if e is not None and self._holds(e) and not self.stop_event.is_set():
-            raise Interrupted("paused: the transfer stops here and resumes on `vip-agent resume`")
 
     def tracked(self) -> set[int]:
         with self._cond:
@@ -600,61 +534,3 @@ class Scheduler:
                 self.on_final(e.id, final_stage)
             except Exception:
                 log.exception("%s: could not finish up after stage %s", e.name, final_stage)
-
-    # -- authentication pause --------------------------------------------------------
-    def _pause_locked(self, e: _Entry, err: CredentialError) -> str:
-        e.state = "paused"
-        if e.server in self._paused:
-            return self._paused[e.server].reason
-        reason = f"API key refused by {e.server}: {err.message}"
-        first = self.auth_retry[0]
-        self._paused[e.server] = _Pause(reason, first, self.clock() + first)
-        others = [x for x in self._entries.values() if x.server == e.server and x is not e]
-        for x in others:
-            if x.state in ("ready", "timer"):
-                x.state = "paused"
-        log.error(
-            "%s; pausing every dataset of this server (%d). Fix the key (vip-agent login, the "
-            "key file or VIP_API_KEY); the agent checks it again every %g s or at once on SIGHUP",
-            reason, len(others) + 1, first,
-        )  # fmt: skip
-        ids = [x.id for x in others]
-        self._spawn(self._mark_paused, ids, reason, name="pause")
-        return reason
-
-    def _mark_paused(self, ids: list[int], reason: str) -> None:
-        for i in ids:
-            self.journal.update(i, paused=reason)
-
-    def _probe(self, server: str) -> None:
-        ok = False
-        try:
-            if self.probe is not None:
-                self.probe(server)
-            ok = True
-        except CredentialError as err:
-            log.debug("key for %s still refused: %s", server, err.message)
-        except Exception as err:  # outage while probing: keep paused, try later
-            log.debug("could not check the key for %s: %s", server, err)
-        resumed: list[_Entry] = []
-        with self._cond:
-            pause = self._paused.get(server)
-            if pause is None:
-                return
-            pause.probing = False
-            if not ok:
-                pause.attempts += 1
-                pause.delay = self.auth_policy.delay(pause.attempts)
-                pause.next_probe = self.clock() + pause.delay
-            else:
-                del self._paused[server]
-                for x in self._entries.values():
-                    if x.server == server and x.state == "paused":
-                        x.state = "ready"
-                        resumed.append(x)
-            self._cond.notify_all()
-        if ok:
-            for x in resumed:
-                self.journal.update(x.id, paused=None)
-            user_pause.sync(self.journal, self._held)  # what users paused stays paused
-            log.info("the API key for %s works again: resuming %d dataset(s)", server, len(resumed))
