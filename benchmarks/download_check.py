@@ -10,7 +10,9 @@ same downloads every way at once, so the factor that makes the difference shows:
 
 * the server's storage on disk or in memory (``--storage disk,disk-cold,shm``; ``disk-cold``
   evicts the server's copy from the page cache before each download, so the server reads
-  it from the disk the client writes to);
+  it from the disk the client writes to; ``disk-dirty`` writes the server's copy again right
+  before each download and does not sync it, as when a harness downloads a file it has just
+  uploaded);
 * the size;
 * the agent timed inside its process (``VipClient.download`` only: what run_all reports) or
   as a whole process (``python -c`` start, imports, key check, download: what a harness that
@@ -94,6 +96,9 @@ def case(tmp: Path, storage: str, size_mib: int, rounds: int) -> dict[str, Any]:
                 os.sync()  # earlier writes must not be flushed on this download's clock
                 if cold:
                     evict(stored)
+                if storage == "disk-dirty":
+                    stored.unlink()
+                    make_file(stored, size)
                 got = (agent_download(server, remote, local, size) if client == "agent"
                        else curl_download(server, header, remote, local))
                 local.unlink(missing_ok=True)
@@ -133,8 +138,8 @@ def case(tmp: Path, storage: str, size_mib: int, rounds: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256,512,1024", help="MiB, comma-separated")
-    parser.add_argument("--storage", default="disk,disk-cold,shm",
-                        help="where the server keeps files: disk, disk-cold, shm")
+    parser.add_argument("--storage", default="disk,disk-cold,disk-dirty,shm",
+                        help="where the server keeps files: disk, disk-cold, disk-dirty, shm")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per case (default 2)")
     args = parser.parse_args()
     if not shutil.which("curl"):
