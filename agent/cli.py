@@ -36,7 +36,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "logs": ("agent.commands.logs", "print the saved stdout/stderr of a dataset's executions"),
     "check": ("agent.commands.check", "compare finished datasets' mirrored outputs with the journal"),
-    "check": ("agent.commands.check", "compare finished datasets' mirrored outputs with the journal"),
     "pipelines": ("agent.commands.pipelines", "list pipelines, or show one's parameters"),
     "login": ("agent.commands.login", "check an API key and store it in the OS keyring"),
     "logout": ("agent.commands.logout", "remove the stored API key"),
