@@ -83,7 +83,7 @@ def _write_objects(series: Sequence[Series], route: Route, study: StudyRow, targ
                 if ready.secondary_capture and not route.allow_secondary_capture:
                     dropped += 1
                     continue
-                shutil.copyfile(ready.path, out)
+                _place(ready.path, out)
                 per_series.setdefault(s_index, []).append(out)
                 continue
             ds = pydicom.dcmread(obj.path, force=True)
@@ -98,6 +98,15 @@ def _write_objects(series: Sequence[Series], route: Route, study: StudyRow, targ
                 shutil.copyfile(obj.path, out)
             per_series.setdefault(s_index, []).append(out)
     return originals, dropped, per_series
+
+
+def _place(prepared: Path, out: Path) -> None:
+    """A copy de-identified ahead of time into the dataset: a hard link when both are on one
+    file system (no copying; the preparer fsynced it already), a copy otherwise."""
+    try:
+        os.link(prepared, out)
+    except OSError:
+        shutil.copyfile(prepared, out)
 
 
 def _convert(series: Sequence[Series], per_series: dict[int, list[Path]], target: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -139,7 +140,12 @@ class Preparer:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{uuid.uuid4().hex}.dcm"
         try:
-            ds.save_as(target, enforce_file_format=True)
+            with open(target, "wb") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+                fh.flush()
+                # on disk now, in the background: the hand-over links this file into the dataset
+                # (same file system) and its own fsync then finds nothing left to write
+                os.fsync(fh.fileno())
         except BaseException:
             with contextlib.suppress(OSError):
                 target.unlink()
