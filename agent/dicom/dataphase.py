@@ -221,7 +221,7 @@ class Session:
                 idle += STOP_POLL
                 if self.stopping.is_set():
                     raise _Closed from None
-                if self.idle_timeout is not None and got == 0 and idle >= self.idle_timeout:
+                if self.idle_timeout is not None and idle >= self.idle_timeout:  # also within a PDU
                     log.warning("association from %s: no data for %g s, aborted",
                                 self.assoc.requestor.ae_title, self.idle_timeout)  # fmt: skip
                     self._send(abort_pdu())
