@@ -136,3 +136,30 @@ def test_spare_temporary_files_are_made_ahead_and_never_left(tmp_path: Path, nod
     assert again.spool.clean_tmp() == 1
     assert list(again.spool.spare.iterdir()) == []
     assert len(list(again.spool.files())) == 4
+
+
+def test_pynetdicom_sender_small_pdus_release_and_abort(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    """Another sender's framing: pynetdicom cuts commands and datasets into its own P-DATA
+    PDUs (4 KiB here); C-ECHO, C-STORE, A-RELEASE, then an association aborted by the sender."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+    node, port = start(tmp_path, nodes, True)
+    ae = AE(ae_title="SCANNER1")
+    for context in (Verification, MRImageStorage, CTImageStorage):
+        ae.add_requested_context(context)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VIPAGENT", max_pdu=4096)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    files = [PATIENT_FILES[0], pydicom_file("CT_small.dcm")]
+    for f in files:
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
+    assoc.release()
+    assert assoc.is_released
+    stored = {str(pydicom.dcmread(p).SOPInstanceUID) for p in node.spool.files()}
+    assert stored == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    aborted = ae.associate("127.0.0.1", port, ae_title="VIPAGENT")
+    assert aborted.is_established
+    aborted.abort()
+    wait_for(lambda: node.receiver.open_associations() == 0, 10, what="the aborted association closed")
+    assert node.snapshot()["counters"]["objects"] == 2
