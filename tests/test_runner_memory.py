@@ -223,5 +223,7 @@ def test_a_full_cap_is_not_asked_again_at_every_poll(tmp_path: Path) -> None:
     assert _run(s).stage == "done", s.journal.get(s.dataset_id).error
     assert len(backend.launches) == 3
     refused = backend.calls["launch"] - 3
-    assert refused <= 3, backend.calls  # a handful, where every 0.5 s poll used to ask
+    # a handful (2-4 over 25 runs: the backoff's jitter decides whether one more try falls
+    # before our execution ends), where every 0.5 s poll used to ask (about 60)
+    assert refused <= 4, backend.calls
     assert backend.calls["status"] > 3 * refused  # polling itself went on as before
