@@ -174,6 +174,12 @@ def test_layers_only_import_downwards() -> None:
         assert not upward, f"{layer} may import the later layer(s) {upward}"
 
 
+def test_modules_stay_small() -> None:
+    big = {name: n for name, path in modules().items()
+           if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}  # fmt: skip
+    assert big == {}
+
+
 def test_status_does_not_load_the_http_stack(tmp_path: Path) -> None:
     """`vip-agent status` reads the journal: requests/urllib3 (140 ms of imports) stay unloaded."""
     code = (
