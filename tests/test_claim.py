@@ -183,3 +183,29 @@ def test_doctor_warns_about_a_drop_folder_another_agent_claimed(tmp_path: Path) 
     report = Report(io.StringIO())
     check_claims(report, state, [drop])
     assert report.checks == []
+
+
+def test_two_agents_never_share_a_remote_session_and_a_resumed_plan_keeps_its_name(
+    tmp_path: Path,
+) -> None:
+    from agenthelpers import drive, start_runner
+
+    from agent.backend.memory import MemoryBackend
+
+    job = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.txt"}}
+    ds = write_dataset(tmp_path / "share" / "subject", {"data.txt": "x\n"}, job)
+    backend = MemoryBackend()  # one VIP account, seen by two agents misconfigured alike
+    sessions = []
+    for agent in ("pc1", "pc2"):
+        started = start_runner(tmp_path / agent, ds, backend, poll_min=1.0, poll_max=5.0)
+        outcome = drive(started.runner, started.dataset_id, sleep=backend.clock.advance, timeout=20)
+        row = started.journal.get(started.dataset_id)
+        assert outcome.stage == "done", row.error
+        assert row.session is not None and started.journal.agent_id() in row.session
+        sessions.append(row.remote_root)
+    assert sessions[0] != sessions[1]
+    # a plan made before (by an older release, or before a crash): its name is kept
+    started = start_runner(tmp_path / "pc3", ds, backend, poll_min=1.0, poll_max=5.0)
+    started.journal.update(started.dataset_id, session="subject-kept")
+    drive(started.runner, started.dataset_id, sleep=backend.clock.advance, timeout=20)
+    assert started.journal.get(started.dataset_id).session == "subject-kept"

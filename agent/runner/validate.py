@@ -137,11 +137,14 @@ def step(ctx: Context, ds: Dataset) -> Next:
     report.raise_if_errors()
 
     name = job.name or ds.name
-    # a retry is a new attempt: new session and execution names, never the old ones
-    identity = (ds.fingerprint or "") + (f"#{ds.attempts}" if ds.attempts else "")
-    session = f"{safe_token(name)}-{(ds.fingerprint or '0' * 8)[:8]}"
+    # a retry is a new attempt: new session and execution names, never the old ones. The
+    # agent id keeps two agents' sessions apart on VIP; a plan already made keeps its names
+    agent_id = journal.agent_id()
+    identity = f"{agent_id}:{ds.fingerprint or ''}" + (f"#{ds.attempts}" if ds.attempts else "")
+    session = f"{safe_token(name)}-{agent_id}-{(ds.fingerprint or '0' * 8)[:8]}"
     if ds.attempts:
         session += f"-a{ds.attempts + 1}"
+    session = ds.session or session
     layout = backend.session(settings.vip_root or job.vip_root, session)
     resolved = report.resolved or resolve_inputs(job, path, pipeline)
     output_dir = ds.output_dir or str(choose_output_dir(ds, job, name))
