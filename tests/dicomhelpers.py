@@ -11,7 +11,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,24 @@ def make_node(tmp_path: Path, routes: list[dict[str, Any]] | None = None, *, dro
     assert config is not None
     journal = Journal.in_state_dir(tmp_path / "state")
     return DicomNode(config, tmp_path / "state", journal.path, tick=0.1)
+
+
+@pytest.fixture(name="nodes")
+def nodes_fixture() -> Iterator[list[DicomNode]]:
+    """Fixture ``nodes``: the DicomNodes a test started (see :func:`run`), stopped at its end.
+
+    A test module imports ``nodes_fixture`` so that pytest finds the fixture there.
+    """
+    started: list[DicomNode] = []
+    yield started
+    for node in started:
+        node.stop()
+
+
+def run(node: DicomNode, nodes: list[DicomNode]) -> int:
+    """Start ``node`` (stopped by the ``nodes`` fixture at the end); its port."""
+    nodes.append(node)
+    return node.start()
 
 
 def datasets(drop: Path) -> dict[str, list[Path]]:

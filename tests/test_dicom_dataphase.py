@@ -7,19 +7,20 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from agenthelpers import wait_for
-from dicomhelpers import (
+from dicomhelpers import (  # noqa: F401 (nodes_fixture: the fixture `nodes`)
     PATIENT_FILES,
     echoscu,
     make_node,
     needs_dcmtk,
+    nodes_fixture,
     pydicom_file,
+    run,
     spectroscopy,
     storescu,
     storescu_private,
@@ -33,14 +34,6 @@ from agent.dicom.node import DicomNode
 pytestmark = needs_dcmtk
 
 
-@pytest.fixture
-def nodes() -> Iterator[list[DicomNode]]:
-    started: list[DicomNode] = []
-    yield started
-    for node in started:
-        node.stop()
-
-
 def spooled(node: DicomNode) -> dict[str, bytes]:
     """SOPInstanceUID -> the spooled file's bytes."""
     return {p.stem: p.read_bytes() for p in node.spool.files()}
@@ -49,8 +42,7 @@ def spooled(node: DicomNode) -> dict[str, bytes]:
 def start(tmp: Path, nodes: list[DicomNode], fast: bool) -> tuple[DicomNode, int]:
     node = make_node(tmp, quiet=60)
     node.receiver.fast = fast
-    nodes.append(node)
-    return node, node.start()
+    return node, run(node, nodes)
 
 
 @pytest.mark.parametrize("ts", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"])

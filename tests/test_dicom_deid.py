@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 import yaml
 from agenthelpers import agent_env, wait_for
-from dicomhelpers import (
+from dicomhelpers import (  # noqa: F401 (nodes_fixture: the fixture `nodes`)
     PATIENT,
     PATIENT_FILES,
     PATIENT_ID,
@@ -23,7 +22,9 @@ from dicomhelpers import (
     dicom_files,
     make_node,
     needs_dcmtk,
+    nodes_fixture,
     pydicom_file,
+    run,
     spectroscopy,
     storescu,
     storescu_private,
@@ -35,19 +36,6 @@ from agent.dicom.node import DicomNode
 from agent.errors import ConfigError
 
 pytestmark = needs_dcmtk
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[DicomNode]]:
-    started: list[DicomNode] = []
-    yield started
-    for node in started:
-        node.stop()
-
-
-def run(node: DicomNode, nodes: list[DicomNode]) -> int:
-    nodes.append(node)
-    return node.start()
 
 
 def test_basic_profile_consistent_per_study(tmp_path: Path, nodes: list[DicomNode]) -> None:

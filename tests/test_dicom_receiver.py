@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 from agenthelpers import wait_for
-from dicomhelpers import (
+from dicomhelpers import (  # noqa: F401 (nodes_fixture: the fixture `nodes`)
     PATIENT_FILES,
     STUDY_SIZES,
     by_study,
@@ -23,7 +22,9 @@ from dicomhelpers import (
     echoscu,
     make_node,
     needs_dcmtk,
+    nodes_fixture,
     pydicom_file,
+    run,
     spectroscopy,
     storescu,
     storescu_private,
@@ -33,19 +34,6 @@ from agent.dicom.node import DicomNode
 from agent.dicom.status import read_status
 
 pytestmark = needs_dcmtk
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[DicomNode]]:
-    started: list[DicomNode] = []
-    yield started
-    for node in started:
-        node.stop()
-
-
-def run(node: DicomNode, nodes: list[DicomNode]) -> int:
-    nodes.append(node)
-    return node.start()
 
 
 def counts(drop: Path, n: int, timeout: float = 30) -> list[int]:
