@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,38 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s")
         time.sleep(interval)
+
+
+@contextmanager
+def watch_process(
+    args: Sequence[str], *, api_key: str, cwd: Path, log: Path,
+    ready: str | Callable[[], Any] = " ready", timeout: float = 60, what: str = "the service ready",
+    append: bool = False, alive: bool = True, stop_timeout: float = 15,
+) -> Iterator[subprocess.Popen[str]]:
+    """``vip-agent watch ARGS`` as a real process, its stderr in ``log``; stopped with SIGTERM.
+
+    Entered once ``ready`` (a text in the log, or a predicate) holds or the process ended;
+    with ``alive`` it must still run then (the log is the failure message).
+    """
+    check = ready if callable(ready) else (lambda: ready in log.read_text())
+    with log.open("a" if append else "w") as log_fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "watch", *args], env=agent_env(api_key),
+            stdout=subprocess.DEVNULL, stderr=log_fh, text=True, cwd=cwd,
+        )
+        try:
+            wait_for(lambda: check() or proc.poll() is not None, timeout=timeout, what=what)
+            if alive:
+                assert proc.poll() is None, log.read_text()
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 @contextmanager

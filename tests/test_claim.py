@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
-from agenthelpers import agent_env, run_agent, wait_for, write_dataset
+from agenthelpers import run_agent, wait_for, watch_process, write_dataset
 
 from agent.journal import Journal
 from agent.localvip import LocalVip
@@ -92,27 +92,10 @@ def test_a_torn_claim_file_is_replaced(tmp_path: Path) -> None:
 @contextmanager
 def watch(tmp_path: Path, server: LocalVip, name: str) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     log_file = tmp_path / f"{name}.log"
-    with log_file.open("w") as log_fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "watch", str(tmp_path / "drop"), "--server",
-             server.url, "--output", str(tmp_path / "out"), "--state", str(tmp_path / f"state-{name}"),
-             "--settle", "0.3"],
-            env=agent_env(server.api_key), stdout=subprocess.DEVNULL, stderr=log_fh, text=True,
-            cwd=tmp_path,
-        )  # fmt: skip
-        try:
-            wait_for(lambda: " ready" in log_file.read_text() or proc.poll() is not None,
-                     timeout=60, what=f"{name} ready")  # fmt: skip
-            assert proc.poll() is None, log_file.read_text()
-            yield proc, log_file
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    args = [str(tmp_path / "drop"), "--server", server.url, "--output", str(tmp_path / "out"),
+            "--state", str(tmp_path / f"state-{name}"), "--settle", "0.3"]  # fmt: skip
+    with watch_process(args, api_key=server.api_key, cwd=tmp_path, log=log_file, what=f"{name} ready") as proc:
+        yield proc, log_file
 
 
 def test_two_agents_on_one_drop_folder_one_takes_it_the_other_says_so(

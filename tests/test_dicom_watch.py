@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import requests
 import yaml
-from agenthelpers import agent_env, run_agent, wait_for
+from agenthelpers import run_agent, wait_for, watch_process
 from dicomhelpers import (
     PATIENT_FILES,
     PATIENT_ID,
@@ -59,22 +58,10 @@ def watching(tmp_path: Path, server: LocalVip, config: Path) -> Iterator[tuple[s
     """``vip-agent watch --config`` as a real process; yields it and its DICOM port."""
     port_file = tmp_path / "state" / "dicom-port"
     port_file.unlink(missing_ok=True)
-    log = (tmp_path / "agent.log").open("a")
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "watch", "--config", str(config)],
-                            env=agent_env(server.api_key), stdout=subprocess.DEVNULL, stderr=log, text=True,
-                            cwd=tmp_path)  # fmt: skip
-    try:
-        wait_for(lambda: port_file.exists() or proc.poll() is not None, timeout=60, what="the DICOM port")
-        assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+    with watch_process(["--config", str(config)], api_key=server.api_key, cwd=tmp_path,
+                       log=tmp_path / "agent.log", ready=port_file.exists, what="the DICOM port",
+                       append=True, stop_timeout=20) as proc:  # fmt: skip
         yield proc, int(port_file.read_text())
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
 
 
 def done_datasets(tmp_path: Path, n: int, timeout: float = 90) -> list[Any]:

@@ -7,17 +7,15 @@ then the agent goes on by itself once there is room).
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from agenthelpers import agent_env, run_agent, tmpfs, wait_for, write_dataset
+from agenthelpers import run_agent, tmpfs, wait_for, watch_process, write_dataset
 
 from agent.journal import JOURNAL_NAME, Journal
 from agent.localvip import LocalVip
@@ -36,26 +34,11 @@ def make_drop(tmp_path: Path, template: dict[str, object] = TEMPLATE) -> Path:
 def watch(tmp_path: Path, server: LocalVip, log_name: str, state: Path | None = None
           ) -> Iterator[tuple[subprocess.Popen[str], Path]]:  # fmt: skip
     log_file = tmp_path / log_name
-    with log_file.open("w") as log_fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "watch", str(tmp_path / "drop"), "--server",
-             server.url, "--output", str(tmp_path / "out"), "--state",
-             str(state or tmp_path / "state"), "--settle", "0.3"],
-            env=agent_env(server.api_key), stdout=subprocess.DEVNULL, stderr=log_fh, text=True,
-            cwd=tmp_path,
-        )  # fmt: skip
-        try:
-            wait_for(lambda: " ready" in log_file.read_text() or proc.poll() is not None,
-                     timeout=60, what="the service ready")  # fmt: skip
-            yield proc, log_file
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    args = [str(tmp_path / "drop"), "--server", server.url, "--output", str(tmp_path / "out"),
+            "--state", str(state or tmp_path / "state"), "--settle", "0.3"]  # fmt: skip
+    # alive=False: a test may see the service stop on its own (the journal gone)
+    with watch_process(args, api_key=server.api_key, cwd=tmp_path, log=log_file, alive=False) as proc:
+        yield proc, log_file
 
 
 def errors(log: str) -> list[str]:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from agenthelpers import agent_env, run_agent, wait_for, write_dataset
+from agenthelpers import agent_env, run_agent, wait_for, watch_process, write_dataset
 
 from agent.journal import Journal
 from agent.localvip import LocalVip
@@ -28,26 +28,10 @@ FILES: dict[str, bytes | str] = {"data.txt": "a b c\n", "notes/extra.txt": "x\n"
 def service(tmp_path: Path, server: LocalVip, drop: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     """A real `vip-agent watch` on ``drop`` (state in tmp_path/state); its log file."""
     log_file = tmp_path / "watch.log"
-    with log_file.open("w") as log_fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "watch", str(drop), "--server", server.url,
-             "--output", str(tmp_path / "out"), "--state", str(tmp_path / "state"),
-             "--settle", "0.3"],
-            env=agent_env(server.api_key), stdout=subprocess.DEVNULL, stderr=log_fh, text=True,
-            cwd=tmp_path,
-        )  # fmt: skip
-        try:
-            wait_for(lambda: " ready" in log_file.read_text() or proc.poll() is not None,
-                     timeout=60, what="the service ready")  # fmt: skip
-            assert proc.poll() is None, log_file.read_text()
-            yield proc, log_file
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    args = [str(drop), "--server", server.url, "--output", str(tmp_path / "out"),
+            "--state", str(tmp_path / "state"), "--settle", "0.3"]  # fmt: skip
+    with watch_process(args, api_key=server.api_key, cwd=tmp_path, log=log_file) as proc:
+        yield proc, log_file
 
 
 def make_drop(tmp_path: Path) -> Path:

@@ -4,9 +4,7 @@ the local VIP server; the pause holds across a restart and everything completes 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +16,7 @@ import yaml
 
 from agent.journal import Journal
 from agent.localvip import LocalVip
-from tests.agenthelpers import agent_env, run_agent, wait_for, write_dataset
+from tests.agenthelpers import run_agent, wait_for, watch_process, write_dataset
 
 TEMPLATE = {"pipeline": "FileStats/1.0", "inputs": {"input_file": "data.txt"}}
 
@@ -41,27 +39,13 @@ def watching(
     tmp_path: Path, server: LocalVip, drop: Path, config: Path | None = None
 ) -> Iterator[subprocess.Popen[str]]:
     """``vip-agent watch`` as a real process, stopped with SIGTERM (its log in agent.log)."""
-    log = (tmp_path / "agent.log").open("a")
     where = ["--config", str(config)] if config else [
         str(drop), "--server", server.url, "--output", str(tmp_path / "out"),
         "--state", str(tmp_path / "state")]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "watch", *where, "--settle", "0.3"],
-        env=agent_env(server.api_key), stdout=subprocess.DEVNULL, stderr=log, text=True, cwd=tmp_path,
-    )  # fmt: skip
-    try:
-        wait_for(lambda: "ready" in (tmp_path / "agent.log").read_text() or proc.poll() is not None,
-                 timeout=30, what="agent ready")  # fmt: skip
-        assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+    with watch_process([*where, "--settle", "0.3"], api_key=server.api_key, cwd=tmp_path,
+                       log=tmp_path / "agent.log", ready="ready", timeout=30, what="agent ready",
+                       append=True) as proc:  # fmt: skip
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
 
 
 def cli(tmp_path: Path, server: LocalVip, *args: str) -> subprocess.CompletedProcess[str]:
