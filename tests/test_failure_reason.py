@@ -23,7 +23,7 @@ import pytest
 import yaml
 from agenthelpers import agent_env, drive, start_runner, wait_for, write_dataset
 from receivers import Receiver, Smtp
-from webhelpers import CHROMEDRIVER, CHROMIUM, Page, chromium, make_drop, page_service, require_tool
+from webhelpers import Page, headless_chromium, make_drop, page_service
 
 from agent.backend import open_backend
 from agent.backend.memory import MemoryBackend
@@ -187,13 +187,8 @@ def test_no_stderr_means_no_heading(tmp_path: Path) -> None:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    require_tool(CHROMIUM, "chromium")
-    require_tool(CHROMEDRIVER, "chromium-driver")
-    driver = chromium(tmp_path / "profile")
-    try:
+    with headless_chromium(tmp_path) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def test_the_page_row_shows_the_job_stderr(

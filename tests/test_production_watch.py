@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,28 @@ def pipelines_dir(tmp_path: Path) -> Path:
     return folder
 
 
+#: a SlowCopy/1.0 run of 1.5 s on each dataset's note.txt
+SLOW_JOB: dict[str, Any] = {"pipeline": "SlowCopy/1.0", "inputs": {"input_file": "note.txt", "duration": 1.5}}
+
+
+@contextmanager
+def _one_slot_vip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalVip]:
+    """A LocalVip with one run slot and SlowCopy/1.0; its key in VIP_API_KEY."""
+    key = secrets.token_urlsafe(16)
+    monkeypatch.setenv("VIP_API_KEY", key)
+    with LocalVip(tmp_path / "vip", api_keys=[key], max_running=1,
+                  pipelines_dir=pipelines_dir(tmp_path)) as vip:  # fmt: skip
+        yield vip
+
+
+def _slow_copy_drop(tmp_path: Path) -> Path:
+    """tmp_path/drop with a job.yaml running SLOW_JOB."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "job.yaml").write_text(yaml.safe_dump(SLOW_JOB), encoding="utf-8")
+    return drop
+
+
 def _config(tmp_path: Path, drops: list[dict[str, Any]]) -> Path:
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(yaml.safe_dump({"drops": drops, "state": str(tmp_path / "state")}))
@@ -68,14 +92,8 @@ def test_uploads_run_ahead_of_the_slot_by_upload_ahead(
     """Cap 1, upload_ahead 2, six datasets dropped at once: at most the running dataset, one
     finishing and two uploaded ahead have folders on VIP; the rest wait here, queued with
     the reason; all end done."""
-    key = secrets.token_urlsafe(16)
-    monkeypatch.setenv("VIP_API_KEY", key)
-    with LocalVip(tmp_path / "vip", api_keys=[key], max_running=1,
-                  pipelines_dir=pipelines_dir(tmp_path)) as vip:  # fmt: skip
-        drop = tmp_path / "drop"
-        drop.mkdir()
-        job = {"pipeline": "SlowCopy/1.0", "inputs": {"input_file": "note.txt", "duration": 1.5}}
-        (drop / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
+    with _one_slot_vip(tmp_path, monkeypatch) as vip:
+        drop = _slow_copy_drop(tmp_path)
         cfg = _config(tmp_path, [{
             "path": str(drop), "server": vip.url, "output": str(tmp_path / "out"),
             "max_running": 1, "max_uploads": 4, "upload_ahead": 2,
@@ -229,8 +247,7 @@ def test_run_backs_off_launches_refused_for_the_cap(tmp_path: Path) -> None:
     from agenthelpers import run_agent
 
     with LocalVip(tmp_path / "vip", max_running=1, pipelines_dir=pipelines_dir(tmp_path)) as vip:
-        job = {"pipeline": "SlowCopy/1.0", "inputs": {"input_file": "note.txt", "duration": 1.5},
-               "runs": 3}  # fmt: skip
+        job = {**SLOW_JOB, "runs": 3}
         ds = write_dataset(tmp_path / "ds", {"note.txt": "n\n"}, job)
         done = run_agent("run", str(ds), "--server", vip.url, "--state", str(tmp_path / "state"),
                          "--output", str(tmp_path / "out"), "--poll", "0.1:0.3",
@@ -249,14 +266,8 @@ def test_watch_backs_off_launches_refused_for_the_cap(
     from agent import pacer
 
     monkeypatch.setitem(pacer.POLICIES, "capacity", pacer.WaitPolicy(base=1.0, cap=4.0, jitter=0.0))
-    key = secrets.token_urlsafe(16)
-    monkeypatch.setenv("VIP_API_KEY", key)
-    with LocalVip(tmp_path / "vip", api_keys=[key], max_running=1,
-                  pipelines_dir=pipelines_dir(tmp_path)) as vip:  # fmt: skip
-        drop = tmp_path / "drop"
-        drop.mkdir()
-        job = {"pipeline": "SlowCopy/1.0", "inputs": {"input_file": "note.txt", "duration": 1.5}}
-        (drop / "job.yaml").write_text(yaml.safe_dump(job), encoding="utf-8")
+    with _one_slot_vip(tmp_path, monkeypatch) as vip:
+        drop = _slow_copy_drop(tmp_path)
         cfg = _config(tmp_path, [{
             "path": str(drop), "server": vip.url, "output": str(tmp_path / "out"),
             "max_running": 3, "upload_ahead": 3, "readiness": {"settle_seconds": 0.2},

@@ -15,14 +15,11 @@ import pytest
 import yaml
 from agenthelpers import wait_for, write_dataset
 from webhelpers import (
-    CHROMEDRIVER,
-    CHROMIUM,
     TEMPLATE,
     Page,
-    chromium,
+    headless_chromium,
     make_drop,
     page_service,
-    require_tool,
 )
 
 from agent.journal import Journal
@@ -31,13 +28,8 @@ from agent.localvip import LocalVip
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    require_tool(CHROMIUM, "chromium")
-    require_tool(CHROMEDRIVER, "chromium-driver")
-    driver = chromium(tmp_path / "profile")
-    try:
+    with headless_chromium(tmp_path) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def js(browser: Any, script: str) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,20 @@ def chromium(profile: Path, width: int = 1360, height: int = 1000) -> Any:
     ):  # fmt: skip
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+
+
+@contextmanager
+def headless_chromium(tmp_path: Path) -> Iterator[Any]:
+    """A headless Chromium with its profile in ``tmp_path`` (the test skipped without one,
+    see :func:`require_tool`); quit at the end. Tests wrap it in their ``browser`` fixture
+    (pytest is imported lazily here: benchmarks/screenshot.py uses this module)."""
+    require_tool(CHROMIUM, "chromium")
+    require_tool(CHROMEDRIVER, "chromium-driver")
+    driver = chromium(tmp_path / "profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def make_drop(root: Path, template: dict[str, Any] | None = None) -> Path:
