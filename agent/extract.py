@@ -30,6 +30,7 @@ from pathlib import Path
 
 from agent.errors import AgentError
 from agent.fsutil import fsync_dir as _fsync_dir
+from agent.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +106,8 @@ def _set_aside(archive: Path) -> Path:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftover (an earlier failure in this process); no one uses it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    # our own leftover (an earlier failure in this process): no one uses it
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def _clean_leftovers(parent: Path, archive_name: str) -> None:

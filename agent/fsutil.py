@@ -8,6 +8,8 @@ import re
 import threading
 from pathlib import Path
 
+from agent.procs import pid_alive
+
 
 def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key putting ``f2`` before ``f10`` (numbers by value, the rest case-insensitively)."""
@@ -76,14 +78,8 @@ def _sweep_leftovers(folder: Path) -> None:
         if pid == os.getpid():
             if f"{pid}-{m.group('tid')}" in live:
                 continue  # a thread of ours may be writing it right now
-        else:
-            try:
-                os.kill(pid, 0)
-                continue  # a live writer
-            except ProcessLookupError:
-                pass
-            except OSError:
-                continue  # alive, another user's
+        elif pid_alive(pid):
+            continue  # a live writer
         with contextlib.suppress(OSError):
             os.unlink(folder / name)
 

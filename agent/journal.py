@@ -28,7 +28,8 @@ from agent.journalfile import (
     JournalWriteError,
 )
 from agent.migrations import MIGRATIONS, SCHEMA_VERSION, Migration
-from agent.owners import LEASE_BEAT, LEASE_TTL, Lease, LeaseStore, Owner, pid_alive, process_start
+from agent.owners import LEASE_BEAT, LEASE_TTL, Lease, LeaseStore, Owner
+from agent.procs import pid_alive, process_start
 from agent.records import (
     Dataset,
     DropState,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import importlib.util
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -12,21 +11,14 @@ from pathlib import Path
 from agent.dicom.config import DicomConfig
 from agent.dicom.status import dicom_dir, pending_studies, read_status
 from agent.journal import JOURNAL_NAME
+from agent.procs import pid_alive
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 Finding = tuple[str, str, str]  # (status, title, how to fix)
 
 
 def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and pid_alive(pid)
 
 
 def _port(config: DicomConfig, state: Path) -> Finding:
