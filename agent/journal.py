@@ -26,6 +26,7 @@ from agent.journalfile import (
     JournalError,
     JournalLost,
     JournalWriteError,
+    connect,
 )
 from agent.migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 from agent.owners import LEASE_BEAT, LEASE_TTL, Lease, LeaseStore, Owner
@@ -179,14 +180,7 @@ class Journal(LeaseStore, IdentityStore):
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed step survives power loss, not only a crash
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
-            # no memory-mapped reads: a file truncated under us must be an error, not SIGBUS
-            db.execute("PRAGMA mmap_size=0")
+            db = connect(self.path)  # FULL: a committed step survives power loss
             self._local.db = db
         return db
 

@@ -37,6 +37,22 @@ _WRITE_FAILURES = (
 )
 
 
+def connect(path: Path, *, synchronous: str = "FULL", any_thread: bool = False) -> sqlite3.Connection:
+    """A connection to the journal file, as every part of the agent opens it: WAL, a 30 s busy
+    timeout, no memory-mapped reads (a file truncated under us must be an error, not SIGBUS).
+
+    ``synchronous``: ``FULL`` (a committed step survives power loss) for the journal's own
+    tables; ``NORMAL`` for an index that is rebuilt at start (the DICOM spool's).
+    """
+    db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=not any_thread)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute("PRAGMA busy_timeout=30000")
+    db.execute("PRAGMA mmap_size=0")
+    return db
+
+
 class IdentityStore:
     """The ``meta`` table and the file's identity (mixed into the Journal)."""
 

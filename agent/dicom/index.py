@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.journalfile import connect
+
 #: study states: collecting objects / handed over / waiting for a route / refused at hand-over
 PENDING, HANDED, UNROUTED, REFUSED = "pending", "handed", "unrouted", "refused"
 #: object states
@@ -76,11 +78,8 @@ class DicomIndex:
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
+            # NORMAL: the index is rebuilt from the spool at start (docs/dicom.md)
+            db = connect(self.path, synchronous="NORMAL", any_thread=True)
             self._local.db = db
         return db
 
