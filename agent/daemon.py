@@ -196,19 +196,13 @@ class WatchService:
 
     def _start_dicom(self) -> None:
         """Start the DICOM node when ``dicom:`` is configured (its datasets land in drop folders)."""
-        if self.config.dicom is None:
-            return
-        try:
-            from agent.dicom.node import DicomNode
-        except ImportError as err:
-            raise ConfigError("the 'dicom:' block needs the DICOM extra: pip install 'vip-agent[dicom]'",
-                              detail=str(err)) from None  # fmt: skip
+        from agent.dicom.service import start_node
+
         assert self.journal is not None
-        markers = {d.path: d.readiness.marker if d.readiness.rule == "marker" else None
-                   for d in self.config.drops}  # fmt: skip
-        self.dicom = DicomNode(self.config.dicom, self.config.state, self.journal.path, markers=markers,
-                               on_dataset=lambda drop, name: self.queue.soon(("check", str(drop), name)))  # fmt: skip
-        self.dicom.start()
+        self.dicom = start_node(self.config, self.journal.path, self._dicom_dataset)
+
+    def _dicom_dataset(self, drop: Path, name: str) -> None:
+        self.queue.soon(("check", str(drop), name))
 
     def _check_keys(self) -> None:
         """Say at start-up whether each server accepts its key (never fatal when refused)."""
@@ -414,7 +408,7 @@ class WatchService:
         for key in [k for k in self.claims if config.drop_for(k) is None]:
             with contextlib.suppress(OSError):
                 self.claims.pop(key).release()  # no longer this agent's drop folder
-        self.config = config
+        old_dicom, self.config = self.config.dicom, config
         if self.provider is not None:
             self.provider.key_files = self._key_files(config)
             self.provider.forget()
@@ -432,6 +426,12 @@ class WatchService:
         configure_transfers(config.transfer_limits())
         if self.scheduler is not None:
             self.scheduler.probe_now()
+        if self.dicom is not None or config.dicom is not None:
+            from agent.dicom.service import reload_node
+
+            assert self.journal is not None
+            self.dicom, dicom = reload_node(self.dicom, old_dicom, config, self.journal.path, self._dicom_dataset)
+            self.config = replace(self.config, dicom=dicom)
         log.info("configuration reloaded: %d drop folder(s)", len(config.drops))
 
     # -- watch loop ------------------------------------------------------------------

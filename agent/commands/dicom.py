@@ -19,7 +19,7 @@ from agent import queries
 from agent.commands import add_state_args
 from agent.config import default_config_path, load_config
 from agent.dicom.routing import choose, group_series, waiting_for
-from agent.dicom.status import pending_studies, read_status
+from agent.dicom.status import pending_studies, read_status, spool_summary
 from agent.errors import AgentError, ConfigError
 from agent.journal import JOURNAL_NAME
 
@@ -106,13 +106,30 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _spool_line(spool: dict[str, Any]) -> str:
+    """The spool's size, its oldest handed-over study and what retention deleted (dicom.keep)."""
+    line = f"  spool: {spool['objects']} object(s), {_mb(spool['bytes'])}"
+    if spool["handed_studies"]:
+        line += (f"; {spool['handed_studies']} handed-over stud{'y' if spool['handed_studies'] == 1 else 'ies'}"
+                 f" kept, oldest handed over {_age(spool['oldest_handed_age'])} ago")  # fmt: skip
+    if spool["purged_studies"]:
+        line += (f"; deleted after hand-over: {spool['purged_studies']} stud"
+                 f"{'y' if spool['purged_studies'] == 1 else 'ies'}, {_mb(spool['purged_bytes'])}")  # fmt: skip
+    return line
+
+
 def status(args: argparse.Namespace) -> int:
     state = queries.state_dir(args.state, args.config)
     node = read_status(state)
     pending = pending_studies(state / JOURNAL_NAME)
     running = queries.agent_pid(state) is not None
+    spool = spool_summary(state / JOURNAL_NAME)
     if args.json:
-        print(json.dumps({"node": node, "running": running, "pending": pending}, indent=2))
+        print(json.dumps({"node": node, "running": running, "pending": pending, "spool": spool}, indent=2))
         return 0
     if node is None:
         print(f"no DICOM node has run with the state folder {state}")
@@ -124,6 +141,8 @@ def status(args: argparse.Namespace) -> int:
         print(f"  associations {c.get('associations', 0)} (open {node.get('open_associations', 0)}, "
               f"rejected {c.get('rejected', 0)}), objects {c.get('objects', 0)}, bytes {c.get('bytes', 0)}, "
               f"duplicates {c.get('duplicates', 0)}, refused {c.get('refusals', 0)}, late {c.get('late', 0)}")  # fmt: skip
+    if spool is not None and (spool["objects"] or spool["purged_objects"]):
+        print(_spool_line(spool))
     if not pending:
         print("no study pending in the spool")
         return 0

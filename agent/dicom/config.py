@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ DEFAULT_AE_TITLE = "VIPAGENT"
 DEFAULT_PORT = 11112
 DEFAULT_QUIET = 60.0
 DEFAULT_DISK_LOW = 5_000_000_000
+#: how long the originals of a handed-over study stay in the spool (``keep:``; None: forever)
+DEFAULT_KEEP = 7 * 86400.0
 #: Siemens CSA Non-Image Storage and Philips Private MR Spectrum Storage (spectroscopy)
 DEFAULT_PRIVATE_SOP_CLASSES = ("1.3.12.2.1107.5.9.1", "1.3.46.670589.11.0.0.12.1")
 LATE = ("new", "rerun", "ignore")
@@ -35,7 +37,7 @@ MATCH_REGEX = ("SeriesDescription", "ProtocolName", "StudyDescription")
 MATCH_KEYS = MATCH_EXACT + MATCH_REGEX
 
 _TOP = ("ae_title", "listen", "allow", "quiet", "late", "disk_low", "private_sop_classes",
-        "routes", "spool", "max_wait")  # fmt: skip
+        "routes", "spool", "max_wait", "keep")  # fmt: skip
 _ROUTE = ("match", "drop", "per", "deidentify", "convert", "require_series", "expect_counts",
           "allow_secondary_capture", "name")  # fmt: skip
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -93,6 +95,8 @@ class DicomConfig:
     spool: Path | None = None
     #: a study announcing more instances than it has waits at most this long after its quiet time
     max_wait: float = 3600.0
+    #: seconds a handed-over study's originals stay in the spool (None: ``keep: forever``)
+    keep: float | None = DEFAULT_KEEP
 
     @property
     def loopback(self) -> bool:
@@ -287,4 +291,24 @@ def parse_dicom(data: Any, *, source: str, base: Path, drops: Iterable[Path]) ->
         routes=routes,
         spool=(base / Path(os.path.expandvars(spool)).expanduser()).resolve() if spool else None,
         max_wait=keys.seconds("max_wait", 3600.0),
+        keep=_keep(data, keys),
     )
+
+
+def _keep(data: Mapping[str, Any], keys: _Keys) -> float | None:
+    raw = data.get("keep", DEFAULT_KEEP)
+    if isinstance(raw, str) and raw.strip().lower() == "forever":
+        return None
+    try:
+        return parse_duration(raw)
+    except ValueError:
+        raise keys.error("keep", f"must be a duration ('7d', '12h', '30m') or forever, not {raw!r}") from None
+
+
+#: what the listening side is built from: a change restarts the node (the rest applies live)
+NETWORK_SETTINGS = ("ae_title", "host", "port", "private_sop_classes", "spool")
+
+
+def changed_settings(old: DicomConfig, new: DicomConfig) -> list[str]:
+    """The names of the settings that differ between two ``dicom:`` blocks."""
+    return [f.name for f in fields(DicomConfig) if getattr(old, f.name) != getattr(new, f.name)]

@@ -25,8 +25,9 @@ from agent.journalfile import connect
 
 #: study states: collecting objects / handed over / waiting for a route / refused at hand-over
 PENDING, HANDED, UNROUTED, REFUSED = "pending", "handed", "unrouted", "refused"
-#: object states
-SPOOLED, IGNORED = "spooled", "ignored"
+#: object states (``purged``: handed over, its file deleted by the spool's retention; the row
+#: stays so that a resend is still a duplicate and the study's late objects stay late)
+SPOOLED, IGNORED, PURGED = "spooled", "ignored", "purged"
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,70 @@ class DicomIndex:
         """Studies per state."""
         rows = self._db().execute("SELECT state, COUNT(*) FROM dicom_studies GROUP BY state")
         return {str(r[0]): int(r[1]) for r in rows}
+
+    # -- retention (agent/dicom/retention.py) ---------------------------------------------
+    def handed_studies(self) -> list[tuple[StudyRow, float]]:
+        """Handed-over studies with objects still in the spool, each with the later of its last
+        hand-over and its last object (``time.time()``), oldest first."""
+        rows = self._db().execute(
+            "SELECT s.*, MAX(COALESCE((SELECT MAX(h.at) FROM dicom_handovers h WHERE h.study_uid = s.study_uid"
+            " AND h.outcome = 'handed'), 0), COALESCE((SELECT MAX(o.received) FROM dicom_objects o"
+            " WHERE o.study_uid = s.study_uid), 0)) AS since FROM dicom_studies s WHERE s.state = ? AND EXISTS"
+            " (SELECT 1 FROM dicom_objects o WHERE o.study_uid = s.study_uid AND o.state IN (?, ?))"
+            " ORDER BY since", (HANDED, SPOOLED, IGNORED))  # fmt: skip
+        return [(self._study(r), float(r["since"])) for r in rows]
+
+    def held(self, study_uid: str) -> list[ObjectRow]:
+        """The study's objects whose files are in the spool (spooled or ignored), every wave."""
+        rows = self._db().execute("SELECT * FROM dicom_objects WHERE study_uid = ? AND state IN (?, ?)",
+                                  (study_uid, SPOOLED, IGNORED))  # fmt: skip
+        return [self._object(r) for r in rows]
+
+    def handed_routes(self, study_uid: str) -> set[tuple[int, str]]:
+        """(wave, route label) of every dataset of the study handed over."""
+        rows = self._db().execute("SELECT DISTINCT wave, route FROM dicom_handovers WHERE study_uid = ?"
+                                  " AND outcome = 'handed'", (study_uid,))  # fmt: skip
+        return {(int(r[0]), str(r[1])) for r in rows}
+
+    def purge(self, study_uid: str, sop_uids: set[str]) -> list[ObjectRow]:
+        """Mark these objects purged if their study is still handed over (a late object may
+        have made it pending since it was chosen); the rows marked, whose files the caller
+        deletes, then calls :meth:`forget_paths`."""
+        with self._write() as db:
+            row = db.execute("SELECT state FROM dicom_studies WHERE study_uid = ?", (study_uid,)).fetchone()
+            if row is None or row["state"] != HANDED:
+                return []
+            rows = [self._object(r) for r in db.execute(
+                "SELECT * FROM dicom_objects WHERE study_uid = ? AND state IN (?, ?)", (study_uid, SPOOLED, IGNORED))
+                if r["sop_uid"] in sop_uids]  # fmt: skip
+            db.executemany("UPDATE dicom_objects SET state = ? WHERE sop_uid = ?", [(PURGED, r.sop_uid) for r in rows])
+        return rows
+
+    def forget_paths(self, sop_uids: list[str]) -> None:
+        """Purged objects whose files are gone: no path left to delete."""
+        with self._write() as db:
+            db.executemany("UPDATE dicom_objects SET path = '' WHERE sop_uid = ? AND state = ?",
+                           [(sop, PURGED) for sop in sop_uids])  # fmt: skip
+
+    def purged_leftovers(self) -> list[tuple[str, str, str]]:
+        """(sop_uid, study_uid, path) of purged objects whose file a stop may have left undeleted."""
+        rows = self._db().execute("SELECT sop_uid, study_uid, path FROM dicom_objects WHERE state = ?"
+                                  " AND path != ''", (PURGED,))  # fmt: skip
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    def spool_summary(self) -> dict[str, Any]:
+        """What the spool holds (objects, bytes) and what retention deleted so far."""
+        db = self._db()
+        held = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM dicom_objects WHERE state IN (?, ?)",
+                          (SPOOLED, IGNORED)).fetchone()  # fmt: skip
+        gone = db.execute("SELECT COUNT(DISTINCT study_uid), COUNT(*), COALESCE(SUM(size), 0) FROM dicom_objects"
+                          " WHERE state = ?", (PURGED,)).fetchone()  # fmt: skip
+        handed = self.handed_studies()
+        return {
+            "objects": int(held[0]), "bytes": int(held[1]),
+            "handed_studies": len(handed), "oldest_handed": handed[0][1] if handed else None,
+            "purged_studies": int(gone[0]), "purged_objects": int(gone[1]), "purged_bytes": int(gone[2]),
+        }  # fmt: skip
 
     @staticmethod
     def _object(row: sqlite3.Row) -> ObjectRow:

@@ -20,11 +20,12 @@ from typing import Any
 
 import pydicom
 
-from agent.dicom.config import DicomConfig, Route
+from agent.dicom.config import NETWORK_SETTINGS, DicomConfig, Route, changed_settings
 from agent.dicom.handover import HandoverRefused, hand_over
 from agent.dicom.index import PENDING, REFUSED, UNROUTED, DicomIndex, StudyRow
 from agent.dicom.prepare import Preparer
 from agent.dicom.receiver import OUT_OF_RESOURCES, SUCCESS, Counters, Incoming, Receiver
+from agent.dicom.retention import Retention
 from agent.dicom.routing import Series, group_series, plan, waiting_for
 from agent.dicom.spool import Spool, SpoolFull, header
 from agent.dicom.status import PORT_FILE, dicom_dir, write_status
@@ -82,10 +83,16 @@ class DicomNode:
             self.index.set_state(kept.study_uid, PENDING, kept.message)
         if self.preparer is not None:
             self.preparer.start()
-        port = self.receiver.start()
+        try:
+            port = self.receiver.start()
+        except BaseException:  # e.g. the port is taken: nothing half-started stays behind
+            self.stop()
+            raise
         write_atomic(self.state / PORT_FILE, f"{port}\n")
         self._stop.clear()
         self._wake.clear()
+        #: deletes handed-over studies from the spool (``keep:``); first look in the loop's first turn
+        self.retention = Retention(self.index, self.spool, carried=self.receiver.open_studies)
         self._thread = threading.Thread(target=self._loop, name="vip-agent-dicom", daemon=True)
         self._thread.start()
         self._publish()
@@ -103,6 +110,29 @@ class DicomNode:
         self._publish(listening=False)
         self.spool.close()
         self.index.close()
+
+    def reconfigure(self, config: DicomConfig, markers: Mapping[Path, str | None] | None = None) -> list[str] | None:
+        """Apply a reloaded ``dicom:`` block without dropping an association: the settings that
+        changed, or None when the listening side changed (the caller stops and starts the node)."""
+        changed = changed_settings(self.config, config)
+        network = dict.fromkeys("listen" if n in ("host", "port") else n for n in changed if n in NETWORK_SETTINGS)
+        if network:
+            log.info("DICOM node: %s changed: restarting (open associations end)", ", ".join(network))
+            return None
+        if markers is not None:
+            self.markers = dict(markers)
+        self.spool.disk_low = config.disk_low
+        self.receiver.config = config  # its allow-list is read at each new association
+        self.config = config
+        if "routes" in changed:  # as at start: a route added may take what no route took
+            for kept in self.index.studies(UNROUTED, REFUSED):
+                self.index.set_state(kept.study_uid, PENDING, kept.message)
+        self._wake.set()  # a shorter quiet time may complete a study now
+        if changed:
+            log.info("DICOM node: applied the reloaded %s (associations kept open)", ", ".join(changed))
+        if (self.preparer is None) == any(r.deidentify == "basic" for r in config.routes):
+            log.info("DICOM node: de-identifying while a study arrives starts or stops at the next restart")
+        return changed
 
     def _reindex(self) -> None:
         """Index spooled files a crash left unindexed (written and fsynced, not yet indexed)."""
@@ -165,6 +195,12 @@ class DicomNode:
                 self._publish()
             except Exception:  # one broken study must not stop the node
                 log.exception("DICOM node: error while checking studies")
+            try:
+                if self.retention.due(self.config):
+                    self.retention.run(self.config)
+            except Exception:  # nor a spool that cannot be cleaned
+                log.exception("DICOM node: error while deleting handed-over studies from the spool")
+
 
     def check(self, now: float | None = None) -> list[str]:
         """One look at every pending study; the datasets handed over."""

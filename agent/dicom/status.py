@@ -81,6 +81,22 @@ def all_studies(journal_path: Path) -> list[dict[str, Any]]:
     return [study_view(s) for s in rows]
 
 
+def spool_summary(journal_path: Path) -> dict[str, Any] | None:
+    """What the spool holds and what its retention deleted (``DicomIndex.spool_summary``;
+    ``oldest_handed`` as an age in seconds); None without DICOM tables."""
+    try:
+        index = DicomIndex(journal_path)
+        try:
+            data = index.spool_summary()
+        finally:
+            index.close()
+    except Exception:  # an old journal (no dicom tables) or none at all
+        return None
+    oldest = data.pop("oldest_handed")
+    data["oldest_handed_age"] = None if oldest is None else round(max(0.0, time.time() - oldest), 1)
+    return data
+
+
 def dicom_view(journal_path: Path) -> dict[str, Any] | None:
     """The node and its pending studies for the status page (None: no DICOM node ran here)."""
     node = read_status(Path(journal_path).parent)
