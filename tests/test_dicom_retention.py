@@ -11,6 +11,7 @@ import json
 import shutil
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,30 @@ def test_a_purge_a_stop_interrupted_is_finished_at_the_next_start(tmp_path: Path
     index.close()
 
 
+def test_kept_while_carried_or_when_the_routes_would_hand_it_over_differently(
+        tmp_path: Path, nodes: list[DicomNode]) -> None:  # fmt: skip
+    node = make_node(tmp_path, [{"drop": "drop", "deidentify": "none", "name": "all"}], keep="forever")
+    port = run(node, nodes)
+    assert storescu(port, CAROTIDS).returncode == 0
+    study = _uid(CAROTIDS)
+    wait_for(lambda: _states(node).get(study) == "handed", what="handed over")
+    keep = parse_dicom({"keep": "7d", "routes": [{"drop": "drop", "name": "all"}]}, source="a.yaml",
+                       base=tmp_path, drops=[(tmp_path / "drop").resolve()])  # fmt: skip
+    renamed = parse_dicom({"keep": "7d", "routes": [{"drop": "drop", "name": "renamed"}]}, source="a.yaml",
+                          base=tmp_path, drops=[(tmp_path / "drop").resolve()])  # fmt: skip
+    assert keep is not None and renamed is not None
+    later = time.time() + 8 * 86400  # eight days on: past keep
+    carried = Retention(node.index, node.spool, carried=lambda: {study}, clock=lambda: later)
+    assert carried.run(keep) == [] and len(_spooled(node, CAROTIDS)) == 2  # an association is sending it
+    other = Retention(node.index, node.spool, clock=lambda: later)
+    assert other.run(renamed) == [] and len(_spooled(node, CAROTIDS)) == 2
+    (why,) = other.kept.values()
+    assert "not handed over by renamed" in why
+    (purged,) = Retention(node.index, node.spool, clock=lambda: later).run(keep)
+    assert (purged.objects, purged.why) == (2, "kept 7d") and purged.bytes > 0
+    assert _spooled(node, CAROTIDS) == [] and not node.spool.path_for(study, "x").parent.exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -213,6 +238,12 @@ def test_sighup_applies_routes_live_and_restarts_on_a_new_port(tmp_path: Path, v
         assert len(dicom_files(drop / next(iter(datasets(drop))))) == 2
         assert "applied the reloaded quiet, routes (associations kept open)" in log.read_text()
         assert int(port_file.read_text()) == first and echoscu(first).returncode == 0  # not restarted
+
+        config["dicom"]["allow"] = [{"ae": "SCANNER1"}]  # the allow-list applies to the next association
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: echoscu(first, aet="INTRUDER").returncode != 0, timeout=30, what="INTRUDER rejected")
+        assert echoscu(first).returncode == 0 and int(port_file.read_text()) == first
 
         second = _free_port()
         config["dicom"]["listen"] = f"127.0.0.1:{second}"
