@@ -106,19 +106,22 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _spool_line(spool: dict[str, Any]) -> str:
     """The spool's size, its oldest handed-over study and what retention deleted (dicom.keep)."""
-    line = f"  spool: {spool['objects']} object(s), {_mb(spool['bytes'])}"
+    line = f"  spool: {spool['objects']} object(s), {_bytes(spool['bytes'])}"
     if spool["handed_studies"]:
         line += (f"; {spool['handed_studies']} handed-over stud{'y' if spool['handed_studies'] == 1 else 'ies'}"
                  f" kept, oldest handed over {_age(spool['oldest_handed_age'])} ago")  # fmt: skip
     if spool["purged_studies"]:
         line += (f"; deleted after hand-over: {spool['purged_studies']} stud"
-                 f"{'y' if spool['purged_studies'] == 1 else 'ies'}, {_mb(spool['purged_bytes'])}")  # fmt: skip
+                 f"{'y' if spool['purged_studies'] == 1 else 'ies'}, {_bytes(spool['purged_bytes'])}")  # fmt: skip
     return line
 
 
