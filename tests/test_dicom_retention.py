@@ -39,7 +39,7 @@ from agent.dicom.config import parse_dicom
 from agent.dicom.index import PURGED, DicomIndex
 from agent.dicom.node import DicomNode
 from agent.dicom.retention import Retention
-from agent.dicom.spool import Spool
+from agent.dicom.spool import Spool, study_key
 from agent.errors import ConfigError
 from agent.localvip import LocalVip
 
@@ -215,7 +215,7 @@ def test_sighup_applies_routes_live_and_restarts_on_a_new_port(tmp_path: Path, v
         "state": "state",
         "drops": [{"path": "drop", "output": "out", "server": vip_server.url, "keep_remote": True,
                    "readiness": {"rule": "marker"}, "poll": {"min": 0.1, "max": 0.5}}],
-        "dicom": {"listen": f"127.0.0.1:{first}", "quiet": "1s", "disk_low": 0,
+        "dicom": {"listen": f"127.0.0.1:{first}", "quiet": "1s", "disk_low": 0, "keep": "forever",
                   "routes": [{"match": {"Modality": "CT"}, "drop": "drop", "deidentify": "none"}]},
     }  # fmt: skip
     path = tmp_path / "agent.yaml"
@@ -244,6 +244,14 @@ def test_sighup_applies_routes_live_and_restarts_on_a_new_port(tmp_path: Path, v
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: echoscu(first, aet="INTRUDER").returncode != 0, timeout=30, what="INTRUDER rejected")
         assert echoscu(first).returncode == 0 and int(port_file.read_text()) == first
+
+        folder = tmp_path / "state" / "dicom" / "spool" / "objects" / study_key(_uid(CAROTIDS))
+        assert len(list(folder.glob("*.dcm"))) == 2  # keep: forever
+        config["dicom"]["keep"] = "1s"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: not folder.exists(), timeout=30, what="the handed study deleted once keep is 1s")
+        assert "deleted (kept 1s): 2 object(s)" in log.read_text()
 
         second = _free_port()
         config["dicom"]["listen"] = f"127.0.0.1:{second}"

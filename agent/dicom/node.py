@@ -127,6 +127,8 @@ class DicomNode:
         if "routes" in changed:  # as at start: a route added may take what no route took
             for kept in self.index.studies(UNROUTED, REFUSED):
                 self.index.set_state(kept.study_uid, PENDING, kept.message)
+        if "keep" in changed or "disk_low" in changed:
+            self.retention.soon()
         self._wake.set()  # a shorter quiet time may complete a study now
         if changed:
             log.info("DICOM node: applied the reloaded %s (associations kept open)", ", ".join(changed))

@@ -104,6 +104,10 @@ class Retention:
         self._swept = False
         self._said_low = False
 
+    def soon(self) -> None:
+        """Look at the next turn of the loop (a reload changed ``keep`` or ``disk_low``)."""
+        self._next = 0.0
+
     def due(self, config: DicomConfig, now: float | None = None) -> bool:
         """Time for a look: the interval is over, or free space is low (checked every few seconds)."""
         now = time.monotonic() if now is None else now
