@@ -36,10 +36,10 @@ from dicomhelpers import (
 )
 
 from agent.dicom.config import parse_dicom
-from agent.dicom.index import PURGED, DicomIndex
+from agent.dicom.index import PURGED
 from agent.dicom.node import DicomNode
 from agent.dicom.retention import Retention
-from agent.dicom.spool import Spool, study_key
+from agent.dicom.spool import study_key
 from agent.errors import ConfigError
 from agent.localvip import LocalVip
 
@@ -155,6 +155,8 @@ def test_low_disk_space_deletes_handed_studies_first_never_others(tmp_path: Path
 
 
 def test_a_purge_a_stop_interrupted_is_finished_at_the_next_start(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    """Objects marked purged, the agent stopped before their files went: the next start's
+    re-index leaves them alone (no object counted twice) and the first look deletes them."""
     node = make_node(tmp_path, [{"drop": "drop", "deidentify": "none"}], keep="forever")
     port = run(node, nodes)
     assert storescu(port, CAROTIDS).returncode == 0
@@ -164,13 +166,16 @@ def test_a_purge_a_stop_interrupted_is_finished_at_the_next_start(tmp_path: Path
     assert len(marked) == 2 and len(_spooled(node, CAROTIDS)) == 2
     node.stop()
     nodes.remove(node)
-    index = DicomIndex(node.index.path)
-    retention = Retention(index, Spool(node.spool.root, 0))
-    config = parse_dicom({"keep": "forever"}, source="a.yaml", base=tmp_path, drops=[])
-    assert config is not None and retention.run(config) == []  # keep: forever deletes nothing new...
-    assert _spooled(node, CAROTIDS) == [] and index.purged_leftovers() == []  # ...but finishes the purge
-    assert not node.spool.path_for(study, "x").parent.exists()
-    index.close()
+    again = make_node(tmp_path, [{"drop": "drop", "deidentify": "none"}], keep="forever")
+    run(again, nodes)  # keep: forever deletes nothing new, but finishes what was begun
+    wait_for(lambda: not again.spool.path_for(study, "x").parent.exists(), what="the purge finished")
+    assert again.index.purged_leftovers() == [] and again.index.held(study) == []
+    row = again.index.study(study)
+    assert row is not None and (row.state, row.objects, row.duplicates, row.wave) == ("handed", 2, 0, 0)
+    again_port = again.receiver.port
+    assert again_port is not None and storescu(again_port, CAROTIDS[:1]).returncode == 0  # a resend: still a duplicate
+    wait_for(lambda: again.counters.snapshot()["duplicates"] == 1, what="the resend counted")
+    assert _states(again)[study] == "handed" and len(datasets(tmp_path / "drop")) == 1
 
 
 def test_kept_while_carried_or_when_the_routes_would_hand_it_over_differently(
