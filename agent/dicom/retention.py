@@ -152,12 +152,12 @@ class Retention:
                 purged.append(done)
         for pseudonym, why in kept.items():
             if pseudonym not in self.kept:  # said once, not at every look
-                log.info("DICOM spool: study %s is past its keep time but kept (%s)", pseudonym, why)
+                log.info("DICOM spool: study %s is not deleted although its time is up (%s)", pseudonym, why)
         self.kept = kept
         pressed = bool(low) and self.spool.free() < low
         if pressed and not self._said_low:
-            log.warning("DICOM spool: free space in %s is below %s and no handed-over study is left to delete",
-                        self.spool.root, _size(low))  # fmt: skip
+            log.warning("DICOM spool: free space in %s is below %s and no handed-over study may be deleted; "
+                        "below disk_low objects are refused", self.spool.root, _size(low))  # fmt: skip
         self._said_low = pressed
         return purged
 
