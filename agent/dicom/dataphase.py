@@ -34,6 +34,9 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from agent.dicom import quickscan
+from agent.dicom.spool import header
+
 log = logging.getLogger("vip_agent.dicom")
 
 P_DATA_TF, A_ASSOCIATE_RQ, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x04, 0x01, 0x05, 0x06, 0x07
@@ -48,8 +51,13 @@ STOP_POLL = 0.5
 _PIXEL_DATA = 0x7FE00010
 _FILE_PREAMBLE = b"\x00" * 128 + b"DICM"
 
-#: (association, the DICOM file's bytes, decode its header) -> the status to answer
-StoreHandler = Callable[[Any, bytes, Callable[[], Dataset]], int]
+#: work a store handler leaves for after the answer (indexing, de-identification queue):
+#: the sender prepares its next object meanwhile
+Followup = Callable[[], None]
+#: (association, the DICOM file's bytes, its (study, series, instance) UIDs, its routing
+#: values (agent.dicom.spool.header)) -> the status to answer and what to do once it is sent
+StoreHandler = Callable[[Any, bytes, Callable[[], tuple[str, str, str]], Callable[[], dict[str, Any]]],
+                        tuple[int, Followup | None]]  # fmt: skip
 
 
 class _Closed(Exception):
@@ -177,8 +185,12 @@ class Session:
 
     def __init__(self, assoc: Any, store: StoreHandler, echo: Callable[[Any], int],
                  stopping: threading.Event, idle_timeout: float | None,
-                 header_tags: tuple[int, ...] | None = None) -> None:  # fmt: skip
+                 header_tags: tuple[int, ...] | None = None,
+                 on_release: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.assoc = assoc
+        #: called before the A-RELEASE-RP: once the sender sees its association released,
+        #: whatever that was for (indexing) is done
+        self.on_release = on_release
         #: the elements decoded for the handler (None: all before the pixel data)
         self.header_tags = header_tags
         self.store = store
@@ -261,6 +273,11 @@ class Session:
                     return
                 body = self._read(length) if length else memoryview(b"")
                 if kind == A_RELEASE_RQ:
+                    if self.on_release is not None:
+                        try:
+                            self.on_release()
+                        except Exception:  # the release is answered all the same
+                            log.exception("DICOM: error before answering a release")
                     self._send(struct.pack(">BBI", A_RELEASE_RP, 0, 4) + b"\x00" * 4)
                     self.outcome = "released"
                     return
@@ -309,17 +326,32 @@ class Session:
         if context is None:
             self._send(abort_pdu(2, 6))  # a presentation context that was not accepted
             raise _Closed
+        followup: Followup | None = None
         if field == C_ECHO_RQ:
             status = self.echo(self.assoc)
         elif field == C_STORE_RQ and dataset is not None:
-            status = self._store(context, request, dataset)
+            status, followup = self._store(context, request, dataset)
         else:
             status = UNRECOGNIZED_OPERATION
         self._send(p_data(context_id, response(request, status)))
+        if followup is not None:  # while the sender reads its next object
+            followup()
 
-    def _store(self, context: Any, request: dict[int, bytes], dataset: bytes) -> int:
+    def _store(self, context: Any, request: dict[int, bytes], dataset: bytes) -> tuple[int, Followup | None]:
         sop_class, sop_uid = _ui(request.get(0x0002, b"")), _ui(request.get(0x1000, b""))
         transfer_syntax = str(context.transfer_syntax[0])
         data = file_bytes(sop_class, sop_uid, transfer_syntax, dataset)
+
+        def uids() -> tuple[str, str, str]:
+            quick = quickscan.scan_uids(dataset, transfer_syntax)
+            if quick is not None:
+                return quick
+            ds = read_header(dataset, transfer_syntax, self.header_tags)
+            return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+        def info() -> dict[str, Any]:
+            quick = quickscan.quick_header(dataset, transfer_syntax)
+            return quick if quick is not None else header(read_header(dataset, transfer_syntax, self.header_tags))
+
         # decoded by the handler, so that a malformed header is its "cannot understand"
-        return self.store(self.assoc, data, lambda: read_header(dataset, transfer_syntax, self.header_tags))
+        return self.store(self.assoc, data, uids, info)

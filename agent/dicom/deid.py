@@ -25,7 +25,7 @@ import gzip
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +81,11 @@ class Identity:
     def __bool__(self) -> bool:
         return bool(self.exact or self.parts or self.short)
 
+    def covers(self, other: Identity) -> bool:
+        """A scan for these values also looked for every value of ``other``."""
+        return set(other.exact) <= set(self.exact) and set(other.parts) <= set(self.parts) \
+            and set(other.short) <= set(self.short)
+
 
 def identifying_copy(ds: Dataset) -> Dataset:
     """Only the identifying values of ``ds`` (kept to scan the outgoing files for them)."""
@@ -91,7 +96,13 @@ def identifying_copy(ds: Dataset) -> Dataset:
     return out
 
 
-def identity_of(datasets: Iterable[Dataset]) -> Identity:
+def identity_values(ds: Dataset) -> dict[str, str]:
+    """The identifying values of ``ds`` as text (what :func:`identity_of` reads; JSON-ready
+    for the de-identification worker's answer)."""
+    return {key: str(ds.get(key)) for key in IDENTIFYING if ds.get(key) not in (None, "")}
+
+
+def identity_of(datasets: Iterable[Dataset | Mapping[str, str]]) -> Identity:
     exact: set[bytes] = set()
     parts: set[bytes] = set()
     short: set[str] = set()
@@ -235,25 +246,32 @@ def scan(files: Iterable[Path], identity: Identity) -> list[str]:
     """Files (``name: what``) that still hold an identifying value; [] means clean."""
     hits: list[str] = []
     for path in files:
-        data = path.read_bytes()
-        name = path.name
-        if name.endswith(".gz"):
-            data = gzip.decompress(data)
-            name = name[:-3]
-        if name.endswith(".dcm"):
-            head, whole, texts = _dicom_regions(data)
-        elif name.endswith(".nii"):
-            head, whole = _nifti_regions(data)
-            texts = [head.decode("latin-1")]
-        else:  # JSON, bval/bvec, text: every byte counts
-            head, whole, texts = data, data, _json_texts(data)
-        lowered = head.lower()
-        found: list[bytes | str] = [v for v in identity.exact if v in whole]
-        found += [p for p in identity.parts if _has_part(lowered, p)]
-        found += [w for w in identity.short if _has_word(texts, w)]
-        if found:
-            hits.append(f"{path.name}: {len(found)} identifying value(s)")
+        hit = scan_data(path.name, path.read_bytes(), identity)
+        if hit is not None:
+            hits.append(hit)
     return hits
+
+
+def scan_data(name: str, data: bytes, identity: Identity) -> str | None:
+    """``name: what`` if the content of the file ``name`` holds an identifying value."""
+    shown = name
+    if name.endswith(".gz"):
+        data = gzip.decompress(data)
+        name = name[:-3]
+    if name.endswith(".dcm"):
+        head, whole, texts = _dicom_regions(data)
+    elif name.endswith(".nii"):
+        head, whole = _nifti_regions(data)
+        texts = [head.decode("latin-1")]
+    else:  # JSON, bval/bvec, text: every byte counts
+        head, whole, texts = data, data, _json_texts(data)
+    lowered = head.lower()
+    found: list[bytes | str] = [v for v in identity.exact if v in whole]
+    found += [p for p in identity.parts if _has_part(lowered, p)]
+    found += [w for w in identity.short if _has_word(texts, w)]
+    if found:
+        return f"{shown}: {len(found)} identifying value(s)"
+    return None
 
 
 def audit_line(**fields: object) -> str:

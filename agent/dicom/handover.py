@@ -15,8 +15,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -65,44 +66,81 @@ def _free_name(drop: Path, name: str) -> str:
     return f"{name}-{n}"
 
 
+@dataclass
+class _Built:
+    """What writing a dataset's objects gave."""
+
+    #: the originals' identifying values (for the final scan)
+    originals: list[Mapping[str, str]] = field(default_factory=list)
+    dropped: int = 0
+    per_series: dict[int, list[Path]] = field(default_factory=dict)
+    #: hard links to spooled originals (``deidentify: none``): already on disk, no fsync needed
+    linked: set[Path] = field(default_factory=set)
+    #: prepared copies: the identity each was scanned for and what that scan found
+    scanned: dict[Path, tuple[deid.Identity, str | None]] = field(default_factory=dict)
+    #: file name -> sha256 known without reading the file again (for the audit log)
+    sha256: dict[str, str] = field(default_factory=dict)
+
+
 def _write_objects(series: Sequence[Series], route: Route, study: StudyRow, target: Path,
-                   prepared: Callable[[str], Prepared | None] | None = None,
-                   ) -> tuple[list[pydicom.Dataset], int, dict[int, list[Path]]]:  # fmt: skip
-    """Write (de-identified) objects; the originals' identifying values, objects dropped, files
-    per series. A copy de-identified ahead of time (``prepared``) is used when there is one."""
-    originals: list[pydicom.Dataset] = []
-    dropped = 0
-    per_series: dict[int, list[Path]] = {}
+                   prepared: Callable[[str], Prepared | None] | None = None) -> _Built:  # fmt: skip
+    """Write (de-identified) objects into ``target``. A copy de-identified ahead of time
+    (``prepared``) is used when there is one; ``deidentify: none`` links the spooled originals."""
+    built = _Built()
     deidentifier = deid.StudyDeidentifier(study.secret, study.pseudonym) if route.deidentify == "basic" else None
     for s_index, s in enumerate(series):
         for i, obj in enumerate(s.objects, 1):
             out = target / f"{s.number:03d}-{s_index:02d}-{i:04d}.dcm"
-            ready = prepared(obj.sop_uid) if prepared is not None and deidentifier is not None else None
+            if deidentifier is None:
+                built.originals.append({})
+                try:  # the spooled original is immutable and already on disk
+                    os.link(obj.path, out)
+                    built.linked.add(out)
+                except OSError:  # another file system (or no hard links): a copy
+                    shutil.copyfile(obj.path, out)
+                built.per_series.setdefault(s_index, []).append(out)
+                continue
+            ready = prepared(obj.sop_uid) if prepared is not None else None
             if ready is not None:
-                originals.append(ready.identity)
+                built.originals.append(ready.identity)
                 if ready.secondary_capture and not route.allow_secondary_capture:
-                    dropped += 1
+                    built.dropped += 1
                     continue
                 _place(ready.path, out)
-                per_series.setdefault(s_index, []).append(out)
+                built.scanned[out] = (ready.scanned_for, ready.hit)
+                built.sha256[out.name] = ready.sha256
+                built.per_series.setdefault(s_index, []).append(out)
                 continue
             ds = pydicom.dcmread(obj.path, force=True)
-            originals.append(deid.identifying_copy(ds))
-            if deidentifier is not None:
-                if deid.is_secondary_capture(ds) and not route.allow_secondary_capture:
-                    dropped += 1
-                    continue
-                deidentifier.apply(ds)
-                ds.save_as(out, enforce_file_format=True)
-            else:
-                shutil.copyfile(obj.path, out)
-            per_series.setdefault(s_index, []).append(out)
-    return originals, dropped, per_series
+            built.originals.append(deid.identity_values(ds))
+            if deid.is_secondary_capture(ds) and not route.allow_secondary_capture:
+                built.dropped += 1
+                continue
+            deidentifier.apply(ds)
+            ds.save_as(out, enforce_file_format=True)
+            built.per_series.setdefault(s_index, []).append(out)
+    return built
+
+
+def _leaks(built: _Built, files: list[Path]) -> list[str]:
+    """Every outgoing file scanned for every identifying value of the study: a prepared copy
+    whose own scan covered them all is not read again."""
+    identity = deid.identity_of(built.originals)
+    hits: list[str] = []
+    again: list[Path] = []
+    for f in files:
+        done = built.scanned.get(f)
+        if done is not None and done[0].covers(identity):
+            if done[1] is not None:
+                hits.append(f"{f.name}: {done[1].split(': ', 1)[-1]}")
+        else:
+            again.append(f)
+    return hits + deid.scan(again, identity)
 
 
 def _place(prepared: Path, out: Path) -> None:
     """A copy de-identified ahead of time into the dataset: a hard link when both are on one
-    file system (no copying; the preparer fsynced it already), a copy otherwise."""
+    file system (no copying), a copy otherwise."""
     try:
         os.link(prepared, out)
     except OSError:
@@ -150,19 +188,19 @@ def hand_over(study: StudyRow, route: Route, series: Sequence[Series], wave: int
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        originals, dropped, per_series = _write_objects(series, route, study, staging, prepared)
-        if not per_series:
+        built = _write_objects(series, route, study, staging, prepared)
+        dropped = built.dropped
+        if not built.per_series:
             raise HandoverRefused(f"{name}: nothing left to hand over (every object was a secondary capture)")
         if route.convert == "nifti":
-            _convert(series, per_series, staging)
+            _convert(series, built.per_series, staging)
         files = sorted(p for p in staging.iterdir() if p.is_file())
         summary = staging / SUMMARY
         summary.write_text(json.dumps(_summary(study, route, series, wave, name, dropped, files), indent=2),
                            encoding="utf-8")  # fmt: skip
         files.append(summary)
         if route.deidentify == "basic":
-            identity = deid.identity_of(originals)
-            hits = deid.scan(files, identity)
+            hits = _leaks(built, files)
             if hits:
                 raise HandoverRefused(
                     f"{name}: identifying values remain after de-identification; the dataset is "
@@ -171,8 +209,10 @@ def hand_over(study: StudyRow, route: Route, series: Sequence[Series], wave: int
                 )
         if marker:
             (staging / marker).write_text("", encoding="utf-8")
-        for f in staging.iterdir():  # renamed into view only once every file is on disk
-            _fsync(f)
+        # renamed into view only once every file is on disk (side by side: the file system
+        # commits many fsyncs at once; links to spooled originals are on disk already)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(_fsync, [f for f in staging.iterdir() if f not in built.linked]))
         fsync_dir(staging)
         final = drop / name
         staging.rename(final)
@@ -188,10 +228,11 @@ def hand_over(study: StudyRow, route: Route, series: Sequence[Series], wave: int
         raise
     _audit(audit, event="handed", dataset=name, study=study.pseudonym, route=route.label, drop=str(drop),
            deidentify=route.deidentify, convert=route.convert, dropped=dropped,
-           files=[{"name": f.name, "size": f.stat().st_size, "sha256": _sha256(f)}
+           files=[{"name": f.name, "size": f.stat().st_size, "sha256": built.sha256.get(f.name) or _sha256(f)}
                   for f in sorted(final.iterdir()) if f.is_file()])  # fmt: skip
-    log.info("%s: handed over to %s (%d object(s), %d dropped)", name, drop, len(originals) - dropped, dropped)
-    return Handed(name, final, len(originals) - dropped, dropped, len(files))
+    objects = len(built.originals) - dropped
+    log.info("%s: handed over to %s (%d object(s), %d dropped)", name, drop, objects, dropped)
+    return Handed(name, final, objects, dropped, len(files))
 
 
 def _fsync(path: Path) -> None:

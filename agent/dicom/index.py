@@ -108,47 +108,60 @@ class DicomIndex:
 
     def add(self, sop_uid: str, study_uid: str, series_uid: str, path: str, size: int,
             info: dict[str, Any], late_policy: str, now: float | None = None) -> Stored:  # fmt: skip
-        """Index one spooled object; a SOPInstanceUID already indexed is a duplicate."""
-        now = time.time() if now is None else now
+        """Index one spooled object; a SOPInstanceUID already indexed is a duplicate, and so is
+        an object without a ``path`` (a resend that was not written)."""
         with self._write() as db:
-            if db.execute("SELECT 1 FROM dicom_objects WHERE sop_uid = ?", (sop_uid,)).fetchone():
-                db.execute("UPDATE dicom_studies SET duplicates = duplicates + 1 WHERE study_uid = ?",
-                           (study_uid,))  # fmt: skip
-                return Stored(True, False, 0, False)
-            study = db.execute("SELECT state, wave FROM dicom_studies WHERE study_uid = ?",
-                               (study_uid,)).fetchone()  # fmt: skip
-            late = ignored = False
-            if study is None:
-                wave = 0
-                db.execute(
-                    "INSERT INTO dicom_studies (study_uid, pseudonym, secret, first, last, state)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (study_uid, secrets.token_hex(4), secrets.token_hex(16), now, now, PENDING),
-                )
-            else:
-                wave = int(study["wave"])
-                if study["state"] == HANDED:
-                    late = True
-                    if late_policy == "ignore":
-                        ignored = True
-                    else:
-                        wave += 1
-                        db.execute("UPDATE dicom_studies SET wave = ?, state = ?, message = NULL"
-                                   " WHERE study_uid = ?", (wave, PENDING, study_uid))  # fmt: skip
-                elif study["state"] in (UNROUTED, REFUSED):
-                    # new objects may complete what was missing: look again
-                    db.execute("UPDATE dicom_studies SET state = ? WHERE study_uid = ?", (PENDING, study_uid))
+            return self._add(db, sop_uid, study_uid, series_uid, path, size, info, late_policy, now)
+
+    def add_many(self, objects: list[tuple[str, str, str, str, int, dict[str, Any]]],
+                 late_policy: str) -> list[Stored]:  # fmt: skip
+        """:meth:`add` for several objects (sop, study, series, path, size, info) in order, in
+        one transaction (one journal commit instead of one per object)."""
+        with self._write() as db:
+            return [self._add(db, *obj, late_policy, None) for obj in objects]
+
+    def _add(self, db: sqlite3.Connection, sop_uid: str, study_uid: str, series_uid: str, path: str, size: int,
+             info: dict[str, Any], late_policy: str, now: float | None) -> Stored:  # fmt: skip
+        now = time.time() if now is None else now
+        # path "": a resend whose first copy is indexed, or still on its way to the index
+        if not path or db.execute("SELECT 1 FROM dicom_objects WHERE sop_uid = ?", (sop_uid,)).fetchone():
+            db.execute("UPDATE dicom_studies SET duplicates = duplicates + 1 WHERE study_uid = ?",
+                       (study_uid,))  # fmt: skip
+            return Stored(True, False, 0, False)
+        study = db.execute("SELECT state, wave FROM dicom_studies WHERE study_uid = ?",
+                           (study_uid,)).fetchone()  # fmt: skip
+        late = ignored = False
+        if study is None:
+            wave = 0
             db.execute(
-                "INSERT INTO dicom_objects (sop_uid, study_uid, series_uid, path, size, received,"
-                " wave, state, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (sop_uid, study_uid, series_uid, path, size, now, wave,
-                 IGNORED if ignored else SPOOLED, json.dumps(info)),
-            )  # fmt: skip
-            db.execute(
-                "UPDATE dicom_studies SET objects = objects + 1, late = late + ?,"
-                " last = CASE WHEN ? THEN last ELSE ? END WHERE study_uid = ?",
-                (1 if late else 0, 1 if ignored else 0, now, study_uid),
+                "INSERT INTO dicom_studies (study_uid, pseudonym, secret, first, last, state)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (study_uid, secrets.token_hex(4), secrets.token_hex(16), now, now, PENDING),
             )
+        else:
+            wave = int(study["wave"])
+            if study["state"] == HANDED:
+                late = True
+                if late_policy == "ignore":
+                    ignored = True
+                else:
+                    wave += 1
+                    db.execute("UPDATE dicom_studies SET wave = ?, state = ?, message = NULL"
+                               " WHERE study_uid = ?", (wave, PENDING, study_uid))  # fmt: skip
+            elif study["state"] in (UNROUTED, REFUSED):
+                # new objects may complete what was missing: look again
+                db.execute("UPDATE dicom_studies SET state = ? WHERE study_uid = ?", (PENDING, study_uid))
+        db.execute(
+            "INSERT INTO dicom_objects (sop_uid, study_uid, series_uid, path, size, received,"
+            " wave, state, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (sop_uid, study_uid, series_uid, path, size, now, wave,
+             IGNORED if ignored else SPOOLED, json.dumps(info)),
+        )  # fmt: skip
+        db.execute(
+            "UPDATE dicom_studies SET objects = objects + 1, late = late + ?,"
+            " last = CASE WHEN ? THEN last ELSE ? END WHERE study_uid = ?",
+            (1 if late else 0, 1 if ignored else 0, now, study_uid),
+        )
         return Stored(False, late, wave, ignored)
 
     def objects(self, study_uid: str, wave: int | None = None) -> list[ObjectRow]:

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ from agent.fsutil import write_atomic
 log = logging.getLogger("vip_agent.dicom")
 #: seconds between two looks when no study is pending and no association open (idle CPU)
 IDLE_TICK = 2.0
+#: acknowledged objects indexed together, at most this many or this old (seconds)
+BATCH, BATCH_AGE = 32, 0.05
+
+
+@dataclass(frozen=True)
+class _Acked:
+    """An object acknowledged to its sender, waiting to be indexed (path None: a resend)."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    path: Path | None
+    size: int
+    info: dict[str, Any]
+    calling_ae: str
 
 
 class DicomNode:
@@ -51,11 +67,10 @@ class DicomNode:
         self.on_dataset = on_dataset
         self.tick = tick
         self.counters = Counters()
-        self.receiver = Receiver(config, self.receive, self.counters)
+        self.receiver = Receiver(config, self.receive, self.counters, on_release=self.flush_index)
         self.audit = self.folder / "audit.log"
         #: de-identifies objects while their study is still arriving (when a route needs it)
-        self.preparer = Preparer(self.spool.root / "prepared", self.index,
-                                 receiving=lambda: self.receiver.open_associations() > 0) \
+        self.preparer = Preparer(self.spool.root / "prepared", self.index) \
             if any(r.deidentify == "basic" for r in config.routes) else None
         self._last: dict[str, float] = {}
         self._why: dict[str, str] = {}
@@ -69,6 +84,14 @@ class DicomNode:
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()
         self._written: dict[str, Any] = {}
+        #: SOPInstanceUIDs being written or indexed (first copy wins across associations)
+        self._inflight: set[str] = set()
+        #: spooled and acknowledged, not indexed yet (path -> study): retried by the loop
+        self._unindexed: dict[str, str] = {}
+        #: objects acknowledged and waiting to be indexed together (one journal commit for many)
+        self._batch: list[_Acked] = []
+        self._batch_since = 0.0
+        self._flushing = threading.Lock()
 
     # -- life cycle --------------------------------------------------------------------
     def start(self) -> int:
@@ -102,6 +125,7 @@ class DicomNode:
         self._stop.set()
         self._wake.set()
         self.receiver.stop()
+        self.flush_index()  # what was acknowledged is indexed before the journal closes
         if self.preparer is not None:
             self.preparer.stop()
         if self._thread is not None:
@@ -140,47 +164,119 @@ class DicomNode:
         """Index spooled files a crash left unindexed (written and fsynced, not yet indexed)."""
         known = self.index.paths()
         for path in self.spool.files():
-            if str(path) in known:
-                continue
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-                info = header(ds)
-                self.index.add(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                               str(path), path.stat().st_size, info, self.config.late, path.stat().st_mtime)  # fmt: skip
+            if str(path) not in known and self._index_file(path):
                 log.info("DICOM spool: indexed %s left unindexed by the last stop", path.name)
-            except Exception as err:  # an unreadable leftover stays, named in the log
-                log.warning("DICOM spool: cannot index %s: %s", path, err)
+
+    def _index_file(self, path: Path) -> bool:
+        """Index one spooled file from its own header; False (said in the log) if it cannot be."""
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            info = header(ds)
+            self.index.add(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                           str(path), path.stat().st_size, info, self.config.late, path.stat().st_mtime)  # fmt: skip
+            return True
+        except Exception as err:  # an unreadable leftover stays, named in the log
+            log.warning("DICOM spool: cannot index %s: %s", path, err)
+            return False
 
     # -- receiving (called in each association's thread) -------------------------------
-    def receive(self, inc: Incoming) -> int:
+    def receive(self, inc: Incoming) -> tuple[int, Callable[[], None] | None]:
+        """Spool one object durably and answer; its indexing waits until the answer is sent.
+
+        Only what "success" promises sits on the sender's clock: the object on disk (fsynced,
+        renamed, its folder fsynced). Its header is decoded once the answer is sent, in the same
+        thread, while the sender sends its next object, and indexed with others in one
+        transaction (:meth:`flush_index`: every ``BATCH`` objects or ``BATCH_AGE`` seconds, when
+        an association is released, and before every completeness check; until then the
+        study counts as still arriving). A crash in between leaves a spooled, unindexed file
+        that :meth:`_reindex` indexes at the next start.
+        """
         with self._lock:
             self._last[inc.study_uid] = time.monotonic()
+            # the first copy wins, also against a resend arriving before the first is indexed
+            duplicate = inc.sop_uid in self._inflight
+            if not duplicate:
+                self._inflight.add(inc.sop_uid)
         if not self._busy:  # the loop may be in its long idle wait: look every tick again
             self._busy = True
             self._wake.set()
-        info = header(inc.dataset)
-        info.update(CallingAE=inc.calling_ae, CalledAE=inc.called_ae, Peer=inc.peer)
-        if self.index.known(inc.sop_uid):
-            self.index.add(inc.sop_uid, inc.study_uid, inc.series_uid, "", 0, info, self.config.late)
-            self.counters.add(duplicates=1)
-            log.info("duplicate object %s from %s: the first copy is kept", inc.sop_uid, inc.calling_ae)
-            return SUCCESS
+        if duplicate:
+            return SUCCESS, lambda: self._acked(inc, None)
         try:
+            if self.index.known(inc.sop_uid):
+                self._settled([inc.sop_uid])
+                return SUCCESS, lambda: self._acked(inc, None)
             path = self.spool.write(inc.study_uid, inc.sop_uid, inc.data)
-        except SpoolFull:
+        except BaseException as err:
+            self._settled([inc.sop_uid])
+            if not isinstance(err, SpoolFull):
+                raise
             self.counters.add(refusals=1)
             log.warning("object from %s refused: free space below the watermark (%d bytes) in %s; "
                         "the sender keeps it", inc.calling_ae, self.config.disk_low, self.spool.root)  # fmt: skip
-            return OUT_OF_RESOURCES
-        stored = self.index.add(inc.sop_uid, inc.study_uid, inc.series_uid, str(path), len(inc.data), info,
-                                self.config.late)  # fmt: skip
-        self.counters.add(objects=1, bytes=len(inc.data), late=1 if stored.late else 0)
-        if self.preparer is not None and not stored.ignored:
-            self.preparer.submit(inc.study_uid, inc.sop_uid, str(path))
-        if stored.late:
-            what = "ignored (late: ignore)" if stored.ignored else f"kept for a late hand-over (late: {self.config.late})"
-            log.warning("late object for a study already handed over: %s", what)
-        return SUCCESS
+            return OUT_OF_RESOURCES, None
+        return SUCCESS, lambda: self._acked(inc, path)
+
+    def _settled(self, sop_uids: list[str]) -> None:
+        with self._lock:
+            self._inflight.difference_update(sop_uids)
+
+    def _acked(self, inc: Incoming, path: Path | None) -> None:
+        """After the answer: decode the header, queue the object for indexing (None: a resend)."""
+        try:
+            info = inc.header()
+        except Exception:  # the UIDs were readable, the rest is not: indexed without it
+            info = {}
+        info.update(CallingAE=inc.calling_ae, CalledAE=inc.called_ae, Peer=inc.peer)
+        now = time.monotonic()
+        with self._lock:
+            if not self._batch:
+                self._batch_since = now
+            self._batch.append(_Acked(inc.sop_uid, inc.study_uid, inc.series_uid, path, len(inc.data), info,
+                                      inc.calling_ae))  # fmt: skip
+            due = len(self._batch) >= BATCH or now - self._batch_since >= BATCH_AGE
+        if due:
+            self.flush_index()
+
+    def flush_index(self) -> None:
+        """Index the acknowledged objects waiting in the batch (in their order, one transaction)."""
+        with self._flushing:
+            with self._lock:
+                batch, self._batch = self._batch, []
+            if not batch:
+                return
+            try:
+                stored = self.index.add_many([(a.sop_uid, a.study_uid, a.series_uid, str(a.path or ""),
+                                               a.size if a.path else 0, a.info) for a in batch],
+                                             self.config.late)  # fmt: skip
+            except Exception as err:
+                # acknowledged and on disk: their studies wait until they are indexed (retried by the loop)
+                with self._lock:
+                    self._unindexed.update({str(a.path): a.study_uid for a in batch if a.path is not None})
+                log.warning("%d object(s) spooled but not indexed yet (%s); retrying", len(batch), err)
+                return
+            finally:  # (a resend's first copy may still be on its way: it settles its own)
+                self._settled([a.sop_uid for a in batch if a.path is not None])
+        for acked, result in zip(batch, stored, strict=True):
+            if acked.path is None or result.duplicate:
+                self.counters.add(duplicates=1)
+                log.info("duplicate object %s from %s: the first copy is kept", acked.sop_uid, acked.calling_ae)
+                continue
+            self.counters.add(objects=1, bytes=acked.size, late=1 if result.late else 0)
+            if self.preparer is not None and not result.ignored:
+                self.preparer.submit(acked.study_uid, acked.sop_uid, str(acked.path))
+            if result.late:
+                what = "ignored (late: ignore)" if result.ignored else f"kept for a late hand-over (late: {self.config.late})"
+                log.warning("late object for a study already handed over: %s", what)
+
+    def _index_again(self) -> None:
+        """Index the objects whose indexing failed after their answer (a busy or full journal)."""
+        with self._lock:
+            paths = list(self._unindexed)
+        for path in paths:
+            if self._index_file(Path(path)):
+                with self._lock:
+                    self._unindexed.pop(path, None)
 
     # -- completeness and hand-over ---------------------------------------------------
     def _loop(self) -> None:
@@ -203,12 +299,16 @@ class DicomNode:
             except Exception:  # nor a spool that cannot be cleaned
                 log.exception("DICOM node: error while deleting handed-over studies from the spool")
 
-
     def check(self, now: float | None = None) -> list[str]:
         """One look at every pending study; the datasets handed over."""
         now = time.monotonic() if now is None else now
         handed: list[str] = []
+        if self._unindexed:
+            self._index_again()
+        self.flush_index()  # what was acknowledged so far is looked at, not a part of it
         carried = self.receiver.open_studies()
+        with self._lock:
+            carried |= set(self._unindexed.values()) | {a.study_uid for a in self._batch}
         pending = self.index.studies(PENDING)
         self._busy = bool(pending) or self.receiver.open_associations() > 0
         self._due = None
@@ -249,6 +349,8 @@ class DicomNode:
                 return []
         names: list[str] = []
         if self.preparer is not None:
+            # what the worker still has of this study is faster from it than redone here
+            self.preparer.settle({o.sop_uid for o in objects})
             self.preparer.hold(study.study_uid)
         try:
             for idx, mine in taken.items():

@@ -1,37 +1,44 @@
 """De-identification ahead of time: objects are de-identified while the study is still
-arriving (and during its quiet time), so that a complete study is handed over at once.
+arriving, so that a complete study is handed over at once.
 
-One background thread, while no association is open (the quiet time), de-identifies each
-spooled object with its study's seed (the same
-pseudonyms, shift and UIDs as at hand-over time: dicognito is deterministic for a seed)
-into ``<spool>/prepared/``. It is only a cache: the hand-over uses a prepared copy when
-there is one and de-identifies the object itself otherwise, and the final scan of every
-outgoing file runs either way. The cache is emptied at start and per study once handed.
+Each spooled object of a route with ``deidentify: basic`` is sent to the de-identification
+worker (:mod:`agent.dicom.prepworker`, a child process at the lowest CPU priority) with its
+study's seed -- the same pseudonyms, date shift and UIDs as at hand-over time: dicognito is
+deterministic for a seed -- and prepared into ``<spool>/prepared/``, scanned there for the
+object's own identifying values. It is only a cache: the hand-over waits for the objects
+still in the worker's queue as long as the worker makes progress, de-identifies the rest
+itself, and scans again whatever the worker's scan did not cover (values of the study
+seen in other objects). The cache is emptied at start and per study once handed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
 import shutil
+import subprocess
+import sys
 import threading
+import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import pydicom
-from pydicom.dataset import Dataset
+from typing import IO, Any
 
 from agent.dicom import deid
 from agent.dicom.index import DicomIndex
 from agent.dicom.spool import study_key
 
 log = logging.getLogger("vip_agent.dicom")
-#: seconds between two looks at whether the receiving is over
-RECEIVING_POLL = 0.05
+#: a worker that died is started again at most this often (seconds)
+RESTART_EVERY = 10.0
+#: worker processes (at most one per CPU)
+WORKERS = 2
+#: the environment the worker gets: nothing else (no API key, no proxy credentials)
+_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "HOME", "SYSTEMROOT")
 
 
 @dataclass(frozen=True)
@@ -40,27 +47,107 @@ class Prepared:
 
     path: Path
     #: the original's identifying values (for the final scan)
-    identity: Dataset
+    identity: dict[str, str]
     secondary_capture: bool
+    #: the identity the worker scanned the copy for, and what it found (None: clean)
+    scanned_for: deid.Identity
+    hit: str | None
+    sha256: str
+
+
+def _worker_env() -> dict[str, str]:
+    env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+    # the same agent package as this process, installed or not
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+class _Worker:
+    """One worker process and the conversation with it (one request at a time)."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        self.proc: subprocess.Popen[str] | None = None
+        self.started_at = 0.0
+        self.next_id = 0
+
+    def alive(self) -> subprocess.Popen[str] | None:
+        """The running process, started (again) if needed; None while a dead one waits to restart."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc
+        if self.started_at and time.monotonic() - self.started_at < RESTART_EVERY:
+            return None
+        self.started_at = time.monotonic()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "agent.dicom.prepworker"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                         env=_worker_env(), cwd=self.cwd)  # fmt: skip
+        except OSError as err:
+            log.warning("cannot start the de-identification worker (%s); de-identifying at hand-over", err)
+            self.proc = None
+        return self.proc
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        proc = self.alive()
+        if proc is None:
+            return None
+        stdin: IO[str] | None = proc.stdin
+        stdout: IO[str] | None = proc.stdout
+        assert stdin is not None and stdout is not None
+        self.next_id += 1
+        request = {**request, "id": self.next_id}
+        try:
+            stdin.write(json.dumps(request) + "\n")
+            stdin.flush()
+            line = stdout.readline()
+        except (OSError, ValueError):
+            line = ""
+        if not line:
+            log.warning("a de-identification worker stopped (exit code %s); de-identifying at hand-over "
+                        "until it is started again", proc.poll())  # fmt: skip
+            self.stop()
+            return None
+        answer: dict[str, Any] = json.loads(line)
+        return answer if answer.get("id") == request["id"] else None
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 class Preparer:
-    """The background de-identifier (``submit`` from the receiving threads)."""
+    """Feeds the workers (``submit`` from the receiving threads) and keeps their results."""
 
-    def __init__(self, root: Path, index: DicomIndex, receiving: Callable[[], bool] | None = None) -> None:
+    def __init__(self, root: Path, index: DicomIndex) -> None:
         self.root = Path(root)
         self.index = index
-        #: True while an association is open: the work waits (answering senders comes first:
-        #: measured, de-identifying alongside cut the receiving rate by ~40 %)
-        self.receiving = receiving
         self._stopping = threading.Event()
         self._queue: queue.Queue[tuple[str, str, str] | None] = queue.Queue()
         self._ready: dict[str, Prepared] = {}
-        self._deidentifiers: dict[str, deid.StudyDeidentifier] = {}
-        #: studies being handed over: preparing them now would only slow the hand-over down
+        #: submitted and not prepared yet (the hand-over waits for these)
+        self._outstanding: set[str] = set()
+        #: studies being handed over: their objects are no longer sent to the worker
         self._held: set[str] = set()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._done = threading.Condition(self._lock)
+        #: one feeding thread per worker process: two use both cores of a small PC once the
+        #: study has arrived (while it arrives they only get what the receiving leaves)
+        self._workers = [_Worker(self.root) for _ in range(max(1, min(WORKERS, os.cpu_count() or 1)))]
+        self._threads: list[threading.Thread] = []
+        #: study -> (secret, pseudonym, its folder here)
+        self._seeds: dict[str, tuple[str, str, Path]] = {}
         #: hand-overs served from the cache (for tests and the curious)
         self.hits = 0
 
@@ -68,17 +155,28 @@ class Preparer:
         self._stopping.clear()
         shutil.rmtree(self.root, ignore_errors=True)  # what a previous run left: not trusted
         self.root.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._run, name="vip-agent-dicom-prepare", daemon=True)
-        self._thread.start()
+        # started now, not at the first object: a worker takes ~0.5 s to start
+        self._threads = [threading.Thread(target=self._run, args=(w,), name=f"vip-agent-dicom-prepare-{i}",
+                                          daemon=True) for i, w in enumerate(self._workers)]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._thread is not None:
+        for _ in self._threads:
             self._queue.put(None)
-            self._thread.join(timeout=10)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._threads = []
+        for worker in self._workers:
+            worker.stop()
+        with self._done:
+            self._outstanding.clear()
+            self._done.notify_all()
 
     def submit(self, study_uid: str, sop_uid: str, path: str) -> None:
+        with self._lock:
+            self._outstanding.add(sop_uid)
         self._queue.put((study_uid, sop_uid, path))
 
     def get(self, sop_uid: str) -> Prepared | None:
@@ -86,6 +184,15 @@ class Preparer:
             found = self._ready.get(sop_uid)
             self.hits += found is not None
             return found
+
+    def settle(self, sop_uids: set[str], patience: float = 2.0) -> int:
+        """Wait while any of ``sop_uids`` is still being prepared, as long as the worker
+        finishes something at least every ``patience`` seconds; how many are left unprepared."""
+        with self._done:
+            while left := sop_uids & self._outstanding:
+                if not self._done.wait(patience):
+                    return len(left)
+            return 0
 
     def hold(self, study_uid: str) -> None:
         """The study's hand-over starts: stop preparing its objects."""
@@ -101,54 +208,49 @@ class Preparer:
         """A study was handed over: its prepared copies are no longer needed."""
         with self._lock:
             gone = [p for p in (self._ready.pop(sop, None) for sop in sop_uids) if p is not None]
-            self._deidentifiers.pop(study_uid, None)
+        self._seeds.pop(study_uid, None)
         for p in gone:  # one by one: objects that arrived during the hand-over keep theirs
             with contextlib.suppress(OSError):
                 p.path.unlink()
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            while self.receiving is not None and self.receiving() and not self._stopping.wait(RECEIVING_POLL):
-                pass
-            if self._stopping.is_set():
-                return
+    # -- the feeding thread --------------------------------------------------------------
+    def _run(self, worker: _Worker) -> None:
+        worker.alive()
+        while (item := self._queue.get()) is not None:
+            study_uid, sop_uid, path = item
             try:
-                self._prepare(*item)
+                if not self._stopping.is_set():
+                    self._prepare(worker, study_uid, sop_uid, path)
             except Exception as err:  # the hand-over will de-identify it itself
-                log.debug("could not prepare %s ahead of time: %s", item[1], err)
+                log.debug("could not prepare %s ahead of time: %s", sop_uid, err)
+            finally:
+                with self._done:
+                    self._outstanding.discard(sop_uid)
+                    self._done.notify_all()
 
-    def _prepare(self, study_uid: str, sop_uid: str, path: str) -> None:
+    def _prepare(self, worker: _Worker, study_uid: str, sop_uid: str, path: str) -> None:
         with self._lock:
             if study_uid in self._held:
                 return
-        study = self.index.study(study_uid)
-        if study is None:
-            return
-        ds = pydicom.dcmread(path, force=True)
-        identity = deid.identifying_copy(ds)
-        secondary = deid.is_secondary_capture(ds)
-        with self._lock:
-            deidentifier = self._deidentifiers.get(study_uid)
-            if deidentifier is None:
-                deidentifier = deid.StudyDeidentifier(study.secret, study.pseudonym)
-                self._deidentifiers[study_uid] = deidentifier
-        deidentifier.apply(ds)
-        folder = self.root / study_key(study_uid)
-        folder.mkdir(parents=True, exist_ok=True)
+        seed = self._seeds.get(study_uid)
+        if seed is None:  # looked up once per study (this thread shares the interpreter with the receiving)
+            study = self.index.study(study_uid)
+            if study is None:
+                return
+            folder = self.root / study_key(study_uid)
+            folder.mkdir(parents=True, exist_ok=True)
+            seed = self._seeds[study_uid] = (study.secret, study.pseudonym, folder)
+        secret, pseudonym, folder = seed
         target = folder / f"{uuid.uuid4().hex}.dcm"
-        try:
-            with open(target, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-                fh.flush()
-                # on disk now, in the background: the hand-over links this file into the dataset
-                # (same file system) and its own fsync then finds nothing left to write
-                os.fsync(fh.fileno())
-        except BaseException:
+        answer = worker.ask({"secret": secret, "pseudonym": pseudonym, "src": path, "dst": str(target)})
+        if answer is None or "error" in answer:
             with contextlib.suppress(OSError):
                 target.unlink()
-            raise
+            if answer is not None:
+                log.debug("could not prepare %s ahead of time: %s", sop_uid, answer["error"])
+            return
+        identity = {str(k): str(v) for k, v in answer["identity"].items()}
+        prepared = Prepared(target, identity, bool(answer["secondary"]), deid.identity_of([identity]),
+                            answer.get("hit"), str(answer["sha256"]))  # fmt: skip
         with self._lock:
-            self._ready[sop_uid] = Prepared(target, identity, secondary)
+            self._ready[sop_uid] = prepared

@@ -2,7 +2,8 @@
 
 It accepts every standard storage SOP class plus the configured private ones, in
 every transfer syntax pynetdicom knows, and hands each object to a ``sink``
-(:meth:`agent.dicom.node.DicomNode.receive`) that answers the status to return.
+(:meth:`agent.dicom.node.DicomNode.receive`) that answers the status to return and what to
+do once it is sent.
 It also keeps which studies each open association carries, the half of the
 completeness rule that no quiet time can see.
 
@@ -22,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 
 from agent.dicom import dataphase
 from agent.dicom.config import DicomConfig
-from agent.dicom.spool import HEADER_TAGS
+from agent.dicom.spool import HEADER_TAGS, header
 
 log = logging.getLogger("vip_agent.dicom")
 
@@ -58,7 +58,8 @@ class Incoming:
     study_uid: str
     series_uid: str
     sop_uid: str
-    dataset: Any  # pydicom Dataset (decoded lazily)
+    #: its routing values (agent.dicom.spool.header), read after the answer, off the sender's clock
+    header: Callable[[], dict[str, Any]]
     calling_ae: str
     called_ae: str
     peer: str
@@ -126,10 +127,12 @@ class _QuickCopyContext(PresentationContext):
 class Receiver:
     """The Storage SCP server; ``start()`` returns the bound port."""
 
-    def __init__(self, config: DicomConfig, sink: Callable[[Incoming], int],
-                 counters: Counters | None = None) -> None:  # fmt: skip
+    def __init__(self, config: DicomConfig, sink: Callable[[Incoming], tuple[int, Callable[[], None] | None]],
+                 counters: Counters | None = None, on_release: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.config = config
         self.sink = sink
+        #: called before an association's release is answered (the node indexes what it got)
+        self.on_release = on_release
         self.counters = counters or Counters()
         self._server: Any = None
         self._lock = threading.Lock()
@@ -250,7 +253,7 @@ class Receiver:
     def _serve(self, assoc: Any) -> None:
         """The association's reactor (its own thread) once pynetdicom has accepted it."""
         session = dataphase.Session(assoc, self._store, lambda _assoc: self._on_echo(None), self._stopping,
-                                    assoc.network_timeout, HEADER_TAGS)  # fmt: skip
+                                    assoc.network_timeout, HEADER_TAGS, on_release=self.on_release)  # fmt: skip
         with self._lock:
             self._sessions.add(session)
         try:
@@ -265,23 +268,33 @@ class Receiver:
 
     def _on_store(self, event: Any) -> int:
         """C-STORE through pynetdicom's own data phase (when :mod:`dataphase` cannot serve)."""
-        return self._store(event.assoc, event.encoded_dataset(include_meta=True), lambda: event.dataset)
 
-    def _store(self, assoc: Any, data: bytes, decode: Callable[[], Dataset]) -> int:
+        def uids() -> tuple[str, str, str]:
+            ds = event.dataset
+            return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+        status, followup = self._store(event.assoc, event.encoded_dataset(include_meta=True), uids,
+                                       lambda: header(event.dataset))  # fmt: skip
+        if followup is not None:  # pynetdicom answers after this returns: indexed first, as a whole
+            followup()
+            if self.on_release is not None:
+                self.on_release()
+        return status
+
+    def _store(self, assoc: Any, data: bytes, uids: Callable[[], tuple[str, str, str]],
+               info: Callable[[], dict[str, Any]]) -> tuple[int, Callable[[], None] | None]:  # fmt: skip
         try:
-            ds = decode()
-            study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                                  str(ds.SOPInstanceUID))  # fmt: skip
+            study, series, sop = uids()
         except Exception as err:  # a malformed object must not end the association
             log.warning("object from %s not understood: %s", assoc.requestor.ae_title, err)
-            return CANNOT_UNDERSTAND
+            return CANNOT_UNDERSTAND, None
         with self._lock:
             # noted before it is written: the study is "carried" from its first byte on
             self._open.setdefault(id(assoc), set()).add(study)
         try:
-            return self.sink(Incoming(data, study, series, sop, ds, str(assoc.requestor.ae_title).strip(),
+            return self.sink(Incoming(data, study, series, sop, info, str(assoc.requestor.ae_title).strip(),
                                       str(assoc.acceptor.ae_title).strip(), str(assoc.requestor.address)))  # fmt: skip
         except Exception:  # the sender keeps the object; we say why in the log
             log.exception("could not store object %s", sop)
             self.counters.add(refusals=1)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, None
