@@ -268,9 +268,15 @@ def test_sighup_applies_routes_live_and_restarts_on_a_new_port(tmp_path: Path, v
         assert int(port_file.read_text()) == second
         assert "DICOM node: listen changed: restarting" in log.read_text()
 
+        config["dicom"]["ae_title"] = "NEWTITLE"  # same port: the node restarts on it
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: echoscu(second, aec="NEWTITLE").returncode == 0, timeout=30, what="the new AE title")
+        assert echoscu(second).returncode != 0  # VIPAGENT is no longer the called AE title
+
         config["dicom"]["listen"] = "127.0.0.1:nonsense"  # invalid: the running node stays as it is
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "keeping the current configuration" in log.read_text(), what="the bad reload refused")
-        assert echoscu(second).returncode == 0
+        assert echoscu(second, aec="NEWTITLE").returncode == 0
         assert proc.poll() is None
