@@ -118,7 +118,7 @@ def test_only_handed_over_studies_are_deleted_after_keep(tmp_path: Path, nodes: 
     assert "deleted after hand-over: 1 study" in text, text
 
 
-@pytest.mark.parametrize("late", ["new", "rerun"])
+@pytest.mark.parametrize("late", ["new", "rerun", "ignore"])
 def test_a_late_object_after_the_purge_follows_late(tmp_path: Path, nodes: list[DicomNode], late: str) -> None:
     node = make_node(tmp_path, [{"drop": "drop", "deidentify": "none"}], keep="1s", late=late)
     port = run(node, nodes)
@@ -128,16 +128,23 @@ def test_a_late_object_after_the_purge_follows_late(tmp_path: Path, nodes: list[
     wait_for(lambda: _states(node).get(study) == "handed", what="the study handed over")
     wait_for(lambda: not node.spool.path_for(study, "x").parent.exists(), what="its originals deleted")
     assert storescu(port, [*rest, first[0]]).returncode == 0  # a late object, and a resend of a deleted one
-    wait_for(lambda: len(datasets(tmp_path / "drop")) == 2, what="the late dataset")
-    late_set = [name for name in datasets(tmp_path / "drop") if name.endswith("-late1")]
-    assert len(late_set) == 1
-    # new: the late object; rerun: everything the spool still holds (the originals are gone)
-    assert len(dicom_files(tmp_path / "drop" / late_set[0])) == 1
+    if late == "ignore":
+        # kept (and counted), never handed over, and deleted keep after it arrived: had it made
+        # the study pending, the study would not be deleted
+        wait_for(lambda: node.index.spool_summary()["purged_objects"] == 4, what="the ignored object deleted")
+        assert list(datasets(tmp_path / "drop")) == [next(iter(datasets(tmp_path / "drop")))]
+    else:
+        wait_for(lambda: len(datasets(tmp_path / "drop")) == 2, what="the late dataset")
+        late_set = [name for name in datasets(tmp_path / "drop") if name.endswith("-late1")]
+        assert len(late_set) == 1
+        # new: the late object; rerun: everything the spool still holds (the originals are gone)
+        assert len(dicom_files(tmp_path / "drop" / late_set[0])) == 1
+        # and the late wave is deleted in its turn
+        wait_for(lambda: node.index.spool_summary()["purged_objects"] == 4, what="the late object deleted")
     assert node.counters.snapshot()["duplicates"] == 1  # the deleted object's resend is still a duplicate
     row = node.index.study(study)
-    assert row is not None and (row.objects, row.late, row.wave) == (4, 1, 1)
-    # and the late wave is deleted in its turn
-    wait_for(lambda: node.index.spool_summary()["purged_objects"] == 4, what="the late object deleted")
+    assert row is not None and (row.state, row.objects, row.late) == ("handed", 4, 1)
+    assert row.wave == (0 if late == "ignore" else 1)
 
 
 def test_low_disk_space_deletes_handed_studies_first_never_others(tmp_path: Path, nodes: list[DicomNode]) -> None:
