@@ -286,4 +286,14 @@ def test_sighup_applies_routes_live_and_restarts_on_a_new_port(tmp_path: Path, v
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "keeping the current configuration" in log.read_text(), what="the bad reload refused")
         assert echoscu(second, aec="NEWTITLE").returncode == 0
+
+        block = {**config.pop("dicom"), "listen": f"127.0.0.1:{second}"}  # removed: the node stops; added: starts
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: echoscu(second, aec="NEWTITLE").returncode != 0, timeout=30, what="the node stopped")
+        assert "the dicom: block was removed: stopping" in log.read_text()
+        config["dicom"] = block
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: echoscu(second, aec="NEWTITLE").returncode == 0, timeout=30, what="the node started again")
         assert proc.poll() is None
