@@ -8,6 +8,7 @@ from the node's own loop (``keep: 1s`` looks every second) and the reload test d
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import socket
@@ -81,7 +82,8 @@ def test_keep_parsed_with_forever_and_a_clear_error(tmp_path: Path) -> None:
         keep("a week")
 
 
-def test_only_handed_over_studies_are_deleted_after_keep(tmp_path: Path, nodes: list[DicomNode]) -> None:
+def test_only_handed_over_studies_are_deleted_after_keep(tmp_path: Path, nodes: list[DicomNode],
+                                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """Four studies of the same age: handed over (deleted after keep), pending, unrouted and
     refused (all kept: the only copy of what was not sent)."""
     routes = [
@@ -89,6 +91,7 @@ def test_only_handed_over_studies_are_deleted_after_keep(tmp_path: Path, nodes: 
         {"match": {"StudyDescription": "MRA"}, "drop": "drop", "require_series": ["never sent"]},
         {"match": {"SOPClassUID": CSA_NON_IMAGE}, "drop": "drop"},  # basic: the planted name refuses it
     ]
+    caplog.set_level(logging.INFO, logger="vip_agent.dicom")
     node = make_node(tmp_path, routes, keep="1s")
     port = run(node, nodes)
     leaky = spectroscopy(tmp_path / "in", leak=True, name="Planted^Patricia", patient_id="PLT500600")
@@ -101,6 +104,10 @@ def test_only_handed_over_studies_are_deleted_after_keep(tmp_path: Path, nodes: 
     wait_for(lambda: not node.spool.path_for(carotids, "x").parent.exists(), what="the handed study deleted")
     (handed,) = datasets(tmp_path / "drop").values()
     assert len([f for f in handed if f.suffix == ".dcm"]) == 2  # the dataset is untouched
+    # deidentify: none linked the originals into the dataset: deleting them frees nothing yet
+    (line,) = wait_for(lambda: [r.getMessage() for r in caplog.records if "deleted (kept 1s)" in r.getMessage()],
+                       what="the deletion logged")  # fmt: skip
+    assert "0 B freed" in line and "still linked from datasets in drop folders" in line, line
     assert [len(_spooled(node, f)) for f in (BRAIN, BRAIN_MRA, [leaky])] == [4, 11, 1]
     assert node.retention.run(node.config) == []  # another look: the others, older than keep, stay
     assert _states(node)[carotids] == "handed"  # the study's row stays: later objects stay late

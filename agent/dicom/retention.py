@@ -165,13 +165,19 @@ class Retention:
         rows = self.index.purge(study.study_uid, {o.sop_uid for o in objects})
         if not rows:
             return None  # a late object arrived meanwhile: pending again, kept
-        freed = 0
+        freed = shared = 0
         folders: set[Path] = set()
         for row in rows:
             if row.path:
                 path = Path(row.path)
                 with contextlib.suppress(FileNotFoundError):
-                    freed += path.stat().st_size
+                    st = path.stat()
+                    # deidentify: none links the originals into the dataset: no space comes back
+                    # while the dataset is there
+                    if st.st_nlink > 1:
+                        shared += st.st_size
+                    else:
+                        freed += st.st_size
                     path.unlink()
                 folders.add(path.parent)
         self.index.forget_paths([r.sop_uid for r in rows])
@@ -180,6 +186,8 @@ class Retention:
                 self._remove_folder(study.study_uid, folder)
         ignored = sum(r.state == IGNORED for r in rows)
         note = f" ({ignored} ignored late)" if ignored else ""
+        if shared:
+            note += f" ({_size(shared)} still linked from datasets in drop folders)"
         log.info("DICOM spool: study %s deleted (%s): %d object(s)%s, %s freed", study.pseudonym, why,
                  len(rows), note, _size(freed))  # fmt: skip
         return Purged(study.pseudonym, len(rows), freed, why)
