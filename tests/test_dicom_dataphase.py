@@ -183,6 +183,8 @@ def test_quick_scan_agrees_with_pydicom_on_every_test_file() -> None:
         dataset = raw[144 + meta_length :]
         got = quickscan.scan_uids(dataset, ts)
         info = quickscan.quick_header(dataset, ts)
+        walk = quickscan.Scanned(dataset, ts)  # the receiver's one walk for both
+        assert (walk.uids(), walk.header()) == (got, info)
         if got is None or info is None:
             declined += 1
         else:

@@ -342,15 +342,17 @@ class Session:
         transfer_syntax = str(context.transfer_syntax[0])
         data = file_bytes(sop_class, sop_uid, transfer_syntax, dataset)
 
+        scanned = quickscan.Scanned(dataset, transfer_syntax)  # one walk for both
+
         def uids() -> tuple[str, str, str]:
-            quick = quickscan.scan_uids(dataset, transfer_syntax)
+            quick = scanned.uids()
             if quick is not None:
                 return quick
             ds = read_header(dataset, transfer_syntax, self.header_tags)
             return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
 
         def info() -> dict[str, Any]:
-            quick = quickscan.quick_header(dataset, transfer_syntax)
+            quick = scanned.header()
             return quick if quick is not None else header(read_header(dataset, transfer_syntax, self.header_tags))
 
         # decoded by the handler, so that a malformed header is its "cannot understand"

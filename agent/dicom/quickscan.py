@@ -20,6 +20,10 @@ _STUDY_UID, _SERIES_UID, _SOP_UID = 0x0020000D, 0x0020000E, 0x00080018
 _CHARSET = 0x00080005
 #: explicit VRs with a 4-byte length (PS3.5 7.1.2)
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
+#: the other VRs of PS3.5 (2-byte length)
+_SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"))  # fmt: skip
+_EXPLICIT, _IMPLICIT_HEAD, _U32 = struct.Struct("<HH2sH"), struct.Struct("<HHI"), struct.Struct("<I")
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UID_CHARS = frozenset(b"0123456789.")
@@ -54,8 +58,8 @@ def _skip_sequence(data: memoryview, pos: int, explicit: bool) -> int:
     """The position after an undefined-length sequence starting at ``pos`` (its first item)."""
     end = len(data)
     while pos + 8 <= end:
-        tag = (data[pos] | data[pos + 1] << 8) << 16 | data[pos + 2] | data[pos + 3] << 8
-        length = struct.unpack_from("<I", data, pos + 4)[0]
+        group, element, length = _IMPLICIT_HEAD.unpack_from(data, pos)
+        tag = group << 16 | element
         pos += 8
         if tag == _SEQUENCE_END:
             return pos
@@ -73,27 +77,27 @@ def _walk(data: memoryview, pos: int, explicit: bool, found: dict[int, bytes] | 
     (top level) or at an item delimiter (inside an undefined-length item)."""
     end = len(data)
     while pos + 8 <= end:
-        tag = (data[pos] | data[pos + 1] << 8) << 16 | data[pos + 2] | data[pos + 3] << 8
+        if explicit:
+            group, element, vr, length = _EXPLICIT.unpack_from(data, pos)
+        else:
+            group, element, length = _IMPLICIT_HEAD.unpack_from(data, pos)
+            vr = b""
+        tag = group << 16 | element
         if last is not None and tag > last:
             return pos
         if tag == _ITEM_END:
             return pos + 8
-        if explicit:
-            vr = bytes(data[pos + 4 : pos + 6])
-            if vr in _LONG_VRS:
-                if pos + 12 > end:
-                    raise _Unusual
-                length = struct.unpack_from("<I", data, pos + 8)[0]
-                pos += 12
-            elif vr.isalpha() and vr.isupper():
-                length = data[pos + 6] | data[pos + 7] << 8
-                pos += 8
-            else:
-                raise _Unusual
-        else:
-            vr = b""
-            length = struct.unpack_from("<I", data, pos + 4)[0]
+        if not explicit:
             pos += 8
+        elif vr in _LONG_VRS:
+            if pos + 12 > end:
+                raise _Unusual
+            length = _U32.unpack_from(data, pos + 8)[0]
+            pos += 12
+        elif vr in _SHORT_VRS:
+            pos += 8
+        else:
+            raise _Unusual
         if length == _UNDEFINED:
             # a sequence (an undefined-length UN holds implicit VR, PS3.5 6.2.2)
             pos = _skip_sequence(data, pos, explicit and vr != b"UN")
@@ -126,12 +130,29 @@ def _uid(raw: bytes | None) -> str | None:
     return value.decode("ascii")
 
 
+class Scanned:
+    """One walk over a dataset's header: its UIDs before the answer, the rest after."""
+
+    def __init__(self, dataset: bytes | memoryview, transfer_syntax: str) -> None:
+        self._found = _elements(dataset, transfer_syntax, _LAST)
+
+    def uids(self) -> tuple[str, str, str] | None:
+        """(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID), or None (decode with pydicom)."""
+        return None if self._found is None else _uids(self._found)
+
+    def header(self) -> dict[str, Any] | None:
+        """What :func:`agent.dicom.spool.header` gives for the decoded dataset, or None."""
+        return None if self._found is None else _header(self._found)
+
+
 def scan_uids(dataset: bytes | memoryview, transfer_syntax: str) -> tuple[str, str, str] | None:
     """(StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) of an encoded dataset, or None
     (decode it with pydicom then)."""
     found = _elements(dataset, transfer_syntax, _SERIES_UID)
-    if found is None:
-        return None
+    return None if found is None else _uids(found)
+
+
+def _uids(found: dict[int, bytes]) -> tuple[str, str, str] | None:
     uids = (_uid(found.get(_STUDY_UID)), _uid(found.get(_SERIES_UID)), _uid(found.get(_SOP_UID)))
     if uids[0] is None or uids[1] is None or uids[2] is None:
         return None
@@ -141,8 +162,10 @@ def scan_uids(dataset: bytes | memoryview, transfer_syntax: str) -> tuple[str, s
 def quick_header(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, Any] | None:
     """What :func:`agent.dicom.spool.header` gives for the decoded dataset, or None."""
     found = _elements(dataset, transfer_syntax, _LAST)
-    if found is None:
-        return None
+    return None if found is None else _header(found)
+
+
+def _header(found: dict[int, bytes]) -> dict[str, Any] | None:
     charset = found.get(_CHARSET, b"").decode("ascii", "replace").strip(" \x00")
     codec = _CODECS.get(charset)
     if codec is None:
