@@ -1,7 +1,7 @@
 """The DICOM node: objects per second into the spool, side by side with dcmtk ``storescp``
 writing the same study, and the time from a study's last object to its first upload.
 
-    .venv/bin/python benchmarks/dicom_ingest.py [--objects 300] [--rounds 3] [--quiet 1]
+    .venv/bin/python benchmarks/dicom_ingest.py [--objects 300] [--rounds 5] [--quiet 1]
         [--parallel 4] [--long-quiet 5]
 
 A synthetic MR study of ``--objects`` objects (256x256 16-bit slices, ~130 KB each, made
@@ -13,8 +13,11 @@ to each receiver in turn, ``--rounds`` times, alternating:
 - ``storescp+fsync``: the same storescp with ``fsync_on_close.c`` preloaded: each file and its
   folder fsynced before the answer, the durability vip-agent gives (like for like; needs gcc);
 - ``vip-agent``: a real ``vip-agent watch`` process with a ``dicom:`` block: every object
-  written to a temporary file, fsynced, renamed, its folder fsynced and indexed in the
-  journal before the sender hears success.
+  written to a temporary file, fsynced, renamed and its folder fsynced before the sender
+  hears success (indexed in the journal right after);
+- ``vip-agent-nofsync`` (diagnostic, needs gcc): the same with ``no_fsync.c`` preloaded,
+  fsync a no-op -- what the receiving costs apart from durability, next to storescp as
+  shipped, which has none. Never a way to run the agent.
 
 Then one round with ``--parallel`` storescu senders at once (the study cut in as many
 parts, one association each; storescp runs with ``--fork``), the way a PACS pushes.
@@ -102,12 +105,12 @@ def cut(files: list[Path], n: int) -> list[list[Path]]:
     return [files[i : i + size] for i in range(0, len(files), size)]
 
 
-def build_shim(folder: Path) -> Path | None:
-    """fsync_on_close.c compiled (None without a C compiler)."""
+def build_shim(folder: Path, name: str = "fsync_on_close") -> Path | None:
+    """``benchmarks/<name>.c`` compiled as a preload library (None without a C compiler)."""
     if shutil.which("gcc") is None:
         return None
-    out = folder / "fsync_on_close.so"
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(out), str(Path(__file__).with_name("fsync_on_close.c")),
+    out = folder / f"{name}.so"
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(out), str(Path(__file__).with_name(f"{name}.c")),
                     "-ldl"], check=True, capture_output=True)  # fmt: skip
     return out
 
@@ -151,7 +154,7 @@ def storescp_round(base: Path, parts: list[list[Path]], n: int, shim: Path | Non
 
 
 def agent_round(base: Path, parts: list[list[Path]], n: int, server: LocalServer, quiet: float,
-                deidentify: str) -> tuple[float, float]:  # fmt: skip
+                deidentify: str, preload: Path | None = None) -> tuple[float, float]:  # fmt: skip
     drop, state, creds = base / "drop", base / "state", base / "creds"
     drop.mkdir()
     (drop / "job.yaml").write_text("pipeline: FileStats/1.0\ninputs:\n  input_file: '*.dcm'\n")
@@ -167,7 +170,9 @@ def agent_round(base: Path, parts: list[list[Path]], n: int, server: LocalServer
     )
     log = (base / "watch.log").open("w")
     proc = subprocess.Popen([PYTHON, "-m", "agent", "watch", "--config", str(config)], stdout=log,
-                            stderr=subprocess.STDOUT, env=child_env(CREDENTIALS_DIRECTORY=str(creds)))  # fmt: skip
+                            stderr=subprocess.STDOUT,
+                            env=child_env(CREDENTIALS_DIRECTORY=str(creds),
+                                          **({"LD_PRELOAD": str(preload)} if preload else {})))  # fmt: skip
     try:
         port_file = state / "dicom-port"
         deadline = time.monotonic() + 60
@@ -198,7 +203,7 @@ def agent_round(base: Path, parts: list[list[Path]], n: int, server: LocalServer
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quiet", type=float, default=1.0)
     parser.add_argument("--parallel", type=int, default=4, help="senders at once in the parallel round (0: none)")
     parser.add_argument("--long-quiet", type=float, default=5.0, help="quiet of the extra latency round (0: none)")
@@ -208,17 +213,18 @@ def main() -> int:
         study = tmp / "study"
         files = make_study(study, args.objects)
         size = sum(f.stat().st_size for f in files)
-        shim = build_shim(tmp)
-        if shim is None:
-            say("no gcc: storescp+fsync (like for like) is not measured")
-        receivers = ["storescp", "vip-agent"] + (["storescp+fsync"] if shim is not None else [])
+        shim, no_fsync = build_shim(tmp), build_shim(tmp, "no_fsync")
+        if shim is None or no_fsync is None:
+            say("no gcc: storescp+fsync (like for like) and vip-agent without fsync are not measured")
+        receivers = ["storescp", "vip-agent"] + (["storescp+fsync", "vip-agent-nofsync"] if shim else [])
 
         def one(r: int, who: str, parts: list[list[Path]], quiet: float, deidentify: str = "basic") -> None:
             base = tmp / f"{who}-{r}-{len(parts)}-{quiet:g}-{deidentify}"
             base.mkdir()
             row: dict[str, Any] = {"round": r, "receiver": who, "senders": len(parts)}
-            if who == "vip-agent":
-                rate, latency = agent_round(base, parts, args.objects, server, quiet, deidentify)
+            if who.startswith("vip-agent"):
+                rate, latency = agent_round(base, parts, args.objects, server, quiet, deidentify,
+                                            no_fsync if who.endswith("nofsync") else None)  # fmt: skip
                 row.update(objects_per_s=rate, deidentify=deidentify, quiet_s=quiet, last_object_to_upload_s=latency)
             else:
                 row["objects_per_s"] = storescp_round(base, parts, args.objects, shim if who.endswith("fsync") else None)
@@ -231,7 +237,7 @@ def main() -> int:
                 for who in receivers[r % len(receivers):] + receivers[: r % len(receivers)]:
                     one(r, who, [files], args.quiet)
             if args.parallel > 1:
-                for who in receivers:
+                for who in [w for w in receivers if w != "vip-agent-nofsync"]:
                     one(args.rounds, who, cut(files, args.parallel), args.quiet)
             # the same hand-over without de-identification: what the profile itself costs
             one(args.rounds + 1, "vip-agent", [files], args.quiet, "none")
@@ -246,7 +252,19 @@ def main() -> int:
         return median([x["last_object_to_upload_s"] for x in rounds if x["receiver"] == "vip-agent"
                        and x["senders"] == 1 and x["deidentify"] == deidentify and x["quiet_s"] == quiet])
 
+    def paired(who: str, reference: str) -> float:
+        """The median over rounds of who/reference measured in the same round (minutes apart at
+        most): this machine's speed drifts by 2x within a run (storescp 656 then 1,369
+        objects/s two rounds later), which a ratio of medians mixes in."""
+        by_round: dict[int, dict[str, float]] = {}
+        for x in rounds:
+            if x["senders"] == 1 and x.get("deidentify", "basic") == "basic" and x.get("quiet_s", args.quiet) == args.quiet:
+                by_round.setdefault(x["round"], {})[x["receiver"]] = x["objects_per_s"]
+        ratios = [r[who] / r[reference] for r in by_round.values() if who in r and reference in r]
+        return median(ratios) if ratios else float("nan")
+
     scp, agent, durable = rate("storescp"), rate("vip-agent"), rate("storescp+fsync")
+    careless = rate("vip-agent-nofsync") if no_fsync is not None else float("nan")
     data: dict[str, Any] = {
         "machine": machine(),
         "objects": args.objects,
@@ -258,6 +276,13 @@ def main() -> int:
         "agent_objects_per_s": agent,
         "ratio": agent / scp,
         "ratio_like_for_like": agent / durable,
+        #: medians of the ratios within each round (see paired())
+        "paired_ratio": paired("vip-agent", "storescp"),
+        "paired_ratio_like_for_like": paired("vip-agent", "storescp+fsync"),
+        "paired_ratio_without_durability": paired("vip-agent-nofsync", "storescp"),
+        #: diagnostic: both without durability (fsync made a no-op in the agent's process)
+        "agent_without_fsync_objects_per_s": careless,
+        "ratio_without_durability": careless / scp,
         "goal_ratio": 0.8,
         "last_object_to_upload_s": latency(args.quiet),
         "last_object_to_upload_s_without_deid": latency(args.quiet, "none"),
@@ -272,8 +297,12 @@ def main() -> int:
         data["long_quiet"] = {"quiet_s": args.long_quiet, "last_object_to_upload_s": latency(args.long_quiet),
                               "goal_latency_s": args.long_quiet + 1.0}  # fmt: skip
     path = write_result("dicom_ingest", data)
+    say(f"paired within rounds (medians): vip-agent / storescp {data['paired_ratio']:.2f}, / storescp+fsync "
+        f"{data['paired_ratio_like_for_like']:.2f}; without fsync (diagnostic) / storescp "
+        f"{data['paired_ratio_without_durability']:.2f}")
     say(f"one association: storescp {scp:.0f} objects/s, storescp+fsync {durable:.0f}, vip-agent {agent:.0f} "
-        f"({agent / scp:.2f}x storescp, goal >= 0.8; {agent / durable:.2f}x storescp+fsync)")
+        f"({agent / scp:.2f}x storescp, goal >= 0.8; {agent / durable:.2f}x storescp+fsync); without fsync "
+        f"(diagnostic) vip-agent {careless:.0f} = {careless / scp:.2f}x storescp")
     if "parallel" in data:
         p = data["parallel"]
         say(f"{args.parallel} senders: storescp {p['storescp_objects_per_s']:.0f}, storescp+fsync "
