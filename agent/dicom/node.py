@@ -235,28 +235,36 @@ class DicomNode:
             self._batch.append(_Acked(inc.sop_uid, inc.study_uid, inc.series_uid, path, len(inc.data), info,
                                       inc.calling_ae))  # fmt: skip
             due = len(self._batch) >= BATCH or now - self._batch_since >= BATCH_AGE
-        if due:
-            self.flush_index()
+        if due:  # another association's thread flushing now: its next look, or the release, takes these
+            self.flush_index(wait=False)
 
-    def flush_index(self) -> None:
-        """Index the acknowledged objects waiting in the batch (in their order, one transaction)."""
-        with self._flushing:
+    def flush_index(self, wait: bool = True) -> None:
+        """Index the acknowledged objects waiting in the batch (in their order, one transaction);
+        ``wait=False``: not if another thread is flushing."""
+        if not self._flushing.acquire(blocking=wait):
+            return
+        try:
+            self._flush()
+        finally:
+            self._flushing.release()
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, []
+        if not batch:
+            return
+        try:
+            stored = self.index.add_many([(a.sop_uid, a.study_uid, a.series_uid, str(a.path or ""),
+                                           a.size if a.path else 0, a.info) for a in batch],
+                                         self.config.late)  # fmt: skip
+        except Exception as err:
+            # acknowledged and on disk: their studies wait until they are indexed (retried by the loop)
             with self._lock:
-                batch, self._batch = self._batch, []
-            if not batch:
-                return
-            try:
-                stored = self.index.add_many([(a.sop_uid, a.study_uid, a.series_uid, str(a.path or ""),
-                                               a.size if a.path else 0, a.info) for a in batch],
-                                             self.config.late)  # fmt: skip
-            except Exception as err:
-                # acknowledged and on disk: their studies wait until they are indexed (retried by the loop)
-                with self._lock:
-                    self._unindexed.update({str(a.path): a.study_uid for a in batch if a.path is not None})
-                log.warning("%d object(s) spooled but not indexed yet (%s); retrying", len(batch), err)
-                return
-            finally:  # (a resend's first copy may still be on its way: it settles its own)
-                self._settled([a.sop_uid for a in batch if a.path is not None])
+                self._unindexed.update({str(a.path): a.study_uid for a in batch if a.path is not None})
+            log.warning("%d object(s) spooled but not indexed yet (%s); retrying", len(batch), err)
+            return
+        finally:  # (a resend's first copy may still be on its way: it settles its own)
+            self._settled([a.sop_uid for a in batch if a.path is not None])
         for acked, result in zip(batch, stored, strict=True):
             if acked.path is None or result.duplicate:
                 self.counters.add(duplicates=1)
