@@ -86,6 +86,9 @@ def test_storescu_to_watch_to_done_without_identity_on_the_server(tmp_path: Path
         assert status.returncode == 0 and "pending in the spool" not in status.stdout
         dstatus = run_agent("dicom", "status", "--config", str(config), api_key=vip_server.api_key, cwd=tmp_path)
         assert "listening" in dstatus.stdout and "objects 17" in dstatus.stdout, dstatus.stdout
+        # the de-identification workers are up and have nothing left to do
+        assert re.search(r"de-identification ahead: [12] worker\(s\), 0 object\(s\) waiting", dstatus.stdout), \
+            dstatus.stdout
         doctor = run_agent("doctor", "--config", str(config), api_key=vip_server.api_key, cwd=tmp_path)
         assert re.search(r"OK .*DICOM node VIPAGENT listening", doctor.stdout), doctor.stdout
     journal = Journal.in_state_dir(tmp_path / "state")

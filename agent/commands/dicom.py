@@ -144,6 +144,10 @@ def status(args: argparse.Namespace) -> int:
         print(f"  associations {c.get('associations', 0)} (open {node.get('open_associations', 0)}, "
               f"rejected {c.get('rejected', 0)}), objects {c.get('objects', 0)}, bytes {c.get('bytes', 0)}, "
               f"duplicates {c.get('duplicates', 0)}, refused {c.get('refusals', 0)}, late {c.get('late', 0)}")  # fmt: skip
+        prep = node.get("deidentify")
+        if running and prep:
+            print(f"  de-identification ahead: {prep['workers']} worker(s), {prep['waiting']} object(s) waiting, "
+                  f"{prep['prepared']} prepared")  # fmt: skip
     if spool is not None and (spool["objects"] or spool["purged_objects"]):
         print(_spool_line(spool))
     if not pending:

@@ -428,6 +428,8 @@ class DicomNode:
             "quiet": self.config.quiet,
             #: why each pending study (by pseudonym) is not handed over yet
             "waiting": dict(self._why),
+            #: the de-identification workers (None: no route de-identifies)
+            "deidentify": self.preparer.stats() if self.preparer is not None else None,
         }
 
     def _publish(self, listening: bool = True) -> None:

@@ -185,6 +185,13 @@ class Preparer:
             self.hits += found is not None
             return found
 
+    def stats(self) -> dict[str, int]:
+        """For ``dicom status``: workers running, objects waiting for them, copies ready."""
+        with self._lock:
+            waiting, ready = len(self._outstanding), len(self._ready)
+        alive = sum(w.proc is not None and w.proc.poll() is None for w in self._workers)
+        return {"workers": alive, "waiting": waiting, "prepared": ready}
+
     def settle(self, sop_uids: set[str], patience: float = 2.0) -> int:
         """Wait while any of ``sop_uids`` is still being prepared, as long as the worker
         finishes something at least every ``patience`` seconds; how many are left unprepared."""
