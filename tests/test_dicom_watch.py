@@ -106,13 +106,32 @@ def test_storescu_to_watch_to_done_without_identity_on_the_server(tmp_path: Path
         assert b"Doe" not in data and b"Peter" not in data, p
 
 
+def _workers_of(pid: int) -> list[int]:
+    """Children of ``pid`` running the de-identification worker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"agent.dicom.prepworker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
 def test_agent_killed_in_the_middle_of_a_study(tmp_path: Path, vip_server: LocalVip) -> None:
     config = write_config(tmp_path, vip_server, quiet="2s")
     big = list(by_study(PATIENT_FILES).values())[-1]
     with watching(tmp_path, vip_server, config) as (proc, port):
         assert storescu(port, big[:4]).returncode == 0
+        workers = wait_for(lambda: _workers_of(proc.pid), what="the de-identification workers")
         proc.send_signal(signal.SIGKILL)  # the agent dies with the study half received
         proc.wait(10)
+    # its de-identification workers see their pipe close and end: no orphan left behind
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), what="the workers gone")
     pending = run_agent("status", "--config", str(config), api_key=vip_server.api_key, cwd=tmp_path)
     assert "DICOM study" in pending.stdout and "4 object(s)" in pending.stdout, pending.stdout
     with watching(tmp_path, vip_server, config) as (_proc, port):
