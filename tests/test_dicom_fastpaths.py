@@ -7,8 +7,10 @@ Real dcmtk senders, real folders, the journal's SQLite file."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -27,6 +29,7 @@ from dicomhelpers import (  # noqa: F401 (nodes_fixture: the fixture `nodes`)
     storescu_private,
 )
 
+from agent.dicom import prepare
 from agent.dicom.node import DicomNode
 
 pytestmark = needs_dcmtk
@@ -120,3 +123,22 @@ def test_a_value_from_another_object_is_caught_in_a_prepared_copy(tmp_path: Path
     (study,) = node.index.studies()
     assert "identifying values remain" in (study.message or "")
     assert datasets(tmp_path / "drop") == {}
+
+
+def test_a_stuck_worker_is_stopped_and_the_hand_over_goes_on(tmp_path: Path, nodes: list[DicomNode],
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A worker that never answers (a stand-in process reading its requests and sleeping: a
+    pathological object) is stopped after the request timeout; the hand-over de-identifies."""
+    caplog.set_level(logging.WARNING, logger="vip_agent.dicom")
+    stuck = "import sys, time\nfor line in sys.stdin:\n    time.sleep(3600)\n"
+    monkeypatch.setattr(prepare._Worker, "command", (sys.executable, "-c", stuck))
+    monkeypatch.setattr(prepare, "REQUEST_TIMEOUT", 0.5)
+    node = make_node(tmp_path, quiet=1)
+    port = run(node, nodes)
+    assert storescu(port, BIG).returncode == 0
+    (files,) = wait_for(lambda: datasets(tmp_path / "drop"), what="the dataset").values()
+    assert node.preparer is not None and node.preparer.hits == 0
+    assert len([f for f in files if f.suffix == ".dcm"]) == 11
+    assert all(pydicom.dcmread(f).PatientIdentityRemoved == "YES" for f in files if f.suffix == ".dcm")
+    assert "took more than 0.5 s on one object: stopped" in caplog.text

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import select
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,8 @@ log = logging.getLogger("vip_agent.dicom")
 RESTART_EVERY = 10.0
 #: worker processes (at most one per CPU)
 WORKERS = 2
+#: seconds one object may take in a worker before the worker is stopped (~4 ms for an MR image)
+REQUEST_TIMEOUT = 120.0
 #: the environment the worker gets: nothing else (no API key, no proxy credentials)
 _ENV_KEYS = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "HOME", "SYSTEMROOT")
 
@@ -66,6 +69,9 @@ def _worker_env() -> dict[str, str]:
 class _Worker:
     """One worker process and the conversation with it (one request at a time)."""
 
+    #: the worker's command line (tests put a stand-in here)
+    command: tuple[str, ...] = (sys.executable, "-m", "agent.dicom.prepworker")
+
     def __init__(self, cwd: Path) -> None:
         self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None
@@ -80,7 +86,7 @@ class _Worker:
             return None
         self.started_at = time.monotonic()
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent.dicom.prepworker"], stdin=subprocess.PIPE,
+            self.proc = subprocess.Popen(list(self.command), stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                          env=_worker_env(), cwd=self.cwd)  # fmt: skip
         except OSError as err:
@@ -100,9 +106,17 @@ class _Worker:
         try:
             stdin.write(json.dumps(request) + "\n")
             stdin.flush()
-            line = stdout.readline()
+            # one request, one answer line: nothing is buffered before it, so select() on the pipe
+            # says when it comes; a worker stuck on one object is stopped, not waited for forever
+            answered = select.select([stdout], [], [], REQUEST_TIMEOUT)[0]
+            line = stdout.readline() if answered else None
         except (OSError, ValueError):
             line = ""
+        if line is None:
+            log.warning("a de-identification worker took more than %g s on one object: stopped; that "
+                        "object is de-identified at hand-over", REQUEST_TIMEOUT)  # fmt: skip
+            self.stop()
+            return None
         if not line:
             log.warning("a de-identification worker stopped (exit code %s); de-identifying at hand-over "
                         "until it is started again", proc.poll())  # fmt: skip
@@ -119,7 +133,7 @@ class _Worker:
             if proc.stdin is not None:
                 proc.stdin.close()
         try:
-            proc.wait(5)
+            proc.wait(2)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
@@ -165,10 +179,12 @@ class Preparer:
         self._stopping.set()
         for _ in self._threads:
             self._queue.put(None)
+        for worker in self._workers:  # first: a feeding thread waiting for an answer sees the pipe close
+            worker.stop()
         for thread in self._threads:
             thread.join(timeout=10)
         self._threads = []
-        for worker in self._workers:
+        for worker in self._workers:  # one a feeding thread started meanwhile
             worker.stop()
         with self._done:
             self._outstanding.clear()
