@@ -202,6 +202,15 @@ def _dicom_metrics(journal_path: Path) -> Iterator[Metric]:
     up = GaugeMetricFamily("vip_agent_dicom_open_associations", "DICOM associations open now")
     up.add_metric([], float(node.get("open_associations", 0)))
     yield up
+    prep = node.get("deidentify")
+    if prep:
+        for name, key, text in (
+            ("vip_agent_dicom_deidentify_workers", "workers", "DICOM de-identification worker processes running"),
+            ("vip_agent_dicom_deidentify_waiting", "waiting", "DICOM objects waiting to be de-identified ahead"),
+        ):  # fmt: skip
+            g = GaugeMetricFamily(name, text)
+            g.add_metric([], float(prep.get(key, 0)))
+            yield g
     studies = GaugeMetricFamily("vip_agent_dicom_studies_pending",
                                 "DICOM studies in the spool not handed over, by state", labels=["state"])  # fmt: skip
     by_state: dict[str, int] = dict.fromkeys(NOT_HANDED, 0)

@@ -31,6 +31,7 @@ from dicomhelpers import (  # noqa: F401 (nodes_fixture: the fixture `nodes`)
 
 from agent.dicom import prepare
 from agent.dicom.node import DicomNode
+from agent.metrics import _dicom_metrics
 
 pytestmark = needs_dcmtk
 BIG = list(by_study(PATIENT_FILES).values())[-1]  # 11 objects
@@ -69,6 +70,22 @@ def test_deidentify_none_links_the_spooled_originals(tmp_path: Path, nodes: list
     assert len(objects) == 11 and {f.stat().st_ino for f in objects} == spooled  # no copy made
     sent = {str(pydicom.dcmread(f).SOPInstanceUID) for f in BIG}
     assert {str(pydicom.dcmread(f).SOPInstanceUID) for f in objects} == sent
+
+
+def test_workers_in_status_and_metrics(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    node = make_node(tmp_path, quiet=1)
+    port = run(node, nodes)
+    assert storescu(port, BIG).returncode == 0
+    wait_for(lambda: datasets(tmp_path / "drop"), what="the dataset")
+
+    def gauges() -> dict[str, float]:
+        found = {m.name: m.samples[0].value for m in _dicom_metrics(node.index.path)
+                 if m.name.startswith("vip_agent_dicom_deidentify")}  # fmt: skip
+        return found if found.get("vip_agent_dicom_deidentify_workers") == len(node.preparer._workers) else {}
+
+    assert node.preparer is not None
+    found = wait_for(gauges, what="the workers in /metrics")
+    assert found["vip_agent_dicom_deidentify_waiting"] == 0
 
 
 def test_workers_get_no_secret_and_idle_priority(tmp_path: Path, nodes: list[DicomNode],
