@@ -194,7 +194,8 @@ def test_convert_nifti(tmp_path: Path, nodes: list[DicomNode]) -> None:
     port = run(node, nodes)
     angio = [f for f in PATIENT_FILES if "MR700" in str(f)]
     assert storescu(port, angio).returncode == 0
-    wait_for(lambda: datasets(tmp_path / "drop") or node.index.studies()[0].state == "refused", what="decided")
+    # the dataset is renamed into view before the study is marked handed: wait for the mark
+    wait_for(lambda: node.index.studies()[0].state in ("handed", "refused"), what="decided")
     (study,) = node.index.studies()
     assert study.state == "handed", study.message
     (files,) = datasets(tmp_path / "drop").values()
