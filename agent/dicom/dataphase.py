@@ -227,6 +227,12 @@ class Session:
         view = memoryview(buf)
         got, idle = 0, 0.0
         while got < n:
+            if self.stopping.is_set():
+                # a sender that never pauses never lets the read time out: look at each read (an
+                # association that began while the receiver was stopping was not shut down by it)
+                with contextlib.suppress(OSError):
+                    self.sock.sendall(abort_pdu())
+                raise _Closed
             try:
                 k = self.sock.recv_into(view[got:])
             except TimeoutError:
