@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.dicom.index import DicomIndex, StudyRow
 from agent.fsutil import write_atomic
@@ -19,6 +20,7 @@ STATUS_FILE = "status.json"
 PORT_FILE = "dicom-port"
 #: studies in these states are still in the spool, not handed over
 NOT_HANDED = ("pending", "unrouted", "refused")
+_T = TypeVar("_T")
 
 
 def dicom_dir(state: Path) -> Path:
@@ -56,41 +58,35 @@ def study_view(study: StudyRow, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def pending_studies(journal_path: Path) -> list[dict[str, Any]]:
-    """Studies still in the spool (pending, unrouted, refused); [] without DICOM tables."""
+def _reading(journal_path: Path, read: Callable[[DicomIndex], _T]) -> _T | None:
+    """``read(index)`` on the journal's DICOM index; None when there is none to read (an old
+    journal without DICOM tables, or no journal at all)."""
     try:
         index = DicomIndex(journal_path)
         try:
-            rows = index.studies(*NOT_HANDED)
+            return read(index)
         finally:
             index.close()
-    except Exception:  # an old journal (no dicom tables) or none at all: nothing pending
-        return []
+    except Exception:
+        return None
+
+
+def pending_studies(journal_path: Path) -> list[dict[str, Any]]:
+    """Studies still in the spool (pending, unrouted, refused); [] without DICOM tables."""
+    rows = _reading(journal_path, lambda index: index.studies(*NOT_HANDED)) or []
     return [study_view(s) for s in rows]
 
 
 def all_studies(journal_path: Path) -> list[dict[str, Any]]:
-    try:
-        index = DicomIndex(journal_path)
-        try:
-            rows = index.studies()
-        finally:
-            index.close()
-    except Exception:
-        return []
+    rows = _reading(journal_path, lambda index: index.studies()) or []
     return [study_view(s) for s in rows]
 
 
 def spool_summary(journal_path: Path) -> dict[str, Any] | None:
     """What the spool holds and what its retention deleted (``DicomIndex.spool_summary``;
     ``oldest_handed`` as an age in seconds); None without DICOM tables."""
-    try:
-        index = DicomIndex(journal_path)
-        try:
-            data = index.spool_summary()
-        finally:
-            index.close()
-    except Exception:  # an old journal (no dicom tables) or none at all
+    data = _reading(journal_path, lambda index: index.spool_summary())
+    if data is None:
         return None
     oldest = data.pop("oldest_handed")
     data["oldest_handed_age"] = None if oldest is None else round(max(0.0, time.time() - oldest), 1)
