@@ -23,6 +23,7 @@ class Receiver:
         self.calls = 0
         self.fail_first = fail_first
         self.delay = delay
+        self.gate: threading.Event | None = None  # when set, each request waits for it (at most 30 s)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,6 +35,8 @@ class Receiver:
                 receiver.calls += 1
                 receiver.raw.append(bytes(self.headers) + data)
                 time.sleep(receiver.delay)
+                if receiver.gate is not None:
+                    receiver.gate.wait(30)
                 if receiver.calls <= receiver.fail_first:
                     self.send_response(503)
                     self.end_headers()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +36,13 @@ ALERT = Alert(event="failed", name="scan01", state="failed", error="line one\nli
 
 def test_webhook_retries_with_backoff_and_never_blocks(receiver: Receiver) -> None:
     receiver.fail_first = 2
-    receiver.delay = 0.2
+    receiver.gate = threading.Event()  # the receiver holds every request until released
     alerts = Alerts(backoff=(0.05, 0.05, 0.05))
-    t0 = time.monotonic()
     assert alerts.send([NotifyRule(frozenset({"failed"}), webhook=receiver.url)], ALERT) == 1
-    assert time.monotonic() - t0 < 0.1  # the caller never waits for the receiver
+    # send() returned while the receiver still holds the first request: the caller never waits
+    wait_for(lambda: receiver.calls == 1, timeout=10, what="first attempt reaches the receiver")
+    assert receiver.bodies == [] and alerts.delivered == []
+    receiver.gate.set()
     wait_for(lambda: receiver.bodies, timeout=10, what="webhook delivered")
     assert receiver.calls == 3
     body = receiver.bodies[0]

@@ -117,6 +117,7 @@ class Handler(BaseHTTPRequestHandler):
             faults = app.faults
             if faults.active:
                 if faults.latency > 0 and faults.targets(method, raw_path):
+                    app.stats.count("latency")
                     time.sleep(faults.latency)
                 if faults.roll("error_rate", method, raw_path):
                     self.body.drain()

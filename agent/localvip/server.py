@@ -314,6 +314,7 @@ class LocalVip:
         """The storage operation's own time (``staging_delay``)."""
         delay = self._faults.staging_delay
         if delay > 0 and self._faults.targets(method, path):
+            self.stats.count("staged")
             time.sleep(delay)
 
     def stage_transfer(self, method: str, path: str) -> None:
