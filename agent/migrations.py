@@ -166,6 +166,9 @@ MIGRATIONS: list[Migration] = [
         " dataset TEXT NOT NULL, drop_dir TEXT NOT NULL, objects INTEGER NOT NULL,"
         " at REAL NOT NULL, outcome TEXT NOT NULL, message TEXT)",
     )),
+    Migration(9, "index of the DICOM hand-overs by study (read for every study in status and the loop)", (
+        "CREATE INDEX IF NOT EXISTS dicom_handovers_study ON dicom_handovers(study_uid, wave)",
+    )),
 ]
 #: the schema version this code writes; a journal above it is refused
 SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
