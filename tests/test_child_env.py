@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,18 @@ def _children(pid: int) -> dict[int, int]:
 
 
 class Descendants:
-    """Reads the environment of every descendant of ``root`` while it runs."""
+    """Reads the environment of every descendant of ``root`` while it runs.
+
+    A child caught between fork and exec still shows its parent's environment (the agent's
+    own, which holds the key), though exec replaces it: a descendant whose command line is
+    still its parent's is read again until it changes, and recorded as it is if it has not
+    changed after ``FORK_GRACE`` seconds (a fork that never execs does hold the key)."""
+
+    FORK_GRACE = 2.0
 
     def __init__(self, root: int) -> None:
         self.root, self.environs = root, {}  # type: ignore[var-annotated]
+        self.first_seen: dict[int, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run)
         self.thread.start()
@@ -66,9 +75,17 @@ class Descendants:
                     p, hops = parents[p], hops + 1
                 if p == self.root and pid != self.root and pid not in self.environs:
                     try:
-                        self.environs[pid] = Path(f"/proc/{pid}/environ").read_bytes()
+                        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                        environ = Path(f"/proc/{pid}/environ").read_bytes()
+                        if Path(f"/proc/{pid}/cmdline").read_bytes() != cmdline:
+                            continue  # exec'd while being read: look again
+                        parent_cmdline = Path(f"/proc/{parents[pid]}/cmdline").read_bytes()
                     except OSError:
-                        pass
+                        continue
+                    seen = self.first_seen.setdefault(pid, time.monotonic())
+                    if cmdline == parent_cmdline and time.monotonic() - seen < self.FORK_GRACE:
+                        continue  # not exec'd yet: look again
+                    self.environs[pid] = environ
 
     def close(self) -> dict[int, bytes]:
         self.stop.set()
