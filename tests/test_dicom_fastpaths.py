@@ -30,6 +30,7 @@ from dicomhelpers import (  # noqa: F401 (nodes_fixture: the fixture `nodes`)
 )
 
 from agent.dicom import prepare
+from agent.dicom.config import parse_dicom
 from agent.dicom.node import DicomNode
 from agent.metrics import _dicom_metrics
 
@@ -159,3 +160,28 @@ def test_a_stuck_worker_is_stopped_and_the_hand_over_goes_on(tmp_path: Path, nod
     assert len([f for f in files if f.suffix == ".dcm"]) == 11
     assert all(pydicom.dcmread(f).PatientIdentityRemoved == "YES" for f in files if f.suffix == ".dcm")
     assert "took more than 0.5 s on one object: stopped" in caplog.text
+
+
+def test_a_reload_starts_and_stops_the_workers(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    """Reloading the first ``deidentify: basic`` route in starts the workers; reloading the last
+    one out stops them (their processes end). In between a study comes de-identified."""
+    node = make_node(tmp_path, [{"drop": "drop", "deidentify": "none"}], quiet=1)
+    port = run(node, nodes)
+    assert node.preparer is None
+    unchanged = node.config
+    drop = str((tmp_path / "drop").resolve())
+    basic = parse_dicom({"listen": "127.0.0.1:0", "quiet": 1, "disk_low": 0, "routes": [{"drop": drop}]},
+                        source="test.yaml", base=tmp_path, drops=[Path(drop)])  # fmt: skip
+    assert basic is not None
+    assert node.reconfigure(basic) == ["routes"]
+    procs = wait_for(lambda: [w.proc for w in node.preparer._workers if w.proc is not None] or None
+                     if node.preparer is not None else None, what="the workers started by the reload")  # fmt: skip
+    assert storescu(port, BIG).returncode == 0
+    (files,) = wait_for(lambda: datasets(tmp_path / "drop"), what="the dataset").values()
+    objects = [f for f in files if f.suffix == ".dcm"]
+    assert len(objects) == 11 and node.preparer is not None and node.preparer.hits > 0  # prepared by them
+    assert all(pydicom.dcmread(f).PatientIdentityRemoved == "YES" for f in objects)
+    assert node.reconfigure(unchanged) == ["routes"]
+    wait_for(lambda: node.preparer is None, what="the workers stopped by the reload")
+    for proc in procs:
+        assert proc.wait(10) is not None

@@ -126,11 +126,13 @@ class DicomNode:
         self._wake.set()
         self.receiver.stop()
         self.flush_index()  # what was acknowledged is indexed before the journal closes
-        if self.preparer is not None:
+        if self.preparer is not None:  # first: a hand-over waiting for the workers ends at once
             self.preparer.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if self.preparer is not None:  # one the loop started (a reload) while this stopped it
+            self.preparer.stop()
         self._publish(listening=False)
         self.spool.close()
         self.index.close()
@@ -156,9 +158,22 @@ class DicomNode:
         self._wake.set()  # a shorter quiet time may complete a study now
         if changed:
             log.info("DICOM node: applied the reloaded %s (associations kept open)", ", ".join(changed))
-        if (self.preparer is None) == any(r.deidentify == "basic" for r in config.routes):
-            log.info("DICOM node: de-identifying while a study arrives starts or stops at the next restart")
         return changed
+
+    def _match_preparer(self) -> None:
+        """Start or stop the de-identification workers when a reload added the first or removed
+        the last ``deidentify: basic`` route. Only the loop thread calls this, between hand-overs,
+        so a hand-over never sees them change under it."""
+        wanted = any(r.deidentify == "basic" for r in self.config.routes)
+        if wanted and self.preparer is None and not self._stop.is_set():
+            preparer = Preparer(self.spool.root / "prepared", self.index)
+            preparer.start()
+            self.preparer = preparer
+            log.info("DICOM node: a route now de-identifies: de-identification workers started")
+        elif not wanted and self.preparer is not None:
+            old, self.preparer = self.preparer, None
+            old.stop()
+            log.info("DICOM node: no route de-identifies any more: de-identification workers stopped")
 
     def _reindex(self) -> None:
         """Index spooled files a crash left unindexed (written and fsynced, not yet indexed)."""
@@ -271,8 +286,9 @@ class DicomNode:
                 log.info("duplicate object %s from %s: the first copy is kept", acked.sop_uid, acked.calling_ae)
                 continue
             self.counters.add(objects=1, bytes=acked.size, late=1 if result.late else 0)
-            if self.preparer is not None and not result.ignored:
-                self.preparer.submit(acked.study_uid, acked.sop_uid, str(acked.path))
+            preparer = self.preparer  # read once: a reload may stop it (the loop thread)
+            if preparer is not None and not result.ignored:
+                preparer.submit(acked.study_uid, acked.sop_uid, str(acked.path))
             if result.late:
                 what = "ignored (late: ignore)" if result.ignored else f"kept for a late hand-over (late: {self.config.late})"
                 log.warning("late object for a study already handed over: %s", what)
@@ -297,6 +313,7 @@ class DicomNode:
             if self._stop.is_set():
                 return
             try:
+                self._match_preparer()
                 self.check()
                 self._publish()
             except Exception:  # one broken study must not stop the node
