@@ -7,6 +7,7 @@ from the node's own loop (``keep: 1s`` looks every second) and the reload test d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -166,6 +167,25 @@ def test_low_disk_space_deletes_handed_studies_first_never_others(tmp_path: Path
     wait_for(lambda: _states(node) == {carotids: "handed", brain: "unrouted"}, what="both decided")
     wait_for(lambda: node.index.spool_summary()["purged_objects"] == 2, what="the handed study deleted early")
     assert len(_spooled(node, BRAIN)) == 4
+
+
+def test_a_refusal_for_disk_space_looks_for_room_at_once(tmp_path: Path, nodes: list[DicomNode]) -> None:
+    """An object refused below disk_low makes the node look for handed-over studies to delete
+    at its next turn, not at its next periodic look (pushed an hour away here)."""
+    node = make_node(tmp_path, [{"drop": "drop", "deidentify": "none"}], keep="7d")
+    port = run(node, nodes)
+    assert storescu(port, CAROTIDS).returncode == 0
+    study = _uid(CAROTIDS)
+    wait_for(lambda: _states(node).get(study) == "handed", what="handed over")
+    later = time.monotonic() + 3600
+    node.retention._next = node.retention._pressure_next = later
+    disk_low = shutil.disk_usage(tmp_path).free * 2  # below the watermark from now on
+    node.spool.disk_low = disk_low
+    node.config = dataclasses.replace(node.config, disk_low=disk_low)
+    storescu(port, BRAIN[:1])  # refused: the sender keeps it
+    assert node.counters.snapshot()["refusals"] >= 1
+    wait_for(lambda: node.index.spool_summary()["purged_objects"] == 2, timeout=10,
+             what="the handed study deleted after the refusal")  # fmt: skip
 
 
 def test_a_purge_a_stop_interrupted_is_finished_at_the_next_start(tmp_path: Path, nodes: list[DicomNode]) -> None:

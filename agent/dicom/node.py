@@ -106,6 +106,8 @@ class DicomNode:
             self.index.set_state(kept.study_uid, PENDING, kept.message)
         if self.preparer is not None:
             self.preparer.start()
+        #: deletes handed-over studies from the spool (``keep:``); first look in the loop's first turn
+        self.retention = Retention(self.index, self.spool, carried=self.receiver.open_studies)
         try:
             port = self.receiver.start()
         except BaseException:  # e.g. the port is taken: nothing half-started stays behind
@@ -114,8 +116,6 @@ class DicomNode:
         write_atomic(self.state / PORT_FILE, f"{port}\n")
         self._stop.clear()
         self._wake.clear()
-        #: deletes handed-over studies from the spool (``keep:``); first look in the loop's first turn
-        self.retention = Retention(self.index, self.spool, carried=self.receiver.open_studies)
         self._thread = threading.Thread(target=self._loop, name="vip-agent-dicom", daemon=True)
         self._thread.start()
         self._publish()
@@ -229,6 +229,8 @@ class DicomNode:
             self.counters.add(refusals=1)
             log.warning("object from %s refused: free space below the watermark (%d bytes) in %s; "
                         "the sender keeps it", inc.calling_ae, self.config.disk_low, self.spool.root)  # fmt: skip
+            self.retention.refused()  # handed-over studies may make room: look now
+            self._wake.set()
             return OUT_OF_RESOURCES, None
         return SUCCESS, lambda: self._acked(inc, path)
 

@@ -101,12 +101,18 @@ class Retention:
         self.kept: dict[str, str] = {}
         self._next = 0.0
         self._pressure_next = 0.0
+        self._last_run = 0.0
         self._swept = False
         self._said_low = False
 
     def soon(self) -> None:
         """Look at the next turn of the loop (a reload changed ``keep`` or ``disk_low``)."""
         self._next = 0.0
+
+    def refused(self) -> None:
+        """An object was refused for disk space: look at free space at the loop's next turn
+        (at most once a second), not up to ``PRESSURE_INTERVAL`` later."""
+        self._pressure_next = min(self._pressure_next, self._last_run + 1.0)
 
     def due(self, config: DicomConfig, now: float | None = None) -> bool:
         """Time for a look: the interval is over, or free space is low (checked every few seconds)."""
@@ -120,7 +126,7 @@ class Retention:
 
     def run(self, config: DicomConfig) -> list[Purged]:
         """One look: delete what ``keep`` and free space say; the studies deleted."""
-        mono = time.monotonic()
+        mono = self._last_run = time.monotonic()
         interval = INTERVAL if config.keep is None else min(INTERVAL, max(1.0, config.keep / 10))
         self._next = mono + interval
         self._pressure_next = mono + PRESSURE_INTERVAL
