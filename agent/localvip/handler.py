@@ -447,6 +447,7 @@ class Handler(BaseHTTPRequestHandler):
             outputs = app.state.outputs(row.id)
             delay = app.faults.results_delay
             if delay > 0 and outputs and app.faults.targets(method, urlsplit(self.path).path):
+                app.stats.count("results delayed")
                 time.sleep(delay * len(outputs))  # about two storage calls per output file
             for _out_id, path in outputs:
                 try:

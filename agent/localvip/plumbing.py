@@ -102,7 +102,7 @@ class RequestStats:
     ``counts`` maps a request kind (``upload``, ``mkdir``, ``properties``, ``list``,
     ``exists``, ``content``, ``delete``, ``GET /executions``...) to how many were received,
     and injected events (``launch refused``, ``late landing``, ``transfer wait timeout``,
-    ``staged``, ``latency``)
+    ``staged``, ``latency``, ``results delayed``)
     to how many happened; ``peak_in_flight`` is the most requests handled at the same time;
     ``total`` every request, ``per_second`` requests by start second (the last hour),
     ``timeline`` the counts by second and kind.
