@@ -8,7 +8,6 @@ import ipaddress
 import json
 import ssl
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,11 @@ from typing import Any
 class Receiver:
     """A real webhook receiver on 127.0.0.1; answers ``fail_first`` requests with 503."""
 
-    def __init__(self, fail_first: int = 0, delay: float = 0.0) -> None:
+    def __init__(self, fail_first: int = 0) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.raw: list[bytes] = []
         self.calls = 0
         self.fail_first = fail_first
-        self.delay = delay
         self.gate: threading.Event | None = None  # when set, each request waits for it (at most 30 s)
         receiver = self
 
@@ -34,7 +32,6 @@ class Receiver:
                 data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 receiver.calls += 1
                 receiver.raw.append(bytes(self.headers) + data)
-                time.sleep(receiver.delay)
                 if receiver.gate is not None:
                     receiver.gate.wait(30)
                 if receiver.calls <= receiver.fail_first:

@@ -70,8 +70,7 @@ class DicomNode:
         self.receiver = Receiver(config, self.receive, self.counters, on_release=self.flush_index)
         self.audit = self.folder / "audit.log"
         #: de-identifies objects while their study is still arriving (when a route needs it)
-        self.preparer = Preparer(self.spool.root / "prepared", self.index) \
-            if any(r.deidentify == "basic" for r in config.routes) else None
+        self.preparer = self._new_preparer()
         self._last: dict[str, float] = {}
         self._why: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -160,17 +159,26 @@ class DicomNode:
             log.info("DICOM node: applied the reloaded %s (associations kept open)", ", ".join(changed))
         return changed
 
+    def _new_preparer(self) -> Preparer | None:
+        """Workers for the current routes: None unless one of them says ``deidentify: basic``."""
+        if not self._deidentifies():
+            return None
+        return Preparer(self.spool.root / "prepared", self.index)
+
+    def _deidentifies(self) -> bool:
+        return any(r.deidentify == "basic" for r in self.config.routes)
+
     def _match_preparer(self) -> None:
         """Start or stop the de-identification workers when a reload added the first or removed
         the last ``deidentify: basic`` route. Only the loop thread calls this, between hand-overs,
         so a hand-over never sees them change under it."""
-        wanted = any(r.deidentify == "basic" for r in self.config.routes)
-        if wanted and self.preparer is None and not self._stop.is_set():
-            preparer = Preparer(self.spool.root / "prepared", self.index)
-            preparer.start()
-            self.preparer = preparer
-            log.info("DICOM node: a route now de-identifies: de-identification workers started")
-        elif not wanted and self.preparer is not None:
+        if self.preparer is None and not self._stop.is_set():
+            preparer = self._new_preparer()
+            if preparer is not None:
+                preparer.start()
+                self.preparer = preparer
+                log.info("DICOM node: a route now de-identifies: de-identification workers started")
+        elif self.preparer is not None and not self._deidentifies():
             old, self.preparer = self.preparer, None
             old.stop()
             log.info("DICOM node: no route de-identifies any more: de-identification workers stopped")
